@@ -1,0 +1,1 @@
+"""The BlueLM-V architecture in plain PyTorch."""
