@@ -1,0 +1,64 @@
+"""The ``bluelower`` command line: a thin layer over the Python API.
+
+Every user error (:class:`bluelower.errors.BlueLowerError`) becomes one line on stderr and
+a non-zero exit; no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import __version__, progress
+from .errors import BlueLowerError
+
+
+class _Group(click.Group):
+    """Turns BlueLowerError into one line + exit code, anywhere below the group."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BlueLowerError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bluelower")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output on stderr.")
+def cli(quiet: bool) -> None:
+    """bluelower: compile a PyTorch vision-language model (BlueLM-V) for a phone SoC."""
+    progress.set_quiet(quiet)
+
+
+@cli.group()
+def inspect() -> None:
+    """Inspect images, memory plans and schedules."""
+
+
+@cli.group()
+def targets() -> None:
+    """SoC descriptions (TOML data files)."""
+
+
+def echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+# Commands live below, grouped by feature. Keep each one thin: parse, call the API, print.
+# --- foundation commands ---
+
+# --- image commands ---
+
+# --- target commands ---
+
+
+def main() -> None:
+    cli(prog_name="bluelower")
+
+
+if __name__ == "__main__":
+    main()

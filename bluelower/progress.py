@@ -1,0 +1,74 @@
+"""Progress output for long steps (weight conversion, tracing, TVM build).
+
+On a terminal a one-line bar is redrawn in place on stderr; otherwise (CI, pipes) each
+step is one plain line. ``set_quiet(True)`` (the CLI's ``--quiet``) silences both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
+def is_quiet() -> bool:
+    return _quiet
+
+
+def log(message: str) -> None:
+    """One informational line on stderr."""
+    if not _quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+class Progress:
+    """A counter over ``total`` items: a bar on a TTY, a line every ~10% otherwise."""
+
+    def __init__(self, label: str, total: int):
+        self.label = label
+        self.total = max(int(total), 1)
+        self.done = 0
+        self._tty = sys.stderr.isatty()
+        self._last_decile = -1
+        self._start = time.perf_counter()
+
+    def update(self, n: int = 1, item: str = "") -> None:
+        self.done = min(self.done + n, self.total)
+        if _quiet:
+            return
+        frac = self.done / self.total
+        if self._tty:
+            width = 30
+            filled = int(width * frac)
+            bar = "#" * filled + "-" * (width - filled)
+            sys.stderr.write(f"\r{self.label} [{bar}] {self.done}/{self.total} {item[:40]:<40}")
+            sys.stderr.flush()
+        else:
+            decile = int(frac * 10)
+            if decile != self._last_decile:
+                self._last_decile = decile
+                print(f"{self.label}: {self.done}/{self.total}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if _quiet:
+            return
+        elapsed = time.perf_counter() - self._start
+        if self._tty:
+            sys.stderr.write("\r" + " " * 100 + "\r")
+        print(f"{self.label}: done ({self.done}/{self.total}, {elapsed:.1f} s)", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def step(label: str):
+    """Report the start and duration of one long step."""
+    log(f"{label} ...")
+    start = time.perf_counter()
+    yield
+    log(f"{label}: {time.perf_counter() - start:.1f} s")
