@@ -54,6 +54,29 @@ def echo_json(obj) -> None:
 # --- image commands ---
 
 # --- target commands ---
+@targets.command("list")
+def targets_list() -> None:
+    """List the shipped SoC descriptions."""
+    from .targets.soc import list_socs, load_soc
+
+    for name in list_socs():
+        click.echo(f"{name}\t{load_soc(name).description}")
+
+
+@targets.command("show")
+@click.argument("name_or_path")
+@click.option("--json", "as_json", is_flag=True, help="Print the validated description as JSON.")
+def targets_show(name_or_path: str, as_json: bool) -> None:
+    """Validate and print a SoC: a shipped NAME or a PATH.toml."""
+    from .targets.soc import load_soc
+
+    soc = load_soc(name_or_path)
+    soc.tvm_target()  # TVM must accept the target too
+    if as_json:
+        echo_json(soc.to_dict())
+    else:
+        click.echo(soc.describe())
+
 
 
 def main() -> None:
