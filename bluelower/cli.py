@@ -53,6 +53,33 @@ def echo_json(obj) -> None:
 
 # --- image commands ---
 
+
+@inspect.command("image")
+@click.argument("img", required=False, metavar="[IMG]")
+@click.option("--size", default=None, metavar="WxH", help="Image size instead of a file, e.g. 1080x2400.")
+@click.option(
+    "--policy", default="relaxed", show_default=True, metavar="relaxed|anyres|internvl",
+    help="Grid selection policy.",
+)
+@click.option("--max-patches", type=int, default=9, show_default=True, help="Largest m*n allowed.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect_image_cmd(img, size, policy, max_patches, as_json) -> None:
+    """Grid, patches and image tokens for IMG (PNG/JPEG/.npy) or --size WxH."""
+    from .lowering.image import inspect_image
+
+    info = inspect_image(path=img, size=size, policy=policy, max_patches=max_patches)
+    if as_json:
+        echo_json(info)
+        return
+    width, height = info["size"]
+    m, n = info["grid"]
+    click.echo(f"size:             {width}x{height}")
+    click.echo(f"policy:           {info['policy']} (max {info['max_patches']} patches)")
+    click.echo(f"grid:             [{m}, {n}]  ({m} wide x {n} high)")
+    click.echo(f"local patches:    {info['local_patches']}")
+    click.echo(f"global thumbnail: {'yes' if info['global_thumbnail'] else 'no'}")
+    click.echo(f"image tokens:     {info['image_tokens']} ({info['total_patches']} patches)")
+
 # --- target commands ---
 @targets.command("list")
 def targets_list() -> None:
