@@ -44,9 +44,6 @@ POLICIES = ("relaxed", "anyres", "internvl")
 DEFAULT_MEAN = (0.5, 0.5, 0.5)
 DEFAULT_STD = (0.5, 0.5, 0.5)
 
-Grid = tuple  # (m, n): m patches wide, n patches high
-
-
 # ---------------------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------------------
@@ -452,6 +449,9 @@ def resize_weights(in_len: int, out_len: int) -> tuple[np.ndarray, np.ndarray]:
     * ``w = max(0, 1 - |(j + 0.5 - center_i) / support|)``;
     * ``w_k /= s`` with ``s = ((w_0 + w_1) + w_2) + ...`` summed left to right;
     * weights rounded to float32; indices clamped to ``[0, in_len - 1]`` (edge clamping).
+
+    Tap columns whose weight is zero for every output are dropped (they are no-ops), so
+    the returned ``K`` may be smaller than ``2r + 1``.
     """
     in_len = _check_positive_int("input length", in_len)
     out_len = _check_positive_int("output length", out_len)
