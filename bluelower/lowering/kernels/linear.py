@@ -1,0 +1,481 @@
+"""Hand-scheduled TIR kernels for linear layers on CPUs (x86 AVX2/AVX-512, aarch64 NEON).
+
+Every builder returns a ``tvm.tirx.PrimFunc`` *without* a global symbol (a private
+function) in destination-passing style: inputs first, the output buffer last. Add it to a
+Relax module with ``gv = bb.add_func(func, "int4_linear_1x2560x2560")`` and call it with
+``relax.call_tir(gv, (x, packed, scales[, bias]), R.Tensor((M, N), out_dtype))`` (in
+TVM 0.27 the third argument is positional ``out_ty``; there is no ``out_sinfo=`` keyword). To build it alone, give it a symbol:
+``tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target)``.
+
+All kernels compute ``y[M, N] = x[M, K] @ W^T (+ bias[N])`` with ``x`` float32 and
+accumulate in float32; ``out_dtype`` may be ``"float32"`` or ``"float16"``.
+
+Weight layouts are the ones produced by :mod:`bluelower.lowering.kernels.quant`:
+
+* INT4: ``packed`` uint8 ``[N//32, K, 16]`` + ``scales`` float16 ``[N//32, K//gs, 32]``.
+* INT8: ``packed`` int8 ``[N//32, K, 32]`` + ``scales`` float32 ``[N]``.
+* FP32: ``W`` float32 ``[N, K]`` (PyTorch layout, never transposed in memory).
+
+Schedules (see docs/kernels.md for the measurements):
+
+* ``M == 1`` (decode GEMV), INT4/INT8: ``parallel`` over 32-row blocks; for each ``k``
+  one contiguous load of the block's codes (16 B INT4, 32 B INT8), unpack with
+  AND/shift, int->float convert, FMA with broadcast ``x[k]`` into 32 float lanes
+  (vectorized over output rows, so no horizontal reduction). INT4 sums ``x * u`` per
+  group with the unsigned code ``u = q + 8`` and applies ``s * (acc - 8 * sum(x_group))``
+  once per group, so the inner loop is convert + FMA only.
+* ``M == 1`` FP32: vectorized along K (16 lanes) for 4 rows at a time, horizontal
+  reduction at the end; weights read row-contiguously.
+* ``M > 1`` (prefill GEMM): ``parallel`` over 32-row blocks of W; per 32-wide K chunk the
+  block's weights are dequantized (or, for FP32, transposed) once into a 32 x 32 float
+  tile in L1 and reused by all M rows through an ``m_tile x 32`` register tile, so each
+  weight is read from memory once per call, not once per row.
+
+Divisibility: ``N % 32 == 0`` for every kernel; INT4 ``K % group_size == 0`` and
+``group_size % 4 == 0``; INT8/FP32 ``K % 32 == 0``. Violations raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import tirx
+from tvm.script import tirx as T
+
+from .quant import BLOCK_ROWS
+
+__all__ = [
+    "int4_linear",
+    "int8_linear",
+    "fp32_linear",
+    "host_target",
+    "AARCH64_TARGET",
+    "DEFAULT_M_TILE",
+]
+
+AARCH64_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-x4"}
+"""The phone target the kernels must compile for (Cortex-X4: NEON/SVE2, dotprod, i8mm, fp16)."""
+
+DEFAULT_M_TILE = 4
+"""Rows of ``x`` per register tile in the GEMM kernels (``m_tile * 32`` float accumulators)."""
+
+_R = BLOCK_ROWS  # 32 output rows per block
+_H = BLOCK_ROWS // 2  # 16 bytes per k for INT4
+_KC = 32  # K chunk of the GEMM kernels (INT8 / FP32)
+
+
+def host_target() -> tvm.target.Target:
+    """An ``llvm`` target for this machine with its CPU name (enables AVX2/AVX-512/NEON).
+
+    A bare ``"llvm"`` target compiles for the baseline ISA (SSE2 on x86_64), which makes
+    the vectorized kernels several times slower.
+    """
+    cpu = tvm.target.codegen.llvm_get_system_cpu()
+    if cpu and cpu != "generic":
+        return tvm.target.Target({"kind": "llvm", "mcpu": cpu})
+    return tvm.target.Target("llvm")
+
+
+def _check(M: int, N: int, K: int, out_dtype: str, k_multiple: int, what: str) -> None:
+    for name, v in (("M", M), ("N", N), ("K", K)):
+        if not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{what}: {name} must be a positive int, got {v!r}")
+    if N % _R != 0:
+        raise ValueError(f"{what}: N = {N} must be a multiple of {_R}")
+    if K % k_multiple != 0:
+        raise ValueError(f"{what}: K = {K} must be a multiple of {k_multiple}")
+    if out_dtype not in ("float32", "float16"):
+        raise ValueError(f"{what}: out_dtype must be 'float32' or 'float16', got {out_dtype!r}")
+
+
+def _check_m_tile(m_tile: int) -> None:
+    if not isinstance(m_tile, int) or not 1 <= m_tile <= 16:
+        raise ValueError(f"m_tile must be an int in [1, 16], got {m_tile!r}")
+
+
+def _finish(func: tirx.PrimFunc, bias: bool, name: str) -> tirx.PrimFunc:
+    """Drop the unused bias parameter (kernels are written with it) and tag the function."""
+    if not bias:
+        params = [p for p in func.params if not (isinstance(p, tirx.Buffer) and p.name == "bias")]
+        if len(params) != len(func.params) - 1:
+            params = [p for p in func.params if getattr(p, "name", "") != "bias"]
+        func = tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
+    return func.with_attr("bluelower.kernel", name)
+
+
+# --------------------------------------------------------------------------------------
+# INT4 group-wise
+# --------------------------------------------------------------------------------------
+
+
+def int4_linear(
+    M: int,
+    N: int,
+    K: int,
+    group_size: int = 32,
+    out_dtype: str = "float32",
+    bias: bool = False,
+    m_tile: int = DEFAULT_M_TILE,
+) -> tirx.PrimFunc:
+    """``y[M, N] = x[M, K] @ dequant(W)^T (+ bias)`` with INT4 group-wise weights.
+
+    Parameters (in call order): ``x`` float32 ``[M, K]``, ``packed`` uint8
+    ``[N//32, K, 16]``, ``scales`` float16 ``[N//32, K//group_size, 32]``, optional
+    ``bias`` float32 ``[N]``, output ``y`` ``out_dtype`` ``[M, N]``.
+    Dequantization happens in registers inside the reduction loop.
+    ``M == 1`` selects the GEMV schedule, ``M > 1`` the tiled GEMM schedule.
+    """
+    _check(M, N, K, out_dtype, group_size if group_size > 0 else 1, "int4_linear")
+    if group_size <= 0 or group_size % 4 != 0:
+        raise ValueError(f"int4_linear: group_size must be a positive multiple of 4, got {group_size}")
+    _check_m_tile(m_tile)
+    if M == 1:
+        f = _int4_gemv(N, K, group_size, out_dtype, bias)
+    else:
+        f = _int4_gemm(M, N, K, group_size, out_dtype, bias, m_tile)
+    return _finish(f, bias, f"int4_linear_{M}x{N}x{K}_g{group_size}")
+
+
+def _int4_gemv(N, K, gs, out_dtype, has_bias):
+    NB = N // _R
+    G = K // gs
+
+    @T.prim_func(private=True)
+    def f(
+        x: T.Buffer((1, K), "float32"),
+        w: T.Buffer((NB, K, _H), "uint8"),
+        s: T.Buffer((NB, G, _R), "float16"),
+        bias: T.Buffer((N,), "float32"),
+        y: T.Buffer((1, N), out_dtype),
+    ):
+        T.func_attr({"tir.noalias": True})
+        # 8 * sum of x over each group: the zero point of the unsigned codes.
+        xs = T.alloc_buffer((G,), "float32")
+        for g in range(G):
+            xs[g] = T.float32(0)
+            for k in range(gs):
+                xs[g] = xs[g] + x[0, g * gs + k]
+            xs[g] = xs[g] * T.float32(8)
+        for b in T.parallel(NB):
+            acc = T.decl_buffer((_R,), "float32", scope="local")
+            accg = T.decl_buffer((_R,), "float32", scope="local")
+            for r in T.vectorized(_R):
+                acc[r] = T.float32(0)
+            for g in range(G):
+                for r in T.vectorized(_R):
+                    accg[r] = T.float32(0)
+                for k in T.unroll(gs):
+                    for r in T.vectorized(_H):
+                        accg[r] = accg[r] + x[0, g * gs + k] * T.Cast(
+                            "float32", T.bitwise_and(w[b, g * gs + k, r], T.uint8(15))
+                        )
+                    for r in T.vectorized(_H):
+                        accg[_H + r] = accg[_H + r] + x[0, g * gs + k] * T.Cast(
+                            "float32", T.shift_right(w[b, g * gs + k, r], T.uint8(4))
+                        )
+                for r in T.vectorized(_R):
+                    acc[r] = acc[r] + T.Cast("float32", s[b, g, r]) * (accg[r] - xs[g])
+            for r in T.vectorized(_R):
+                if has_bias:
+                    y[0, b * _R + r] = T.Cast(out_dtype, acc[r] + bias[b * _R + r])
+                else:
+                    y[0, b * _R + r] = T.Cast(out_dtype, acc[r])
+
+    return f
+
+
+def _int4_gemm(M, N, K, gs, out_dtype, has_bias, MT):
+    NB = N // _R
+    G = K // gs
+    MO = M // MT
+    MREM = M - MO * MT
+
+    @T.prim_func(private=True)
+    def f(
+        x: T.Buffer((M, K), "float32"),
+        w: T.Buffer((NB, K, _H), "uint8"),
+        s: T.Buffer((NB, G, _R), "float16"),
+        bias: T.Buffer((N,), "float32"),
+        y: T.Buffer((M, N), out_dtype),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for b in T.parallel(NB):
+            acc = T.decl_buffer((M, _R), "float32")
+            wd = T.decl_buffer((gs, _R), "float32", scope="local")
+            tile = T.decl_buffer((MT, _R), "float32", scope="local")
+            for m in range(M):
+                for r in T.vectorized(_R):
+                    acc[m, r] = T.float32(0)
+            for g in range(G):
+                # dequantize this block's group once (L1-resident 32 x gs tile)
+                for k in range(gs):
+                    for r in T.vectorized(_H):
+                        wd[k, r] = T.Cast("float32", s[b, g, r]) * (
+                            T.Cast("float32", T.bitwise_and(w[b, g * gs + k, r], T.uint8(15))) - T.float32(8)
+                        )
+                    for r in T.vectorized(_H):
+                        wd[k, _H + r] = T.Cast("float32", s[b, g, _H + r]) * (
+                            T.Cast("float32", T.shift_right(w[b, g * gs + k, r], T.uint8(4))) - T.float32(8)
+                        )
+                for mo in range(MO):
+                    for mi in T.unroll(MT):
+                        for r in T.vectorized(_R):
+                            tile[mi, r] = T.float32(0)
+                    for k in range(gs):
+                        for mi in T.unroll(MT):
+                            for r in T.vectorized(_R):
+                                tile[mi, r] = tile[mi, r] + x[mo * MT + mi, g * gs + k] * wd[k, r]
+                    for mi in T.unroll(MT):
+                        for r in T.vectorized(_R):
+                            acc[mo * MT + mi, r] = acc[mo * MT + mi, r] + tile[mi, r]
+                for mr in range(MREM):
+                    for r in T.vectorized(_R):
+                        tile[0, r] = T.float32(0)
+                    for k in range(gs):
+                        for r in T.vectorized(_R):
+                            tile[0, r] = tile[0, r] + x[MO * MT + mr, g * gs + k] * wd[k, r]
+                    for r in T.vectorized(_R):
+                        acc[MO * MT + mr, r] = acc[MO * MT + mr, r] + tile[0, r]
+            for m in range(M):
+                for r in T.vectorized(_R):
+                    if has_bias:
+                        y[m, b * _R + r] = T.Cast(out_dtype, acc[m, r] + bias[b * _R + r])
+                    else:
+                        y[m, b * _R + r] = T.Cast(out_dtype, acc[m, r])
+
+    return f
+
+
+# --------------------------------------------------------------------------------------
+# INT8 per-channel
+# --------------------------------------------------------------------------------------
+
+
+def int8_linear(
+    M: int,
+    N: int,
+    K: int,
+    out_dtype: str = "float32",
+    bias: bool = False,
+    m_tile: int = DEFAULT_M_TILE,
+) -> tirx.PrimFunc:
+    """``y[M, N] = x[M, K] @ dequant(W)^T (+ bias)`` with INT8 per-channel weights.
+
+    Parameters (in call order): ``x`` float32 ``[M, K]``, ``packed`` int8
+    ``[N//32, K, 32]``, ``scales`` float32 ``[N]``, optional ``bias`` float32 ``[N]``,
+    output ``y`` ``out_dtype`` ``[M, N]``. Requires ``N % 32 == 0`` and ``K % 32 == 0``.
+    """
+    _check(M, N, K, out_dtype, _KC, "int8_linear")
+    _check_m_tile(m_tile)
+    if M == 1:
+        f = _int8_gemv(N, K, out_dtype, bias)
+    else:
+        f = _int8_gemm(M, N, K, out_dtype, bias, m_tile)
+    return _finish(f, bias, f"int8_linear_{M}x{N}x{K}")
+
+
+def _int8_gemv(N, K, out_dtype, has_bias):
+    NB = N // _R
+    KO = K // _KC
+
+    @T.prim_func(private=True)
+    def f(
+        x: T.Buffer((1, K), "float32"),
+        w: T.Buffer((NB, K, _R), "int8"),
+        s: T.Buffer((N,), "float32"),
+        bias: T.Buffer((N,), "float32"),
+        y: T.Buffer((1, N), out_dtype),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for b in T.parallel(NB):
+            acc = T.decl_buffer((_R,), "float32", scope="local")
+            for r in T.vectorized(_R):
+                acc[r] = T.float32(0)
+            for ko in range(KO):
+                for ki in T.unroll(_KC):
+                    for r in T.vectorized(_R):
+                        acc[r] = acc[r] + x[0, ko * _KC + ki] * T.Cast("float32", w[b, ko * _KC + ki, r])
+            for r in T.vectorized(_R):
+                if has_bias:
+                    y[0, b * _R + r] = T.Cast(out_dtype, acc[r] * s[b * _R + r] + bias[b * _R + r])
+                else:
+                    y[0, b * _R + r] = T.Cast(out_dtype, acc[r] * s[b * _R + r])
+
+    return f
+
+
+def _int8_gemm(M, N, K, out_dtype, has_bias, MT):
+    NB = N // _R
+    KO = K // _KC
+    MO = M // MT
+    MREM = M - MO * MT
+
+    @T.prim_func(private=True)
+    def f(
+        x: T.Buffer((M, K), "float32"),
+        w: T.Buffer((NB, K, _R), "int8"),
+        s: T.Buffer((N,), "float32"),
+        bias: T.Buffer((N,), "float32"),
+        y: T.Buffer((M, N), out_dtype),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for b in T.parallel(NB):
+            acc = T.decl_buffer((M, _R), "float32")
+            wd = T.decl_buffer((_KC, _R), "float32", scope="local")
+            tile = T.decl_buffer((MT, _R), "float32", scope="local")
+            for m in range(M):
+                for r in T.vectorized(_R):
+                    acc[m, r] = T.float32(0)
+            for ko in range(KO):
+                for k in range(_KC):
+                    for r in T.vectorized(_R):
+                        wd[k, r] = T.Cast("float32", w[b, ko * _KC + k, r])
+                for mo in range(MO):
+                    for mi in T.unroll(MT):
+                        for r in T.vectorized(_R):
+                            tile[mi, r] = T.float32(0)
+                    for k in range(_KC):
+                        for mi in T.unroll(MT):
+                            for r in T.vectorized(_R):
+                                tile[mi, r] = tile[mi, r] + x[mo * MT + mi, ko * _KC + k] * wd[k, r]
+                    for mi in T.unroll(MT):
+                        for r in T.vectorized(_R):
+                            acc[mo * MT + mi, r] = acc[mo * MT + mi, r] + tile[mi, r]
+                for mr in range(MREM):
+                    for r in T.vectorized(_R):
+                        tile[0, r] = T.float32(0)
+                    for k in range(_KC):
+                        for r in T.vectorized(_R):
+                            tile[0, r] = tile[0, r] + x[MO * MT + mr, ko * _KC + k] * wd[k, r]
+                    for r in T.vectorized(_R):
+                        acc[MO * MT + mr, r] = acc[MO * MT + mr, r] + tile[0, r]
+            for m in range(M):
+                for r in T.vectorized(_R):
+                    if has_bias:
+                        y[m, b * _R + r] = T.Cast(out_dtype, acc[m, r] * s[b * _R + r] + bias[b * _R + r])
+                    else:
+                        y[m, b * _R + r] = T.Cast(out_dtype, acc[m, r] * s[b * _R + r])
+
+    return f
+
+
+# --------------------------------------------------------------------------------------
+# FP32, weights [N, K]
+# --------------------------------------------------------------------------------------
+
+_FP32_GEMV_ROWS = 4
+_FP32_GEMV_LANES = 16
+
+
+def fp32_linear(
+    M: int,
+    N: int,
+    K: int,
+    out_dtype: str = "float32",
+    bias: bool = False,
+    m_tile: int = DEFAULT_M_TILE,
+) -> tirx.PrimFunc:
+    """``y[M, N] = x[M, K] @ W[N, K]^T (+ bias)`` with float32 weights in PyTorch layout.
+
+    Parameters (in call order): ``x`` float32 ``[M, K]``, ``W`` float32 ``[N, K]``,
+    optional ``bias`` float32 ``[N]``, output ``y`` ``out_dtype`` ``[M, N]``.
+    No transposed copy of ``W`` is materialized. Requires ``N % 32 == 0`` and
+    ``K % 32 == 0``.
+    """
+    _check(M, N, K, out_dtype, _KC, "fp32_linear")
+    _check_m_tile(m_tile)
+    if M == 1:
+        f = _fp32_gemv(N, K, out_dtype, bias)
+    else:
+        f = _fp32_gemm(M, N, K, out_dtype, bias, m_tile)
+    return _finish(f, bias, f"fp32_linear_{M}x{N}x{K}")
+
+
+def _fp32_gemv(N, K, out_dtype, has_bias):
+    RB = _FP32_GEMV_ROWS
+    L = _FP32_GEMV_LANES
+    NB = N // RB
+    KO = K // L
+
+    @T.prim_func(private=True)
+    def f(
+        x: T.Buffer((1, K), "float32"),
+        w: T.Buffer((N, K), "float32"),
+        bias: T.Buffer((N,), "float32"),
+        y: T.Buffer((1, N), out_dtype),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for nb in T.parallel(NB):
+            acc = T.decl_buffer((RB, L), "float32", scope="local")
+            tot = T.decl_buffer((RB,), "float32", scope="local")
+            for i in T.unroll(RB):
+                for l in T.vectorized(L):
+                    acc[i, l] = T.float32(0)
+            for ko in range(KO):
+                for i in T.unroll(RB):
+                    for l in T.vectorized(L):
+                        acc[i, l] = acc[i, l] + x[0, ko * L + l] * w[nb * RB + i, ko * L + l]
+            for i in T.unroll(RB):
+                tot[i] = T.float32(0)
+                for l in T.unroll(L):
+                    tot[i] = tot[i] + acc[i, l]
+                if has_bias:
+                    y[0, nb * RB + i] = T.Cast(out_dtype, tot[i] + bias[nb * RB + i])
+                else:
+                    y[0, nb * RB + i] = T.Cast(out_dtype, tot[i])
+
+    return f
+
+
+def _fp32_gemm(M, N, K, out_dtype, has_bias, MT):
+    NB = N // _R
+    KO = K // _KC
+    MO = M // MT
+    MREM = M - MO * MT
+
+    @T.prim_func(private=True)
+    def f(
+        x: T.Buffer((M, K), "float32"),
+        w: T.Buffer((N, K), "float32"),
+        bias: T.Buffer((N,), "float32"),
+        y: T.Buffer((M, N), out_dtype),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for b in T.parallel(NB):
+            acc = T.decl_buffer((M, _R), "float32")
+            wd = T.decl_buffer((_KC, _R), "float32", scope="local")
+            tile = T.decl_buffer((MT, _R), "float32", scope="local")
+            for m in range(M):
+                for r in T.vectorized(_R):
+                    acc[m, r] = T.float32(0)
+            for ko in range(KO):
+                # 32 x 32 transpose of W[b*32:(b+1)*32, ko*32:(ko+1)*32] into L1
+                for r in range(_R):
+                    for k in range(_KC):
+                        wd[k, r] = w[b * _R + r, ko * _KC + k]
+                for mo in range(MO):
+                    for mi in T.unroll(MT):
+                        for r in T.vectorized(_R):
+                            tile[mi, r] = T.float32(0)
+                    for k in range(_KC):
+                        for mi in T.unroll(MT):
+                            for r in T.vectorized(_R):
+                                tile[mi, r] = tile[mi, r] + x[mo * MT + mi, ko * _KC + k] * wd[k, r]
+                    for mi in T.unroll(MT):
+                        for r in T.vectorized(_R):
+                            acc[mo * MT + mi, r] = acc[mo * MT + mi, r] + tile[mi, r]
+                for mr in range(MREM):
+                    for r in T.vectorized(_R):
+                        tile[0, r] = T.float32(0)
+                    for k in range(_KC):
+                        for r in T.vectorized(_R):
+                            tile[0, r] = tile[0, r] + x[MO * MT + mr, ko * _KC + k] * wd[k, r]
+                    for r in T.vectorized(_R):
+                        acc[MO * MT + mr, r] = acc[MO * MT + mr, r] + tile[0, r]
+            for m in range(M):
+                for r in T.vectorized(_R):
+                    if has_bias:
+                        y[m, b * _R + r] = T.Cast(out_dtype, acc[m, r] + bias[b * _R + r])
+                    else:
+                        y[m, b * _R + r] = T.Cast(out_dtype, acc[m, r])
+
+    return f

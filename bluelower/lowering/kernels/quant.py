@@ -1,0 +1,146 @@
+"""Weight quantization for the compiler's CPU linear kernels (numpy only).
+
+Everything here works on one weight tensor at a time, so a converter can stream a
+checkpoint tensor by tensor and never hold more than one fp32 weight in memory.
+
+Weights arrive in PyTorch ``nn.Linear`` layout ``W[N, K]`` (out_features x in_features)
+and the kernels compute ``y = x @ W^T``.
+
+Packed layouts (the kernels in :mod:`bluelower.lowering.kernels.linear` read exactly
+these; see ``docs/kernels.md``):
+
+INT4, group-wise symmetric, ``R = BLOCK_ROWS = 32`` output rows per block::
+
+    packed : uint8   [N // 32, K, 16]
+        packed[b, k, j] = u(b*32 + j, k)  |  (u(b*32 + 16 + j, k) << 4)
+        with u = q + 8 in [0, 15]  (q in [-8, 7], in practice [-7, 7])
+    scales : float16 [N // 32, K // group_size, 32]
+        scales[b, g, r] = scale of row b*32 + r, columns g*gs .. g*gs + gs - 1
+
+  For one k, the 16 bytes hold the nibbles of all 32 rows of the block: the low
+  nibbles are rows 0..15, the high nibbles rows 16..31. One 16-byte load, an AND and a
+  shift give two 16-lane vectors of codes, so the GEMV inner loop is a broadcast of
+  ``x[k]`` and FMAs into 32 row accumulators, reading the weights as one contiguous
+  stream per block (no horizontal reduction, no gathers).
+
+INT8, per output channel symmetric::
+
+    packed : int8    [N // 32, K, 32]      packed[b, k, r] = q(b*32 + r, k)
+    scales : float32 [N]
+
+Quantization rules (exact):
+
+* INT4: per (row, group) ``s = max|w| / 7``, rounded to float16 (the stored value);
+  ``q = clip(rint(w / s16), -8, 7)`` with ``rint`` = round half to even and ``s16`` the
+  float16 scale widened to float32. Because ``|w| / s16 <= 7 * (1 + 2^-11)`` the codes
+  are in [-7, 7]; the clip to [-8, 7] only guards against float16 rounding. A group of
+  zeros gets ``s = 0`` and ``q = 0``. Dequantized ``w' = s16 * q``; the error per
+  element is at most ``s16 / 2`` (plus the float16 rounding of ``s``, relative 2^-11).
+* INT8: per row ``s = max|w| / 127`` (float32), ``q = clip(rint(w / s), -127, 127)``,
+  ``w' = s * q``; error at most ``s / 2``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK_ROWS = 32
+"""Output rows per packed block (the kernels' vector width along N)."""
+
+_HALF = BLOCK_ROWS // 2
+
+
+def _check_weight(w: np.ndarray, group_size: int | None = None) -> np.ndarray:
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"weight must be 2-D [N, K] (out_features, in_features), got shape {w.shape}")
+    n, k = w.shape
+    if n % BLOCK_ROWS != 0:
+        raise ValueError(f"N (out_features) = {n} must be a multiple of {BLOCK_ROWS}")
+    if group_size is not None:
+        if group_size <= 0 or k % group_size != 0:
+            raise ValueError(f"K (in_features) = {k} must be a multiple of group_size = {group_size}")
+    return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def quantize_int4_groupwise(w: np.ndarray, group_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize ``w[N, K]`` (float) to symmetric group-wise INT4 in the blocked layout.
+
+    Returns ``(packed, scales)``: ``packed`` uint8 ``[N//32, K, 16]`` (two nibbles per
+    byte, rows ``j`` and ``j+16`` of each 32-row block), ``scales`` float16
+    ``[N//32, K//group_size, 32]``. Storage: 4 bits per weight + 16 bits per group
+    (4.5 bits/weight for ``group_size=32``).
+
+    Raises ``ValueError`` if ``N % 32 != 0`` or ``K % group_size != 0``.
+    """
+    w = _check_weight(w, group_size)
+    n, k = w.shape
+    g = k // group_size
+    wg = w.reshape(n, g, group_size)
+    amax = np.abs(wg).max(axis=2)  # [N, G]
+    s16 = (amax / 7.0).astype(np.float16)
+    s32 = s16.astype(np.float32)
+    inv = np.divide(1.0, s32, out=np.zeros_like(s32), where=s32 != 0)
+    q = np.clip(np.rint(wg * inv[:, :, None]), -8, 7).astype(np.int8).reshape(n, k)
+    u = (q + 8).astype(np.uint8)  # [N, K] in [0, 15]
+    u = u.reshape(n // BLOCK_ROWS, BLOCK_ROWS, k).transpose(0, 2, 1)  # [NB, K, 32]
+    packed = (u[:, :, :_HALF] | (u[:, :, _HALF:] << 4)).astype(np.uint8)
+    scales = s16.reshape(n // BLOCK_ROWS, BLOCK_ROWS, g).transpose(0, 2, 1)  # [NB, G, 32]
+    return np.ascontiguousarray(packed), np.ascontiguousarray(scales)
+
+
+def unpack_int4_codes(packed: np.ndarray) -> np.ndarray:
+    """Return the signed INT4 codes ``q[N, K]`` (int8, in [-8, 7]) of a packed tensor."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    nb, k, half = packed.shape
+    if half != _HALF:
+        raise ValueError(f"packed INT4 weight must have shape [N//32, K, 16], got {packed.shape}")
+    lo = (packed & 0x0F).astype(np.int8) - 8
+    hi = (packed >> 4).astype(np.int8) - 8
+    u = np.concatenate([lo, hi], axis=2)  # [NB, K, 32]
+    return np.ascontiguousarray(u.transpose(0, 2, 1).reshape(nb * BLOCK_ROWS, k))
+
+
+def dequantize_int4_groupwise(packed: np.ndarray, scales: np.ndarray, group_size: int = 32) -> np.ndarray:
+    """Reference dequantization: ``(packed, scales)`` -> float32 ``W'[N, K]``."""
+    q = unpack_int4_codes(packed).astype(np.float32)
+    n, k = q.shape
+    scales = np.asarray(scales)
+    g = k // group_size
+    if scales.shape != (n // BLOCK_ROWS, g, BLOCK_ROWS):
+        raise ValueError(f"scales shape {scales.shape} does not match packed weight {packed.shape} "
+                         f"with group_size={group_size}")
+    s = scales.astype(np.float32).transpose(0, 2, 1).reshape(n, g)
+    return (q.reshape(n, g, group_size) * s[:, :, None]).reshape(n, k)
+
+
+def quantize_int8_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize ``w[N, K]`` to symmetric per-output-channel INT8 in the blocked layout.
+
+    Returns ``(packed, scales)``: ``packed`` int8 ``[N//32, K, 32]`` with
+    ``packed[b, k, r] = q[b*32 + r, k]``; ``scales`` float32 ``[N]``.
+    Raises ``ValueError`` if ``N % 32 != 0``.
+    """
+    w = _check_weight(w)
+    n, k = w.shape
+    amax = np.abs(w).max(axis=1)
+    s = (amax / 127.0).astype(np.float32)
+    inv = np.divide(1.0, s, out=np.zeros_like(s), where=s != 0)
+    q = np.clip(np.rint(w * inv[:, None]), -127, 127).astype(np.int8)
+    packed = q.reshape(n // BLOCK_ROWS, BLOCK_ROWS, k).transpose(0, 2, 1)
+    return np.ascontiguousarray(packed), s
+
+
+def dequantize_int8_per_channel(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Reference dequantization: ``(packed int8 [N//32, K, 32], scales [N])`` -> float32 ``W'[N, K]``."""
+    packed = np.asarray(packed)
+    nb, k, r = packed.shape
+    if r != BLOCK_ROWS:
+        raise ValueError(f"packed INT8 weight must have shape [N//32, K, 32], got {packed.shape}")
+    q = packed.transpose(0, 2, 1).reshape(nb * BLOCK_ROWS, k).astype(np.float32)
+    return q * np.asarray(scales, dtype=np.float32)[:, None]
+
+
+def packed_nbytes(packed: np.ndarray, scales: np.ndarray) -> int:
+    """Bytes a kernel must read for one weight: packed codes plus scales."""
+    return int(np.asarray(packed).nbytes + np.asarray(scales).nbytes)
