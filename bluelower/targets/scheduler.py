@@ -44,10 +44,11 @@ def add_task(g: nx.DiGraph, name: str, phase: str, costs: dict[str, float] | Non
         raise BlueLowerError(f"task '{name}': give either costs or a fixed unit, not both")
     if not costs or any(c < 0 for c in costs.values()):
         raise BlueLowerError(f"task '{name}': needs at least one candidate unit and non-negative costs")
-    g.add_node(name, phase=phase, costs=dict(costs), meta=meta)
     for d in deps:
         if d not in g:
             raise BlueLowerError(f"task '{name}' depends on unknown task '{d}'")
+    g.add_node(name, phase=phase, costs=dict(costs), meta=meta)
+    for d in deps:
         g.add_edge(d, name)
 
 
