@@ -270,6 +270,9 @@ def plot_gantt(schedule: Schedule, path_png: str, title: str | None = None) -> s
         cols = [colors[t.phase] for t in schedule.tasks if t.unit == u]
         if bars:
             ax.broken_barh(bars, (i - 0.4, 0.8), facecolors=cols, edgecolors="white", linewidth=0.3)
+        for t in schedule.tasks:  # label bars wide enough to hold their name
+            if t.unit == u and t.duration_s >= 0.045 * schedule.makespan_s:
+                ax.text(t.start_s + t.duration_s / 2, i, t.name, ha="center", va="center", fontsize=7, color="white")
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels(rows)
     ax.invert_yaxis()
