@@ -202,3 +202,29 @@ def test_cli_show_error_one_line(tmp_path):
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "memory.bandwidth" in lines[0]
     assert "Traceback" not in r.output
+
+
+# ------------------------------------------------------------------------------ docs
+
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "add-a-soc.md")
+
+
+def test_add_a_soc_example_is_valid(tmp_path):
+    text = open(DOC, encoding="utf-8").read()
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    soc = load_soc(write(tmp_path, example, "mysoc.toml"))
+    assert soc.name == "example-soc" and soc.apu is not None
+    assert isinstance(soc.tvm_target(), tvm.target.Target)
+    r = CliRunner().invoke(cli, ["targets", "show", str(tmp_path / "mysoc.toml")])
+    assert r.exit_code == 0, r.output
+
+
+def test_add_a_soc_documents_every_key():
+    from bluelower.targets.soc import APU_SCHEMA, CLUSTER_SCHEMA, MEMORY_SCHEMA, OP_KINDS, SOC_SCHEMA
+
+    text = open(DOC, encoding="utf-8").read()
+    for schema in (SOC_SCHEMA, CLUSTER_SCHEMA, APU_SCHEMA, MEMORY_SCHEMA):
+        for key in schema:
+            assert f"| `{key}` |" in text, key
+    for kind in OP_KINDS:
+        assert f"`{kind}`" in text, kind
