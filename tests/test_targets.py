@@ -82,6 +82,10 @@ def test_minimal_loads(tmp_path):
         ('matmul = ["int8", "fp16"]', 'matmul = ["int8", "fp16"], warp = ["fp16"]', ["'apu.ops.warp'", "unknown operator kind"]),
         ('fp16 = "1 TFLOPS"', 'fp8 = "1 TFLOPS"', ["'apu.peak", "fp"]),
         ('triple = "aarch64-linux-gnu"', 'triple = "arm phone"', ["'triple'"]),
+        ('name = "big"', 'name = "apu"', ["'cpu_clusters.apu.name'", "reserved"]),
+        ('capacity = "8 GB"', "capacity = [8]", ["'memory.capacity'", "wrong type"]),
+        ("[memory]", "[memory]\ncaches = { L3 = 8 }", ["'memory.caches.L3'", "wrong unit"]),
+        ("cores = 2\n", "", ["missing required key 'cpu_clusters.big.cores'"]),
     ],
 )
 def test_schema_errors_name_file_and_key(tmp_path, old, new, needles):

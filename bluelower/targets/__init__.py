@@ -6,6 +6,9 @@
 * :mod:`.predict` -- the analytic BlueLM-V task graph and its predicted timeline.
 """
 
-from .soc import SoC, CpuCluster, Apu, Memory, load_soc, list_socs
+from .soc import Apu, CpuCluster, Memory, SoC, list_socs, load_soc
 
 __all__ = ["SoC", "CpuCluster", "Apu", "Memory", "load_soc", "list_socs"]
+# The cost model, scheduler and predictor are imported from their modules
+# (``from bluelower.targets.predict import predict``) so that ``import bluelower.targets``
+# stays light (no networkx / matplotlib / model config).

@@ -107,6 +107,7 @@ class Schedule:
             "title": self.title,
             "makespan_s": self.makespan_s,
             "units": list(self.units),
+            "phase_seconds": self.phase_seconds(),
             "phases": self.phases(),
             "info": self.info,
             "tasks": [{"name": t.name, "phase": t.phase, "unit": t.unit, "start_s": t.start_s,

@@ -65,8 +65,10 @@ def parse_quantity(value: Any, dim: str, where: str) -> float:
     """Parse ``"76.8 GB/s"`` into SI base units; ``where`` prefixes any error message."""
     units = UNITS[dim]
     hint = f'give it as a string with a {dim} unit, e.g. "{_EXAMPLE[dim]}" (units: {", ".join(units)})'
-    if not isinstance(value, str):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         raise BlueLowerError(f"{where}: wrong unit: {json.dumps(value)} has no unit; {hint}")
+    if not isinstance(value, str):
+        raise BlueLowerError(f"{where}: wrong type: expected a string with a unit, got {json.dumps(value, default=str)}; {hint}")
     m = _QTY_RE.match(value)
     if not m:
         raise BlueLowerError(f"{where}: cannot parse {json.dumps(value)} as a quantity; {hint}")
@@ -461,6 +463,8 @@ def soc_from_dict(raw: Any, source: str = "soc") -> SoC:
         p = f"cpu_clusters.{c['name']}."
         if c["name"] in seen:
             fail(p + "name", "duplicate cluster name")
+        if c["name"] == "apu" or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", c["name"]):
+            fail(p + "name", f"'{c['name']}' is reserved or not a plain name (letters, digits, '-', '_', '.')")
         seen.add(c["name"])
         if c["cores"] < 1:
             fail(p + "cores", f"must be >= 1, got {c['cores']}")
