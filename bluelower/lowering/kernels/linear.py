@@ -108,8 +108,12 @@ def _check(M: int, N: int, K: int, out_dtype: str, k_multiple: int, what: str) -
 
 
 def _check_m_tile(m_tile: int) -> None:
-    if not isinstance(m_tile, int) or not 1 <= m_tile <= 16:
-        raise ValueError(f"m_tile must be an int in [1, 16], got {m_tile!r}")
+    # The register tile (m_tile x 32 float32) must stay below TVM's 1024-byte stack-alloca
+    # limit: a "global"-scope allocation that small becomes an LLVM alloca that SROA turns
+    # into registers; anything larger (or any "local"-scope buffer, in TVM 0.27) becomes a
+    # TVMBackendAllocWorkspace call, and the tile is then stored to memory every k-step.
+    if not isinstance(m_tile, int) or not 1 <= m_tile <= 7:
+        raise ValueError(f"m_tile must be an int in [1, 7], got {m_tile!r}")
 
 
 def _finish(func: tirx.PrimFunc, bias: bool, name: str) -> tirx.PrimFunc:
@@ -176,8 +180,8 @@ def _int4_gemv(N, K, gs, out_dtype, has_bias):
                 xs[g] = xs[g] + x[0, g * gs + k]
             xs[g] = xs[g] * T.float32(8)
         for b in T.parallel(NB):
-            acc = T.decl_buffer((_R,), "float32", scope="local")
-            accg = T.decl_buffer((_R,), "float32", scope="local")
+            acc = T.alloc_buffer((_R,), "float32", scope="global")
+            accg = T.alloc_buffer((_R,), "float32", scope="global")
             for r in T.vectorized(_R):
                 acc[r] = T.float32(0)
             for g in range(G):
@@ -223,7 +227,7 @@ def _int4_gemm(M, N, K, gs, out_dtype, has_bias, MT):
         for b in T.parallel(NB):
             acc = T.decl_buffer((M, _R), "float32")
             wd = T.decl_buffer((gs, _R), "float32", scope="local")
-            tile = T.decl_buffer((MT, _R), "float32", scope="local")
+            tile = T.alloc_buffer((MT, _R), "float32", scope="global")
             for m in range(M):
                 for r in T.vectorized(_R):
                     acc[m, r] = T.float32(0)
@@ -309,7 +313,7 @@ def _int8_gemv(N, K, out_dtype, has_bias):
     ):
         T.func_attr({"tir.noalias": True})
         for b in T.parallel(NB):
-            acc = T.decl_buffer((_R,), "float32", scope="local")
+            acc = T.alloc_buffer((_R,), "float32", scope="global")
             for r in T.vectorized(_R):
                 acc[r] = T.float32(0)
             for ko in range(KO):
@@ -345,7 +349,7 @@ def _int8_gemm(M, N, K, out_dtype, has_bias, MT):
         for b in T.parallel(NB):
             acc = T.decl_buffer((M, _R), "float32")
             wd = T.decl_buffer((_KC, _R), "float32", scope="local")
-            tile = T.decl_buffer((MT, _R), "float32", scope="local")
+            tile = T.alloc_buffer((MT, _R), "float32", scope="global")
             for m in range(M):
                 for r in T.vectorized(_R):
                     acc[m, r] = T.float32(0)
@@ -429,8 +433,8 @@ def _fp32_gemv(N, K, out_dtype, has_bias):
     ):
         T.func_attr({"tir.noalias": True})
         for nb in T.parallel(NB):
-            acc = T.decl_buffer((RB, L), "float32", scope="local")
-            tot = T.decl_buffer((RB,), "float32", scope="local")
+            acc = T.alloc_buffer((RB, L), "float32", scope="global")
+            tot = T.alloc_buffer((RB,), "float32", scope="global")
             for i in T.unroll(RB):
                 for l in T.vectorized(L):
                     acc[i, l] = T.float32(0)
@@ -467,7 +471,7 @@ def _fp32_gemm(M, N, K, out_dtype, has_bias, MT):
         for b in T.parallel(NB):
             acc = T.decl_buffer((M, _R), "float32")
             wd = T.decl_buffer((_KC, _R), "float32", scope="local")
-            tile = T.decl_buffer((MT, _R), "float32", scope="local")
+            tile = T.alloc_buffer((MT, _R), "float32", scope="global")
             for m in range(M):
                 for r in T.vectorized(_R):
                     acc[m, r] = T.float32(0)
