@@ -348,15 +348,18 @@ def entry_example_inputs(cfg: ModelConfig, entry: str, device="cpu") -> tuple:
     """Example (shape-defining) inputs of one entry function."""
     d, r, v = cfg.decoder, cfg.runtime, cfg.vision
     cache = torch.zeros((d.num_layers, 2, d.num_kv_heads, r.kv_capacity, d.head_dim), device=device)
-    one = torch.ones(1, dtype=torch.int64, device=device)
+    # distinct tensor objects: torch.export treats one object passed twice as one input
+    def one():
+        return torch.ones(1, dtype=torch.int64, device=device)
+
     if entry == "encode_image":
         return (torch.zeros(r.image_batch, v.num_channels, v.image_size, v.image_size, device=device),)
     if entry == "embed":
         return (torch.zeros(r.prefill_chunk, dtype=torch.int64, device=device),)
     if entry == "prefill":
-        return (torch.zeros(r.prefill_chunk, d.hidden_size, device=device), cache, 0 * one, one * r.prefill_chunk)
+        return (torch.zeros(r.prefill_chunk, d.hidden_size, device=device), cache, 0 * one(), one() * r.prefill_chunk)
     if entry == "decode":
-        return (one, cache, one)
+        return (one(), cache, one())
     raise KeyError(entry)
 
 

@@ -116,7 +116,7 @@ class ModelConfig:
                 val = getattr(sec, f.name)
                 if isinstance(val, (int, float)) and not isinstance(val, bool) and f.name != "eos_token_id":
                     need(val > 0, f"{type(sec).__name__}.{f.name} must be positive, got {val}")
-        need(v.image_size % v.patch_size == 0, f"vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
+        need(v.image_size >= v.patch_size, f"vision.image_size {v.image_size} is smaller than patch_size {v.patch_size}")
         need(v.hidden_size % v.num_heads == 0, f"vision.hidden_size {v.hidden_size} is not divisible by num_heads {v.num_heads}")
         need(d.num_heads % d.num_kv_heads == 0, f"decoder.num_heads {d.num_heads} is not a multiple of num_kv_heads {d.num_kv_heads}")
         need(d.head_dim % 2 == 0, f"decoder.head_dim {d.head_dim} must be even for RoPE")

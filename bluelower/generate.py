@@ -1,0 +1,271 @@
+"""The generation loop on the host: a compiled build or the PyTorch reference.
+
+Both backends run the same procedure (docs/bundle-format.md, "Generation procedure"):
+encode the image in batches, embed the prompt in chunks, splice image tokens before the
+prompt, prefill in fixed-size chunks (the last padded and masked), then greedy decode
+until ``max_new_tokens`` or EOS. Only the backend differs, so ``run --check`` compares the
+compiled artifact against PyTorch token for token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import BlueLowerError
+
+
+@dataclass
+class GenerationResult:
+    tokens: list
+    timings_s: dict = field(default_factory=dict)
+    prompt_rows: int = 0
+    image_tokens: int = 0
+    first_logits: np.ndarray | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "tokens": [int(t) for t in self.tokens],
+            "prompt_rows": self.prompt_rows,
+            "image_tokens": self.image_tokens,
+            "timings_s": {k: round(v, 6) for k, v in self.timings_s.items()},
+        }
+
+
+class _Backend:
+    """What the loop needs from a backend; shapes are the compiled ones."""
+
+    chunk: int
+    capacity: int
+    image_batch: int
+    eos: int
+
+    def encode_batch(self, patches: np.ndarray) -> np.ndarray: ...
+    def embed_chunk(self, ids: np.ndarray) -> np.ndarray: ...
+    def reset_cache(self) -> None: ...
+    def prefill_chunk(self, rows: np.ndarray, start: int, num_valid: int) -> np.ndarray: ...
+    def decode_step(self, token: int, position: int) -> np.ndarray: ...
+
+
+def generate(backend: _Backend, patches: np.ndarray | None, prompt_ids, max_new_tokens: int) -> GenerationResult:
+    """Greedy generation; ``patches`` [k, 3, S, S] float32 (normalized) or None."""
+    timings = {"image_encode": 0.0, "embed": 0.0, "prefill": 0.0, "decode": 0.0}
+    prompt_ids = np.asarray(list(prompt_ids), dtype=np.int64)
+    if max_new_tokens < 1:
+        raise BlueLowerError("--max-new-tokens must be at least 1")
+    if prompt_ids.size and (prompt_ids.min() < 0 or prompt_ids.max() >= backend.vocab_size):
+        raise BlueLowerError(f"prompt ids must be in [0, {backend.vocab_size})")
+    n_image = 0 if patches is None else patches.shape[0] * backend.tokens_per_patch
+    n = n_image + prompt_ids.size
+    if n == 0:
+        raise BlueLowerError("nothing to generate from: no image and an empty prompt")
+    if n + max_new_tokens > backend.capacity:
+        raise BlueLowerError(
+            f"prompt of {n} rows ({n_image} image tokens + {prompt_ids.size} prompt ids) plus "
+            f"{max_new_tokens} new tokens exceeds the KV cache capacity of {backend.capacity}"
+        )
+    rows = []
+    t0 = time.perf_counter()
+    if patches is not None:
+        b = backend.image_batch
+        for i in range(0, patches.shape[0], b):
+            batch = patches[i : i + b]
+            valid = batch.shape[0]
+            if valid < b:
+                batch = np.concatenate([batch, np.zeros((b - valid,) + batch.shape[1:], np.float32)])
+            out = backend.encode_batch(np.ascontiguousarray(batch, dtype=np.float32))
+            rows.append(out[:valid].reshape(-1, out.shape[-1]))
+    t1 = time.perf_counter()
+    c = backend.chunk
+    for i in range(0, prompt_ids.size, c):
+        ids = prompt_ids[i : i + c]
+        valid = ids.size
+        padded = np.zeros(c, np.int64)
+        padded[:valid] = ids
+        rows.append(backend.embed_chunk(padded)[:valid])
+    t2 = time.perf_counter()
+    seq = np.concatenate(rows).astype(np.float32)
+    backend.reset_cache()
+    logits = None
+    for start in range(0, n, c):
+        chunk = seq[start : start + c]
+        valid = chunk.shape[0]
+        if valid < c:
+            chunk = np.concatenate([chunk, np.zeros((c - valid, chunk.shape[1]), np.float32)])
+        logits = backend.prefill_chunk(np.ascontiguousarray(chunk), start, valid)
+    t3 = time.perf_counter()
+    first_logits = np.array(logits, copy=True)
+    tokens = [int(np.argmax(logits[0]))]
+    position = n
+    while len(tokens) < max_new_tokens and tokens[-1] != backend.eos:
+        logits = backend.decode_step(tokens[-1], position)
+        position += 1
+        tokens.append(int(np.argmax(logits[0])))
+    t4 = time.perf_counter()
+    timings.update(image_encode=t1 - t0, embed=t2 - t1, prefill=t3 - t2, decode=t4 - t3)
+    if len(tokens) > 1:
+        timings["decode_tokens_per_s"] = (len(tokens) - 1) / max(t4 - t3, 1e-9)
+    return GenerationResult(tokens, timings, prompt_rows=n, image_tokens=n_image, first_logits=first_logits)
+
+
+# --------------------------------------------------------------------- compiled build
+
+
+def read_manifest(build_dir: str) -> dict:
+    from .lowering.build import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST
+
+    if not os.path.isdir(build_dir):
+        raise BlueLowerError(f"build directory not found: {build_dir}")
+    path = os.path.join(build_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise BlueLowerError(f"{build_dir}: no {MANIFEST} (not a bluelower build)")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BlueLowerError(f"{path}: malformed manifest: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise BlueLowerError(f"{path}: not a bluelower manifest")
+    if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
+        raise BlueLowerError(
+            f"{path}: format version {manifest.get('format_version')} is not supported (expected {BUNDLE_FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def verify_files(build_dir: str, manifest: dict) -> None:
+    from .lowering.weights import file_sha256
+
+    for name, digest in sorted(manifest.get("files", {}).items()):
+        path = os.path.join(build_dir, name)
+        if not os.path.isfile(path):
+            raise BlueLowerError(f"{build_dir}: missing file {name}")
+        if file_sha256(path) != digest:
+            raise BlueLowerError(f"{build_dir}: {name} does not match its SHA-256 in the manifest (corrupt or modified)")
+
+
+class CompiledModel(_Backend):
+    """A host build loaded into TVM's Relax VM."""
+
+    def __init__(self, build_dir: str, verify: bool = True):
+        import tvm
+        from tvm import relax
+
+        from .lowering.build import LIBRARY, PARAMS
+        from .lowering.weights import WeightSource
+
+        self.manifest = manifest = read_manifest(build_dir)
+        if verify:
+            verify_files(build_dir, manifest)
+        rt = manifest["runtime"]
+        self.chunk, self.capacity = rt["prefill_chunk"], rt["kv_capacity"]
+        self.image_batch, self.eos = rt["image_batch"], rt["eos_token_id"]
+        self.tokens_per_patch, self.vocab_size = rt["image_tokens_per_patch"], rt["vocab_size"]
+        self.image_size = rt["image_size"]
+        lib = tvm.runtime.load_module(os.path.join(build_dir, LIBRARY))
+        self.dev = tvm.cpu()
+        self.vm = relax.VirtualMachine(lib, self.dev)
+        params = WeightSource(os.path.join(build_dir, PARAMS))
+        cache = {}
+        self.params = {}
+        for fname, fn in manifest["functions"].items():
+            for p in fn["params"]:
+                if p not in cache:
+                    cache[p] = tvm.runtime.tensor(params.read(p), self.dev)
+            self.params[fname] = [cache[p] for p in fn["params"]]
+        self.kv_spec = manifest["kv_cache"]
+        self.kv = None
+
+    def _call(self, name, *inputs):
+        import tvm
+
+        args = [tvm.runtime.tensor(x, self.dev) if isinstance(x, np.ndarray) else x for x in inputs]
+        out = self.vm[name](*args, *self.params[name])
+        # the importers return a tuple even for one output
+        return out[0] if len(out) == 1 and not hasattr(out, "numpy") else out
+
+    def encode_batch(self, patches):
+        return self._call("encode_image", patches).numpy()
+
+    def embed_chunk(self, ids):
+        return self._call("embed", ids).numpy()
+
+    def reset_cache(self):
+        import tvm
+
+        self.kv = tvm.runtime.tensor(np.zeros(self.kv_spec["shape"], dtype=self.kv_spec["dtype"]), self.dev)
+
+    def prefill_chunk(self, rows, start, num_valid):
+        out = self._call("prefill", rows, self.kv, np.array([start], np.int64), np.array([num_valid], np.int64))
+        self.kv = out[1]
+        return out[0].numpy()
+
+    def decode_step(self, token, position):
+        out = self._call("decode", np.array([token], np.int64), self.kv, np.array([position], np.int64))
+        self.kv = out[1]
+        return out[0].numpy()
+
+
+# ------------------------------------------------------------------ PyTorch reference
+
+
+class TorchReference(_Backend):
+    """The PyTorch model (eager, fp32), shaped like the compiled build."""
+
+    def __init__(self, cfg, weights_path: str | None = None, seed: int = 0):
+        import torch
+
+        from .lowering.weights import WeightSource, load_torch_model
+
+        self.torch = torch
+        self.cfg = cfg
+        self.model = load_torch_model(cfg, WeightSource(weights_path) if weights_path else None, seed)
+        r = cfg.runtime
+        self.chunk, self.capacity, self.image_batch, self.eos = r.prefill_chunk, r.kv_capacity, r.image_batch, r.eos_token_id
+        self.tokens_per_patch, self.vocab_size = cfg.image_tokens_per_patch, cfg.decoder.vocab_size
+        self.kv = None
+
+    def encode_batch(self, patches):
+        with self.torch.no_grad():
+            return self.model.encode_image(self.torch.from_numpy(patches)).numpy()
+
+    def embed_chunk(self, ids):
+        with self.torch.no_grad():
+            return self.model.embed(self.torch.from_numpy(ids)).numpy()
+
+    def reset_cache(self):
+        self.kv = self.model.new_kv_cache()
+
+    def prefill_chunk(self, rows, start, num_valid):
+        t = self.torch
+        with t.no_grad():
+            logits, self.kv = self.model.prefill(t.from_numpy(rows), self.kv, t.tensor([start]), t.tensor([num_valid]))
+        return logits.numpy()
+
+    def decode_step(self, token, position):
+        t = self.torch
+        with t.no_grad():
+            logits, self.kv = self.model.decode(t.tensor([token]), self.kv, t.tensor([position]))
+        return logits.numpy()
+
+
+def reference_for_build(build_dir_or_manifest: str, weights_path: str | None = None) -> TorchReference:
+    """The PyTorch reference matching a build (its config; its weights: the build's own
+    ``params.safetensors`` when it holds fp32 weights, else ``weights_path`` or the seed)."""
+    from .lowering.models.config import config_from_dict
+
+    from .lowering.build import PARAMS
+
+    build_dir = build_dir_or_manifest
+    manifest = read_manifest(build_dir)
+    cfg = config_from_dict(manifest["model"], "manifest.json:model")
+    inputs = manifest.get("inputs", {})
+    if weights_path is None and manifest.get("quant") == "fp32":
+        weights_path = os.path.join(build_dir, PARAMS)  # the build's own fp32 weights
+    elif weights_path is None:
+        weights_path = inputs.get("weights_path")
+    return TorchReference(cfg, weights_path, seed=int(inputs.get("seed", 0)))

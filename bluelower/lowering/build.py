@@ -1,0 +1,210 @@
+"""From a model config (+ weights) to a build directory: import, pass pipeline, TVM build,
+parameters, manifest.
+
+The output is written into a temporary sibling directory and renamed into place at the
+end, so a failed or interrupted compile never leaves a half-written output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import __version__, progress
+from ..errors import BlueLowerError
+from .models.config import ModelConfig, load_config
+from .weights import WeightSource, file_sha256, model_weight_specs, random_weight, write_safetensors
+
+BUNDLE_FORMAT = "bluelower-bundle"
+BUNDLE_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LIBRARY = "model.so"
+PARAMS = "params.safetensors"
+IMAGE_MEAN = (0.5, 0.5, 0.5)  # SigLIP's normalization
+IMAGE_STD = (0.5, 0.5, 0.5)
+QUANT_MODES = ("fp32",)
+
+
+@dataclass
+class CompileRequest:
+    model: str = "tiny"
+    weights: str | None = None
+    frontend: str = "torch"
+    soc: str = "host"
+    out_dir: str = "build"
+    quant: str = "fp32"
+    dump_ir: str | None = None
+    disabled_passes: tuple = ()
+    seed: int = 0
+
+
+def resolve_soc(name_or_path: str):
+    """The SoC description (bluelower.targets) for a name or a TOML path."""
+    from ..targets import soc as soc_mod
+
+    return soc_mod.load_soc(name_or_path)
+
+
+def tool_versions() -> dict:
+    import torch
+    import tvm
+
+    import onnx
+
+    return {
+        "bluelower": __version__,
+        "tvm": tvm.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _prepare_output(out_dir: str) -> str:
+    """Check ``out_dir`` can be (re)written; return a fresh temporary sibling directory."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    if not os.path.isdir(parent):
+        raise BlueLowerError(f"output directory's parent does not exist: {parent}")
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise BlueLowerError(f"output path exists and is not a directory: {out_dir}")
+        if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, MANIFEST)):
+            raise BlueLowerError(f"output directory {out_dir} is not empty and is not a bluelower build; refusing to replace it")
+    return tempfile.mkdtemp(prefix=".bluelower-", dir=parent)
+
+
+def _commit_output(tmp: str, out_dir: str) -> None:
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir):
+        old = tmp + ".old"
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)
+
+
+def compile_model(req: CompileRequest) -> dict:
+    """Compile ``req.model`` for ``req.soc`` into ``req.out_dir``; return the manifest."""
+    import tvm
+    from tvm import relax
+
+    from ..passes.pipeline import CompileOptions, check_disabled, run_pipeline
+    from .importer import import_model
+
+    if req.quant not in QUANT_MODES:
+        raise BlueLowerError(f"unknown --quant '{req.quant}' (valid: {', '.join(QUANT_MODES)})")
+    check_disabled(req.disabled_passes)
+    cfg = load_config(req.model)
+    soc = resolve_soc(req.soc)
+    specs = model_weight_specs(cfg)
+    source = None
+    if req.weights:
+        source = WeightSource(req.weights)
+        source.check_against(specs)
+    target = soc.tvm_target()
+
+    tmp = _prepare_output(req.out_dir)
+    try:
+        torch_weights = None
+        if req.frontend == "onnx":
+            torch_weights = None  # ONNX tracing runs on zeros of the right shapes
+        with progress.step("import"):
+            mod, sigs = import_model(cfg, req.frontend, weights=torch_weights)
+        opts = CompileOptions(target=target, quant=req.quant, soc=soc, model=cfg, entry_functions=tuple(sigs))
+        mod, pass_stats = run_pipeline(mod, opts, disabled=req.disabled_passes, dump_ir=req.dump_ir)
+        with progress.step("TVM build"):
+            ex = relax.build(mod, target, relax_pipeline=None)
+            ex.export_library(os.path.join(tmp, LIBRARY), **_export_kwargs(soc))
+
+        param_names = sorted({p for sig in sigs.values() for p in sig.params})
+
+        def produce(name: str) -> np.ndarray:
+            if source is not None:
+                return source.read(name).astype(np.float32)
+            return random_weight(name, specs[name][0], req.seed, cfg.runtime.init_std)
+
+        write_safetensors(
+            os.path.join(tmp, PARAMS),
+            [(n, specs[n][0], "float32") for n in param_names],
+            produce,
+            label="write params",
+        )
+        manifest = _manifest(cfg, req, soc, target, sigs, pass_stats, source)
+        manifest["files"] = {f: file_sha256(os.path.join(tmp, f)) for f in (LIBRARY, PARAMS)}
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        _commit_output(tmp, req.out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    progress.log(f"wrote {os.path.abspath(req.out_dir)}")
+    return manifest
+
+
+def _export_kwargs(soc) -> dict:
+    fcompile = getattr(soc, "fcompile", None)
+    return {"fcompile": fcompile()} if callable(fcompile) else {}
+
+
+def _manifest(cfg: ModelConfig, req: CompileRequest, soc, target, sigs, pass_stats, source) -> dict:
+    d, r = cfg.decoder, cfg.runtime
+    kv_shape = [d.num_layers, 2, d.num_kv_heads, r.kv_capacity, d.head_dim]
+    functions = {}
+    for name, sig in sigs.items():
+        functions[name] = sig.to_dict()
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "model": cfg.to_dict(),
+        "soc": soc.name,
+        "target": _target_dict(target),
+        "frontend": req.frontend,
+        "quant": req.quant,
+        "tool_versions": tool_versions(),
+        "inputs": {
+            "config_sha256": _config_sha(cfg),
+            "weights_sha256": source.sha256() if source is not None else None,
+            "weights_path": os.path.abspath(req.weights) if req.weights else None,
+            "seed": req.seed,
+        },
+        "runtime": {
+            "kv_capacity": r.kv_capacity,
+            "prefill_chunk": r.prefill_chunk,
+            "image_batch": r.image_batch,
+            "eos_token_id": r.eos_token_id,
+            "image_size": cfg.vision.image_size,
+            "image_tokens_per_patch": cfg.image_tokens_per_patch,
+            "hidden_size": d.hidden_size,
+            "vocab_size": d.vocab_size,
+            "image_mean": list(IMAGE_MEAN),
+            "image_std": list(IMAGE_STD),
+        },
+        "kv_cache": {"shape": kv_shape, "dtype": "float32"},
+        "functions": functions,
+        "passes": pass_stats,
+    }
+
+
+def _config_sha(cfg: ModelConfig) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def _target_dict(target) -> dict:
+    out = {"kind": target.kind.name}
+    for key in ("mtriple", "mcpu", "mattr", "num-cores"):
+        if key in target.attrs:
+            value = target.attrs[key]
+            out[key] = [str(v) for v in value] if key == "mattr" else (int(value) if key == "num-cores" else str(value))
+    return out

@@ -1,0 +1,264 @@
+"""Import the PyTorch model into one Relax IRModule with one function per entry point.
+
+Both frontends trace a thin wrapper whose ``forward(*inputs, *weights)`` calls the entry
+method through ``torch.func.functional_call``: the weights are function inputs, not
+registered parameters, so tracing works on ``meta`` tensors and no fp32 weight of a big
+model is ever materialized (the torch frontend). The Relax functions therefore take
+``(*inputs, *weights)``; attribute ``num_input`` says how many leading parameters are
+run-time inputs, and ``bluelower.param_names`` names the weights in order.
+
+* ``torch``: ``torch.export`` + ``tvm.relax.frontend.torch.from_exported_program``.
+* ``onnx``: ``torch.onnx.export`` (TorchScript exporter) + ``onnxsim`` +
+  ``tvm.relax.frontend.onnx.from_onnx``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import progress
+from ..errors import BlueLowerError, UnsupportedOperatorError
+from .models import bluelm_v
+from .models.config import ModelConfig
+
+FRONTENDS = ("torch", "onnx")
+
+
+@dataclass
+class EntrySignature:
+    """Inputs, weights and outputs of one entry function (recorded in the manifest)."""
+
+    name: str
+    inputs: list  # [{"name", "shape", "dtype"}]
+    params: list  # weight names, in call order
+    param_shapes: dict  # weight name -> (shape, dtype)
+
+    def to_dict(self) -> dict:
+        return {"inputs": self.inputs, "params": self.params}
+
+
+def _sanitize(name: str) -> str:
+    return re.sub(r"[^0-9a-zA-Z_]", "_", name)
+
+
+def _make_wrapper(model: nn.Module, entry: str, input_names, weight_names) -> nn.Module:
+    """A module whose forward(<inputs>, <weights>) runs ``model.<entry>`` with those weights.
+
+    The forward signature is generated so that the traced graph's (and so the Relax
+    function's) parameter names read like the model's: ``pixel_values``,
+    ``language_model_model_layers_0_self_attn_q_proj_weight``, ...
+    """
+
+    class _EntryCall(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, *args):
+            return getattr(self.m, entry)(*args)
+
+    call = _EntryCall()
+    n_in = len(input_names)
+    arg_names = list(input_names) + [_sanitize(w) for w in weight_names]
+    src = (
+        f"def forward(self, {', '.join(arg_names)}):\n"
+        f"    args = ({', '.join(arg_names)},)\n"
+        f"    return self._run(args)\n"
+    )
+    namespace: dict = {}
+    exec(src, namespace)  # noqa: S102 - generated from sanitized identifiers only
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self._call = [call]  # a list: keeps the model out of registered submodules
+
+        def _run(self, args):
+            ins, ws = args[:n_in], args[n_in:]
+            params = {"m." + k: v for k, v in zip(weight_names, ws)}
+            return torch.func.functional_call(self._call[0], params, tuple(ins))
+
+    Wrapper.forward = namespace["forward"]
+    return Wrapper()
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def entry_signature(model: bluelm_v.BlueLMV, cfg: ModelConfig, entry: str) -> EntrySignature:
+    inputs = bluelm_v.entry_example_inputs(cfg, entry, device="meta")
+    names = bluelm_v.ENTRY_INPUT_NAMES[entry]
+    params = bluelm_v.entry_param_names(model, entry)
+    sd = dict(model.named_parameters())
+    return EntrySignature(
+        name=entry,
+        inputs=[{"name": n, "shape": list(t.shape), "dtype": _dtype_name(t)} for n, t in zip(names, inputs)],
+        params=params,
+        param_shapes={p: (tuple(sd[p].shape), _dtype_name(sd[p])) for p in params},
+    )
+
+
+def build_meta_model(cfg: ModelConfig) -> bluelm_v.BlueLMV:
+    """The model with every parameter on the meta device (no memory)."""
+    with torch.device("meta"):
+        return bluelm_v.BlueLMV(cfg).eval()
+
+
+@contextlib.contextmanager
+def _quiet_tracing():
+    """Frontends print warnings and TorchScript chatter; keep stderr for our progress."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            yield
+
+
+def _unsupported_from_exception(exc: Exception, frontend: str) -> BlueLowerError | None:
+    msg = str(exc)
+    m = re.search(r"Unsupported function types? \[?([^\]\n]+)\]?", msg)
+    if m:
+        return UnsupportedOperatorError(
+            f"{frontend} frontend: unsupported operator(s) {m.group(1).strip()} "
+            "(add a converter in bluelower/lowering/converters.py)"
+        )
+    m = re.search(r"operators are not supported for frontend ONNX:\s*([^\n]+)", msg)
+    if m:
+        return UnsupportedOperatorError(
+            f"onnx frontend: unsupported operator(s) {m.group(1).strip()} "
+            "(add a converter in bluelower/lowering/converters.py)"
+        )
+    return None
+
+
+def _finish_function(func, entry: str, sig: EntrySignature):
+    func = func.with_attr("global_symbol", entry)
+    func = func.with_attr("num_input", len(sig.inputs))
+    return func
+
+
+def import_torch_entry(model, cfg: ModelConfig, entry: str):
+    """torch.export one entry and translate it to a Relax function."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from .converters import torch_custom_converters
+
+    sig = entry_signature(model, cfg, entry)
+    inputs = bluelm_v.entry_example_inputs(cfg, entry, device="meta")
+    sd = dict(model.named_parameters())
+    weights = tuple(torch.empty(sd[p].shape, dtype=sd[p].dtype, device="meta") for p in sig.params)
+    wrapper = _make_wrapper(model, entry, bluelm_v.ENTRY_INPUT_NAMES[entry], sig.params)
+    with _quiet_tracing():
+        try:
+            ep = torch.export.export(wrapper, inputs + weights)
+        except Exception as exc:  # export errors are model bugs or unsupported python
+            raise BlueLowerError(f"torch.export failed for entry '{entry}': {str(exc).splitlines()[0]}") from exc
+        try:
+            mod = from_exported_program(ep, custom_convert_map=torch_custom_converters())
+        except Exception as exc:
+            err = _unsupported_from_exception(exc, "torch")
+            if err is not None:
+                raise err from None
+            raise
+    return _finish_function(mod["main"], entry, sig), sig
+
+
+def import_onnx_entry(model, cfg: ModelConfig, entry: str, weights: dict | None = None, onnx_dir: str | None = None):
+    """torch.onnx.export one entry (TorchScript exporter), simplify it, translate to Relax.
+
+    The ONNX exporter runs the model, so it needs real tensors: the weights are taken from
+    ``weights`` (name -> tensor) or zeros of the right shapes.
+    """
+    import onnx
+    import onnxsim
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from .converters import onnx_custom_converters
+
+    sig = entry_signature(model, cfg, entry)
+    inputs = bluelm_v.entry_example_inputs(cfg, entry, device="cpu")
+    real = []
+    for p in sig.params:
+        shape, dtype = sig.param_shapes[p]
+        if weights is not None and p in weights:
+            real.append(weights[p])
+        else:
+            real.append(torch.zeros(shape, dtype=getattr(torch, dtype)))
+    cpu_model = bluelm_v.BlueLMV(cfg) if next(model.parameters()).is_meta else model
+    wrapper = _make_wrapper(cpu_model, entry, bluelm_v.ENTRY_INPUT_NAMES[entry], sig.params)
+    input_names = list(bluelm_v.ENTRY_INPUT_NAMES[entry]) + [_sanitize(p) for p in sig.params]
+    with tempfile.TemporaryDirectory() as tmp, _quiet_tracing():
+        path = os.path.join(onnx_dir or tmp, f"{entry}.onnx")
+        torch.onnx.export(
+            wrapper, tuple(inputs) + tuple(real), path, input_names=input_names, opset_version=17, dynamo=False
+        )
+        proto = onnx.load(path)
+        simplified, ok = onnxsim.simplify(proto)
+        if ok:
+            proto = simplified
+        try:
+            mod = from_onnx(proto, keep_params_in_input=True, custom_convert_map=onnx_custom_converters())
+        except Exception as exc:
+            err = _unsupported_from_exception(exc, "onnx")
+            if err is not None:
+                raise err from None
+            raise
+    return _finish_function(mod["main"], entry, sig), sig
+
+
+def import_onnx_file(path: str):
+    """Import a user's ONNX file (clean errors for a missing or malformed file)."""
+    import onnx
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from .converters import onnx_custom_converters
+
+    if not os.path.isfile(path):
+        raise BlueLowerError(f"ONNX file not found: {path}")
+    try:
+        proto = onnx.load(path)
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise BlueLowerError(f"{path}: malformed ONNX model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    try:
+        return from_onnx(proto, custom_convert_map=onnx_custom_converters())
+    except Exception as exc:
+        err = _unsupported_from_exception(exc, "onnx")
+        if err is not None:
+            raise err from None
+        raise
+
+
+def import_model(cfg: ModelConfig, frontend: str = "torch", entries=None, weights: dict | None = None):
+    """Import the model's entry functions into one IRModule.
+
+    Returns ``(mod, signatures)`` where ``signatures[entry]`` is an :class:`EntrySignature`.
+    """
+    import tvm
+
+    if frontend not in FRONTENDS:
+        raise BlueLowerError(f"unknown frontend '{frontend}' (valid: {', '.join(FRONTENDS)})")
+    entries = list(entries or bluelm_v.BlueLMV.ENTRY_FUNCTIONS)
+    model = build_meta_model(cfg)
+    funcs, sigs = {}, {}
+    bar = progress.Progress(f"import ({frontend})", len(entries))
+    for entry in entries:
+        if frontend == "torch":
+            func, sig = import_torch_entry(model, cfg, entry)
+        else:
+            func, sig = import_onnx_entry(model, cfg, entry, weights=weights)
+        funcs[entry], sigs[entry] = func, sig
+        bar.update(item=entry)
+    bar.close()
+    mod = tvm.IRModule({tvm.ir.GlobalVar(name): f for name, f in funcs.items()})
+    return mod, sigs

@@ -1,0 +1,198 @@
+"""Weights: Hugging Face-style safetensors, read and written one tensor at a time.
+
+Names follow the checkpoints the parts come from: ``vision_tower.vision_model.*``
+(SigLIP), ``multi_modal_projector.*``, ``language_model.model.*`` and
+``language_model.lm_head.weight`` (LLaMA). ``init_weights`` writes seeded random weights in
+that layout; :class:`WeightSource` reads a file lazily and checks names and shapes against
+the model before anything is converted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .. import progress
+from ..errors import BlueLowerError
+
+_ST_DTYPES = {
+    "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8", "uint8": "U8",
+    "int16": "I16", "int32": "I32", "int64": "I64", "uint32": "U32", "float64": "F64",
+}
+_NP_FROM_ST = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8, "I16": np.int16,
+               "I32": np.int32, "I64": np.int64, "U32": np.uint32, "F64": np.float64}
+
+
+def write_safetensors(path: str, specs: Iterable[tuple[str, tuple, str]], produce: Callable[[str], np.ndarray],
+                      metadata: dict | None = None, label: str = "write weights") -> None:
+    """Stream tensors into a safetensors file without holding them all in memory.
+
+    ``specs`` gives (name, shape, dtype) for every tensor; ``produce(name)`` returns its
+    array when it is written. Tensors are laid out in sorted name order (deterministic
+    output for the same inputs).
+    """
+    specs = sorted(specs, key=lambda s: s[0])
+    header: dict = {}
+    offset = 0
+    for name, shape, dtype in specs:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": [int(s) for s in shape], "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    blob = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    bar = progress.Progress(label, len(specs))
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for name, shape, dtype in specs:
+            arr = np.ascontiguousarray(produce(name))
+            if tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dtype):
+                raise AssertionError(f"{name}: produced {arr.shape} {arr.dtype}, declared {shape} {dtype}")
+            fh.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+            bar.update(item=name)
+    bar.close()
+
+
+class WeightSource:
+    """Lazy reader of a safetensors file: header parsed once, tensors read on demand."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.isfile(path):
+            raise BlueLowerError(f"weights file not found: {path}")
+        size = os.path.getsize(path)
+        try:
+            with open(path, "rb") as fh:
+                raw = fh.read(8)
+                if len(raw) < 8:
+                    raise ValueError("file shorter than the 8-byte header length")
+                (hlen,) = struct.unpack("<Q", raw)
+                if hlen > size - 8 or hlen > 100 * 1024 * 1024:
+                    raise ValueError(f"header length {hlen} exceeds the file")
+                header = json.loads(fh.read(hlen))
+            self.data_start = 8 + hlen
+            self.header = {k: v for k, v in header.items() if k != "__metadata__"}
+            for name, info in self.header.items():
+                begin, end = info["data_offsets"]
+                if info["dtype"] not in _NP_FROM_ST:
+                    raise ValueError(f"tensor '{name}' has unsupported dtype {info['dtype']}")
+                expect = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(_NP_FROM_ST[info["dtype"]]).itemsize
+                if end - begin != expect or self.data_start + end > size or begin < 0:
+                    raise ValueError(f"tensor '{name}' data does not fit its shape or the file (truncated?)")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise BlueLowerError(f"{path}: not a valid safetensors file: {exc}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self.header)
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.header[name]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(_NP_FROM_ST[self.header[name]["dtype"]])
+
+    def read(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        begin, end = info["data_offsets"]
+        dtype = np.dtype(_NP_FROM_ST[info["dtype"]]).newbyteorder("<")
+        with open(self.path, "rb") as fh:
+            fh.seek(self.data_start + begin)
+            buf = fh.read(end - begin)
+        return np.frombuffer(buf, dtype=dtype).reshape(info["shape"]).astype(dtype.newbyteorder("="), copy=True)
+
+    def check_against(self, expected: dict) -> None:
+        """``expected``: name -> (shape, dtype name). Missing or mis-shaped tensors are errors."""
+        missing = sorted(set(expected) - set(self.header))
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise BlueLowerError(f"{self.path}: missing weight(s) {', '.join(missing[:3])}{more}")
+        for name, (shape, _dtype) in expected.items():
+            if self.shape(name) != tuple(shape):
+                raise BlueLowerError(
+                    f"{self.path}: weight '{name}' has shape {list(self.shape(name))}, the model expects {list(shape)}"
+                )
+
+    def sha256(self) -> str:
+        return file_sha256(self.path)
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_weight_specs(cfg) -> dict:
+    """name -> (shape, dtype) of every weight, from a meta-device model (no memory)."""
+    from .importer import build_meta_model
+
+    model = build_meta_model(cfg)
+    return {n: (tuple(p.shape), str(p.dtype).replace("torch.", "")) for n, p in model.named_parameters()}
+
+
+def random_weight(name: str, shape: tuple, seed: int, std: float) -> np.ndarray:
+    """Seeded random tensor for one weight; independent of the other weights (streamable).
+
+    Norm weights are 1 + noise and biases small noise, so LayerNorm/RMSNorm stay sane.
+    """
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    leaf = name.rsplit(".", 1)[-1]
+    is_norm = "norm" in name and leaf == "weight"
+    if is_norm:
+        return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    if leaf == "bias":
+        return (0.1 * std * rng.standard_normal(shape)).astype(np.float32)
+    return (std * rng.standard_normal(shape)).astype(np.float32)
+
+
+def init_weights(cfg, out_path: str, seed: int = 0) -> None:
+    """Write seeded random weights for ``cfg`` to ``out_path`` (safetensors), tensor by tensor."""
+    specs = model_weight_specs(cfg)
+    std = cfg.runtime.init_std
+    tmp = out_path + ".partial"
+    try:
+        write_safetensors(
+            tmp,
+            [(n, s, d) for n, (s, d) in specs.items()],
+            lambda n: random_weight(n, specs[n][0], seed, std),
+            metadata={"bluelower_model": cfg.name, "seed": seed, "format": "pt"},
+            label="init-weights",
+        )
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_torch_model(cfg, weights: "WeightSource | None", seed: int = 0):
+    """A real (CPU, fp32) PyTorch model with the given weights (or seeded random ones).
+
+    Used for the PyTorch reference; it materializes the weights, so it is meant for
+    configs that fit in memory.
+    """
+    import torch
+
+    from .models.bluelm_v import BlueLMV
+
+    specs = model_weight_specs(cfg)
+    if weights is not None:
+        weights.check_against(specs)
+    with torch.device("meta"):
+        model = BlueLMV(cfg)
+    state = {}
+    for name, (shape, _dtype) in specs.items():
+        arr = weights.read(name) if weights is not None else random_weight(name, shape, seed, cfg.runtime.init_std)
+        state[name] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    model.load_state_dict(state, assign=True)
+    return model.eval()
