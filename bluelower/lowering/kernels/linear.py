@@ -27,13 +27,17 @@ Schedules (see docs/kernels.md for the measurements):
   once per group, so the inner loop is convert + FMA only.
 * ``M == 1`` FP32: vectorized along K (16 lanes) for 4 rows at a time, horizontal
   reduction at the end; weights read row-contiguously.
-* ``M > 1`` (prefill GEMM): ``parallel`` over 32-row blocks of W; per 32-wide K chunk the
-  block's weights are dequantized (or, for FP32, transposed) once into a 32 x 32 float
-  tile in L1 and reused by all M rows through an ``m_tile x 32`` register tile, so each
-  weight is read from memory once per call, not once per row.
+* ``M > 1`` (prefill GEMM), INT4/INT8: ``parallel`` over 32-row blocks of W; per 32-wide
+  K chunk the block's weights are dequantized once into a 32 x 32 float tile in L1 and
+  reused by all M rows through an ``m_tile x 32`` register tile, so each weight is read
+  from memory once per call, not once per row.
+* ``M > 1`` FP32: ``x`` is copied to a K-major ``xT`` once; ``parallel`` over 32-row
+  blocks of W with an ``8 (rows of W) x 16 (rows of x)`` register tile, W broadcast along
+  its rows (never transposed).
 
 Divisibility: ``N % 32 == 0`` for every kernel; INT4 ``K % group_size == 0`` and
-``group_size % 4 == 0``; INT8/FP32 ``K % 32 == 0``. Violations raise ``ValueError``.
+``group_size % 4 == 0``; INT8/FP32 ``K % 32 == 0``; ``1 <= m_tile <= 7``. Violations
+raise ``ValueError``. Any ``M >= 1``.
 """
 
 from __future__ import annotations
@@ -400,7 +404,6 @@ def fp32_linear(
     K: int,
     out_dtype: str = "float32",
     bias: bool = False,
-    m_tile: int = DEFAULT_M_TILE,
 ) -> tirx.PrimFunc:
     """``y[M, N] = x[M, K] @ W[N, K]^T (+ bias)`` with float32 weights in PyTorch layout.
 
@@ -410,11 +413,10 @@ def fp32_linear(
     ``K % 32 == 0``.
     """
     _check(M, N, K, out_dtype, _KC, "fp32_linear")
-    _check_m_tile(m_tile)
     if M == 1:
         f = _fp32_gemv(N, K, out_dtype, bias)
     else:
-        f = _fp32_gemm(M, N, K, out_dtype, bias, m_tile)
+        f = _fp32_gemm(M, N, K, out_dtype, bias)
     return _finish(f, bias, f"fp32_linear_{M}x{N}x{K}")
 
 
@@ -454,11 +456,22 @@ def _fp32_gemv(N, K, out_dtype, has_bias):
     return f
 
 
-def _fp32_gemm(M, N, K, out_dtype, has_bias, MT):
-    NB = N // _R
-    KO = K // _KC
-    MO = M // MT
-    MREM = M - MO * MT
+_FP32_GEMM_ROWS = 8  # rows of W per register tile
+_FP32_GEMM_MLANES = 16  # rows of x per register tile (vector lanes)
+
+
+def _fp32_gemm(M, N, K, out_dtype, has_bias):
+    """Roles swapped: vectorize over M, broadcast W.
+
+    ``x`` is first copied (in parallel) to ``xT[M/16, K, 16]`` (zero-padded rows), so each
+    register tile is ``8 rows of W x 16 rows of x``: per k one 16-lane load of ``xT`` and 8
+    broadcast-FMAs with ``W[n, k]`` read along its row. W is never transposed; the copy of
+    x costs ``M * K`` moves, small next to the ``M * N * K`` FMAs.
+    """
+    NT = _FP32_GEMM_ROWS
+    ML = _FP32_GEMM_MLANES
+    MB = (M + ML - 1) // ML
+    NS = _R // NT
 
     @T.prim_func(private=True)
     def f(
@@ -468,42 +481,33 @@ def _fp32_gemm(M, N, K, out_dtype, has_bias, MT):
         y: T.Buffer((M, N), out_dtype),
     ):
         T.func_attr({"tir.noalias": True})
-        for b in T.parallel(NB):
-            acc = T.decl_buffer((M, _R), "float32")
-            wd = T.decl_buffer((_KC, _R), "float32", scope="local")
-            tile = T.alloc_buffer((MT, _R), "float32", scope="global")
-            for m in range(M):
-                for r in T.vectorized(_R):
-                    acc[m, r] = T.float32(0)
-            for ko in range(KO):
-                # 32 x 32 transpose of W[b*32:(b+1)*32, ko*32:(ko+1)*32] into L1
-                for r in range(_R):
-                    for k in range(_KC):
-                        wd[k, r] = w[b * _R + r, ko * _KC + k]
-                for mo in range(MO):
-                    for mi in T.unroll(MT):
-                        for r in T.vectorized(_R):
-                            tile[mi, r] = T.float32(0)
-                    for k in range(_KC):
-                        for mi in T.unroll(MT):
-                            for r in T.vectorized(_R):
-                                tile[mi, r] = tile[mi, r] + x[mo * MT + mi, ko * _KC + k] * wd[k, r]
-                    for mi in T.unroll(MT):
-                        for r in T.vectorized(_R):
-                            acc[mo * MT + mi, r] = acc[mo * MT + mi, r] + tile[mi, r]
-                for mr in range(MREM):
-                    for r in T.vectorized(_R):
-                        tile[0, r] = T.float32(0)
-                    for k in range(_KC):
-                        for r in T.vectorized(_R):
-                            tile[0, r] = tile[0, r] + x[MO * MT + mr, ko * _KC + k] * wd[k, r]
-                    for r in T.vectorized(_R):
-                        acc[MO * MT + mr, r] = acc[MO * MT + mr, r] + tile[0, r]
-            for m in range(M):
-                for r in T.vectorized(_R):
-                    if has_bias:
-                        y[m, b * _R + r] = T.Cast(out_dtype, acc[m, r] + bias[b * _R + r])
+        xT = T.alloc_buffer((MB, K, ML), "float32")
+        for mo in T.parallel(MB):
+            for k in range(K):
+                for l in range(ML):
+                    if mo * ML + l < M:
+                        xT[mo, k, l] = x[mo * ML + l, k]
                     else:
-                        y[m, b * _R + r] = T.Cast(out_dtype, acc[m, r])
+                        xT[mo, k, l] = T.float32(0)
+        for b in T.parallel(N // _R):
+            acc = T.alloc_buffer((NT, ML), "float32", scope="global")
+            for mo in range(MB):
+                for ns in range(NS):
+                    for ni in T.unroll(NT):
+                        for l in T.vectorized(ML):
+                            acc[ni, l] = T.float32(0)
+                    for k in range(K):
+                        for ni in T.unroll(NT):
+                            for l in T.vectorized(ML):
+                                acc[ni, l] = acc[ni, l] + w[b * _R + ns * NT + ni, k] * xT[mo, k, l]
+                    for ni in T.unroll(NT):
+                        for l in range(ML):
+                            if mo * ML + l < M:
+                                if has_bias:
+                                    y[mo * ML + l, b * _R + ns * NT + ni] = T.Cast(
+                                        out_dtype, acc[ni, l] + bias[b * _R + ns * NT + ni]
+                                    )
+                                else:
+                                    y[mo * ML + l, b * _R + ns * NT + ni] = T.Cast(out_dtype, acc[ni, l])
 
     return f
