@@ -185,8 +185,10 @@ class CompiledModel(_Backend):
 
         args = [tvm.runtime.tensor(x, self.dev) if isinstance(x, np.ndarray) else x for x in inputs]
         out = self.vm[name](*args, *self.params[name])
-        # the importers return a tuple even for one output
-        return out[0] if len(out) == 1 and not hasattr(out, "numpy") else out
+        # the torch importer returns a 1-tuple for one output, the ONNX one a tensor
+        if not hasattr(out, "numpy") and len(out) == 1:
+            return out[0]
+        return out
 
     def encode_batch(self, patches):
         return self._call("encode_image", patches).numpy()

@@ -170,50 +170,104 @@ def import_torch_entry(model, cfg: ModelConfig, entry: str):
             if err is not None:
                 raise err from None
             raise
-    return _finish_function(mod["main"], entry, sig), sig
+    return _finish_function(mod["main"], entry, sig), sig, _helpers(mod)
+
+
+def _helpers(mod) -> dict:
+    """Functions besides ``main`` an importer emitted (e.g. a TIR ``pad``)."""
+    return {gv.name_hint: (gv, f) for gv, f in mod.functions.items() if gv.name_hint != "main"}
 
 
 def import_onnx_entry(model, cfg: ModelConfig, entry: str, weights: dict | None = None, onnx_dir: str | None = None):
     """torch.onnx.export one entry (TorchScript exporter), simplify it, translate to Relax.
 
-    The ONNX exporter runs the model, so it needs real tensors: the weights are taken from
-    ``weights`` (name -> tensor) or zeros of the right shapes.
+    The TorchScript exporter runs the model and cannot trace ``functional_call``, so it
+    exports a CPU model with ``export_params=False``: its parameters become graph inputs
+    (named after the state dict), which are then put in the manifest's order. The CPU model
+    holds random values unless ``weights`` are given: the ONNX path materializes the weights of the
+    traced entry, so it suits models that fit in memory (the torch frontend traces on meta).
     """
     import onnx
     import onnxsim
+    from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    from .converters import onnx_custom_converters
+    from .converters import onnx_converter_scope
 
     sig = entry_signature(model, cfg, entry)
     inputs = bluelm_v.entry_example_inputs(cfg, entry, device="cpu")
-    real = []
-    for p in sig.params:
-        shape, dtype = sig.param_shapes[p]
-        if weights is not None and p in weights:
-            real.append(weights[p])
-        else:
-            real.append(torch.zeros(shape, dtype=getattr(torch, dtype)))
-    cpu_model = bluelm_v.BlueLMV(cfg) if next(model.parameters()).is_meta else model
-    wrapper = _make_wrapper(cpu_model, entry, bluelm_v.ENTRY_INPUT_NAMES[entry], sig.params)
-    input_names = list(bluelm_v.ENTRY_INPUT_NAMES[entry]) + [_sanitize(p) for p in sig.params]
+    # Random (not zero) values: the TorchScript exporter merges parameters of equal value.
+    gen = torch.Generator().manual_seed(0)
+    cpu_model = bluelm_v.BlueLMV(cfg).eval()
+    with torch.no_grad():
+        for name, param in cpu_model.named_parameters():
+            if weights is not None and name in weights:
+                param.copy_(weights[name])
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen))
+
+    class _EntryCall(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = cpu_model
+
+        def forward(self, *args):
+            return getattr(self.m, entry)(*args)
+
+    input_names = list(bluelm_v.ENTRY_INPUT_NAMES[entry])
     with tempfile.TemporaryDirectory() as tmp, _quiet_tracing():
         path = os.path.join(onnx_dir or tmp, f"{entry}.onnx")
-        torch.onnx.export(
-            wrapper, tuple(inputs) + tuple(real), path, input_names=input_names, opset_version=17, dynamo=False
-        )
-        proto = onnx.load(path)
-        simplified, ok = onnxsim.simplify(proto)
-        if ok:
-            proto = simplified
         try:
-            mod = from_onnx(proto, keep_params_in_input=True, custom_convert_map=onnx_custom_converters())
+            torch.onnx.export(_EntryCall(), tuple(inputs), path, input_names=input_names, opset_version=17,
+                              dynamo=False, export_params=False, do_constant_folding=False)
+        except Exception as exc:
+            raise BlueLowerError(f"torch.onnx.export failed for entry '{entry}': {str(exc).splitlines()[0]}") from exc
+        proto = _params_to_graph_inputs(onnx.load(path), prefix="m.")
+        try:
+            simplified, ok = onnxsim.simplify(proto)
+            if ok:
+                proto = simplified
+        except Exception as exc:  # onnxsim is an optimization: keep the unsimplified graph
+            progress.log(f"onnxsim failed on '{entry}' ({str(exc).splitlines()[0]}); importing it unsimplified")
+        try:
+            with onnx_converter_scope():
+                mod = from_onnx(proto, keep_params_in_input=False)  # weights are graph inputs already
         except Exception as exc:
             err = _unsupported_from_exception(exc, "onnx")
             if err is not None:
                 raise err from None
             raise
-    return _finish_function(mod["main"], entry, sig), sig
+    func = mod["main"]
+    by_name = {str(p): p for p in func.params}
+    wanted = input_names + ["m." + p for p in sig.params]
+    missing = [w for w in wanted if w not in by_name and _sanitize(w) not in by_name]
+    if missing:
+        raise BlueLowerError(f"onnx import of {entry!r}: graph inputs {missing[:3]} not found; have {list(by_name)[:12]}")
+    ordered = [by_name.get(w, by_name.get(_sanitize(w))) for w in wanted]
+    extra = [str(p) for p in func.params if not any(p.same_as(o) for o in ordered)]
+    if extra:
+        raise BlueLowerError(f"onnx import of {entry!r}: unexpected graph inputs {extra[:5]}")
+    func = relax.Function(ordered, func.body, func.ret_ty, func.is_pure, func.attrs)
+    return _finish_function(func, entry, sig), sig, _helpers(mod)
+
+
+def _params_to_graph_inputs(proto, prefix: str):
+    """Turn the weight initializers into graph inputs, so that onnxsim cannot fold or merge
+    them (weights are run-time parameters of the compiled function, not constants)."""
+    import onnx
+
+    graph = proto.graph
+    keep = []
+    existing = {i.name for i in graph.input}
+    for init in list(graph.initializer):
+        if init.name.startswith(prefix):
+            if init.name not in existing:
+                graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            keep.append(init)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return proto
 
 
 def import_onnx_file(path: str):
@@ -221,7 +275,7 @@ def import_onnx_file(path: str):
     import onnx
     from tvm.relax.frontend.onnx import from_onnx
 
-    from .converters import onnx_custom_converters
+    from .converters import onnx_converter_scope
 
     if not os.path.isfile(path):
         raise BlueLowerError(f"ONNX file not found: {path}")
@@ -231,7 +285,8 @@ def import_onnx_file(path: str):
     except Exception as exc:
         raise BlueLowerError(f"{path}: malformed ONNX model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     try:
-        return from_onnx(proto, custom_convert_map=onnx_custom_converters())
+        with onnx_converter_scope():
+            return from_onnx(proto)
     except Exception as exc:
         err = _unsupported_from_exception(exc, "onnx")
         if err is not None:
@@ -250,15 +305,21 @@ def import_model(cfg: ModelConfig, frontend: str = "torch", entries=None, weight
         raise BlueLowerError(f"unknown frontend '{frontend}' (valid: {', '.join(FRONTENDS)})")
     entries = list(entries or bluelm_v.BlueLMV.ENTRY_FUNCTIONS)
     model = build_meta_model(cfg)
-    funcs, sigs = {}, {}
+    funcs, sigs, gvars = {}, {}, {}
     bar = progress.Progress(f"import ({frontend})", len(entries))
     for entry in entries:
         if frontend == "torch":
-            func, sig = import_torch_entry(model, cfg, entry)
+            func, sig, helpers = import_torch_entry(model, cfg, entry)
         else:
-            func, sig = import_onnx_entry(model, cfg, entry, weights=weights)
+            func, sig, helpers = import_onnx_entry(model, cfg, entry, weights=weights)
+        for name, (gv, helper) in helpers.items():
+            if name in funcs:
+                # call sites hold their own GlobalVar: only identical helpers can be shared
+                raise RuntimeError(f"two entries define helper functions named {name!r}")
+            funcs[name], gvars[name] = helper, gv
         funcs[entry], sigs[entry] = func, sig
+        gvars[entry] = tvm.ir.GlobalVar(entry)
         bar.update(item=entry)
     bar.close()
-    mod = tvm.IRModule({tvm.ir.GlobalVar(name): f for name, f in funcs.items()})
+    mod = tvm.IRModule({gvars[name]: f for name, f in funcs.items()})
     return mod, sigs
