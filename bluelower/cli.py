@@ -7,6 +7,7 @@ a non-zero exit; no traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -50,6 +51,110 @@ def echo_json(obj) -> None:
 
 # Commands live below, grouped by feature. Keep each one thin: parse, call the API, print.
 # --- foundation commands ---
+
+_MODEL_HELP = "A shipped config (tiny, bluelm-v-3b) or a path to a .json config."
+
+
+@cli.command("compile")
+@click.option("--model", "model", default="tiny", show_default=True, metavar="NAME|PATH.json", help=_MODEL_HELP)
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="Hugging Face-style safetensors (default: seeded random weights).")
+@click.option("--frontend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
+              help="torch.export or ONNX (+ onnxsim) import.")
+@click.option("--soc", default="host", show_default=True, metavar="NAME|PATH.toml", help="Target SoC.")
+@click.option("--quant", default="fp32", show_default=True, help="Weight/KV-cache precision.")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--dump-ir", type=click.Path(file_okay=False), default=None,
+              help="Write the IR as TVMScript after every pass into this directory.")
+@click.option("--disable-pass", "disabled", multiple=True, metavar="NAME", help="Skip a pass (repeatable).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights without --weights.")
+def compile_cmd(model, weights, frontend, soc, quant, out_dir, dump_ir, disabled, seed) -> None:
+    """Compile a model for a SoC into an output directory (library, params, manifest)."""
+    from .lowering.build import CompileRequest, compile_model
+
+    compile_model(CompileRequest(model=model, weights=weights, frontend=frontend, soc=soc, out_dir=out_dir,
+                                 quant=quant, dump_ir=dump_ir, disabled_passes=tuple(disabled), seed=seed))
+
+
+def _parse_prompt_ids(text: str) -> list[int]:
+    text = text.strip()
+    if not text:
+        return []
+    try:
+        return [int(tok) for tok in text.split(",")]
+    except ValueError:
+        raise BlueLowerError(f"--prompt-ids must be comma-separated integers, got '{text}'") from None
+
+
+@cli.command("run")
+@click.argument("build_dir", type=click.Path())
+@click.option("--image", default=None, help="PNG/JPEG or .npy [H, W, 3] image.")
+@click.option("--prompt-ids", default="", help="Comma-separated prompt token ids, e.g. 1,2,3.")
+@click.option("--max-new-tokens", type=int, default=16, show_default=True)
+@click.option("--check", is_flag=True, help="Also run the PyTorch reference; exit 4 on any token mismatch.")
+@click.option("--weights", default=None, help="fp32 weights for --check when the build is quantized.")
+@click.option("--json", "as_json", is_flag=True, help="Print {\"tokens\": [...], ...} as JSON.")
+def run_cmd(build_dir, image, prompt_ids, max_new_tokens, check, weights, as_json) -> None:
+    """Generate tokens greedily from a compiled build: image tokens, then the prompt."""
+    from .generate import CompiledModel, generate, reference_for_build
+    from .lowering.image import load_image, preprocess_image
+
+    ids = _parse_prompt_ids(prompt_ids)
+    compiled = CompiledModel(build_dir)
+    patches = None
+    if image is not None:
+        rt = compiled.manifest["runtime"]
+        patches = preprocess_image(load_image(image), grid=None, image_size=rt["image_size"],
+                                   mean=tuple(rt["image_mean"]), std=tuple(rt["image_std"]))
+    result = generate(compiled, patches, ids, max_new_tokens)
+    out = result.to_json()
+    mismatch = False
+    if check:
+        reference = reference_for_build(build_dir, weights)
+        ref = generate(reference, patches, ids, max_new_tokens)
+        out["reference_tokens"] = ref.tokens
+        out["match"] = ref.tokens == result.tokens
+        mismatch = not out["match"]
+    if as_json:
+        echo_json(out)
+    else:
+        click.echo("tokens: " + " ".join(str(t) for t in result.tokens))
+        if check:
+            click.echo("reference: " + " ".join(str(t) for t in out["reference_tokens"]))
+            click.echo("check: " + ("tokens match PyTorch" if not mismatch else "MISMATCH against PyTorch"))
+    if mismatch:
+        click.echo("error: generated tokens differ from the PyTorch reference", err=True)
+        sys.exit(4)
+
+
+@cli.command("init-weights")
+@click.option("--model", "model", default="tiny", show_default=True, metavar="NAME|PATH.json", help=_MODEL_HELP)
+@click.option("-o", "--output", "out_path", required=True, type=click.Path(dir_okay=False), help="Output .safetensors.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def init_weights_cmd(model, out_path, seed) -> None:
+    """Write seeded random weights in the Hugging Face safetensors layout."""
+    from .lowering.models.config import load_config
+    from .lowering.weights import init_weights
+
+    parent = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(parent):
+        raise BlueLowerError(f"output directory does not exist: {parent}")
+    init_weights(load_config(model), out_path, seed)
+    progress.log(f"wrote {out_path}")
+
+
+@cli.command("passes")
+def passes_cmd() -> None:
+    """List the compile pipeline's passes in order."""
+    from .passes.pipeline import build_pipeline
+
+    phase = None
+    for spec in build_pipeline():
+        if spec.phase != phase:
+            phase = spec.phase
+            click.echo(f"[{phase}]")
+        click.echo(f"  {spec.name:<24} {spec.description}")
+
 
 # --- image commands ---
 
