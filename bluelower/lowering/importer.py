@@ -141,6 +141,57 @@ def _unsupported_from_exception(exc: Exception, frontend: str) -> BlueLowerError
     return None
 
 
+def _node_origin(node) -> str:
+    """The user source line an FX node came from (last frame of its stack trace)."""
+    trace = (node.meta.get("stack_trace") or "").strip().splitlines()
+    for line in reversed(trace):
+        line = line.strip()
+        if line.startswith("File "):
+            return line
+    return "unknown source"
+
+
+def check_torch_ops(ep, custom: dict, what: str) -> None:
+    """Fail with one clear message, naming the op and its node, before translation."""
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    known = set(ExportedProgramImporter().create_convert_map()) | set(custom)
+    for node in ep.graph.nodes:
+        if node.op == "call_function":
+            name = getattr(node.target, "__name__", str(node.target))
+            if name not in known:
+                raise UnsupportedOperatorError(
+                    f"torch frontend: unsupported operator '{name}' at node '{node.name}' of {what} "
+                    f"({_node_origin(node)}); add a converter in bluelower/lowering/converters.py"
+                )
+
+
+def check_onnx_ops(proto, what: str) -> None:
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    from .converters import ONNX_CONVERTERS
+
+    known = set(onnx_frontend._get_convert_map()) | set(ONNX_CONVERTERS)
+    for node in proto.graph.node:
+        if node.op_type not in known:
+            raise UnsupportedOperatorError(
+                f"onnx frontend: unsupported operator '{node.op_type}' at node '{node.name or '(unnamed)'}' of {what}; "
+                "add a converter in bluelower/lowering/converters.py"
+            )
+
+
+def import_torch_program(ep, what: str = "the model"):
+    """Translate an ``ExportedProgram`` to a Relax IRModule (clear errors for unknown ops)."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from .converters import torch_custom_converters
+
+    custom = torch_custom_converters()
+    check_torch_ops(ep, custom, what)
+    with _quiet_tracing():
+        return from_exported_program(ep, custom_convert_map=custom or None)
+
+
 def _finish_function(func, entry: str, sig: EntrySignature):
     func = func.with_attr("global_symbol", entry)
     func = func.with_attr("num_input", len(sig.inputs))
@@ -149,10 +200,6 @@ def _finish_function(func, entry: str, sig: EntrySignature):
 
 def import_torch_entry(model, cfg: ModelConfig, entry: str):
     """torch.export one entry and translate it to a Relax function."""
-    from tvm.relax.frontend.torch import from_exported_program
-
-    from .converters import torch_custom_converters
-
     sig = entry_signature(model, cfg, entry)
     inputs = bluelm_v.entry_example_inputs(cfg, entry, device="meta")
     sd = dict(model.named_parameters())
@@ -163,13 +210,7 @@ def import_torch_entry(model, cfg: ModelConfig, entry: str):
             ep = torch.export.export(wrapper, inputs + weights)
         except Exception as exc:  # export errors are model bugs or unsupported python
             raise BlueLowerError(f"torch.export failed for entry '{entry}': {str(exc).splitlines()[0]}") from exc
-        try:
-            mod = from_exported_program(ep, custom_convert_map=torch_custom_converters())
-        except Exception as exc:
-            err = _unsupported_from_exception(exc, "torch")
-            if err is not None:
-                raise err from None
-            raise
+    mod = import_torch_program(ep, f"entry '{entry}'")
     return _finish_function(mod["main"], entry, sig), sig, _helpers(mod)
 
 
@@ -229,6 +270,7 @@ def import_onnx_entry(model, cfg: ModelConfig, entry: str, weights: dict | None 
                 proto = simplified
         except Exception as exc:  # onnxsim is an optimization: keep the unsimplified graph
             progress.log(f"onnxsim failed on '{entry}' ({str(exc).splitlines()[0]}); importing it unsimplified")
+        check_onnx_ops(proto, f"entry '{entry}'")
         try:
             with onnx_converter_scope():
                 mod = from_onnx(proto, keep_params_in_input=False)  # weights are graph inputs already
@@ -284,6 +326,7 @@ def import_onnx_file(path: str):
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise BlueLowerError(f"{path}: malformed ONNX model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    check_onnx_ops(proto, path)
     try:
         with onnx_converter_scope():
             return from_onnx(proto)
