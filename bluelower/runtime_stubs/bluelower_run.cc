@@ -1,0 +1,512 @@
+// bluelower-run: the native runtime of a bluelower bundle (docs/native-runtime.md).
+//
+//   bluelower-run BUNDLE [--image X.npy] [--prompt-ids 1,2,3] [--max-new-tokens N] [--json]
+//                        [--soc NAME] [--backend sim]
+//
+// Loads and verifies the bundle (manifest.json, SHA-256 of every listed file), reads the
+// weights from params.safetensors, preprocesses the image (grid = None: one 384x384 patch)
+// and runs the generation procedure of docs/bundle-format.md through the APU backend
+// interface (apu_backend.h). Every failure is one line on stderr and exit status 1
+// (2 for a usage error).
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cinttypes>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "apu_backend.h"
+#include "image.h"
+#include "json.h"
+#include "loaders.h"
+#include "sha256.h"
+#include "util.h"
+
+using namespace bluelower;
+
+namespace {
+
+constexpr int kFormatVersion = 1;
+const char* kFormat = "bluelower-bundle";
+
+#if defined(__aarch64__)
+const char* kArch = "aarch64";
+#elif defined(__x86_64__)
+const char* kArch = "x86_64";
+#else
+const char* kArch = "unknown";
+#endif
+
+struct UsageError : Error {
+  explicit UsageError(const std::string& m) : Error(m) {}
+};
+
+// 64-byte aligned host buffer (TVM's kernels assume aligned data).
+struct Buffer {
+  void* data = nullptr;
+  size_t bytes = 0;
+  bl_buffer desc{};
+  Buffer() = default;
+  Buffer(bl_dtype dt, const std::vector<int64_t>& shape) { init(dt, shape); }
+  void init(bl_dtype dt, const std::vector<int64_t>& shape) {
+    if (shape.size() > 8) throw Error("tensor of rank > 8");
+    size_t item = dt == BL_F32 || dt == BL_I32 ? 4 : dt == BL_I64 ? 8 : dt == BL_F16 ? 2 : 1;
+    size_t n = 1;
+    for (int64_t s : shape) {
+      if (s < 0 || (s > 0 && n > (size_t(1) << 40) / size_t(s))) throw Error("tensor shape too large");
+      n *= size_t(s);
+    }
+    bytes = n * item;
+    size_t alloc = (bytes + 63) / 64 * 64;
+    if (alloc == 0) alloc = 64;
+    data = std::aligned_alloc(64, alloc);
+    if (!data) throw Error("out of memory allocating " + std::to_string(alloc) + " bytes");
+    std::memset(data, 0, alloc);
+    desc.data = data;
+    desc.dtype = dt;
+    desc.ndim = int32_t(shape.size());
+    for (size_t i = 0; i < shape.size(); ++i) desc.shape[i] = shape[i];
+  }
+  ~Buffer() { std::free(data); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  float* f32() { return static_cast<float*>(data); }
+  int64_t* i64() { return static_cast<int64_t*>(data); }
+};
+
+struct Args {
+  std::string bundle, image, prompt_ids, soc, backend = "sim";
+  long max_new_tokens = 16;
+  bool json = false;
+};
+
+[[noreturn]] void usage_exit() {
+  std::fprintf(stdout,
+               "usage: bluelower-run BUNDLE [--image X.npy] [--prompt-ids 1,2,3] [--max-new-tokens N] [--json]\n"
+               "                     [--soc NAME] [--backend sim]\n"
+               "Generate tokens greedily from a bluelower bundle (image tokens, then the prompt).\n"
+               "The image must be a .npy uint8 or float32 [H, W, 3] array (PNG/JPEG: convert with\n"
+               "numpy first; native decoding is not supported).\n");
+  std::exit(0);
+}
+
+Args parse_args(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    std::string s = argv[i];
+    auto value = [&](const std::string& flag) -> std::string {
+      size_t eq = s.find('=');
+      if (eq != std::string::npos) return s.substr(eq + 1);
+      if (i + 1 >= argc) throw UsageError("option " + flag + " needs a value");
+      return argv[++i];
+    };
+    auto is = [&](const char* flag) { return s == flag || s.rfind(std::string(flag) + "=", 0) == 0; };
+    if (s == "-h" || s == "--help") usage_exit();
+    else if (is("--image")) a.image = value("--image");
+    else if (is("--prompt-ids")) a.prompt_ids = value("--prompt-ids");
+    else if (is("--soc")) a.soc = value("--soc");
+    else if (is("--backend")) a.backend = value("--backend");
+    else if (is("--max-new-tokens")) {
+      std::string v = value("--max-new-tokens");
+      char* end = nullptr;
+      errno = 0;
+      long n = std::strtol(v.c_str(), &end, 10);
+      if (v.empty() || *end || errno) throw UsageError("--max-new-tokens must be an integer, got '" + v + "'");
+      a.max_new_tokens = n;
+    } else if (s == "--json") a.json = true;
+    else if (!s.empty() && s[0] == '-') throw UsageError("unknown option " + s);
+    else if (a.bundle.empty()) a.bundle = s;
+    else throw UsageError("unexpected argument " + s);
+  }
+  if (a.bundle.empty()) throw UsageError("missing BUNDLE directory (see --help)");
+  return a;
+}
+
+std::vector<int64_t> parse_prompt_ids(const std::string& text) {
+  std::vector<int64_t> ids;
+  size_t b = text.find_first_not_of(" \t");
+  if (b == std::string::npos) return ids;
+  std::string t = text.substr(b, text.find_last_not_of(" \t") - b + 1);
+  size_t pos = 0;
+  while (true) {
+    size_t comma = t.find(',', pos);
+    std::string tok = t.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    size_t tb = tok.find_first_not_of(" \t"), te = tok.find_last_not_of(" \t");
+    tok = tb == std::string::npos ? "" : tok.substr(tb, te - tb + 1);
+    char* end = nullptr;
+    errno = 0;
+    long long v = std::strtoll(tok.c_str(), &end, 10);
+    if (tok.empty() || *end || errno) throw UsageError("--prompt-ids must be comma-separated integers, got '" + text + "'");
+    ids.push_back(v);
+    if (comma == std::string::npos) break;
+    pos = comma + 1;
+  }
+  return ids;
+}
+
+std::string arch_of(const std::string& triple) { return triple.substr(0, triple.find('-')); }
+
+bl_dtype dtype_of(const std::string& s, const std::string& what) {
+  if (s == "float32" || s == "F32") return BL_F32;
+  if (s == "int64" || s == "I64") return BL_I64;
+  if (s == "int32" || s == "I32") return BL_I32;
+  if (s == "float16" || s == "F16") return BL_F16;
+  if (s == "int8" || s == "I8") return BL_I8;
+  if (s == "uint8" || s == "U8") return BL_U8;
+  throw Error(what + ": unsupported dtype " + s);
+}
+
+std::vector<int64_t> shape_of(const Json& j, const std::string& what) {
+  std::vector<int64_t> out;
+  for (auto& d : j.as_array(what)) {
+    int64_t v = d.as_int(what);
+    if (v < 0) throw Error(what + ": negative dimension");
+    out.push_back(v);
+  }
+  return out;
+}
+
+struct Bundle {
+  std::string dir;
+  Json manifest;
+};
+
+Bundle load_manifest(const std::string& dir, const std::string& want_soc) {
+  struct stat st;
+  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) throw Error("bundle directory not found: " + dir);
+  std::string path = dir + "/manifest.json";
+  if (!is_regular_file(path)) throw Error(dir + ": no manifest.json (not a bluelower bundle)");
+  std::vector<uint8_t> text = read_file(path);
+  Bundle b{dir, parse_json(reinterpret_cast<const char*>(text.data()), text.size(), path)};
+  const Json& m = b.manifest;
+  const Json* fmt = m.find("format");
+  if (!fmt || fmt->kind != Json::String || fmt->str != kFormat) throw Error(path + ": not a bluelower manifest");
+  const Json* ver = m.find("format_version");
+  if (!ver || ver->kind != Json::Number || !ver->is_int || ver->i != kFormatVersion) {
+    std::string got = !ver ? "missing" : ver->kind == Json::Number ? (ver->is_int ? std::to_string(ver->i) : "non-integer") : "not a number";
+    throw Error(path + ": format version " + got + " is not supported (expected " + std::to_string(kFormatVersion) + ")");
+  }
+  if (!want_soc.empty()) {
+    const std::string& soc = m.at("soc", path).as_string(path + ": soc");
+    if (soc != want_soc) throw Error(dir + ": bundle is built for SoC '" + soc + "', not '" + want_soc + "'");
+  }
+  const Json* target = m.find("target");
+  if (target && target->find("mtriple")) {
+    std::string arch = arch_of(target->at("mtriple", "target").as_string(path + ": target.mtriple"));
+    if (arch != kArch)
+      throw Error(dir + ": bundle is compiled for " + arch + ", this runtime runs on " + kArch);
+  }
+  return b;
+}
+
+void verify_files(const Bundle& b) {
+  const std::string what = b.dir + "/manifest.json: files";
+  const Json& files = b.manifest.at("files", b.dir + "/manifest.json");
+  if (files.kind != Json::Object) throw Error(what + " must be an object");
+  std::vector<std::pair<std::string, std::string>> sorted;
+  for (auto& kv : files.obj) sorted.emplace_back(kv.first, kv.second.as_string(what + "." + kv.first));
+  std::sort(sorted.begin(), sorted.end());
+  for (auto& kv : sorted) {
+    const std::string& name = kv.first;
+    if (name.empty() || name[0] == '/' || name.find("..") != std::string::npos)
+      throw Error(what + ": refusing path '" + name + "'");
+    std::string path = b.dir + "/" + name;
+    if (!is_regular_file(path)) throw Error(b.dir + ": missing file " + name);
+    if (file_sha256(path) != kv.second)
+      throw Error(b.dir + ": " + name + " does not match its SHA-256 in the manifest (corrupt or modified)");
+  }
+  for (const char* required : {"model.so", "params.safetensors"})
+    if (!files.find(required)) throw Error(what + ": does not list " + required);
+}
+
+// params.safetensors -> aligned host buffers, only the tensors some function needs.
+struct Params {
+  std::map<std::string, std::unique_ptr<Buffer>> tensors;
+  static int lookup(void* ctx, const char* name, bl_buffer* out) {
+    auto* self = static_cast<Params*>(ctx);
+    auto it = self->tensors.find(name);
+    if (it == self->tensors.end()) return 1;
+    *out = it->second->desc;
+    return 0;
+  }
+};
+
+void load_params(const std::string& path, const std::vector<std::string>& names, Params& params) {
+  int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) throw Error("cannot open " + path);
+  struct Closer { int fd; ~Closer() { ::close(fd); } } closer{fd};
+  struct stat st;
+  if (::fstat(fd, &st) != 0) throw Error("cannot stat " + path);
+  uint64_t size = uint64_t(st.st_size);
+  auto pread_all = [&](void* dst, size_t n, uint64_t off) {
+    char* p = static_cast<char*>(dst);
+    while (n) {
+      ssize_t r = ::pread(fd, p, n, off_t(off));
+      if (r <= 0) throw Error(path + ": truncated (read failed at byte " + std::to_string(off) + ")");
+      p += r; n -= size_t(r); off += uint64_t(r);
+    }
+  };
+  uint8_t first8[8];
+  if (size < 8) throw Error(path + ": truncated (shorter than the 8-byte header length)");
+  pread_all(first8, 8, 0);
+  uint64_t hlen = safetensors_header_len(first8);
+  if (hlen > size - 8 || hlen > (uint64_t(1) << 30))
+    throw Error(path + ": truncated (header length " + std::to_string(hlen) + " exceeds the file size " + std::to_string(size) + ")");
+  std::vector<uint8_t> prefix(size_t(8 + hlen));
+  pread_all(prefix.data(), prefix.size(), 0);
+  SafetensorsIndex idx = parse_safetensors(prefix.data(), prefix.size(), size, path);
+  for (auto& name : names) {
+    if (params.tensors.count(name)) continue;
+    auto it = idx.tensors.find(name);
+    if (it == idx.tensors.end()) throw Error(path + ": has no tensor '" + name + "'");
+    const TensorEntry& t = it->second;
+    auto buf = std::make_unique<Buffer>(dtype_of(t.dtype, path + ": " + name), t.shape);
+    pread_all(buf->data, buf->bytes, idx.data_offset + t.begin);
+    params.tensors.emplace(name, std::move(buf));
+  }
+}
+
+void check(int rc, const char* err) {
+  if (rc != 0) throw Error(err);
+}
+
+struct Partition {
+  bl_partition* p = nullptr;
+  ~Partition() { if (p) bl_partition_release(p); }
+};
+
+double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+int64_t argmax(const float* x, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < n; ++i)
+    if (x[i] > x[best]) best = i;  // lowest index on ties, like numpy
+  return best;
+}
+
+std::string fmt_double(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%.6f", v);
+  return buf;
+}
+
+int run(const Args& a) {
+  double t_start = now();
+  if (a.max_new_tokens < 1) throw UsageError("--max-new-tokens must be at least 1");
+  std::vector<int64_t> ids = parse_prompt_ids(a.prompt_ids);
+  Bundle b = load_manifest(a.bundle, a.soc);
+  verify_files(b);
+  const std::string mpath = b.dir + "/manifest.json";
+  const Json& rt = b.manifest.at("runtime", mpath);
+  auto rint = [&](const char* k) { return rt.at(k, mpath + ": runtime").as_int(mpath + ": runtime." + k); };
+  const int64_t capacity = rint("kv_capacity"), chunk = rint("prefill_chunk"), image_batch = rint("image_batch");
+  const int64_t eos = rint("eos_token_id"), S = rint("image_size"), tpp = rint("image_tokens_per_patch");
+  const int64_t hidden = rint("hidden_size"), vocab = rint("vocab_size");
+  if (capacity < 1 || chunk < 1 || image_batch < 1 || S < 1 || tpp < 1 || hidden < 1 || vocab < 1 ||
+      capacity > (int64_t(1) << 24) || chunk > (int64_t(1) << 20) || image_batch > 64 || S > 8192 ||
+      hidden > (int64_t(1) << 20) || vocab > (int64_t(1) << 24))
+    throw Error(mpath + ": runtime values out of range");
+  float mean[3], stdv[3];
+  {
+    auto& jm = rt.at("image_mean", mpath).as_array(mpath + ": runtime.image_mean");
+    auto& js = rt.at("image_std", mpath).as_array(mpath + ": runtime.image_std");
+    if (jm.size() != 3 || js.size() != 3) throw Error(mpath + ": image_mean/image_std must have 3 entries");
+    for (int c = 0; c < 3; ++c) {
+      mean[c] = float(jm[size_t(c)].as_number("image_mean"));
+      stdv[c] = float(js[size_t(c)].as_number("image_std"));
+      if (stdv[c] == 0.0f) throw Error(mpath + ": image_std must not contain 0");
+    }
+  }
+  for (int64_t id : ids)
+    if (id < 0 || id >= vocab) throw UsageError("prompt ids must be in [0, " + std::to_string(vocab) + ")");
+
+  // Image (decoded and validated before anything runs).
+  std::unique_ptr<ImageU8> img;
+  if (!a.image.empty()) {
+    if (a.image.size() < 4 || a.image.compare(a.image.size() - 4, 4, ".npy") != 0)
+      throw Error("cannot read image " + a.image + ": the native runtime reads .npy [H, W, 3] arrays only "
+                  "(convert PNG/JPEG with numpy first)");
+    if (!is_regular_file(a.image)) throw Error("cannot read .npy image " + a.image + ": no such file");
+    std::vector<uint8_t> bytes = read_file(a.image);
+    img = std::make_unique<ImageU8>(parse_npy_image(bytes.data(), bytes.size(), a.image));
+  }
+  const int64_t k_patches = img ? 1 : 0;
+  const int64_t n_image = k_patches * tpp;
+  const int64_t n = n_image + int64_t(ids.size());
+  if (n == 0) throw UsageError("nothing to generate from: no image and an empty prompt");
+  if (n + a.max_new_tokens > capacity)
+    throw Error("prompt of " + std::to_string(n) + " rows (" + std::to_string(n_image) + " image tokens + " +
+                std::to_string(ids.size()) + " prompt ids) plus " + std::to_string(a.max_new_tokens) +
+                " new tokens exceeds the KV cache capacity of " + std::to_string(capacity));
+
+  // Weights, backend, partitions.
+  const Json& functions = b.manifest.at("functions", mpath);
+  const char* fnames[4] = {"encode_image", "embed", "prefill", "decode"};
+  std::map<std::string, std::vector<std::string>> fparams;
+  std::vector<std::string> all_params;
+  for (const char* f : fnames) {
+    const Json& fn = functions.at(f, mpath + ": functions");
+    for (auto& p : fn.at("params", std::string(f)).as_array(mpath + ": functions." + f + ".params")) {
+      fparams[f].push_back(p.as_string("param name"));
+      all_params.push_back(fparams[f].back());
+    }
+  }
+  Params params;
+  load_params(b.dir + "/params.safetensors", all_params, params);
+  const Json& kv = b.manifest.at("kv_cache", mpath);
+  Buffer kv_cache(dtype_of(kv.at("dtype", "kv_cache").as_string("kv_cache.dtype"), "kv_cache"),
+                  shape_of(kv.at("shape", "kv_cache"), mpath + ": kv_cache.shape"));  // allocated once
+
+  char err[BL_APU_ERR_LEN] = {0};
+  bl_backend_config cfg{b.dir.c_str(), "model.so", &Params::lookup, &params, 0};
+  bl_backend* backend = nullptr;
+  check(bl_backend_open(a.backend.c_str(), &cfg, &backend, err), err);
+  struct BackendCloser { bl_backend* b; ~BackendCloser() { bl_backend_close(b); } } closer{backend};
+  std::map<std::string, std::unique_ptr<Partition>> parts;
+  for (const char* f : fnames) {
+    std::vector<const char*> names;
+    for (auto& s : fparams[f]) names.push_back(s.c_str());
+    auto part = std::make_unique<Partition>();
+    check(bl_partition_load(backend, f, names.data(), int(names.size()), &part->p, err), err);
+    parts[f] = std::move(part);
+  }
+  auto input_shape = [&](const char* f, size_t i) {
+    auto& ins = functions.at(f, "functions").at("inputs", f).as_array(std::string(f) + ".inputs");
+    if (i >= ins.size()) throw Error(mpath + ": functions." + f + " has too few inputs");
+    return shape_of(ins[i].at("shape", f), mpath + ": functions." + f + ".inputs shape");
+  };
+  auto expect = [&](const char* f, size_t i, const std::vector<int64_t>& want) {
+    if (input_shape(f, i) != want) throw Error(mpath + ": functions." + f + " input " + std::to_string(i) +
+                                               " does not have the shape the runtime section implies");
+  };
+  expect("encode_image", 0, {image_batch, 3, S, S});
+  expect("embed", 0, {chunk});
+  expect("prefill", 0, {chunk, hidden});
+  expect("prefill", 1, std::vector<int64_t>(kv_cache.desc.shape, kv_cache.desc.shape + kv_cache.desc.ndim));
+
+  Buffer pixels(BL_F32, {image_batch, 3, S, S}), image_out(BL_F32, {image_batch, tpp, hidden});
+  Buffer id_chunk(BL_I64, {chunk}), embed_out(BL_F32, {chunk, hidden});
+  Buffer rows(BL_F32, {chunk, hidden}), start_pos(BL_I64, {1}), num_valid(BL_I64, {1});
+  Buffer logits(BL_F32, {1, vocab}), token(BL_I64, {1}), position(BL_I64, {1});
+  bl_partition* enc = parts["encode_image"]->p;
+  bl_partition* emb = parts["embed"]->p;
+  bl_partition* pre = parts["prefill"]->p;
+  bl_partition* dec = parts["decode"]->p;
+  check(bl_partition_bind_input(enc, 0, &pixels.desc, err), err);
+  check(bl_partition_bind_output(enc, 0, &image_out.desc, err), err);
+  check(bl_partition_bind_input(emb, 0, &id_chunk.desc, err), err);
+  check(bl_partition_bind_output(emb, 0, &embed_out.desc, err), err);
+  const bl_buffer* pre_in[4] = {&rows.desc, &kv_cache.desc, &start_pos.desc, &num_valid.desc};
+  for (int i = 0; i < 4; ++i) check(bl_partition_bind_input(pre, i, pre_in[i], err), err);
+  check(bl_partition_bind_output(pre, 0, &logits.desc, err), err);
+  check(bl_partition_bind_output(pre, 1, &kv_cache.desc, err), err);
+  const bl_buffer* dec_in[3] = {&token.desc, &kv_cache.desc, &position.desc};
+  for (int i = 0; i < 3; ++i) check(bl_partition_bind_input(dec, i, dec_in[i], err), err);
+  check(bl_partition_bind_output(dec, 0, &logits.desc, err), err);
+  check(bl_partition_bind_output(dec, 1, &kv_cache.desc, err), err);
+  double t_loaded = now();
+
+  // 1. image -> patches [k, 3, S, S] -> encoded in batches of image_batch
+  std::vector<float> seq(size_t(n * hidden));
+  int64_t row = 0;
+  const size_t patch_floats = size_t(3 * S * S);
+  std::vector<float> patches(size_t(k_patches) * patch_floats);
+  if (img) preprocess_whole_image(*img, S, mean, stdv, patches.data());
+  double t0 = now();
+  for (int64_t i = 0; i < k_patches; i += image_batch) {
+    int64_t valid = std::min(image_batch, k_patches - i);
+    std::memset(pixels.data, 0, pixels.bytes);
+    std::memcpy(pixels.data, &patches[size_t(i) * patch_floats], size_t(valid) * patch_floats * sizeof(float));
+    check(bl_partition_run(enc, err), err);
+    std::memcpy(&seq[size_t(row * hidden)], image_out.data, size_t(valid * tpp * hidden) * sizeof(float));
+    row += valid * tpp;
+  }
+  // 2. prompt ids -> embed, in chunks (last padded with id 0)
+  double t1 = now();
+  for (size_t i = 0; i < ids.size(); i += size_t(chunk)) {
+    size_t valid = std::min(size_t(chunk), ids.size() - i);
+    std::memset(id_chunk.data, 0, id_chunk.bytes);
+    std::memcpy(id_chunk.data, &ids[i], valid * sizeof(int64_t));
+    check(bl_partition_run(emb, err), err);
+    std::memcpy(&seq[size_t(row * hidden)], embed_out.data, valid * size_t(hidden) * sizeof(float));
+    row += int64_t(valid);
+  }
+  // 4. chunked prefill (KV cache zeroed once, here)
+  double t2 = now();
+  std::memset(kv_cache.data, 0, kv_cache.bytes);
+  for (int64_t start = 0; start < n; start += chunk) {
+    int64_t valid = std::min(chunk, n - start);
+    std::memset(rows.data, 0, rows.bytes);
+    std::memcpy(rows.data, &seq[size_t(start * hidden)], size_t(valid * hidden) * sizeof(float));
+    start_pos.i64()[0] = start;
+    num_valid.i64()[0] = valid;
+    check(bl_partition_run(pre, err), err);
+  }
+  double t3 = now();
+  // 5. greedy decode
+  std::vector<int64_t> tokens{argmax(logits.f32(), vocab)};
+  int64_t pos = n;
+  while (int64_t(tokens.size()) < a.max_new_tokens && tokens.back() != eos) {
+    token.i64()[0] = tokens.back();
+    position.i64()[0] = pos++;
+    check(bl_partition_run(dec, err), err);
+    tokens.push_back(argmax(logits.f32(), vocab));
+  }
+  double t4 = now();
+  for (auto& kvp : parts) kvp.second.reset();
+
+  if (a.json) {
+    std::string out = "{\"tokens\": [";
+    for (size_t i = 0; i < tokens.size(); ++i) out += (i ? ", " : "") + std::to_string(tokens[i]);
+    out += "], \"prompt_rows\": " + std::to_string(n) + ", \"image_tokens\": " + std::to_string(n_image);
+    out += ", \"runtime\": \"native\", \"backend\": \"" + a.backend + "\", \"arch\": \"" + kArch + "\"";
+    out += ", \"timings_s\": {\"load\": " + fmt_double(t_loaded - t_start) + ", \"image_preprocess\": " +
+           fmt_double(t0 - t_loaded) + ", \"image_encode\": " + fmt_double(t1 - t0) + ", \"embed\": " +
+           fmt_double(t2 - t1) + ", \"prefill\": " + fmt_double(t3 - t2) + ", \"decode\": " + fmt_double(t4 - t3);
+    if (tokens.size() > 1)
+      out += ", \"decode_tokens_per_s\": " + fmt_double(double(tokens.size() - 1) / std::max(t4 - t3, 1e-9));
+    out += "}}";
+    std::printf("%s\n", out.c_str());
+  } else {
+    std::string out = "tokens:";
+    for (int64_t t : tokens) out += " " + std::to_string(t);
+    std::printf("%s\n", out.c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    Args a = parse_args(argc, argv);
+    return run(a);
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "error: out of memory\n");
+    return 1;
+  } catch (const std::exception& e) {
+    std::string m = e.what();
+    size_t nl = m.find('\n');
+    if (nl != std::string::npos) m = m.substr(0, nl);
+    std::fprintf(stderr, "error: %s\n", m.c_str());
+    return 1;
+  } catch (...) {
+    std::fprintf(stderr, "error: unexpected failure\n");
+    return 1;
+  }
+}
