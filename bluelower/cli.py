@@ -94,12 +94,16 @@ def _parse_prompt_ids(text: str) -> list[int]:
 @click.option("--check", is_flag=True, help="Also run the PyTorch reference; exit 4 on any token mismatch.")
 @click.option("--weights", default=None, help="fp32 weights for --check when the build is quantized.")
 @click.option("--json", "as_json", is_flag=True, help="Print {\"tokens\": [...], ...} as JSON.")
-def run_cmd(build_dir, image, prompt_ids, max_new_tokens, check, weights, as_json) -> None:
+@click.option("--native", is_flag=True, help="Run the bundle's own bluelower-run binary (qemu-aarch64 for aarch64).")
+def run_cmd(build_dir, image, prompt_ids, max_new_tokens, check, weights, as_json, native) -> None:
     """Generate tokens greedily from a compiled build: image tokens, then the prompt."""
     from .generate import CompiledModel, generate, reference_for_build
     from .lowering.image import load_image, preprocess_image
 
     ids = _parse_prompt_ids(prompt_ids)
+    if native:
+        _run_native(build_dir, image, ids, max_new_tokens, check, weights, as_json)
+        return
     compiled = CompiledModel(build_dir)
     patches = None
     if image is not None:
@@ -125,6 +129,71 @@ def run_cmd(build_dir, image, prompt_ids, max_new_tokens, check, weights, as_jso
     if mismatch:
         click.echo("error: generated tokens differ from the PyTorch reference", err=True)
         sys.exit(4)
+
+
+def _run_native(build_dir, image, ids, max_new_tokens, check, weights, as_json) -> None:
+    """``run --native``: the bundle's binary prints the tokens; --check compares them."""
+    from .lowering.device import run_native
+
+    proc = run_native(build_dir, image, ",".join(str(i) for i in ids), max_new_tokens, as_json=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"native runtime exited with status {proc.returncode}"]
+        click.echo(lines[-1] if lines[-1].startswith("error:") else f"error: {lines[-1]}", err=True)
+        sys.exit(proc.returncode if proc.returncode > 0 else 1)
+    try:
+        out = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise BlueLowerError(f"native runtime printed no JSON: {proc.stdout.strip()[:200]}") from None
+    mismatch = False
+    if check:
+        from .generate import generate, read_manifest, reference_for_build
+        from .lowering.image import load_image, preprocess_image
+
+        rt = read_manifest(build_dir)["runtime"]
+        patches = None
+        if image is not None:
+            patches = preprocess_image(load_image(image), grid=None, image_size=rt["image_size"],
+                                       mean=tuple(rt["image_mean"]), std=tuple(rt["image_std"]))
+        ref = generate(reference_for_build(build_dir, weights), patches, ids, max_new_tokens)
+        out["reference_tokens"] = ref.tokens
+        out["match"] = ref.tokens == out["tokens"]
+        mismatch = not out["match"]
+    if as_json:
+        echo_json(out)
+    else:
+        click.echo("tokens: " + " ".join(str(t) for t in out["tokens"]))
+        if check:
+            click.echo("reference: " + " ".join(str(t) for t in out["reference_tokens"]))
+            click.echo("check: " + ("tokens match PyTorch" if not mismatch else "MISMATCH against PyTorch"))
+    if mismatch:
+        click.echo("error: generated tokens differ from the PyTorch reference", err=True)
+        sys.exit(4)
+
+
+@cli.command("build")
+@click.option("--model", "model", default="tiny", show_default=True, metavar="NAME|PATH.json", help=_MODEL_HELP)
+@click.option("--soc", default="dimensity9300", show_default=True, metavar="NAME|PATH.toml",
+              help="Target SoC (dimensity9300: aarch64 cross build; host: this machine).")
+@click.option("--quant", default="fp32", show_default=True, help="Weight/KV-cache precision.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="Hugging Face-style safetensors (default: seeded random weights).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights without --weights.")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Bundle directory; the tarball is written next to it as OUTPUT.tar.gz.")
+@click.option("--tarball", default=None, type=click.Path(dir_okay=False), help="Tarball path instead.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary (paths, tarball SHA-256) as JSON.")
+def build_cmd(model, soc, quant, weights, seed, out_dir, tarball, as_json) -> None:
+    """Build a device bundle: model library, weights, native runtime + TVM runtime libs, tarball."""
+    from .lowering.device import build_bundle
+
+    info = build_bundle(model=model, soc=soc, out_dir=out_dir, quant=quant, weights=weights, seed=seed,
+                        tarball=tarball)
+    if as_json:
+        echo_json({k: v for k, v in info.items()})
+    else:
+        click.echo(f"bundle:  {info['bundle']}")
+        click.echo(f"tarball: {info['tarball']}")
+        click.echo(f"sha256:  {info['tarball_sha256']}")
 
 
 @cli.command("init-weights")

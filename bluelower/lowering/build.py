@@ -153,7 +153,13 @@ def compile_model(req: CompileRequest) -> dict:
 
 def _export_kwargs(soc) -> dict:
     fcompile = getattr(soc, "fcompile", None)
-    return {"fcompile": fcompile()} if callable(fcompile) else {}
+    if callable(fcompile):
+        return {"fcompile": fcompile()}
+    if not getattr(soc, "is_host", False) and str(getattr(soc, "triple", "")).startswith("aarch64"):
+        from .device import cross_fcompile  # aarch64-linux-gnu-g++, clear error if missing
+
+        return {"fcompile": cross_fcompile(soc.triple)}
+    return {}
 
 
 def _manifest(cfg: ModelConfig, req: CompileRequest, soc, target, sigs, pass_stats, source) -> dict:
