@@ -1,0 +1,275 @@
+"""Memory accounting per phase: weights resident + KV cache + activation arena (+ held tensors).
+
+``bluelower inspect memory BUILD_DIR`` reads the ``memory_plan`` a compile wrote into
+``manifest.json``; ``bluelower inspect memory --model M --soc S --quant Q`` computes the
+same without building: import on meta tensors, run the pipeline up to ``MemoryPlan``
+(planning only), weights from their shapes.
+
+Phases (the paper's decoupled encoding, docs/memory.md):
+
+* ``image_encoding``: ViT + projector *and* decoder weights resident (both are loaded
+  before the user finishes typing), the ``encode_image`` arena for one patch batch, its
+  output, and the image tokens of every patch encoded so far (held until prefill). The
+  KV cache is allocated when prefill starts (``generate.py`` resets it after encoding).
+* ``prefill``: the ViT weights are released; decoder weights, KV cache, the larger of the
+  ``embed`` / ``prefill`` arenas, their outputs, the held image tokens.
+* ``decode``: decoder weights, KV cache, the ``decode`` arena and outputs.
+
+Outputs that have the KV cache's shape (the functional cache update) are counted as a
+second cache (``kv_copy_bytes``) unless the pipeline has a pass that makes the update in
+place (``PlanKVCache``).
+
+Weight bytes: ``QuantizeWeights``' parameter table (``lowering/quantized_params.py``) for
+every linear weight when it is available, else the same formula (int4: 0.5 B + fp16 scale
+per 32 along K; int8: 1 B + fp32 scale per output channel). Weights QuantizeWeights keeps
+in fp32 (embedding table, norms, patch-embedding conv, position embedding) are counted as
+*assumed* by the deployment: ``w4a16*``: the embedding table int4 + fp16 scale per 32 (a
+lookup dequantizes only the gathered rows; MLC-LLM's q4f16 does the same), the rest fp16;
+``w8``: the embedding table int8 + fp32 scale per row, the rest fp32; ``fp32``: 4 B.
+Activations are planned at the mode's activation width: fp32 for ``fp32`` / ``w8``, fp16
+for ``w4a16*`` (an fp32 graph is planned with 2-byte float elements). ``kv8``: the cache
+is int8 + an fp16 scale per (token, head).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .errors import BlueLowerError
+
+QUANT_MODES = ("fp32", "w8", "w4a16", "w4a16kv8")
+PHASES = ("image_encoding", "prefill", "decode")
+GROUP = 32
+
+
+def act_bytes(quant: str) -> int:
+    return 2 if quant.startswith("w4a16") else 4
+
+
+def plan_dtype_bytes(quant: str) -> dict | None:
+    return {"float32": 2} if act_bytes(quant) == 2 else None
+
+
+def kv_cache_bytes(cfg, quant: str) -> int:
+    d, r = cfg.decoder, cfg.runtime
+    elems = d.num_layers * 2 * d.num_kv_heads * r.kv_capacity * d.head_dim
+    if quant.endswith("kv8"):
+        return elems + d.num_layers * 2 * d.num_kv_heads * r.kv_capacity * 2  # int8 + fp16 per (token, head)
+    return elems * act_bytes(quant)
+
+
+def _formula_linear(n: int, k: int, kind: str) -> int:
+    if kind == "int4":
+        return n * ((k + GROUP - 1) // GROUP * GROUP) // 2 + n * ((k + GROUP - 1) // GROUP) * 2
+    return n * k + 4 * n
+
+
+def _other_weight_bytes(name: str, shape, quant: str) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    if quant == "fp32":
+        return 4 * n
+    if "embed_tokens" in name and len(shape) == 2:
+        rows, cols = shape
+        if quant.startswith("w4a16"):
+            return _formula_linear(rows, cols, "int4")
+        return _formula_linear(rows, cols, "int8")
+    return (2 if quant.startswith("w4a16") else 4) * n
+
+
+def weight_bytes(cfg, quant: str) -> tuple[dict, str]:
+    """``({source weight name: stored bytes}, how)``."""
+    from .lowering.weights import model_weight_specs
+
+    if quant not in QUANT_MODES:
+        raise BlueLowerError(f"unknown --quant '{quant}' (valid: {', '.join(QUANT_MODES)})")
+    specs = model_weight_specs(cfg)
+    out = {}
+    try:
+        from .lowering.quantized_params import nbytes, quantized_param_specs
+
+        qspecs, transforms = quantized_param_specs(cfg, quant)
+        how = "QuantizeWeights parameter specs (linear weights) + assumed storage of the others"
+        for name, (shape, dtype) in qspecs.items():
+            if name in transforms:
+                src = transforms[name].source
+                out[src] = out.get(src, 0) + nbytes(shape, dtype)
+        for name, (shape, _dtype) in specs.items():
+            if name not in out:
+                out[name] = _other_weight_bytes(name, shape, quant)
+        return out, how
+    except ImportError:
+        pass
+    how = "formula (QuantizeWeights not available)"
+    for name, (shape, _dtype) in specs.items():
+        is_linear = len(shape) == 2 and "embed" not in name and quant != "fp32"
+        if is_linear:
+            kind = "int4" if quant.startswith("w4") and name.startswith("language_model") else "int8"
+            out[name] = _formula_linear(shape[0], shape[1], kind)
+        else:
+            out[name] = _other_weight_bytes(name, shape, quant)
+    return out, how
+
+
+def _fn_total(plan: dict) -> int:
+    return plan["arena_bytes"]
+
+
+def phase_table(cfg, quant: str, sigs_params: dict, plans: dict, n_patches: int | None = None,
+                kv_in_place: bool = False) -> dict:
+    """Per-phase totals from function plans. ``sigs_params``: entry -> weight names."""
+    wbytes, how = weight_bytes(cfg, quant)
+    r, d = cfg.runtime, cfg.decoder
+    ab = act_bytes(quant)
+    vision_w = sum(wbytes[p] for p in sigs_params.get("encode_image", []))
+    dec_names = set()
+    for fn in ("embed", "prefill", "decode"):
+        dec_names |= set(sigs_params.get(fn, []))
+    decoder_w = sum(wbytes[p] for p in dec_names)
+    kv = kv_cache_bytes(cfg, quant)
+    kv_elems = [d.num_layers, 2, d.num_kv_heads, r.kv_capacity, d.head_dim]
+
+    def outputs(fn: str) -> tuple[int, int]:
+        """(non-cache outputs, cache copies)."""
+        other = copy = 0
+        for _name, nb, shape, _dtype in plans.get(fn, {}).get("outputs", []):
+            if list(shape) == kv_elems:
+                copy += 0 if kv_in_place else kv
+            else:
+                other += nb
+        return other, copy
+
+    n_patches = n_patches if n_patches is not None else r.image_batch
+    image_tokens = n_patches * cfg.image_tokens_per_patch * d.hidden_size * ab
+    phases = []
+
+    def add(name, weights, kv_b, fns, held, note):
+        arena = max((plans[f]["arena_bytes"] for f in fns if f in plans), default=0)
+        lb = max((plans[f]["liveness_lower_bound_bytes"] for f in fns if f in plans), default=0)
+        outs = [outputs(f) for f in fns if f in plans]
+        out_b = max((o[0] for o in outs), default=0)
+        copy_b = max((o[1] for o in outs), default=0)
+        tvm_b = max((plans[f].get("tvm_static_plan_bytes", 0) for f in fns if f in plans), default=0)
+        phases.append({
+            "name": name, "weights_bytes": weights, "kv_cache_bytes": kv_b, "arena_bytes": arena,
+            "liveness_lower_bound_bytes": lb, "outputs_bytes": out_b, "kv_copy_bytes": copy_b,
+            "held_bytes": held, "tvm_static_plan_bytes": tvm_b,
+            "total_bytes": weights + kv_b + arena + out_b + copy_b + held, "functions": list(fns), "note": note,
+        })
+
+    add("image_encoding", vision_w + decoder_w, 0, ["encode_image"], image_tokens,
+        f"ViT + decoder weights resident; arena for one batch of {r.image_batch} patches; "
+        f"{n_patches} patches' image tokens held")
+    add("prefill", decoder_w, kv, ["embed", "prefill"], image_tokens,
+        f"ViT weights released; chunk of {r.prefill_chunk} rows; image tokens held until prefilled")
+    add("decode", decoder_w, kv, ["decode"], 0, "one token per call")
+    peak = max(phases, key=lambda p: p["total_bytes"])
+    return {
+        "model": cfg.name, "quant": quant, "peak_bytes": peak["total_bytes"], "peak_phase": peak["name"],
+        "phases": phases,
+        "kv_capacity": r.kv_capacity, "prefill_chunk": r.prefill_chunk, "image_batch": r.image_batch,
+        "image_patches": n_patches, "activation_bytes": ab, "weights_bytes_how": how,
+        "kv_update_in_place": kv_in_place,
+        "functions": {f: {k: v for k, v in p.items() if k not in ("tensors", "outputs")} for f, p in plans.items()},
+    }
+
+
+def manifest_memory_plan(cfg, quant: str, sigs, plans: dict) -> dict:
+    """The manifest's ``memory_plan``: per-function plans (compact offsets) + the phase table."""
+    params = {name: list(sig.params) for name, sig in sigs.items()}
+    table = phase_table(cfg, quant, params, plans, kv_in_place=_has_kv_pass())
+    table["functions"] = {f: {**{k: v for k, v in p.items() if k != "outputs"}, "outputs": p["outputs"]}
+                          for f, p in plans.items()}
+    return table
+
+
+def _has_kv_pass() -> bool:
+    from .passes.pipeline import pass_names
+
+    return "PlanKVCache" in pass_names()
+
+
+def inspect_build(build_dir: str) -> dict:
+    from .generate import read_manifest
+
+    manifest = read_manifest(build_dir)
+    plan = manifest.get("memory_plan")
+    if not plan:
+        raise BlueLowerError(f"{build_dir}: the manifest has no memory_plan (built before MemoryPlan existed; recompile)")
+    out = {k: v for k, v in plan.items() if k != "functions"}
+    out["functions"] = {f: {k: v for k, v in p.items() if k not in ("tensors", "outputs")}
+                        for f, p in plan["functions"].items()}
+    return out
+
+
+def parse_grid(grid: str | None) -> int | None:
+    """'2x4' -> 9 patches (m*n local + 1 global); None -> None; '1x1' -> 1 (no thumbnail)."""
+    if grid is None:
+        return None
+    try:
+        m, n = (int(v) for v in grid.lower().split("x"))
+    except ValueError:
+        raise BlueLowerError(f"--image-grid must look like 2x4, got '{grid}'") from None
+    if m < 1 or n < 1:
+        raise BlueLowerError(f"--image-grid must be positive, got '{grid}'")
+    return 1 if m * n == 1 else m * n + 1
+
+
+def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid: str | None = None,
+                  kv_capacity: int | None = None, prefill_chunk: int | None = None) -> dict:
+    """Plan without building: meta import, pipeline up to MemoryPlan (planning only)."""
+    import tvm
+
+    from . import progress
+    from .lowering.build import resolve_soc, with_prefill_chunk
+    from .lowering.importer import import_model
+    from .lowering.models.config import load_config
+    from .passes.pipeline import CompileOptions, build_pipeline
+
+    if quant not in QUANT_MODES:
+        raise BlueLowerError(f"unknown --quant '{quant}' (valid: {', '.join(QUANT_MODES)})")
+    cfg = load_config(model)
+    if kv_capacity is not None:
+        cfg = cfg.replace_runtime(kv_capacity=kv_capacity)
+    if prefill_chunk is not None:
+        cfg = with_prefill_chunk(cfg, prefill_chunk)
+    n_patches = parse_grid(image_grid)
+    soc_obj = resolve_soc(soc)
+    target = soc_obj.tvm_target()
+    with progress.step("import (meta)"):
+        mod, sigs = import_model(cfg, "torch")
+    opts = CompileOptions(target=target, quant=quant, soc=soc_obj, model=cfg, entry_functions=tuple(sigs))
+    opts.extra["plan_dtype_bytes"] = plan_dtype_bytes(quant)
+    opts.extra["plan_only"] = True
+    bar = progress.Progress("plan passes", len(build_pipeline()))
+    for spec in build_pipeline():
+        tvm_pass = spec.make(opts)
+        if tvm_pass is not None:
+            with tvm.transform.PassContext(opt_level=3):
+                mod = tvm_pass(mod)
+        bar.update(item=spec.name)
+        if spec.name == "MemoryPlan":
+            break
+    bar.close()
+    params = {name: list(sig.params) for name, sig in sigs.items()}
+    table = phase_table(cfg, quant, params, opts.extra["memory_plan"], n_patches=n_patches,
+                        kv_in_place=_has_kv_pass())
+    table["soc"] = soc_obj.name
+    return table
+
+
+def format_table(info: dict) -> str:
+    def gb(n):
+        return f"{n / 1e9:8.3f} GB" if n >= 1e8 else f"{n / 1e6:8.2f} MB"
+
+    lines = [f"model {info['model']}  quant {info['quant']}  KV {info['kv_capacity']}  chunk {info['prefill_chunk']}  "
+             f"image batch {info['image_batch']}  patches {info['image_patches']}",
+             f"{'phase':<16}{'weights':>12}{'KV cache':>12}{'arena':>12}{'lower bnd':>12}{'held+out':>12}{'total':>12}"]
+    for p in info["phases"]:
+        lines.append(f"{p['name']:<16}{gb(p['weights_bytes']):>12}{gb(p['kv_cache_bytes']):>12}{gb(p['arena_bytes']):>12}"
+                     f"{gb(p['liveness_lower_bound_bytes']):>12}"
+                     f"{gb(p['held_bytes'] + p['outputs_bytes'] + p['kv_copy_bytes']):>12}{gb(p['total_bytes']):>12}")
+    lines.append(f"peak: {info['peak_bytes'] / 1e9:.3f} GB ({info['peak_phase']})")
+    return "\n".join(lines)

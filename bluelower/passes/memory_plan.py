@@ -1,0 +1,275 @@
+"""MemoryPlan: one activation arena per entry function, offsets from liveness.
+
+Requires: the VM-lowering form right after ``CallTIRRewrite`` (every ``call_tir`` output
+is an explicit ``R.builtin.alloc_tensor`` binding; no dataflow blocks). Runs *before*
+TVM's ``StaticPlanBlockMemory``.
+
+Ensures: every intermediate tensor (an ``R.builtin.alloc_tensor`` that does not escape
+through the function's return value) is allocated as
+``R.memory.alloc_tensor(arena, offset, shape, dtype)`` from one
+``arena = R.memory.alloc_storage(R.shape([arena_bytes]), ...)`` bound at the top of the
+function. Outputs keep their own allocations. ``StaticPlanBlockMemory`` then finds
+nothing left to plan. The plan (arena bytes, the liveness lower bound, compact offsets) is
+recorded per function in the pass statistics and in ``opts.extra["memory_plan"]``, which
+the compile driver writes to ``manifest.json`` (``memory_plan``).
+
+Why our own planner rather than reading StaticPlanBlockMemory's result: TVM's planner
+works on *storage tokens*: a freed token is reused whole by a later tensor (growing it if
+needed), but two small tensors can never share one big freed token, and tokens never
+become an offset layout in one buffer. It therefore cannot reach the liveness lower
+bound and gives one ``alloc_storage`` per token. This pass places tensors by offset in
+one arena with the greedy-by-size best-fit heuristic (TFLite's "greedy by size", also
+used by MNN/ONNX Runtime): take tensors from the largest down; put each at the lowest-
+waste gap among the tensors already placed whose live intervals overlap its own. On the
+BlueLM-V functions it lands within a few percent of the lower bound (docs/memory.md),
+while TVM's token plan (still computed, as ``tvm_static_plan_bytes``, for comparison)
+is larger.
+
+Liveness: a tensor is live from its ``alloc_tensor`` binding to the last binding that uses
+it or any alias of it (``x = y`` bindings, tuples and their items, VM reshape views).
+Intervals are inclusive, so a kernel never writes into a buffer one of its inputs uses.
+Sizes are rounded up to 64 bytes (TVM's allocation alignment) and offsets are multiples
+of 64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax
+
+ALIGN = 64
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+               "uint8": 1, "uint32": 4, "bool": 1, "float64": 8, "uint16": 2}
+
+
+def align(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    shape: tuple
+    dtype: str
+    nbytes: int  # aligned
+    start: int  # binding index of the allocation
+    end: int  # binding index of the last use (inclusive)
+    offset: int = -1
+
+    def overlaps(self, other: "PlannedTensor") -> bool:
+        return self.start <= other.end and other.start <= self.end
+
+
+# ------------------------------------------------------------------ liveness analysis
+
+
+def _bindings(func: relax.Function):
+    body = func.body
+    if not isinstance(body, relax.SeqExpr):
+        return [], body
+    return [b for block in body.blocks for b in block.bindings], body.body
+
+
+def _is_op(call, name: str) -> bool:
+    return isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and call.op.name == name
+
+
+def _used_vars(expr) -> list:
+    out = []
+    relax.analysis.post_order_visit(expr, lambda e: out.append(e) if isinstance(e, relax.Var) else None)
+    return out
+
+
+def _shape_dtype(call) -> tuple:
+    shape = tuple(int(v) for v in call.args[0].values)
+    dtype = str(call.args[1].value)
+    return shape, dtype
+
+
+def nbytes_of(shape, dtype: str, dtype_bytes: dict | None = None) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    table = dict(DTYPE_BYTES, **(dtype_bytes or {}))
+    return n * table[dtype]
+
+
+def analyze(func: relax.Function, dtype_bytes: dict | None = None):
+    """Tensors allocated by ``R.builtin.alloc_tensor`` with their live intervals.
+
+    Returns ``(arena_tensors, output_tensors, alloc_bindings)``: tensors that stay inside
+    the function, tensors reachable from the return value, and ``var -> tensor`` for the
+    allocation bindings. ``dtype_bytes`` overrides the element size of a dtype (planning
+    an fp32 graph as if its activations were fp16: ``{"float32": 2}``).
+    """
+    bindings, result = _bindings(func)
+    tensors: dict[int, PlannedTensor] = {}
+    alias: dict = {}  # relax.Var -> set of tensor ids
+    alloc_of: dict = {}
+    for i, b in enumerate(bindings):
+        value = b.value
+        if _is_op(value, "relax.builtin.alloc_tensor"):
+            shape, dtype = _shape_dtype(value)
+            tid = len(tensors)
+            tensors[tid] = PlannedTensor(b.var.name, shape, dtype,
+                                         align(nbytes_of(shape, dtype, dtype_bytes)), i, i)
+            alias[b.var] = {tid}
+            alloc_of[b.var] = tid
+            continue
+        used = _used_vars(value)
+        for v in used:
+            for tid in alias.get(v, ()):
+                tensors[tid].end = max(tensors[tid].end, i)
+        if isinstance(value, (relax.Var, relax.Tuple, relax.TupleGetItem)):
+            # views of existing tensors: the new var keeps them alive
+            alias[b.var] = set().union(*(alias.get(v, set()) for v in used)) if used else set()
+        elif isinstance(value, relax.Call) and isinstance(value.op, relax.ExternFunc) and "reshape" in str(value.op.global_symbol):
+            alias[b.var] = set(alias.get(value.args[0], set())) if isinstance(value.args[0], relax.Var) else set()
+    escaping = set()
+    for v in _used_vars(result):
+        escaping |= alias.get(v, set())
+    inner = [t for tid, t in tensors.items() if tid not in escaping]
+    outputs = [t for tid, t in tensors.items() if tid in escaping]
+    return inner, outputs, alloc_of, tensors
+
+
+# ------------------------------------------------------------------ the planner
+
+
+def greedy_by_size(tensors: list) -> int:
+    """Assign ``offset`` to every tensor; return the arena size (bytes)."""
+    placed: list[PlannedTensor] = []
+    for t in sorted(tensors, key=lambda t: (-t.nbytes, t.start, t.name)):
+        conflicts = sorted((p for p in placed if p.overlaps(t)), key=lambda p: p.offset)
+        best, best_gap, prev_end = None, None, 0
+        for p in conflicts:
+            gap = p.offset - prev_end
+            if gap >= t.nbytes and (best_gap is None or gap < best_gap):
+                best, best_gap = prev_end, gap
+            prev_end = max(prev_end, p.offset + p.nbytes)
+        t.offset = prev_end if best is None else best
+        placed.append(t)
+    return max((t.offset + t.nbytes for t in tensors), default=0)
+
+
+def liveness_lower_bound(tensors: list) -> int:
+    """Max over program points of the bytes of the tensors alive there."""
+    events: dict[int, int] = {}
+    for t in tensors:
+        events[t.start] = events.get(t.start, 0) + t.nbytes
+        events[t.end + 1] = events.get(t.end + 1, 0) - t.nbytes
+    live = peak = 0
+    for point in sorted(events):
+        live += events[point]
+        peak = max(peak, live)
+    return peak
+
+
+def plan_function(func: relax.Function, dtype_bytes: dict | None = None) -> dict:
+    """The plan of one function as a JSON-ready dict (tensors: [name, offset, bytes, start, end])."""
+    inner, outputs, _alloc, _all = analyze(func, dtype_bytes)
+    arena = greedy_by_size(inner)
+    return {
+        "arena_bytes": arena,
+        "liveness_lower_bound_bytes": liveness_lower_bound(inner),
+        "sum_of_sizes_bytes": sum(t.nbytes for t in inner),
+        "outputs_bytes": sum(t.nbytes for t in outputs),
+        "num_tensors": len(inner),
+        "tensors": [[t.name, t.offset, t.nbytes, t.start, t.end] for t in sorted(inner, key=lambda t: t.start)],
+        "outputs": [[t.name, t.nbytes, list(t.shape), t.dtype] for t in outputs],
+    }
+
+
+def tvm_static_plan_bytes(mod: tvm.IRModule, names) -> dict:
+    """What StaticPlanBlockMemory would allocate per function (sum of its alloc_storage sizes)."""
+    with tvm.transform.PassContext(opt_level=3):
+        planned = relax.transform.StaticPlanBlockMemory()(mod)
+    out = {}
+    for name in names:
+        total = 0
+        bindings, _ = _bindings(planned[name])
+        for b in bindings:
+            if _is_op(b.value, "relax.memory.alloc_storage"):
+                total += int(b.value.args[0].values[0])
+        out[name] = total
+    return out
+
+
+def apply_plan(func: relax.Function) -> tuple[relax.Function, dict]:
+    """Rewrite ``func`` to allocate its intermediates from one arena; return it and the plan."""
+    inner, _outputs, alloc_of, tensors = analyze(func)
+    arena_bytes = greedy_by_size(inner)
+    plan_ids = {id(t) for t in inner}
+    if not inner:
+        return func, plan_function(func)
+    arena = relax.Var("arena", relax.ObjectType())
+    storage = relax.op.memory.alloc_storage(relax.ShapeExpr([arena_bytes]), relax.PrimValue(0),
+                                            relax.StringImm("global"), relax.DataTypeImm("uint8"))
+    blocks = []
+    first = True
+    for block in func.body.blocks:
+        new = [relax.VarBinding(arena, storage)] if first else []
+        first = False
+        for b in block.bindings:
+            tid = alloc_of.get(b.var)
+            if tid is not None and id(tensors[tid]) in plan_ids:
+                t = tensors[tid]
+                call = relax.op.memory.alloc_tensor(arena, relax.PrimValue(tvm.tirx.IntImm("int64", t.offset)),
+                                                    b.value.args[0], b.value.args[1], relax.PrimValue(0))
+                new.append(relax.VarBinding(b.var, call))
+            else:
+                new.append(b)
+        blocks.append(relax.BindingBlock(new))
+    body = relax.SeqExpr(blocks, func.body.body)
+    out = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
+    plan = {
+        "arena_bytes": arena_bytes,
+        "liveness_lower_bound_bytes": liveness_lower_bound(inner),
+        "sum_of_sizes_bytes": sum(t.nbytes for t in inner),
+        "outputs_bytes": sum(t.nbytes for t in _outputs),
+        "num_tensors": len(inner),
+        "tensors": [[t.name, t.offset, t.nbytes, t.start, t.end] for t in sorted(inner, key=lambda t: t.start)],
+        "outputs": [[t.name, t.nbytes, list(t.shape), t.dtype] for t in _outputs],
+    }
+    return out, plan
+
+
+@tvm.transform.module_pass(opt_level=0, name="MemoryPlan")
+class MemoryPlan:
+    """Plan (and, with ``apply``, allocate) each entry function's intermediates in one arena.
+
+    ``sink``: a dict that receives ``{function: plan}``; ``dtype_bytes``: element-size
+    overrides for planning only (``apply`` must be False then).
+    """
+
+    def __init__(self, entries, sink: dict | None = None, apply: bool = True, dtype_bytes: dict | None = None,
+                 compare_tvm: bool = True):
+        self.entries = list(entries)
+        self.sink = sink if sink is not None else {}
+        self.apply = apply and not dtype_bytes
+        self.dtype_bytes = dtype_bytes
+        self.compare_tvm = compare_tvm
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        from .pipeline import record_stats
+
+        names = [n for n in self.entries if any(gv.name_hint == n for gv in mod.get_global_vars())]
+        tvm_bytes = tvm_static_plan_bytes(mod, names) if self.compare_tvm else {}
+        stats = {}
+        for name in names:
+            gv = mod.get_global_var(name)
+            if self.apply:
+                func, plan = apply_plan(mod[gv])
+                mod[gv] = func
+            else:
+                plan = plan_function(mod[gv], self.dtype_bytes)
+            if name in tvm_bytes:
+                plan["tvm_static_plan_bytes"] = tvm_bytes[name]
+            self.sink[name] = plan
+            stats[name] = {k: plan[k] for k in ("arena_bytes", "liveness_lower_bound_bytes", "sum_of_sizes_bytes",
+                                                "outputs_bytes", "num_tensors") } | (
+                {"tvm_static_plan_bytes": tvm_bytes[name]} if name in tvm_bytes else {})
+        record_stats(functions=stats)
+        return mod
