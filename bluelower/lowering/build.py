@@ -42,6 +42,7 @@ class CompileRequest:
     dump_ir: str | None = None
     disabled_passes: tuple = ()
     seed: int = 0
+    prefill_chunk: int | None = None  # default: the config's runtime.prefill_chunk
 
 
 def resolve_soc(name_or_path: str):
@@ -104,6 +105,8 @@ def compile_model(req: CompileRequest) -> dict:
         raise BlueLowerError(f"unknown --quant '{req.quant}' (valid: {', '.join(QUANT_MODES)})")
     check_disabled(req.disabled_passes)
     cfg = load_config(req.model)
+    if req.prefill_chunk is not None:
+        cfg = with_prefill_chunk(cfg, req.prefill_chunk)
     soc = resolve_soc(req.soc)
     specs = model_weight_specs(cfg)
     source = None
@@ -139,6 +142,10 @@ def compile_model(req: CompileRequest) -> dict:
             label="write params",
         )
         manifest = _manifest(cfg, req, soc, target, sigs, pass_stats, source)
+        if "memory_plan" in opts.extra:
+            from ..memory import manifest_memory_plan
+
+            manifest["memory_plan"] = manifest_memory_plan(cfg, req.quant, sigs, opts.extra["memory_plan"])
         manifest["files"] = {f: file_sha256(os.path.join(tmp, f)) for f in (LIBRARY, PARAMS)}
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=2, sort_keys=True)
@@ -149,6 +156,14 @@ def compile_model(req: CompileRequest) -> dict:
         raise
     progress.log(f"wrote {os.path.abspath(req.out_dir)}")
     return manifest
+
+
+def with_prefill_chunk(cfg: ModelConfig, chunk: int) -> ModelConfig:
+    """``cfg`` compiled for another prefill chunk (``compile --prefill-chunk N``)."""
+    cap = cfg.runtime.kv_capacity
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 or cap % chunk != 0:
+        raise BlueLowerError(f"--prefill-chunk {chunk} must be a positive divisor of the KV cache capacity {cap}")
+    return cfg.replace_runtime(prefill_chunk=chunk)
 
 
 def _export_kwargs(soc) -> dict:

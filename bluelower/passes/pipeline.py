@@ -121,6 +121,8 @@ def build_pipeline() -> list[PassSpec]:
         PassSpec("ToNonDataflow", "vm-lowering", "Leave dataflow blocks.", lambda o: T.ToNonDataflow()),
         PassSpec("RemovePurityChecking", "vm-lowering", "Drop purity annotations.", lambda o: T.RemovePurityChecking()),
         PassSpec("CallTIRRewrite", "vm-lowering", "Make call_tir outputs explicit allocations.", lambda o: T.CallTIRRewrite()),
+        PassSpec("MemoryPlan", "vm-lowering", "Place intermediates at liveness-planned offsets in one arena per function.",
+                 lambda o: _memory_plan(o)),
         PassSpec("StaticPlanBlockMemory", "vm-lowering", "Plan intermediate tensors into reusable static storage.",
                  lambda o: T.StaticPlanBlockMemory()),
         PassSpec("LowerAllocTensor", "vm-lowering", "Lower alloc_tensor to storage + tensor allocations.", lambda o: T.LowerAllocTensor()),
@@ -130,6 +132,13 @@ def build_pipeline() -> list[PassSpec]:
         PassSpec("VMShapeLower", "vm-lowering", "Lower shape computations for the VM.", lambda o: T.VMShapeLower()),
         PassSpec("AttachGlobalSymbol", "vm-lowering", "Give every function its exported symbol.", lambda o: T.AttachGlobalSymbol()),
     ]
+
+
+def _memory_plan(o: CompileOptions):
+    from .memory_plan import MemoryPlan
+
+    return MemoryPlan(o.entry_functions, sink=o.extra.setdefault("memory_plan", {}),
+                      dtype_bytes=o.extra.get("plan_dtype_bytes"))
 
 
 def pass_names() -> list[str]:
