@@ -19,6 +19,7 @@ import numpy as np
 from .. import __version__, progress
 from ..errors import BlueLowerError
 from .models.config import ModelConfig, load_config
+from .quantized_params import StoredParams, param_producer
 from .weights import WeightSource, file_sha256, model_weight_specs, random_weight, write_safetensors
 
 BUNDLE_FORMAT = "bluelower-bundle"
@@ -28,7 +29,7 @@ LIBRARY = "model.so"
 PARAMS = "params.safetensors"
 IMAGE_MEAN = (0.5, 0.5, 0.5)  # SigLIP's normalization
 IMAGE_STD = (0.5, 0.5, 0.5)
-QUANT_MODES = ("fp32",)
+QUANT_MODES = ("fp32", "w8", "w4a16", "w4a16kv8")  # see lowering/quantized_params.py
 
 
 @dataclass
@@ -42,6 +43,7 @@ class CompileRequest:
     dump_ir: str | None = None
     disabled_passes: tuple = ()
     seed: int = 0
+    group_size: int = 32  # INT4 group size (w4a16, w4a16kv8)
     prefill_chunk: int | None = None  # default: the config's runtime.prefill_chunk
 
 
@@ -122,13 +124,15 @@ def compile_model(req: CompileRequest) -> dict:
             torch_weights = None  # ONNX tracing runs on zeros of the right shapes
         with progress.step("import"):
             mod, sigs = import_model(cfg, req.frontend, weights=torch_weights)
-        opts = CompileOptions(target=target, quant=req.quant, soc=soc, model=cfg, entry_functions=tuple(sigs))
+        opts = CompileOptions(target=target, quant=req.quant, soc=soc, model=cfg, entry_functions=tuple(sigs),
+                              extra={"group_size": req.group_size})
         mod, pass_stats = run_pipeline(mod, opts, disabled=req.disabled_passes, dump_ir=req.dump_ir)
         with progress.step("TVM build"):
             ex = relax.build(mod, target, relax_pipeline=None)
             ex.export_library(os.path.join(tmp, LIBRARY), **_export_kwargs(soc))
 
-        param_names = sorted({p for sig in sigs.values() for p in sig.params})
+        # quantized builds: packed params replace linear weights, converted tensor by tensor
+        stored = StoredParams.from_build(sigs, specs, opts.extra)
 
         def produce(name: str) -> np.ndarray:
             if source is not None:
@@ -137,11 +141,12 @@ def compile_model(req: CompileRequest) -> dict:
 
         write_safetensors(
             os.path.join(tmp, PARAMS),
-            [(n, specs[n][0], "float32") for n in param_names],
-            produce,
+            stored.safetensors_specs(),
+            param_producer(stored.transforms, produce),
             label="write params",
         )
         manifest = _manifest(cfg, req, soc, target, sigs, pass_stats, source)
+        stored.update_manifest(manifest, cfg, req.quant, req.group_size)
         if "memory_plan" in opts.extra:
             from ..memory import manifest_memory_plan
 

@@ -106,6 +106,9 @@ def build_pipeline() -> list[PassSpec]:
         # graph rewrites
         PassSpec("FuseTransposeMatmul", "graph-rewrites", "Fold permute_dims(W) into matmul so weights stay N x K.",
                  lambda o: T.FuseTransposeMatmul()),
+        # quantization
+        PassSpec("QuantizeWeights", "quantization", "Linear weights -> INT4/INT8 kernels over packed params (--quant).",
+                 lambda o: _quantize_weights(o)),
         # lowering
         PassSpec("LegalizeOps", "lowering", "Lower Relax operators to TIR PrimFuncs.",
                  _with_target(lambda o: T.LegalizeOps())),
@@ -139,6 +142,12 @@ def _memory_plan(o: CompileOptions):
 
     return MemoryPlan(o.entry_functions, sink=o.extra.setdefault("memory_plan", {}),
                       dtype_bytes=o.extra.get("plan_dtype_bytes"))
+
+
+def _quantize_weights(o: CompileOptions):
+    from .quantize_weights import quantize_weights_for
+
+    return quantize_weights_for(o)
 
 
 def pass_names() -> list[str]:

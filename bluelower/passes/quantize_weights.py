@@ -1,0 +1,252 @@
+"""QuantizeWeights: linear layers over weight parameters -> INT4 / INT8 kernels.
+
+Requires: entry functions whose weights are parameters after ``num_input`` inputs, and
+linear layers in the form FuseTransposeMatmul leaves them::
+
+    y = R.call_tir(NT_matmul, (x, W), R.Tensor((M, N)))      # x [M, K], W [N, K] a parameter
+
+Ensures: each such call becomes a call of the compiler's own kernel
+(``bluelower.lowering.kernels``) over NEW parameters that replace ``W`` in the
+function's signature (same position)::
+
+    y = R.call_tir(int4_linear_MxNxK_g32, (x, W_int4_packed, W_int4_scales), R.Tensor((M, N)))
+
+so no fp32 or dequantized weight exists at run time; dequantization happens in the
+kernel's registers. Bias adds are left as they are. A weight is converted only if every
+use of it is such a linear layer. Shapes the kernels do not take directly are zero-padded
+(``x`` padded along K with ``R.concat``, the output sliced back to N).
+
+The parameter transform table (new parameter -> source weight, quantizer, args) is put
+into ``table`` (``CompileOptions.extra["quantized_params"]`` in a build), where
+``build.py`` finds it to convert weights tensor by tensor
+(``bluelower.lowering.quantized_params``). Which weights get which format is
+:func:`~bluelower.lowering.quantized_params.choose_scheme`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import tvm
+from tvm import relax, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from ..lowering.kernels import int4_linear, int8_linear
+from ..lowering.quantized_params import DEFAULT_GROUP_SIZE, choose_scheme, sanitize, scheme_params
+from .pipeline import record_stats
+
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+_OPAQUE = 8  # relay/relax OpPatternKind kOpaque: FuseOps leaves the kernel alone
+
+
+@functools.lru_cache(maxsize=None)
+def _nt_matmul(m: int, n: int, k: int) -> tirx.PrimFunc:
+    """The PrimFunc FuseTransposeMatmul generates for ``x[m, k] @ W[n, k]^T`` (float32)."""
+    from tvm.script import relax as R
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((m, k), "float32"))
+    w = relax.Var("w", R.Tensor((n, k), "float32"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.matmul(x, relax.op.permute_dims(w), out_dtype="float32"))
+        bb.emit_func_output(y)
+    mod = relax.transform.FuseTransposeMatmul()(bb.get())
+    return next(f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc))
+
+
+def _static_shape(expr) -> tuple | None:
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None or not isinstance(ty.shape, relax.ShapeExpr):
+        return None
+    dims = []
+    for d in ty.shape.values:
+        if not isinstance(d, tirx.IntImm):
+            return None
+        dims.append(int(d))
+    return tuple(dims)
+
+
+def _is_f32(expr) -> bool:
+    return isinstance(expr.ty, relax.TensorType) and str(expr.ty.dtype) == "float32"
+
+
+@tvm.transform.module_pass(opt_level=0, name="QuantizeWeights")
+class QuantizeWeights:
+    """Rewrite linear layers over weight parameters into INT4/INT8 kernel calls.
+
+    ``quant``: ``w8`` | ``w4a16`` | ``w4a16kv8`` (``fp32`` changes nothing).
+    ``group_size``: INT4 group size. ``weight_names``: Relax parameter name -> source
+    weight name (defaults to the Relax name). ``table``: dict that receives
+    ``new source-style name -> ParamTransform``; ``entry_params`` receives, per rewritten
+    function, its new parameter list (source-style names).
+    """
+
+    def __init__(self, quant: str, group_size: int = DEFAULT_GROUP_SIZE, weight_names: dict | None = None,
+                 table: dict | None = None, entry_params: dict | None = None):
+        self.quant = quant
+        self.group_size = group_size
+        self.weight_names = weight_names or {}
+        self.table = table if table is not None else {}
+        self.entry_params = entry_params if entry_params is not None else {}
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        rewriter = _LinearRewriter(mod)
+        stats = {"int4_layers": 0, "int8_layers": 0, "padded_layers": 0, "kept_fp32_layers": 0, "weights_quantized": 0}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, relax.Function) or "num_input" not in func.attrs:
+                continue
+            new_func = self._rewrite_function(mod, rewriter, func, stats)
+            if new_func is not None:
+                rewriter.builder_.update_func(gv, new_func)
+        out = rewriter.builder_.get()
+        out = _drop_unused_private_functions(out)
+        record_stats(**stats)
+        return out
+
+    def _rewrite_function(self, mod, rewriter, func: relax.Function, stats: dict):
+        num_input = int(func.attrs["num_input"])
+        weights = list(func.params[num_input:])
+        uses = _count_var_uses(func.body)
+        linear_uses: dict = {}
+        for call in _linear_calls(mod, func.body):
+            w = call.args[1].fields[1]
+            if any(w.same_as(p) for p in weights):
+                linear_uses.setdefault(w, []).append(call)
+        plan = {}  # weight Var -> (scheme, [new Vars])
+        new_params = []
+        for w in weights:
+            calls = linear_uses.get(w, [])
+            source = self.weight_names.get(w.name, w.name)
+            scheme = None
+            if calls and len(calls) == uses.get(w, 0):
+                n, k = _static_shape(w)
+                scheme = choose_scheme(source, n, k, self.quant, self.group_size)
+            if scheme is None:
+                stats["kept_fp32_layers"] += len(calls)
+                new_params.append(w)
+                continue
+            parts = scheme_params(source, scheme)
+            new_vars = [relax.Var(sanitize(name), relax.TensorType(shape, dtype)) for name, shape, dtype, _ in parts]
+            for name, _shape, _dtype, transform in parts:
+                self.table[name] = transform
+            plan[w] = (scheme, new_vars)
+            new_params.extend(new_vars)
+            stats["weights_quantized"] += 1
+            stats[f"{scheme.kind}_layers"] += len(calls)
+            if (scheme.n_pad, scheme.k_pad) != (scheme.n, scheme.k):
+                stats["padded_layers"] += len(calls)
+        if not plan:
+            return None
+        rewriter.plan = plan
+        body = rewriter.visit_expr(func.body)
+        rewriter.plan = {}
+        names = {sanitize(name): name for name in self.table}
+        fname = func.attrs["global_symbol"] if "global_symbol" in func.attrs else None
+        if fname is not None:
+            self.entry_params[str(fname)] = [
+                names.get(p.name, self.weight_names.get(p.name, p.name)) for p in new_params
+            ]
+        return relax.Function(list(func.params[:num_input]) + new_params, body, func.ret_ty, func.is_pure, func.attrs)
+
+
+def _count_var_uses(body) -> dict:
+    counts: dict = {}
+
+    def visit(node):
+        if isinstance(node, relax.Var):
+            counts[node] = counts.get(node, 0) + 1
+
+    relax.analysis.post_order_visit(body, visit)
+    return counts
+
+
+def _linear_calls(mod, body) -> list:
+    """``call_tir(NT_matmul, (x, W))`` calls with 2-D static float32 ``x``, ``W`` a Var."""
+    found = []
+
+    def visit(node):
+        if isinstance(node, relax.Call) and _match_linear(mod, node) is not None:
+            found.append(node)
+
+    relax.analysis.post_order_visit(body, visit)
+    return found
+
+
+def _match_linear(mod, call: relax.Call):
+    if not call.op.same_as(_CALL_TIR) or not isinstance(call.args[0], relax.GlobalVar):
+        return None
+    args = call.args[1]
+    if not isinstance(args, relax.Tuple) or len(args.fields) != 2:
+        return None
+    x, w = args.fields
+    if not isinstance(w, relax.Var) or not (_is_f32(x) and _is_f32(w)):
+        return None
+    xs, ws = _static_shape(x), _static_shape(w)
+    if xs is None or ws is None or len(xs) != 2 or len(ws) != 2 or xs[1] != ws[1]:
+        return None
+    callee = mod[call.args[0]]
+    if not isinstance(callee, tirx.PrimFunc):
+        return None
+    import tvm_ffi
+
+    if not tvm_ffi.structural_equal(callee, _nt_matmul(xs[0], ws[0], ws[1])):
+        return None
+    return x, w
+
+
+@mutator
+class _LinearRewriter(PyExprMutator):  # pylint: disable=abstract-method
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.mod = mod
+        self.plan = {}
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # pylint: disable=arguments-renamed
+        matched = _match_linear(self.mod, call) if self.plan else None
+        if matched is None or matched[1] not in self.plan:
+            return super().visit_call_(call)
+        x, w = matched
+        scheme, new_vars = self.plan[w]
+        x = self.visit_expr(x)
+        m = _static_shape(x)[0]
+        if scheme.k_pad != scheme.k:
+            zeros = relax.op.zeros(relax.ShapeExpr([m, scheme.k_pad - scheme.k]), "float32")
+            x = self.builder_.emit(relax.op.concat([x, zeros], axis=1))
+        if scheme.kind == "int4":
+            kernel = int4_linear(m, scheme.n_pad, scheme.k_pad, scheme.group_size)
+            name = f"int4_linear_{m}x{scheme.n_pad}x{scheme.k_pad}_g{scheme.group_size}"
+        else:
+            kernel = int8_linear(m, scheme.n_pad, scheme.k_pad)
+            name = f"int8_linear_{m}x{scheme.n_pad}x{scheme.k_pad}"
+        gv = self.builder_.add_func(kernel.with_attr("op_pattern", _OPAQUE), name)
+        y = relax.call_tir(gv, relax.Tuple([x, *new_vars]), relax.TensorType((m, scheme.n_pad), "float32"))
+        if scheme.n_pad != scheme.n:
+            y = relax.op.strided_slice(self.builder_.emit(y), axes=[1], begin=[0], end=[scheme.n])
+        return y
+
+
+def _drop_unused_private_functions(mod: tvm.IRModule) -> tvm.IRModule:
+    """Remove the NT_matmul PrimFuncs no call refers to any more (entry functions kept)."""
+    entries = [gv.name_hint for gv, f in mod.functions_items()
+               if isinstance(f, relax.Function) and "global_symbol" in f.attrs]
+    return relax.transform.DeadCodeElimination(entries)(mod)
+
+
+def quantize_weights_for(opts) -> "QuantizeWeights | None":
+    """The pass for a build (None for ``--quant fp32``).
+
+    Reads ``opts.extra["group_size"]`` (default 32); fills ``opts.extra["quantized_params"]``
+    (new name -> ParamTransform) and ``opts.extra["entry_params"]`` (function -> params).
+    """
+    if opts.quant == "fp32":
+        return None
+    names = {}
+    if opts.model is not None:
+        from ..lowering.weights import model_weight_specs
+
+        names = {sanitize(n): n for n in model_weight_specs(opts.model)}
+    group_size = int(opts.extra.get("group_size", DEFAULT_GROUP_SIZE))
+    return QuantizeWeights(opts.quant, group_size, names,
+                           table=opts.extra.setdefault("quantized_params", {}),
+                           entry_params=opts.extra.setdefault("entry_params", {}))
