@@ -20,6 +20,19 @@ from bluelower.lowering.kernels import (
     quantize_int8_per_channel,
     unpack_int4_codes,
 )
+from bluelower.lowering.kernels.quant import int4_k1_to_k4, int4_k4_to_k1, int4_layout
+
+
+def _has_vnni():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next(line for line in fh if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx512_vnni" in flags
+
+
+needs_vnni = pytest.mark.skipif(not _has_vnni(), reason="host CPU lacks AVX512-VNNI")
 
 TARGET = host_target()
 
@@ -86,6 +99,25 @@ def test_int4_zero_group_and_clipping():
     assert np.count_nonzero(wd) == 1
 
 
+def test_int4_k4_layout_roundtrip():
+    rng = _rng(3)
+    w = rng.standard_normal((64, 128)).astype(np.float32)
+    p1, s1 = quantize_int4_groupwise(w, 32)
+    p4, s4 = quantize_int4_groupwise(w, 32, layout="k4")
+    assert p4.shape == (2, 32, 64) and p4.dtype == np.uint8
+    assert int4_layout(p1) == "k1" and int4_layout(p4) == "k4"
+    np.testing.assert_array_equal(int4_k1_to_k4(p1), p4)
+    np.testing.assert_array_equal(int4_k4_to_k1(p4), p1)
+    np.testing.assert_array_equal(s1, s4)
+    np.testing.assert_array_equal(dequantize_int4_groupwise(p4, s4), dequantize_int4_groupwise(p1, s1))
+    q = unpack_int4_codes(p1)
+    # byte [b, kq, 4r + j] holds rows r / r+16 at k = 4 kq + j
+    assert p4[1, 5, 4 * 3 + 2] & 0xF == q[32 + 3, 4 * 5 + 2] + 8
+    assert p4[1, 5, 4 * 3 + 2] >> 4 == q[32 + 19, 4 * 5 + 2] + 8
+    with pytest.raises(ValueError, match="layout"):
+        quantize_int4_groupwise(w, 32, layout="k2")
+
+
 def test_int8_roundtrip_error_bound():
     rng = _rng(2)
     w = rng.standard_normal((96, 160)).astype(np.float32)
@@ -136,6 +168,44 @@ def test_int4_linear_group64_fp16_out():
     for m in (1, M):
         y = _build_run(int4_linear(m, N, K, 64, out_dtype="float16"), [x[:m], packed, scales], (m, N), "float16")
         np.testing.assert_allclose(y.astype(np.float32), ref[:m], rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("M,N,K", [(3, 64, 96), (17, 32, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int4_k4_gemm_matches_numpy(M, N, K, bias):
+    rng = _rng(M + 5 * N + K)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32)
+    packed, scales = quantize_int4_groupwise(w, 32, layout="k4")
+    ref = x @ dequantize_int4_groupwise(packed, scales, 32).T + (b if bias else 0)
+    args = [x, packed, scales] + ([b] if bias else [])
+    y = _build_run(int4_linear(M, N, K, 32, bias=bias, layout="k4"), args, (M, N))
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@needs_vnni
+@pytest.mark.parametrize("N,K,gs", [(64, 96, 32), (96, 320, 32), (64, 256, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int4_k4_vnni_gemv(N, K, gs, bias):
+    """The VNNI GEMV quantizes x to int8 per group: compare with that exact reference,
+    and loosely with the float result."""
+    rng = _rng(N + K + gs)
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32)
+    packed, scales = quantize_int4_groupwise(w, gs, layout="k4")
+    wd = dequantize_int4_groupwise(packed, scales, gs)
+    xg = x.reshape(K // gs, gs)
+    sx = np.abs(xg).max(axis=1, keepdims=True) / 127
+    xq = np.sign(xg) * np.floor(np.abs(xg) / sx + 0.5)  # round half away from zero
+    x8 = (xq * sx).reshape(1, K).astype(np.float32)
+    ref8 = x8 @ wd.T + (b if bias else 0)
+    ref = x @ wd.T + (b if bias else 0)
+    args = [x, packed, scales] + ([b] if bias else [])
+    y = _build_run(int4_linear(1, N, K, gs, bias=bias, layout="k4"), args, (1, N))
+    np.testing.assert_allclose(y, ref8, rtol=1e-4, atol=1e-4 * np.abs(ref8).max())
+    assert np.abs(y - ref).max() <= 0.02 * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("M,N,K", SHAPES)
@@ -190,6 +260,10 @@ def test_kernel_shape_errors():
         fp32_linear(1, 64, 64, out_dtype="int8")
     with pytest.raises(ValueError, match="m_tile"):
         int8_linear(4, 64, 64, m_tile=0)
+    with pytest.raises(ValueError, match="m_tile"):
+        int4_linear(4, 64, 64, m_tile=8)
+    with pytest.raises(ValueError, match="layout"):
+        int4_linear(1, 64, 64, layout="k8")
 
 
 def test_primfuncs_have_no_global_symbol():
@@ -245,7 +319,10 @@ def test_call_tir_in_relax(M):
 @pytest.mark.parametrize("M", [1, 8])
 def test_compiles_for_aarch64_cortex_x4(M):
     target = tvm.target.Target(AARCH64_TARGET)
-    for f in (int4_linear(M, 64, 128, 32, bias=True), int8_linear(M, 64, 128), fp32_linear(M, 64, 128)):
+    funcs = [int4_linear(M, 64, 128, 32, bias=True), int8_linear(M, 64, 128), fp32_linear(M, 64, 128)]
+    if M > 1:  # the k4 GEMM is portable; the k4 GEMV uses x86 VNNI
+        funcs.append(int4_linear(M, 64, 128, 32, layout="k4"))
+    for f in funcs:
         mod = tvm.IRModule({"main": f.with_attr("global_symbol", "main")})
         ex = tvm.compile(mod, target=target)
         assert ex is not None

@@ -80,6 +80,7 @@ harmless (``llvm.prefetch`` never faults).
 
 _PF_INT4 = PREFETCH_BYTES // _H  # in k-steps (16 bytes per k)
 _PF_INT8 = PREFETCH_BYTES // _R  # in k-steps (32 bytes per k)
+_PF_K4 = PREFETCH_BYTES // 64  # in k-quads (64 bytes per 4 k) for the INT4 "k4" layout
 
 
 def _prefetch(addr):
@@ -143,24 +144,38 @@ def int4_linear(
     out_dtype: str = "float32",
     bias: bool = False,
     m_tile: int = DEFAULT_M_TILE,
+    layout: str = "k1",
 ) -> tirx.PrimFunc:
     """``y[M, N] = x[M, K] @ dequant(W)^T (+ bias)`` with INT4 group-wise weights.
 
     Parameters (in call order): ``x`` float32 ``[M, K]``, ``packed`` uint8
-    ``[N//32, K, 16]``, ``scales`` float16 ``[N//32, K//group_size, 32]``, optional
-    ``bias`` float32 ``[N]``, output ``y`` ``out_dtype`` ``[M, N]``.
-    Dequantization happens in registers inside the reduction loop.
-    ``M == 1`` selects the GEMV schedule, ``M > 1`` the tiled GEMM schedule.
+    (``layout="k1"``: ``[N//32, K, 16]``; ``"k4"``: ``[N//32, K//4, 64]``, see
+    :func:`~bluelower.lowering.kernels.quant.quantize_int4_groupwise`), ``scales``
+    float16 ``[N//32, K//group_size, 32]``, optional ``bias`` float32 ``[N]``, output
+    ``y`` ``out_dtype`` ``[M, N]``. Dequantization happens in registers inside the
+    reduction loop. ``M == 1`` selects the GEMV schedule, ``M > 1`` the tiled GEMM.
+
+    ``layout="k1"`` kernels are portable (x86, aarch64). With ``layout="k4"`` the GEMV
+    (``M == 1``) quantizes ``x`` to int8 per group (``sx = max|x_g| / 127``, round half
+    away from zero) and uses AVX512-VNNI ``vpdpbusd``: about 1.7x the float GEMV's
+    per-core throughput, with the extra error of 8-bit activations (like llama.cpp's
+    q8_0 activations); it needs an x86 target with ``avx512vnni``. The ``k4`` GEMM
+    (``M > 1``) is the float GEMM reading the ``k4`` layout, so one weight copy serves
+    prefill and decode.
     """
     _check(M, N, K, out_dtype, group_size if group_size > 0 else 1, "int4_linear")
     if group_size <= 0 or group_size % 4 != 0:
         raise ValueError(f"int4_linear: group_size must be a positive multiple of 4, got {group_size}")
+    if layout not in ("k1", "k4"):
+        raise ValueError(f"int4_linear: layout must be 'k1' or 'k4', got {layout!r}")
     _check_m_tile(m_tile)
-    if M == 1:
+    if M == 1 and layout == "k1":
         f = _int4_gemv(N, K, group_size, out_dtype, bias)
+    elif M == 1:
+        f = _int4_gemv_vnni(N, K, group_size, out_dtype, bias)
     else:
-        f = _int4_gemm(M, N, K, group_size, out_dtype, bias, m_tile)
-    return _finish(f, bias, f"int4_linear_{M}x{N}x{K}_g{group_size}")
+        f = _int4_gemm(M, N, K, group_size, out_dtype, bias, m_tile, layout == "k4")
+    return _finish(f, bias, f"int4_linear_{M}x{N}x{K}_g{group_size}_{layout}")
 
 
 def _int4_gemv(N, K, gs, out_dtype, has_bias):
@@ -213,16 +228,101 @@ def _int4_gemv(N, K, gs, out_dtype, has_bias):
     return f
 
 
-def _int4_gemm(M, N, K, gs, out_dtype, has_bias, MT):
+def _vpdpbusd(acc, a_u8x64, b_i32):
+    """``acc[i] += sum_j a[4i+j] (u8) * b[j] (s8)`` for 16 int32 lanes; ``b`` broadcast.
+
+    LLVM >= 21 declares the operands as ``<64 x i8>`` (TVM's bundled LLVM is 22)."""
+    return T.call_llvm_pure_intrin(
+        "int32x16",
+        "llvm.x86.avx512.vpdpbusd.512",
+        acc,
+        a_u8x64,
+        T.reinterpret("int8x64", T.broadcast(b_i32, 16)),
+    )
+
+
+def _int4_gemv_vnni(N, K, gs, out_dtype, has_bias):
+    NB = N // _R
+    G = K // gs
+    QG = gs // 4
+    KQ = K // 4
+
+    @T.prim_func(private=True)
+    def f(
+        x: T.Buffer((1, K), "float32"),
+        w: T.Buffer((NB, KQ, 4 * _H), "uint8"),
+        s: T.Buffer((NB, G, _R), "float16"),
+        bias: T.Buffer((N,), "float32"),
+        y: T.Buffer((1, N), out_dtype),
+    ):
+        T.func_attr({"tir.noalias": True})
+        # x -> int8 per group (scale sx), plus 8 * sum(xq) per group (zero point of u = q + 8)
+        xq = T.alloc_buffer((K,), "int8")
+        sx = T.alloc_buffer((G,), "float32")
+        xs = T.alloc_buffer((G,), "float32")
+        for g in range(G):
+            sx[g] = T.float32(0)
+            for k in range(gs):
+                sx[g] = T.max(sx[g], T.abs(x[0, g * gs + k]))
+            sx[g] = sx[g] / T.float32(127)
+            xs[g] = T.float32(0)
+            for k in range(gs):
+                xq[g * gs + k] = T.Cast("int8", T.round(x[0, g * gs + k] / T.max(sx[g], T.float32(1e-30))))
+                xs[g] = xs[g] + T.Cast("float32", xq[g * gs + k])
+            xs[g] = xs[g] * T.float32(8)
+        for b in T.parallel(NB):
+            acc = T.alloc_buffer((_R,), "float32", scope="global")
+            lo = T.alloc_buffer((_H,), "int32", scope="global")
+            hi = T.alloc_buffer((_H,), "int32", scope="global")
+            for r in T.vectorized(_R):
+                acc[r] = T.float32(0)
+            for g in range(G):
+                for r in T.vectorized(_H):
+                    lo[r] = 0
+                    hi[r] = 0
+                for q in T.unroll(QG):
+                    if q % 4 == 0:  # 4 k-quads = 256 bytes = 4 lines; prefetch one line per quad
+                        T.evaluate(_prefetch(T.address_of(w[b, g * QG + q + _PF_K4, 0])))
+                        T.evaluate(_prefetch(T.address_of(w[b, g * QG + q + _PF_K4 + 1, 0])))
+                        T.evaluate(_prefetch(T.address_of(w[b, g * QG + q + _PF_K4 + 2, 0])))
+                        T.evaluate(_prefetch(T.address_of(w[b, g * QG + q + _PF_K4 + 3, 0])))
+                    lo[T.ramp(0, 1, _H)] = _vpdpbusd(
+                        lo[T.ramp(0, 1, _H)],
+                        T.bitwise_and(w[b, g * QG + q, T.ramp(0, 1, 64)], T.broadcast(T.uint8(15), 64)),
+                        T.reinterpret("int32", xq[T.ramp(g * gs + q * 4, 1, 4)]),
+                    )
+                    hi[T.ramp(0, 1, _H)] = _vpdpbusd(
+                        hi[T.ramp(0, 1, _H)],
+                        T.shift_right(w[b, g * QG + q, T.ramp(0, 1, 64)], T.broadcast(T.uint8(4), 64)),
+                        T.reinterpret("int32", xq[T.ramp(g * gs + q * 4, 1, 4)]),
+                    )
+                for r in T.vectorized(_H):
+                    acc[r] = acc[r] + T.Cast("float32", s[b, g, r]) * sx[g] * (T.Cast("float32", lo[r]) - xs[g])
+                for r in T.vectorized(_H):
+                    acc[_H + r] = acc[_H + r] + T.Cast("float32", s[b, g, _H + r]) * sx[g] * (
+                        T.Cast("float32", hi[r]) - xs[g]
+                    )
+            for r in T.vectorized(_R):
+                if has_bias:
+                    y[0, b * _R + r] = T.Cast(out_dtype, acc[r] + bias[b * _R + r])
+                else:
+                    y[0, b * _R + r] = T.Cast(out_dtype, acc[r])
+
+    return f
+
+
+def _int4_gemm(M, N, K, gs, out_dtype, has_bias, MT, k4):
     NB = N // _R
     G = K // gs
     MO = M // MT
     MREM = M - MO * MT
+    QG = gs // 4
+    wshape = (NB, K // 4, 4 * _H) if k4 else (NB, K, _H)
 
     @T.prim_func(private=True)
     def f(
         x: T.Buffer((M, K), "float32"),
-        w: T.Buffer((NB, K, _H), "uint8"),
+        w: T.Buffer(wshape, "uint8"),
         s: T.Buffer((NB, G, _R), "float16"),
         bias: T.Buffer((N,), "float32"),
         y: T.Buffer((M, N), out_dtype),
@@ -237,15 +337,29 @@ def _int4_gemm(M, N, K, gs, out_dtype, has_bias, MT):
                     acc[m, r] = T.float32(0)
             for g in range(G):
                 # dequantize this block's group once (L1-resident 32 x gs tile)
-                for k in range(gs):
-                    for r in T.vectorized(_H):
-                        wd[k, r] = T.Cast("float32", s[b, g, r]) * (
-                            T.Cast("float32", T.bitwise_and(w[b, g * gs + k, r], T.uint8(15))) - T.float32(8)
-                        )
-                    for r in T.vectorized(_H):
-                        wd[k, _H + r] = T.Cast("float32", s[b, g, _H + r]) * (
-                            T.Cast("float32", T.shift_right(w[b, g * gs + k, r], T.uint8(4))) - T.float32(8)
-                        )
+                if k4:
+                    for q in range(QG):
+                        for j in T.unroll(4):
+                            for r in T.vectorized(_H):
+                                wd[q * 4 + j, r] = T.Cast("float32", s[b, g, r]) * (
+                                    T.Cast("float32", T.bitwise_and(w[b, g * QG + q, r * 4 + j], T.uint8(15)))
+                                    - T.float32(8)
+                                )
+                            for r in T.vectorized(_H):
+                                wd[q * 4 + j, _H + r] = T.Cast("float32", s[b, g, _H + r]) * (
+                                    T.Cast("float32", T.shift_right(w[b, g * QG + q, r * 4 + j], T.uint8(4)))
+                                    - T.float32(8)
+                                )
+                else:
+                    for k in range(gs):
+                        for r in T.vectorized(_H):
+                            wd[k, r] = T.Cast("float32", s[b, g, r]) * (
+                                T.Cast("float32", T.bitwise_and(w[b, g * gs + k, r], T.uint8(15))) - T.float32(8)
+                            )
+                        for r in T.vectorized(_H):
+                            wd[k, _H + r] = T.Cast("float32", s[b, g, _H + r]) * (
+                                T.Cast("float32", T.shift_right(w[b, g * gs + k, r], T.uint8(4))) - T.float32(8)
+                            )
                 for mo in range(MO):
                     for mi in T.unroll(MT):
                         for r in T.vectorized(_R):

@@ -17,6 +17,10 @@ INT4, group-wise symmetric, ``R = BLOCK_ROWS = 32`` output rows per block::
     scales : float16 [N // 32, K // group_size, 32]
         scales[b, g, r] = scale of row b*32 + r, columns g*gs .. g*gs + gs - 1
 
+  (This is layout ``"k1"``. Layout ``"k4"``, ``[N // 32, K // 4, 64]``, stores the same
+  nibbles with 4 consecutive k of a row in one 32-bit lane -- byte ``[b, kq, 4*r + j]``
+  holds rows ``r`` / ``r + 16`` at ``k = 4*kq + j`` -- for the ``vpdpbusd`` GEMV.)
+
   For one k, the 16 bytes hold the nibbles of all 32 rows of the block: the low
   nibbles are rows 0..15, the high nibbles rows 16..31. One 16-byte load, an AND and a
   shift give two 16-lane vectors of codes, so the GEMV inner loop is a broadcast of
@@ -63,16 +67,28 @@ def _check_weight(w: np.ndarray, group_size: int | None = None) -> np.ndarray:
     return np.ascontiguousarray(w, dtype=np.float32)
 
 
-def quantize_int4_groupwise(w: np.ndarray, group_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Quantize ``w[N, K]`` (float) to symmetric group-wise INT4 in the blocked layout.
+def quantize_int4_groupwise(
+    w: np.ndarray, group_size: int = 32, layout: str = "k1"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize ``w[N, K]`` (float) to symmetric group-wise INT4 in a blocked layout.
 
-    Returns ``(packed, scales)``: ``packed`` uint8 ``[N//32, K, 16]`` (two nibbles per
-    byte, rows ``j`` and ``j+16`` of each 32-row block), ``scales`` float16
-    ``[N//32, K//group_size, 32]``. Storage: 4 bits per weight + 16 bits per group
-    (4.5 bits/weight for ``group_size=32``).
+    Returns ``(packed, scales)``: ``scales`` float16 ``[N//32, K//group_size, 32]`` and
+    ``packed`` uint8, two nibbles per byte (rows ``r`` and ``r+16`` of each 32-row block):
 
-    Raises ``ValueError`` if ``N % 32 != 0`` or ``K % group_size != 0``.
+    * ``layout="k1"`` (portable float kernels): ``[N//32, K, 16]``,
+      byte ``[b, k, r]`` = rows ``b*32+r`` / ``b*32+16+r`` at column ``k``.
+    * ``layout="k4"`` (integer dot-product GEMV, AVX512-VNNI): ``[N//32, K//4, 64]``,
+      byte ``[b, kq, 4*r + j]`` = rows ``b*32+r`` / ``b*32+16+r`` at column ``4*kq + j``
+      (each 32-bit lane holds 4 consecutive k of one row, as ``vpdpbusd`` wants).
+
+    Storage: 4 bits per weight + 16 bits per group (4.5 bits/weight for
+    ``group_size=32``). Raises ``ValueError`` if ``N % 32 != 0``, ``K % group_size != 0``
+    or (``k4``) ``group_size % 4 != 0``.
     """
+    if layout not in ("k1", "k4"):
+        raise ValueError(f"layout must be 'k1' or 'k4', got {layout!r}")
+    if layout == "k4" and group_size % 4 != 0:
+        raise ValueError(f"layout 'k4' needs group_size % 4 == 0, got {group_size}")
     w = _check_weight(w, group_size)
     n, k = w.shape
     g = k // group_size
@@ -86,15 +102,45 @@ def quantize_int4_groupwise(w: np.ndarray, group_size: int = 32) -> tuple[np.nda
     u = u.reshape(n // BLOCK_ROWS, BLOCK_ROWS, k).transpose(0, 2, 1)  # [NB, K, 32]
     packed = (u[:, :, :_HALF] | (u[:, :, _HALF:] << 4)).astype(np.uint8)
     scales = s16.reshape(n // BLOCK_ROWS, BLOCK_ROWS, g).transpose(0, 2, 1)  # [NB, G, 32]
+    if layout == "k4":
+        packed = int4_k1_to_k4(packed)
     return np.ascontiguousarray(packed), np.ascontiguousarray(scales)
 
 
-def unpack_int4_codes(packed: np.ndarray) -> np.ndarray:
-    """Return the signed INT4 codes ``q[N, K]`` (int8, in [-8, 7]) of a packed tensor."""
+def int4_k1_to_k4(packed: np.ndarray) -> np.ndarray:
+    """Repack an INT4 weight from layout ``k1`` ``[NB, K, 16]`` to ``k4`` ``[NB, K//4, 64]``."""
     packed = np.asarray(packed, dtype=np.uint8)
     nb, k, half = packed.shape
-    if half != _HALF:
-        raise ValueError(f"packed INT4 weight must have shape [N//32, K, 16], got {packed.shape}")
+    if half != _HALF or k % 4 != 0:
+        raise ValueError(f"expected a 'k1' INT4 weight [N//32, K, 16] with K % 4 == 0, got {packed.shape}")
+    return np.ascontiguousarray(packed.reshape(nb, k // 4, 4, _HALF).transpose(0, 1, 3, 2).reshape(nb, k // 4, 64))
+
+
+def int4_k4_to_k1(packed: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`int4_k1_to_k4`."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    nb, kq, lanes = packed.shape
+    if lanes != 4 * _HALF:
+        raise ValueError(f"expected a 'k4' INT4 weight [N//32, K//4, 64], got {packed.shape}")
+    return np.ascontiguousarray(packed.reshape(nb, kq, _HALF, 4).transpose(0, 1, 3, 2).reshape(nb, kq * 4, _HALF))
+
+
+def int4_layout(packed: np.ndarray) -> str:
+    """``"k1"`` or ``"k4"``, from the shape of a packed INT4 weight."""
+    shape = np.shape(packed)
+    if len(shape) == 3 and shape[2] == _HALF:
+        return "k1"
+    if len(shape) == 3 and shape[2] == 4 * _HALF:
+        return "k4"
+    raise ValueError(f"not a packed INT4 weight: shape {shape}")
+
+
+def unpack_int4_codes(packed: np.ndarray) -> np.ndarray:
+    """Return the signed INT4 codes ``q[N, K]`` (int8, in [-8, 7]) of a packed tensor (either layout)."""
+    if int4_layout(packed) == "k4":
+        packed = int4_k4_to_k1(packed)
+    packed = np.asarray(packed, dtype=np.uint8)
+    nb, k, half = packed.shape
     lo = (packed & 0x0F).astype(np.int8) - 8
     hi = (packed >> 4).astype(np.int8) - 8
     u = np.concatenate([lo, hi], axis=2)  # [NB, K, 32]
