@@ -126,6 +126,13 @@ def bench_shape(M, N, K, kernels, target, repeat, rotate_bytes, rng):
 
         run_tvm("bluelower int4 g32", int4_linear(M, N, K, 32), [p, s], dequantize_int4_groupwise(p, s, 32))
         del p, s
+    if "int4k4" in kernels:
+        p, s = quantize_int4_groupwise(w, 32, layout="k4")
+        from bluelower.lowering.kernels import dequantize_int4_groupwise
+
+        name = "bluelower int4 g32 k4 (VNNI, int8 x)" if M == 1 else "bluelower int4 g32 k4"
+        run_tvm(name, int4_linear(M, N, K, 32, layout="k4"), [p, s], dequantize_int4_groupwise(p, s, 32))
+        del p, s
     if "int8" in kernels:
         p, s = quantize_int8_per_channel(w)
         from bluelower.lowering.kernels import dequantize_int8_per_channel
@@ -169,7 +176,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", default="1,128", help="comma list of M (1 = decode GEMV, 128 = prefill chunk)")
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in DECODER_SHAPES), help="NxK list")
-    ap.add_argument("--kernels", default="int4,int8,fp32,numpy,torch")
+    ap.add_argument("--kernels", default="int4,int4k4,int8,fp32,numpy,torch",
+                    help="int4 (layout k1, portable), int4k4 (layout k4: VNNI GEMV, needs AVX512-VNNI), "
+                         "int8, fp32, numpy, torch")
     ap.add_argument("--repeat", type=int, default=0, help="runs per measurement (default 30 GEMV, 5 GEMM)")
     ap.add_argument("--rotate-mb", type=int, default=512, help="weight copies to cycle through (0 = hot cache)")
     ap.add_argument("--out", default=None, help="also write the markdown to this file")
