@@ -205,8 +205,7 @@ def apply_plan(func: relax.Function) -> tuple[relax.Function, dict]:
     if not inner:
         return func, plan_function(func)
     arena = relax.Var("arena", relax.ObjectType())
-    storage = relax.op.memory.alloc_storage(relax.ShapeExpr([arena_bytes]), relax.PrimValue(0),
-                                            relax.StringImm("global"), relax.DataTypeImm("uint8"))
+    storage = relax.op.memory.alloc_storage(relax.ShapeExpr([arena_bytes]), 0, "global", "uint8")
     blocks = []
     first = True
     for block in func.body.blocks:
@@ -216,8 +215,7 @@ def apply_plan(func: relax.Function) -> tuple[relax.Function, dict]:
             tid = alloc_of.get(b.var)
             if tid is not None and id(tensors[tid]) in plan_ids:
                 t = tensors[tid]
-                call = relax.op.memory.alloc_tensor(arena, relax.PrimValue(tvm.tirx.IntImm("int64", t.offset)),
-                                                    b.value.args[0], b.value.args[1], relax.PrimValue(0))
+                call = relax.op.memory.alloc_tensor(arena, t.offset, b.value.args[0], b.value.args[1], 0)
                 new.append(relax.VarBinding(b.var, call))
             else:
                 new.append(b)
@@ -244,7 +242,7 @@ class MemoryPlan:
     overrides for planning only (``apply`` must be False then).
     """
 
-    def __init__(self, entries, sink: dict | None = None, apply: bool = True, dtype_bytes: dict | None = None,
+    def __init__(self, entries, sink: dict | None = None, apply: bool = False, dtype_bytes: dict | None = None,
                  compare_tvm: bool = True):
         self.entries = list(entries)
         self.sink = sink if sink is not None else {}
