@@ -68,12 +68,15 @@ _MODEL_HELP = "A shipped config (tiny, bluelm-v-3b) or a path to a .json config.
               help="Write the IR as TVMScript after every pass into this directory.")
 @click.option("--disable-pass", "disabled", multiple=True, metavar="NAME", help="Skip a pass (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights without --weights.")
-def compile_cmd(model, weights, frontend, soc, quant, out_dir, dump_ir, disabled, seed) -> None:
+@click.option("--prefill-chunk", type=int, default=None, metavar="N",
+              help="Rows per prefill call (default: the config's runtime.prefill_chunk); must divide the KV capacity.")
+def compile_cmd(model, weights, frontend, soc, quant, out_dir, dump_ir, disabled, seed, prefill_chunk) -> None:
     """Compile a model for a SoC into an output directory (library, params, manifest)."""
     from .lowering.build import CompileRequest, compile_model
 
     compile_model(CompileRequest(model=model, weights=weights, frontend=frontend, soc=soc, out_dir=out_dir,
-                                 quant=quant, dump_ir=dump_ir, disabled_passes=tuple(disabled), seed=seed))
+                                 quant=quant, dump_ir=dump_ir, disabled_passes=tuple(disabled), seed=seed,
+                                 prefill_chunk=prefill_chunk))
 
 
 def _parse_prompt_ids(text: str) -> list[int]:
@@ -278,6 +281,32 @@ def targets_show(name_or_path: str, as_json: bool) -> None:
     else:
         click.echo(soc.describe())
 
+
+
+@inspect.command("memory")
+@click.argument("build_dir", required=False, type=click.Path())
+@click.option("--model", "model", default=None, metavar="NAME|PATH.json", help="Plan without building: " + _MODEL_HELP)
+@click.option("--soc", default="host", show_default=True, metavar="NAME|PATH.toml", help="Target SoC (with --model).")
+@click.option("--quant", default="fp32", show_default=True, help="fp32, w8, w4a16 or w4a16kv8 (with --model).")
+@click.option("--image-grid", default=None, metavar="MxN", help="Image grid, e.g. 2x4 = 8 local + 1 global patches.")
+@click.option("--kv-capacity", type=int, default=None, help="KV cache capacity (default: the config's).")
+@click.option("--prefill-chunk", type=int, default=None, help="Prefill chunk (default: the config's).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (peak_bytes, phases).")
+def inspect_memory_cmd(build_dir, model, soc, quant, image_grid, kv_capacity, prefill_chunk, as_json) -> None:
+    """Peak memory per phase (weights + KV cache + activation arena) of a build or, with --model, of a plan."""
+    from . import memory
+
+    if (build_dir is None) == (model is None):
+        raise BlueLowerError("give either a BUILD_DIR or --model NAME (not both)")
+    if build_dir is not None:
+        info = memory.inspect_build(build_dir)
+    else:
+        info = memory.inspect_model(model, soc=soc, quant=quant, image_grid=image_grid, kv_capacity=kv_capacity,
+                                    prefill_chunk=prefill_chunk)
+    if as_json:
+        echo_json(info)
+    else:
+        click.echo(memory.format_table(info))
 
 
 def main() -> None:

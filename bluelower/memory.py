@@ -218,7 +218,7 @@ def parse_grid(grid: str | None) -> int | None:
 
 
 def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid: str | None = None,
-                  kv_capacity: int | None = None, prefill_chunk: int | None = None) -> dict:
+                  kv_capacity: int | None = None, prefill_chunk: int | None = None, disabled=()) -> dict:
     """Plan without building: meta import, pipeline up to MemoryPlan (planning only)."""
     import tvm
 
@@ -245,7 +245,7 @@ def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid
     opts.extra["plan_only"] = True
     bar = progress.Progress("plan passes", len(build_pipeline()))
     for spec in build_pipeline():
-        tvm_pass = spec.make(opts)
+        tvm_pass = None if spec.name in disabled else spec.make(opts)
         if tvm_pass is not None:
             with tvm.transform.PassContext(opt_level=3):
                 mod = tvm_pass(mod)

@@ -1,0 +1,218 @@
+"""MemoryPlan: arena offsets vs liveness (recomputed here, independently), bounds, the
+manifest's memory_plan, ``inspect memory`` (JSON keys, errors), what a host run actually
+allocates, ``compile --prefill-chunk`` (chunked == one-shot), the 3B peak."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tvm
+from click.testing import CliRunner
+from tvm import relax
+
+from bluelower.cli import cli
+from bluelower.passes.pipeline import CompileOptions, build_pipeline, pass_names
+
+ENTRIES = ("encode_image", "embed", "prefill", "decode")
+DTYPE_SIZE = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, ["--quiet", *args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def planned_tiny():
+    """tiny imported and run through the pipeline up to MemoryPlan: (module, plans)."""
+    from bluelower.lowering.importer import import_model
+    from bluelower.lowering.models.config import load_config
+    from bluelower.targets.soc import load_soc
+
+    cfg = load_config("tiny")
+    soc = load_soc("host")
+    mod, sigs = import_model(cfg, "torch")
+    opts = CompileOptions(target=soc.tvm_target(), soc=soc, model=cfg, entry_functions=tuple(sigs))
+    for spec in build_pipeline():
+        p = spec.make(opts)
+        if spec.name == "MemoryPlan":
+            break
+        if p is not None:
+            with tvm.transform.PassContext(opt_level=3):
+                mod = p(mod)
+    with tvm.transform.PassContext(opt_level=3):
+        p(mod)  # planning only: the module is unchanged
+    return mod, opts.extra["memory_plan"]
+
+
+def _liveness(func):
+    """Independent liveness: alloc binding -> [first, last] binding index that touches it or a view of it."""
+    bindings = [b for blk in func.body.blocks for b in blk.bindings]
+    roots, live = {}, {}
+
+    def vars_in(e):
+        found = []
+        relax.analysis.post_order_visit(e, lambda x: found.append(x) if isinstance(x, relax.Var) else None)
+        return found
+
+    for i, b in enumerate(bindings):
+        v = b.value
+        if isinstance(v, relax.Call) and getattr(v.op, "name", "") == "relax.builtin.alloc_tensor":
+            roots[b.var] = {b.var.name}
+            live[b.var.name] = [i, i]
+            continue
+        srcs = set()
+        for u in vars_in(v):
+            for r in roots.get(u, ()):
+                live[r][1] = i
+                srcs.add(r)
+        if isinstance(v, (relax.Var, relax.Tuple, relax.TupleGetItem)) or (
+                isinstance(v, relax.Call) and "reshape" in str(getattr(v.op, "global_symbol", ""))):
+            roots[b.var] = srcs
+    return live
+
+
+def test_offsets_never_overlap_for_tensors_alive_together(planned_tiny):
+    mod, plans = planned_tiny
+    assert set(plans) == set(ENTRIES)
+    for name in ENTRIES:
+        live = _liveness(mod[name])
+        tensors = plans[name]["tensors"]
+        assert tensors, name
+        for tname, off, size, _s, _e in tensors:
+            assert off % 64 == 0 and size % 64 == 0
+            assert off + size <= plans[name]["arena_bytes"]
+        for i, (a, oa, sa, _, _) in enumerate(tensors):
+            la = live[a]
+            for b, ob, sb, _, _ in tensors[i + 1:]:
+                lb = live[b]
+                if la[0] <= lb[1] and lb[0] <= la[1]:
+                    assert oa + sa <= ob or ob + sb <= oa, f"{name}: {a} and {b} overlap while both alive"
+
+
+def test_arena_within_bounds_and_beats_tvm(planned_tiny):
+    _mod, plans = planned_tiny
+    for name, p in plans.items():
+        assert p["liveness_lower_bound_bytes"] <= p["arena_bytes"] <= p["sum_of_sizes_bytes"], name
+        assert p["arena_bytes"] <= 1.05 * p["liveness_lower_bound_bytes"], name
+        assert p["arena_bytes"] <= p["tvm_static_plan_bytes"] * 1.01, name
+
+
+@pytest.fixture(scope="module")
+def chunk_builds(tmp_path_factory):
+    from bluelower.lowering.build import CompileRequest, compile_model
+
+    out = {}
+    for chunk in (16, 256):
+        d = str(tmp_path_factory.mktemp(f"chunk{chunk}") / "tiny")
+        compile_model(CompileRequest(model="tiny", out_dir=d, prefill_chunk=chunk))
+        out[chunk] = d
+    return out
+
+
+def test_prefill_chunk_chunked_equals_one_shot(chunk_builds):
+    from bluelower.generate import CompiledModel, generate
+
+    ids = [int(i) for i in np.random.default_rng(3).integers(3, 500, size=150)]
+    results = {}
+    for chunk, d in chunk_builds.items():
+        cm = CompiledModel(d)
+        assert cm.chunk == chunk
+        results[chunk] = generate(cm, None, ids, 6)
+    np.testing.assert_allclose(results[16].first_logits, results[256].first_logits, atol=1e-4, rtol=1e-4)
+    assert results[16].tokens == results[256].tokens
+
+
+def test_prefill_chunk_must_divide_capacity(tmp_path):
+    result = invoke("compile", "--model", "tiny", "--prefill-chunk", "100", "-o", str(tmp_path / "o"))
+    assert result.exit_code != 0
+    assert "--prefill-chunk 100 must be a positive divisor of the KV cache capacity 512" in result.output
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_run_allocates_what_the_plan_says(chunk_builds):
+    """Host runs: every vm.builtin.alloc_storage request of one call, summed, equals the
+    planned storage (StaticPlanBlockMemory's tokens, which the host VM executes) plus the
+    outputs; our arena is at most that. Weights and the KV cache are allocated once by
+    the caller and are exactly the manifest's tensors."""
+    from bluelower.generate import CompiledModel
+
+    cm = CompiledModel(chunk_builds[16])
+    plan = cm.manifest["memory_plan"]["functions"]
+    requested: list = []
+
+    def instrument(_func, name, before, _ret, *args):
+        if before and name == "vm.builtin.alloc_storage":
+            requested.append(int(args[1][0]))
+        return 0
+
+    cm.vm.set_instrument(instrument)
+    cm.reset_cache()
+    calls = {
+        "encode_image": lambda: cm.encode_batch(np.zeros((1, 3, 384, 384), np.float32)),
+        "embed": lambda: cm.embed_chunk(np.zeros(16, np.int64)),
+        "prefill": lambda: cm.prefill_chunk(np.zeros((16, 64), np.float32), 0, 16),
+        "decode": lambda: cm.decode_step(1, 16),
+    }
+    for name, call in calls.items():
+        requested.clear()
+        call()
+        p = plan[name]
+        outputs = sum(int(np.prod(shape)) * DTYPE_SIZE[dt] for _n, _b, shape, dt in p["outputs"])
+        assert sum(requested) == p["tvm_static_plan_bytes"] + outputs, name
+        assert p["arena_bytes"] <= p["tvm_static_plan_bytes"]
+
+
+def test_inspect_memory_build_dir_json(chunk_builds):
+    result = invoke("inspect", "memory", chunk_builds[16], "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["peak_bytes"] == max(p["total_bytes"] for p in info["phases"])
+    assert [p["name"] for p in info["phases"]] == ["image_encoding", "prefill", "decode"]
+    for p in info["phases"]:
+        for key in ("name", "weights_bytes", "kv_cache_bytes", "arena_bytes", "liveness_lower_bound_bytes", "total_bytes"):
+            assert key in p
+        assert p["total_bytes"] >= p["weights_bytes"] + p["kv_cache_bytes"] + p["arena_bytes"]
+    # the ViT is released after encoding
+    img, pre, _dec = info["phases"]
+    assert img["weights_bytes"] > pre["weights_bytes"] and img["kv_cache_bytes"] == 0
+    text = invoke("inspect", "memory", chunk_builds[16])
+    assert text.exit_code == 0 and "peak:" in text.output
+
+
+def test_inspect_memory_errors(tmp_path):
+    r = invoke("inspect", "memory", str(tmp_path / "missing"))
+    assert r.exit_code != 0 and "build directory not found" in r.output
+    r = invoke("inspect", "memory", "--model", "gpt5")
+    assert r.exit_code != 0 and "unknown model 'gpt5'" in r.output
+    r = invoke("inspect", "memory")
+    assert r.exit_code != 0 and "BUILD_DIR or --model" in r.output
+    r = invoke("inspect", "memory", "--model", "tiny", "--quant", "int3")
+    assert r.exit_code != 0 and "unknown --quant 'int3'" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_weight_bytes_per_quant_mode():
+    from bluelower.lowering.models.config import load_config
+    from bluelower.memory import kv_cache_bytes, weight_bytes
+
+    cfg = load_config("bluelm-v-3b")
+    fp32 = sum(weight_bytes(cfg, "fp32")[0].values())
+    w4 = sum(weight_bytes(cfg, "w4a16")[0].values())
+    assert 10.5e9 < fp32 < 13.5e9  # ~3.1B params
+    assert fp32 / w4 > 5
+    assert kv_cache_bytes(cfg, "w4a16kv8") < kv_cache_bytes(cfg, "w4a16") / 1.5
+
+
+@pytest.mark.slow
+def test_bluelm_v_3b_peak_fits_the_paper():
+    """w4a16kv8, KV 2048, one 2:4 image: peak <= 2.2 GB (meta import, minutes on a loaded host)."""
+    from bluelower.memory import inspect_model
+
+    info = inspect_model("bluelm-v-3b", "host", "w4a16kv8", "2x4")
+    assert info["image_patches"] == 9 and info["kv_capacity"] == 2048
+    assert info["peak_bytes"] <= 2.2e9, info["phases"]
+    for p in info["phases"]:
+        assert p["arena_bytes"] <= 1.05 * p["liveness_lower_bound_bytes"]
