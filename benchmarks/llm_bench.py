@@ -1,0 +1,554 @@
+"""LLM benchmark: bluelower's compiled decoder vs llama.cpp (llama-cpp-python, Q4_0 GGUF
+of the same weights) vs PyTorch eager fp32, same machine, one run.
+
+Usage::
+
+    /work/venv/bin/python benchmarks/llm_bench.py --size 3b            # the whole thing
+    /work/venv/bin/python benchmarks/llm_bench.py --size tiny          # + logits check
+    /work/venv/bin/python benchmarks/llm_bench.py --compile-bench      # compile time/RSS only
+
+What one run does (all large files under ~/.cache/bluelower-bench, never in git):
+
+1. seeded random fp32 safetensors for the decoder-focused config of ``--size``
+   (benchmarks/_llm_models.py), streamed tensor by tensor;
+2. a Q4_0 GGUF of the same tensors (llama architecture, Q/K rows permuted for
+   llama.cpp's RoPE, dummy SPM vocab); on ``tiny`` (or ``--verify``) an F32 GGUF too, and
+   llama.cpp's logits are checked against the PyTorch reference;
+3. the bluelower build: ``compile_model(CompileRequest(quant="w4a16kv8"))``, falling back
+   to the best available mode when that one is not implemented (recorded);
+4. memory bandwidth (numpy copy of 1 GiB, 1 and 2 threads);
+5. ``--repeats`` rounds of  bluelower, llama.cpp, torch  (A B C A B C), each engine in its
+   own subprocess (so peak RSS is per engine and at most one big model is resident);
+   per round: prefill 128 tokens, decode at context 128, prefill 2048 tokens (16 chunks),
+   decode at context ~2048; medians over rounds;
+6. results JSON in benchmarks/results/, docs/benchmarks.md and docs/img/benchmarks.png
+   regenerated from every results file present.
+
+Threads: 2 for every engine (TVM_NUM_THREADS, torch.set_num_threads, n_threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+
+import _llm_models as M  # noqa: E402
+
+THREADS = 2
+ENGINES = ("bluelower", "llamacpp", "torch")
+PY = sys.executable
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def env_threads() -> dict:
+    env = dict(os.environ)
+    env.update(TVM_NUM_THREADS=str(THREADS), OMP_NUM_THREADS=str(THREADS), OPENBLAS_NUM_THREADS=str(THREADS),
+               MKL_NUM_THREADS=str(THREADS), BLUELOWER_QUIET="1")
+    return env
+
+
+# ======================================================================== workers
+
+
+class _TorchLike:
+    """bluelower CompiledModel / TorchReference behind one interface."""
+
+    def __init__(self, backend, hidden):
+        self.b, self.chunk, self.hidden = backend, backend.chunk, hidden
+
+    def reset(self):
+        self.b.reset_cache()
+
+    def prefill(self, ids):
+        c = self.chunk
+        logits = None
+        for s in range(0, len(ids), c):
+            part = np.zeros(c, np.int64)
+            valid = min(c, len(ids) - s)
+            part[:valid] = ids[s : s + valid]
+            emb = self.b.embed_chunk(part)
+            logits = self.b.prefill_chunk(np.ascontiguousarray(emb, dtype=np.float32), s, valid)
+        return logits
+
+    def decode(self, tok, pos):
+        return self.b.decode_step(int(tok), int(pos))
+
+
+class _Llama:
+    def __init__(self, path, n_ctx):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=THREADS, n_threads_batch=THREADS,
+                         logits_all=False, verbose=False, seed=0)
+
+    def reset(self):
+        self.llm.reset()
+        # also drop the KV cache contents so nothing is reused between measurements
+        try:
+            self.llm._ctx.kv_cache_clear()
+        except Exception:
+            pass
+
+    def prefill(self, ids):
+        self.llm.eval([int(i) for i in ids])
+        return np.array(self.llm.scores[self.llm.n_tokens - 1], copy=True)[None]
+
+    def decode(self, tok, pos):
+        self.llm.eval([int(tok)])
+        return np.array(self.llm.scores[self.llm.n_tokens - 1], copy=True)[None]
+
+
+def _open_engine(engine, args, cfg):
+    if engine == "bluelower":
+        from bluelower.generate import CompiledModel
+
+        return _TorchLike(CompiledModel(args.build_dir, verify=False), cfg.decoder.hidden_size)
+    if engine == "torch":
+        import torch
+
+        torch.set_num_threads(THREADS)
+        from bluelower.generate import TorchReference
+
+        return _TorchLike(TorchReference(cfg, args.weights), cfg.decoder.hidden_size)
+    if engine == "llamacpp":
+        return _Llama(args.gguf, n_ctx=args.long + args.decode_tokens + 64)
+    raise ValueError(engine)
+
+
+def worker(args) -> None:
+    """One engine, one round: print ``RESULT {json}`` on stdout."""
+    from bluelower.lowering.models.config import load_config
+
+    cfg = load_config(M.config_path(args.size))
+    V = cfg.decoder.vocab_size
+    rng = np.random.default_rng(1234)
+    prompt = rng.integers(3, V, size=args.long)  # same ids for every engine
+    out = {"engine": args.worker, "skipped": {}}
+    t0 = time.perf_counter()
+    eng = _open_engine(args.worker, args, cfg)
+    out["load_s"] = time.perf_counter() - t0
+    budget = args.max_seconds
+    # warm-up: one chunk + one decode step
+    eng.reset()
+    eng.prefill(prompt[: args.chunk])
+    eng.decode(5, args.chunk)
+
+    def timed(fn):
+        t = time.perf_counter()
+        r = fn()
+        return time.perf_counter() - t, r
+
+    def decode_run(start_pos, first_tok):
+        n = args.decode_tokens
+        t1, logits = timed(lambda: eng.decode(first_tok, start_pos))
+        if t1 * n > budget:
+            n = max(1, int(budget / max(t1, 1e-9)))
+            out["skipped"][f"decode_tokens_at_{start_pos}"] = f"only {n} token(s): {t1:.1f} s/token"
+        times = [t1]
+        tok = int(np.argmax(logits[0]))
+        for j in range(1, n):
+            dt, logits = timed(lambda: eng.decode(tok, start_pos + j))
+            times.append(dt)
+            tok = int(np.argmax(logits[0]))
+        return len(times) / sum(times)
+
+    skip = set(args.skip.split(",")) if args.skip else set()
+    # prefill 128 + decode at context 128
+    eng.reset()
+    if "prefill128" not in skip:
+        dt, logits = timed(lambda: eng.prefill(prompt[: args.chunk]))
+        out["prefill128_tok_s"] = args.chunk / dt
+        out["prefill128_s"] = dt
+    else:
+        logits = eng.prefill(prompt[: args.chunk]) if "decode128" not in skip else None
+    if "decode128" not in skip:
+        out["decode128_tok_s"] = decode_run(args.chunk, int(np.argmax(logits[0])))
+    # prefill 2048 + decode at context ~2048
+    eng.reset()
+    est = out.get("prefill128_s", 0) * args.long / args.chunk
+    if "prefill2048" in skip or est > budget:
+        out["skipped"]["prefill2048"] = f"estimated {est:.0f} s > budget {budget:.0f} s" if est > budget else "--skip"
+        ctx_logits = np.zeros((1, V), np.float32)
+        if args.worker == "llamacpp":  # llama.cpp's cost depends on the filled context: fill it
+            ctx_logits = eng.prefill(prompt[: args.long - args.decode_tokens])
+    else:
+        ids = prompt if args.worker != "llamacpp" else prompt
+        dt, ctx_logits = timed(lambda: eng.prefill(ids))
+        out["prefill2048_tok_s"] = args.long / dt
+        out["prefill2048_s"] = dt
+    if "decode2048" not in skip:
+        # bluelower/torch have a fixed 2048-row cache attended in full (masked): positions
+        # 2048-n .. 2047 cost the same as any; llama.cpp continues after the 2048-token prompt
+        pos = args.long if args.worker == "llamacpp" else args.long - args.decode_tokens
+        if args.worker == "llamacpp" and "prefill2048" in out["skipped"]:
+            pos = args.long - args.decode_tokens
+        out["decode2048_tok_s"] = decode_run(pos, int(np.argmax(ctx_logits[0])))
+    if args.profile and args.worker == "bluelower":
+        out["profile"] = profile_bluelower(args, cfg)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["loadavg"] = loadavg()
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def profile_bluelower(args, cfg) -> dict:
+    """Relax VM profiler on one decode step and one prefill chunk: top kernels by time."""
+    import tvm
+    from tvm import relax
+
+    from bluelower.generate import CompiledModel
+    from bluelower.lowering.build import LIBRARY
+
+    cm = CompiledModel(args.build_dir, verify=False)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(os.path.join(args.build_dir, LIBRARY)), cm.dev, profile=True)
+    cm.reset_cache()
+    res = {}
+    calls = {
+        "decode": [np.array([5], np.int64), cm.kv, np.array([args.chunk], np.int64)],
+        "prefill": [np.zeros((args.chunk, cfg.decoder.hidden_size), np.float32), cm.kv,
+                    np.array([0], np.int64), np.array([args.chunk], np.int64)],
+    }
+    for name, inputs in calls.items():
+        inputs = [tvm.runtime.tensor(x, cm.dev) if isinstance(x, np.ndarray) else x for x in inputs]
+        rep = vm.profile(name, *inputs, *cm.params[name])
+        try:
+            table = json.loads(rep.json())
+            rows = {}
+            for call in table.get("calls", []):
+                nm = call.get("Name", {}).get("string", "?")
+                us = call.get("Duration (us)", {}).get("microseconds", 0.0)
+                rows[nm] = rows.get(nm, 0.0) + us
+            tot = sum(rows.values()) or 1.0
+            top = sorted(rows.items(), key=lambda kv: -kv[1])[:8]
+            res[name] = {"total_ms": tot / 1000, "top": [[k, round(v / 1000, 2), round(100 * v / tot, 1)] for k, v in top]}
+        except Exception as exc:  # keep the text if the JSON layout differs
+            res[name] = {"text": str(rep)[:3000], "error": repr(exc)}
+    return res
+
+
+def verify(args) -> None:
+    """llama.cpp (F32 and Q4_0 GGUF) logits vs the PyTorch reference on one prompt."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    from bluelower.generate import TorchReference
+    from bluelower.lowering.models.config import load_config
+
+    cfg = load_config(M.config_path(args.size))
+    ref = _TorchLike(TorchReference(cfg, args.weights), cfg.decoder.hidden_size)
+    ids = np.random.default_rng(7).integers(3, cfg.decoder.vocab_size, size=200)
+    ref.reset()
+    want = ref.prefill(ids)[0]
+    want_dec = ref.decode(11, len(ids))[0]
+    out = {}
+    for q, path in (("F32", args.gguf_f32), ("Q4_0", args.gguf)):
+        if not path:
+            continue
+        eng = _Llama(path, 512)
+        eng.reset()
+        got = eng.prefill(ids)[0]
+        got_dec = eng.decode(11, len(ids))[0]
+        cos = float(np.dot(got, want) / (np.linalg.norm(got) * np.linalg.norm(want)))
+        out[q] = {
+            "prefill_max_abs_diff": float(np.abs(got - want).max()),
+            "decode_max_abs_diff": float(np.abs(got_dec - want_dec).max()),
+            "logit_scale": float(np.abs(want).max()),
+            "cosine": cos,
+            "argmax_equal": bool(np.argmax(got) == np.argmax(want)) and bool(np.argmax(got_dec) == np.argmax(want_dec)),
+        }
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# =================================================================== orchestrator
+
+
+def run_worker(argv: list[str], timeout: float) -> dict:
+    cmd = [PY, os.path.abspath(__file__)] + argv
+    t = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env_threads(), timeout=timeout)
+    dt = time.perf_counter() - t
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            r = json.loads(line[7:])
+            r["wall_s"] = dt
+            return r
+    raise RuntimeError(f"worker {' '.join(argv)} failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
+
+
+def mem_bandwidth() -> dict:
+    """numpy copy of 1 GiB float32 (read + write counted), 1 thread and 2 threads (halves)."""
+    n = (1 << 30) // 4
+    src = np.ones(n, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    res = {}
+    for nt in (1, THREADS):
+        times = []
+        for _ in range(5):
+            parts = np.array_split(np.arange(n), nt)
+            bounds = [(int(p[0]), int(p[-1]) + 1) for p in parts]
+            t = time.perf_counter()
+            if nt == 1:
+                np.copyto(dst, src)
+            else:
+                ths = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b])) for a, b in bounds]
+                [x.start() for x in ths]
+                [x.join() for x in ths]
+            times.append(time.perf_counter() - t)
+        res[f"copy_{nt}t_GBps"] = 2 * src.nbytes / min(times) / 1e9
+        res[f"copy_{nt}t_median_GBps"] = 2 * src.nbytes / statistics.median(times) / 1e9
+    del src, dst
+    res["best_GBps"] = max(res[f"copy_{nt}t_GBps"] for nt in (1, THREADS))
+    return res
+
+
+def timed_child(cmd: list[str], env=None, timeout=None) -> dict:
+    """Run ``cmd`` under /usr/bin/time -v: wall seconds, max RSS (MB), rc, tail of stderr."""
+    full = ["/usr/bin/time", "-v"] + cmd
+    t = time.perf_counter()
+    try:
+        p = subprocess.run(full, capture_output=True, text=True, env=env, timeout=timeout)
+        rc, err = p.returncode, p.stderr
+    except subprocess.TimeoutExpired as exc:
+        return {"cmd": " ".join(cmd), "rc": None, "wall_s": time.perf_counter() - t, "error": f"timeout {timeout} s",
+                "stderr_tail": (exc.stderr or b"")[-800:].decode(errors="replace") if isinstance(exc.stderr, bytes) else ""}
+    dt = time.perf_counter() - t
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
+    return {"cmd": " ".join(cmd), "rc": rc, "wall_s": round(dt, 1), "max_rss_mb": int(m.group(1)) / 1024 if m else None,
+            "stderr_tail": "" if rc == 0 else err[-1500:], "loadavg_after": loadavg()}
+
+
+def compile_build(size: str, weights: str, quant_wanted: str) -> dict:
+    """Compile the bench config (quant fallback), timed in a subprocess."""
+    from bluelower.errors import BlueLowerError  # noqa: F401
+    from bluelower.lowering import build as B
+
+    modes = list(getattr(B, "QUANT_MODES", ("fp32",)))
+    quant = quant_wanted if quant_wanted in modes else ("w4a16" if "w4a16" in modes else "fp32")
+    info = {"quant_requested": quant_wanted, "quant_used": quant, "quant_modes_available": modes}
+    out = os.path.join(M.size_dir(size), f"build-{quant}")
+    info["build_dir"] = out
+    if os.path.isfile(os.path.join(out, "manifest.json")):
+        info["compile"] = "cached"
+        return info
+    code = ("import sys; from bluelower.lowering.build import compile_model, CompileRequest; "
+            f"compile_model(CompileRequest(model={M.config_path(size)!r}, weights={weights!r}, quant={quant!r}, "
+            f"out_dir={out!r}))")
+    log(f"[compile] {size} quant={quant}")
+    info["compile"] = timed_child([PY, "-c", code], env=env_threads())
+    if info["compile"]["rc"] != 0:
+        raise RuntimeError(f"compile failed: {info['compile']}")
+    return info
+
+
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "threads_used": THREADS}
+    try:
+        ls = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for key in ("Model name", "CPU(s)", "Thread(s) per core", "L2 cache", "L3 cache", "Flags"):
+            m = re.search(rf"^{re.escape(key)}:\s*(.*)$", ls, re.M)
+            if m:
+                v = m.group(1).strip()
+                if key == "Flags":
+                    v = " ".join(f for f in v.split() if f.startswith(("avx512f", "avx2", "avx512_vnni", "fma")))
+                info[key] = v
+    except OSError:
+        pass
+    info["mem_total_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    vers = {}
+    for mod in ("tvm", "torch", "llama_cpp", "gguf", "numpy"):
+        try:
+            vers[mod] = __import__(mod).__version__
+        except Exception as exc:  # noqa: BLE001
+            vers[mod] = f"unavailable ({type(exc).__name__})"
+    info["versions"] = vers
+    return info
+
+
+def med(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def main_bench(args) -> dict:
+    from bluelower.lowering.models.config import load_config
+
+    t_start = time.time()
+    cfg = load_config(M.config_path(args.size))
+    res = {"size": args.size, "config": cfg.decoder.__dict__, "runtime": cfg.runtime.__dict__,
+           "command": " ".join([os.path.relpath(PY) if False else PY] + sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "machine": machine_info(), "loadavg_start": loadavg(), "notes": []}
+    engines = [e for e in args.engines.split(",") if e]
+    weights = M.weights_path(args.size, args.seed, log)
+    gguf = M.gguf_path(args.size, "Q4_0", args.seed, log) if "llamacpp" in engines else None
+    if "bluelower" in engines:
+        res["bluelower_build"] = compile_build(args.size, weights, args.quant)
+        if res["bluelower_build"]["quant_used"] != args.quant:
+            res["notes"].append(
+                f"--quant {args.quant} is not available in this checkout (QUANT_MODES = "
+                f"{res['bluelower_build']['quant_modes_available']}); bluelower ran {res['bluelower_build']['quant_used']}.")
+    if args.verify or args.size == "tiny":
+        f32 = M.gguf_path(args.size, "F32", args.seed, log)
+        log("[verify] llama.cpp vs PyTorch logits")
+        res["verify"] = run_worker(["--verify-worker", "--size", args.size, "--weights", weights, "--gguf", gguf,
+                                    "--gguf-f32", f32], timeout=1800)
+    log("[bandwidth]")
+    res["bandwidth_start"] = mem_bandwidth()
+    common = ["--size", args.size, "--weights", weights, "--decode-tokens", str(args.decode_tokens),
+              "--max-seconds", str(args.max_seconds)]
+    rounds = {e: [] for e in engines}
+    for r in range(args.repeats):
+        for e in engines:
+            argv = ["--worker", e] + common
+            if e == "bluelower":
+                argv += ["--build-dir", res["bluelower_build"]["build_dir"]]
+                if args.profile and r == 0:
+                    argv += ["--profile"]
+            if e == "llamacpp":
+                argv += ["--gguf", gguf]
+            skip = getattr(args, f"skip_{e}")
+            if r >= args.long_rounds:
+                skip = ",".join(x for x in (skip, "prefill2048") if x)
+            if skip:
+                argv += ["--skip", skip]
+            log(f"[round {r + 1}/{args.repeats}] {e}")
+            try:
+                rounds[e].append(run_worker(argv, timeout=args.worker_timeout))
+            except Exception as exc:  # noqa: BLE001
+                log(f"  {e} failed: {exc}")
+                rounds[e].append({"engine": e, "error": str(exc)[-2000:]})
+            last = rounds[e][-1]
+            log("  " + ", ".join(f"{k}={v:.2f}" for k, v in last.items() if k.endswith(("tok_s", "rss_mb")) and isinstance(v, float)))
+    res["bandwidth_end"] = mem_bandwidth()
+    bw = max(res["bandwidth_start"]["best_GBps"], res["bandwidth_end"]["best_GBps"])
+    res["bandwidth_GBps"] = bw
+    res["rounds"] = rounds
+    summary = {}
+    for e in engines:
+        rs = [x for x in rounds[e] if "error" not in x]
+        s = {k: med([x.get(k) for x in rs]) for k in
+             ("prefill128_tok_s", "prefill2048_tok_s", "decode128_tok_s", "decode2048_tok_s", "load_s")}
+        s["n"] = {k: sum(1 for x in rs if x.get(k) is not None) for k in
+                  ("prefill128_tok_s", "prefill2048_tok_s", "decode128_tok_s", "decode2048_tok_s")}
+        s["peak_rss_mb"] = max([x.get("peak_rss_mb", 0) for x in rs], default=None)
+        quant = res.get("bluelower_build", {}).get("quant_used", "fp32") if e == "bluelower" else (
+            "Q4_0" if e == "llamacpp" else "fp32")
+        for ctx in (128, 2048):
+            b = M.decode_bytes(cfg, e, quant, ctx)
+            s[f"bytes_per_token_{ctx}"] = b
+            s[f"roofline_tok_s_{ctx}"] = bw * 1e9 / b["total_bytes"]
+            got = s.get(f"decode{ctx}_tok_s")
+            s[f"roofline_frac_{ctx}"] = got / s[f"roofline_tok_s_{ctx}"] if got else None
+        s["skipped"] = sorted({f"{k}: {v}" for x in rs for k, v in x.get("skipped", {}).items()})
+        s["errors"] = [x["error"][-300:] for x in rounds[e] if "error" in x]
+        s["precision"] = quant
+        summary[e] = s
+    if "bluelower" in summary and "llamacpp" in summary:
+        b, l = summary["bluelower"], summary["llamacpp"]
+        res["targets"] = {
+            "decode128_vs_llamacpp": (b["decode128_tok_s"] / l["decode128_tok_s"]) if b["decode128_tok_s"] and l["decode128_tok_s"] else None,
+            "decode2048_vs_llamacpp": (b["decode2048_tok_s"] / l["decode2048_tok_s"]) if b["decode2048_tok_s"] and l["decode2048_tok_s"] else None,
+            "prefill128_vs_llamacpp": (b["prefill128_tok_s"] / l["prefill128_tok_s"]) if b["prefill128_tok_s"] and l["prefill128_tok_s"] else None,
+            "bluelower_roofline_frac_128": b["roofline_frac_128"],
+        }
+    prof = [x.get("profile") for x in rounds.get("bluelower", []) if x.get("profile")]
+    if prof:
+        res["bluelower_profile"] = prof[0]
+    res["summary"] = summary
+    res["loadavg_end"] = loadavg()
+    res["elapsed_s"] = round(time.time() - t_start, 1)
+    return res
+
+
+def compile_bench(args) -> dict:
+    """`bluelower compile` wall time and max RSS: tiny and bluelm-v-3b (host), + aarch64."""
+    out = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(), "runs": []}
+    exe = os.path.join(os.path.dirname(PY), "bluelower")
+    for model, soc in [x.split("@") if "@" in x else (x, "host") for x in args.compile_bench.split(",")]:
+        dest = os.path.join(M.CACHE, "compile-bench", f"{model}-{soc}")
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        cmd = [exe, "compile", "--model", model, "--soc", soc, "-o", dest]
+        log(f"[compile-bench] {' '.join(cmd)}")
+        r = timed_child(cmd, env=env_threads(), timeout=args.worker_timeout)
+        r.update(model=model, soc=soc, loadavg_before=loadavg())
+        out["runs"].append(r)
+        log(f"  {r.get('wall_s')} s, {r.get('max_rss_mb')} MB, rc={r.get('rc')}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(M.DECODERS), default="3b")
+    ap.add_argument("--quant", default="w4a16kv8")
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--long-rounds", type=int, default=99, help="rounds that include the 2048-token prefill")
+    ap.add_argument("--decode-tokens", type=int, default=8)
+    ap.add_argument("--max-seconds", type=float, default=300.0, help="per-measurement budget (longer: skipped/shortened)")
+    ap.add_argument("--worker-timeout", type=float, default=3600.0)
+    ap.add_argument("--skip-bluelower", default="")
+    ap.add_argument("--skip-llamacpp", default="")
+    ap.add_argument("--skip-torch", default="")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--verify", action="store_true", help="check llama.cpp logits vs PyTorch (always on tiny)")
+    ap.add_argument("--profile", action="store_true", help="Relax VM profile of bluelower's decode/prefill (round 1)")
+    ap.add_argument("--compile-bench", default="", help="e.g. tiny,bluelm-v-3b,tiny@dimensity9300")
+    ap.add_argument("--no-docs", action="store_true")
+    # worker-only
+    ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    ap.add_argument("--verify-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--weights", help=argparse.SUPPRESS)
+    ap.add_argument("--gguf", help=argparse.SUPPRESS)
+    ap.add_argument("--gguf-f32", help=argparse.SUPPRESS)
+    ap.add_argument("--build-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--skip", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.chunk, args.long = 128, 2048
+    if args.worker:
+        return worker(args)
+    if args.verify_worker:
+        return verify(args)
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    if args.compile_bench:
+        res = compile_bench(args)
+        res["command"] = " ".join([PY] + sys.argv)
+        path = os.path.join(HERE, "results", "compile.json")
+    else:
+        res = main_bench(args)
+        path = os.path.join(HERE, "results", f"llm-{args.size}.json")
+    with open(path, "w") as fh:
+        json.dump(res, fh, indent=1, sort_keys=True, default=str)
+    log(f"wrote {path}")
+    if not args.no_docs:
+        import _llm_report
+
+        _llm_report.write_docs(os.path.join(HERE, "results"), ROOT)
+
+
+if __name__ == "__main__":
+    main()
