@@ -62,7 +62,9 @@ _MODEL_HELP = "A shipped config (tiny, bluelm-v-3b) or a path to a .json config.
 @click.option("--frontend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
               help="torch.export or ONNX (+ onnxsim) import.")
 @click.option("--soc", default="host", show_default=True, metavar="NAME|PATH.toml", help="Target SoC.")
-@click.option("--quant", default="fp32", show_default=True, help="Weight/KV-cache precision.")
+@click.option("--quant", type=click.Choice(["fp32", "w8", "w4a16", "w4a16kv8"]), default="w4a16kv8", show_default=True,
+              help="Weights: fp32; w8 = INT8 per channel everywhere; w4a16 = decoder INT4 (group 32) + ViT/projector INT8; "
+                   "w4a16kv8 = w4a16 + INT8 KV cache (the cache stays fp32 until FuseAttention lands). See docs/quantization.md.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--dump-ir", type=click.Path(file_okay=False), default=None,
               help="Write the IR as TVMScript after every pass into this directory.")
@@ -95,7 +97,7 @@ def _parse_prompt_ids(text: str) -> list[int]:
 @click.option("--prompt-ids", default="", help="Comma-separated prompt token ids, e.g. 1,2,3.")
 @click.option("--max-new-tokens", type=int, default=16, show_default=True)
 @click.option("--check", is_flag=True, help="Also run the PyTorch reference; exit 4 on any token mismatch.")
-@click.option("--weights", default=None, help="fp32 weights for --check when the build is quantized.")
+@click.option("--weights", default=None, help="fp32 weights for --check (default: the build's own; a quantized build is checked against PyTorch with its dequantized weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print {\"tokens\": [...], ...} as JSON.")
 @click.option("--native", is_flag=True, help="Run the bundle's own bluelower-run binary (qemu-aarch64 for aarch64).")
 def run_cmd(build_dir, image, prompt_ids, max_new_tokens, check, weights, as_json, native) -> None:
@@ -117,7 +119,9 @@ def run_cmd(build_dir, image, prompt_ids, max_new_tokens, check, weights, as_jso
     out = result.to_json()
     mismatch = False
     if check:
-        reference = reference_for_build(build_dir, weights)
+        from .eval_quant import check_reference
+
+        reference = check_reference(build_dir, weights)
         ref = generate(reference, patches, ids, max_new_tokens)
         out["reference_tokens"] = ref.tokens
         out["match"] = ref.tokens == result.tokens
@@ -157,7 +161,9 @@ def _run_native(build_dir, image, ids, max_new_tokens, check, weights, as_json) 
         if image is not None:
             patches = preprocess_image(load_image(image), grid=None, image_size=rt["image_size"],
                                        mean=tuple(rt["image_mean"]), std=tuple(rt["image_std"]))
-        ref = generate(reference_for_build(build_dir, weights), patches, ids, max_new_tokens)
+        from .eval_quant import check_reference
+
+        ref = generate(check_reference(build_dir, weights), patches, ids, max_new_tokens)
         out["reference_tokens"] = ref.tokens
         out["match"] = ref.tokens == out["tokens"]
         mismatch = not out["match"]
@@ -307,6 +313,32 @@ def inspect_memory_cmd(build_dir, model, soc, quant, image_grid, kv_capacity, pr
         echo_json(info)
     else:
         click.echo(memory.format_table(info))
+
+
+@cli.command("eval-quant")
+@click.option("--model", "models", multiple=True, metavar="NAME|PATH.json", help="Model(s) to evaluate (default: tiny).")
+@click.option("--modes", default="fp32,w8,w4a16,w4a16kv8", show_default=True, help="Comma-separated quant modes.")
+@click.option("--tokens", type=int, default=64, show_default=True, help="Greedy tokens to compare.")
+@click.option("--group-size", type=int, default=32, show_default=True, help="INT4 group size.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights and the prompt.")
+@click.option("--disable-pass", "disabled", multiple=True, metavar="NAME", help="Skip a pass (repeatable).")
+@click.option("--write-doc", default=None, type=click.Path(dir_okay=False), help="Write the report as Markdown (docs/quantization.md).")
+@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
+def eval_quant_cmd(models, modes, tokens, group_size, seed, disabled, write_doc, as_json) -> None:
+    """Accuracy of each --quant mode against the fp32 PyTorch reference (image tokens, logits, tokens)."""
+    from . import eval_quant
+
+    reports = [eval_quant.evaluate(m, modes=tuple(x.strip() for x in modes.split(",") if x.strip()), tokens=tokens,
+                                   seed=seed, group_size=group_size, disabled_passes=tuple(disabled))
+               for m in (models or ("tiny",))]
+    if write_doc:
+        eval_quant.write_doc(write_doc, reports)
+    if as_json:
+        echo_json(reports if len(reports) > 1 else reports[0])
+    else:
+        for report in reports:
+            click.echo(f"{report['model']} (seed {report['seed']}, {report['tokens']} tokens, group {report['group_size']})")
+            click.echo(eval_quant.format_table(report))
 
 
 def main() -> None:

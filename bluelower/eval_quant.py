@@ -1,0 +1,303 @@
+"""Accuracy of the quantized builds against the fp32 PyTorch reference (``bluelower eval-quant``).
+
+For each mode (fp32, w8, w4a16, w4a16kv8) the model is compiled with the same seeded
+random weights, then on one image + prompt:
+
+* ``image_tokens_rel_err``: ``||y - y_ref|| / ||y_ref||`` of ``encode_image``;
+* ``prefill_logits_rel_err``: the same for the logits of the last prefill chunk;
+* ``decode_logits_rel_err``: mean over the decode steps, *teacher-forced* (both models
+  are fed the reference's greedy tokens, so the error is per step, not compounded);
+* ``teacher_forced_top1``: fraction of decode steps whose argmax equals the reference's;
+* ``greedy_prefix``: free-running greedy generation, number of leading tokens identical
+  to the reference's (EOS does not stop either run);
+* ``kernel_rel_err``: decode logits against PyTorch run with the build's *dequantized*
+  weights (the kernels' own arithmetic error, ~1e-6 when they are right).
+
+The reference for ``run --check`` on a quantized build is :func:`check_reference`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+from .generate import TorchReference, read_manifest, reference_for_build
+
+MODES = ("fp32", "w8", "w4a16", "w4a16kv8")
+
+
+class DequantizedReference(TorchReference):
+    """The PyTorch model with a quantized build's weights, dequantized exactly as the
+    kernels use them (so ``run --check`` can demand identical tokens)."""
+
+    def __init__(self, build_dir: str):
+        import torch
+
+        from .lowering.build import PARAMS
+        from .lowering.models.bluelm_v import BlueLMV
+        from .lowering.models.config import config_from_dict
+        from .lowering.quantized_params import dequantized_state
+
+        manifest = read_manifest(build_dir)
+        cfg = config_from_dict(manifest["model"], "manifest.json:model")
+        state = {n: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+                 for n, a in dequantized_state(os.path.join(build_dir, PARAMS), manifest).items()}
+        with torch.device("meta"):
+            model = BlueLMV(cfg)
+        model.load_state_dict(state, assign=True)
+        self.torch = torch
+        self.cfg = cfg
+        self.model = model.eval()
+        r = cfg.runtime
+        self.chunk, self.capacity, self.image_batch, self.eos = r.prefill_chunk, r.kv_capacity, r.image_batch, r.eos_token_id
+        self.tokens_per_patch, self.vocab_size = cfg.image_tokens_per_patch, cfg.decoder.vocab_size
+        self.kv = None
+
+
+def check_reference(build_dir: str, weights_path: str | None = None):
+    """The reference ``run --check`` compares with: for an fp32 build (or with explicit
+    ``--weights``) the fp32 PyTorch model; for a quantized build the PyTorch model with the
+    build's dequantized weights, so the check tests the compiler, not the rounding."""
+    manifest = read_manifest(build_dir)
+    if manifest.get("quant", "fp32") != "fp32" and weights_path is None and manifest.get("quantization", {}).get("params"):
+        return DequantizedReference(build_dir)
+    return reference_for_build(build_dir, weights_path)
+
+
+# ---------------------------------------------------------------- the measurement
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _sequence(backend, patches, prompt_ids):
+    """Image tokens and the prefill of image + prompt (docs/bundle-format.md, steps 1-4)."""
+    image_tokens = backend.encode_batch(np.ascontiguousarray(patches[: backend.image_batch], dtype=np.float32))
+    rows = [image_tokens.reshape(-1, image_tokens.shape[-1])[: patches.shape[0] * backend.tokens_per_patch]]
+    c = backend.chunk
+    for i in range(0, len(prompt_ids), c):
+        ids = np.zeros(c, np.int64)
+        part = prompt_ids[i : i + c]
+        ids[: len(part)] = part
+        rows.append(backend.embed_chunk(ids)[: len(part)])
+    seq = np.concatenate(rows).astype(np.float32)
+    backend.reset_cache()
+    logits = None
+    for start in range(0, seq.shape[0], c):
+        chunk = seq[start : start + c]
+        valid = chunk.shape[0]
+        if valid < c:
+            chunk = np.concatenate([chunk, np.zeros((c - valid, chunk.shape[1]), np.float32)])
+        logits = backend.prefill_chunk(np.ascontiguousarray(chunk), start, valid)
+    return image_tokens, np.array(logits, copy=True), seq.shape[0]
+
+
+def _teacher_forced(backend, fed: list, position: int) -> list:
+    """Decode logits when fed the tokens ``fed`` (the reference's), right after the prefill."""
+    return [np.array(backend.decode_step(int(tok), position + j), copy=True) for j, tok in enumerate(fed)]
+
+
+def _greedy(backend, first_logits, position: int, n: int) -> list:
+    tokens = [int(np.argmax(first_logits[0]))]
+    while len(tokens) < n:
+        logits = backend.decode_step(tokens[-1], position + len(tokens) - 1)
+        tokens.append(int(np.argmax(logits[0])))
+    return tokens
+
+
+def eval_patches(cfg, seed: int = 0) -> np.ndarray:
+    """One deterministic normalized patch ``[1, 3, S, S]`` (smooth random image in [-1, 1])."""
+    rng = np.random.default_rng(1000 + seed)
+    s = cfg.vision.image_size
+    coarse = rng.uniform(-1, 1, (3, 12, 12)).astype(np.float32)
+    img = np.kron(coarse, np.ones((1, s // 12 + 1, s // 12 + 1), np.float32))[:, :s, :s]
+    return (img + 0.1 * rng.standard_normal((3, s, s)).astype(np.float32)).clip(-1, 1)[None]
+
+
+def evaluate(model: str = "tiny", modes=MODES, tokens: int = 64, seed: int = 0, group_size: int = 32,
+             prompt_ids=None, work_dir: str | None = None, disabled_passes=()) -> dict:
+    """Compile ``model`` in each mode and measure it against the fp32 PyTorch reference."""
+    from . import progress
+    from .generate import CompiledModel
+    from .lowering.build import CompileRequest, compile_model
+    from .lowering.models.config import load_config
+
+    cfg = load_config(model)
+    if prompt_ids is None:
+        prompt_ids = [int(v) for v in np.random.default_rng(seed).integers(3, cfg.decoder.vocab_size, 24)]
+    patches = eval_patches(cfg, seed)
+    n_rows = cfg.image_tokens_per_patch + len(prompt_ids)
+    if n_rows + tokens > cfg.runtime.kv_capacity:
+        tokens = cfg.runtime.kv_capacity - n_rows
+    ref = TorchReference(cfg, None, seed)
+    ref_image, ref_prefill, n = _sequence(ref, patches, prompt_ids)
+    ref_tokens = _greedy(ref, ref_prefill, n, tokens)
+    ref_first = ref_tokens[0]
+    ref.reset_cache()
+    _sequence(ref, patches, prompt_ids)
+    ref_decode = _teacher_forced(ref, ref_tokens[:-1], n)
+
+    own_tmp = work_dir is None
+    work_dir = work_dir or tempfile.mkdtemp(prefix="bluelower-eval-quant-")
+    rows = []
+    try:
+        for mode in modes:
+            out = os.path.join(work_dir, f"{cfg.name}-{mode}")
+            t0 = time.perf_counter()
+            manifest = compile_model(CompileRequest(model=model, out_dir=out, quant=mode, seed=seed, group_size=group_size,
+                                                    disabled_passes=tuple(disabled_passes)))
+            compile_s = time.perf_counter() - t0
+            built = CompiledModel(out)
+            image, prefill, _ = _sequence(built, patches, prompt_ids)
+            greedy = _greedy(built, prefill, n, tokens)
+            built.reset_cache()
+            _sequence(built, patches, prompt_ids)
+            decode = _teacher_forced(built, ref_tokens[:-1], n)
+            deq = check_reference(out)
+            deq.reset_cache()
+            _sequence(deq, patches, prompt_ids)
+            deq_decode = _teacher_forced(deq, ref_tokens[:-1], n)
+            prefix = next((i for i, (a, b) in enumerate(zip(greedy, ref_tokens)) if a != b), len(ref_tokens))
+            top1 = [int(np.argmax(d[0])) == t for d, t in zip(decode, ref_tokens[1:])]
+            top1.insert(0, int(np.argmax(prefill[0])) == ref_first)
+            rows.append({
+                "mode": mode,
+                "image_tokens_rel_err": _rel(image, ref_image),
+                "prefill_logits_rel_err": _rel(prefill, ref_prefill),
+                "decode_logits_rel_err": float(np.mean([_rel(a, b) for a, b in zip(decode, ref_decode)])),
+                "teacher_forced_top1": float(np.mean(top1)),
+                "greedy_prefix": int(prefix),
+                "greedy_tokens": len(ref_tokens),
+                "kernel_rel_err": float(np.max([_rel(a, b) for a, b in zip(decode, deq_decode)])),
+                "weights_bytes": int(manifest.get("quantization", {}).get("weights_bytes", 0)),
+                "decode_weights_bytes_per_call": int(manifest["functions"]["decode"].get("weights_bytes_per_call", 0)),
+                "compile_s": round(compile_s, 1),
+            })
+            progress.log(f"eval-quant {cfg.name} {mode}: " + json.dumps({k: v for k, v in rows[-1].items() if k != "mode"}))
+    finally:
+        if own_tmp:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    return {"model": cfg.name, "seed": seed, "group_size": group_size, "tokens": len(ref_tokens),
+            "prompt_ids": list(prompt_ids), "reference_tokens": ref_tokens, "results": rows}
+
+
+# ---------------------------------------------------------------- report
+
+
+def format_table(report: dict) -> str:
+    head = ("| mode | image tokens rel. err | prefill logits rel. err | decode logits rel. err (teacher-forced, mean) "
+            "| top-1 agreement (teacher-forced) | greedy: identical leading tokens | kernel vs dequantized PyTorch "
+            "| stored weights | decode reads / call |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['mode']} | {r['image_tokens_rel_err']:.2e} | {r['prefill_logits_rel_err']:.2e} "
+            f"| {r['decode_logits_rel_err']:.2e} | {100 * r['teacher_forced_top1']:.1f}% "
+            f"| {r['greedy_prefix']} / {r['greedy_tokens']} | {r['kernel_rel_err']:.1e} "
+            f"| {r['weights_bytes'] / 1e6:.2f} MB | {r['decode_weights_bytes_per_call'] / 1e6:.2f} MB |"
+        )
+    return "\n".join(lines)
+
+
+_DOC_HEAD = """# Quantization: formats, where they apply, accuracy
+
+Generated by `{command}` (bluelower/eval_quant.py); edit the text there, not here.
+
+## Modes (`bluelower compile --quant`, default `w4a16kv8`)
+
+| mode | decoder linear weights (q/k/v/o, MLP, lm_head) | ViT + projector linear weights | KV cache |
+|---|---|---|---|
+| `fp32` | fp32 | fp32 | fp32 |
+| `w8` | INT8 per output channel | INT8 per output channel | fp32 |
+| `w4a16` | INT4 symmetric, group-wise along K (group 32, `CompileRequest.group_size` / `CompileOptions.extra["group_size"]`) | INT8 per output channel | fp32 |
+| `w4a16kv8` | as `w4a16` | as `w4a16` | INT8 planned with FuseAttention/PlanKVCache; **until that lands the cache is fp32** and the manifest says `kv_cache.dtype: float32` |
+
+Activations stay float32 in every mode ("a16" is the target precision on the phone; the
+host kernels compute in float32). Embedding table, norms, the patch-embedding convolution,
+position embeddings and biases stay fp32. Formats and kernels: docs/kernels.md.
+
+## How it is compiled
+
+`QuantizeWeights` (phase `quantization`, bluelower/passes/quantize_weights.py) finds each
+linear layer over a weight parameter, `R.call_tir(NT_matmul, (x, W))` after
+FuseTransposeMatmul, and replaces it with `R.call_tir(int4_linear_MxNxK_g32, (x,
+W.int4_packed, W.int4_scales))` (or `int8_linear`) over two NEW function parameters that
+take `W`'s place in the signature. No fp32 or dequantized weight exists at run time; the
+kernels dequantize in registers. Shapes the kernels cannot take directly (N or K not a
+multiple of 32, e.g. SigLIP's 4304) are zero-padded: the activation along K
+(`R.concat` with zeros), the output sliced back to N.
+
+The pass records a parameter table (new name -> source weight, quantizer, args);
+`build.py` writes `params.safetensors` from it tensor by tensor (reading one fp32 weight
+from the checkpoint or the seeded generator, quantizing it, writing its two parts;
+bluelower/lowering/quantized_params.py), so a 3B model never has all fp32 weights in
+memory. The manifest lists the new names in `functions.<f>.params`, the bytes each call
+reads in `functions.<f>.weights_bytes_per_call` (embedding rows gathered, not the table)
+and the table itself in `quantization` (`mode`, `group_size`, `params`, `source_shapes`,
+`weights_bytes`). Runtimes bind parameters by name and need no change.
+
+## `run --check` on a quantized build
+
+An fp32 build must give exactly PyTorch's tokens. A quantized build is checked against
+PyTorch run with **the build's own weights, dequantized exactly as the kernels see them**
+(`bluelower.eval_quant.check_reference`), so `--check` tests the compiler (the kernels,
+the rewrite, the parameter conversion), not the rounding: tokens match unless float
+summation order flips a near-tie argmax. The rounding itself is measured below.
+`run --check --weights FP32.safetensors` still compares with the fp32 model.
+
+## BlueLM-V-3B sizes (from shapes, no weights materialized)
+
+`bluelower.lowering.quantized_params.weight_bytes_by_part(load_config("bluelm-v-3b"), mode)`:
+
+{sizes}
+
+## Accuracy against the fp32 PyTorch reference
+
+Seeded random weights (`init_std` of the config), one deterministic image patch and a
+24-id random prompt; {tokens} greedy tokens. Columns:
+image tokens / prefill logits: `||y - y_ref|| / ||y_ref||`; decode logits: the same,
+mean over the decode steps with both models fed the reference's tokens (teacher-forced);
+top-1 agreement: share of the {tokens} positions (prefill + decode, teacher-forced) whose
+argmax equals the reference's token; greedy: free-running generation, leading tokens
+identical to the reference's (EOS does not stop); kernel: max decode-logit error against
+PyTorch with the dequantized weights (the kernels' own arithmetic).
+
+Random Gaussian weights have no outlier channels, so these errors are a lower bound
+for a real checkpoint's; random models also have flat logit distributions (many near
+ties), so the greedy prefix is a pessimistic agreement measure.
+"""
+
+
+def _sizes_table() -> str:
+    from .lowering.models.config import load_config
+    from .lowering.quantized_params import weight_bytes_by_part
+
+    cfg = load_config("bluelm-v-3b")
+    lines = ["| mode | decoder linear (incl. lm_head) | bits / weight | embedding table | vision | projector | total |",
+             "|---|---|---|---|---|---|---|"]
+    for mode in MODES:
+        p = weight_bytes_by_part(cfg, mode)
+        lines.append(f"| {mode} | {p['decoder_linear'] / 1e9:.3f} GB | {p['decoder_linear_bits_per_weight']:.2f} "
+                     f"| {p['decoder_embedding'] / 1e9:.3f} GB | {p['vision'] / 1e9:.3f} GB | {p['projector'] / 1e9:.3f} GB "
+                     f"| {p['total'] / 1e9:.3f} GB |")
+    return "\n".join(lines)
+
+
+def write_doc(path: str, reports: list, command: str | None = None) -> None:
+    """docs/quantization.md from ``evaluate`` reports."""
+    if command is None:
+        models = " ".join(f"--model {r['model']}" for r in reports)
+        command = f"bluelower eval-quant {models} --write-doc {os.path.relpath(path)}"
+    text = _DOC_HEAD.format(command=command, sizes=_sizes_table(), tokens=reports[0]["tokens"] if reports else 64)
+    for r in reports:
+        text += (f"\n### `{r['model']}` (seed {r['seed']}, group size {r['group_size']}, {r['tokens']} tokens)\n\n"
+                 + format_table(r) + "\n")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
