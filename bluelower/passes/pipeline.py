@@ -104,6 +104,7 @@ def build_pipeline() -> list[PassSpec]:
         PassSpec("DeadCodeElimination", "import-cleanup", "Drop unused bindings and functions (entry functions kept).",
                  lambda o: T.DeadCodeElimination(list(o.entry_functions))),
         # graph rewrites
+        PassSpec("PlanKVCache", "graph-rewrites", "Update the KV cache in place (write only the new rows), one persistent buffer.", lambda o: __import__("bluelower.passes.plan_kv_cache", fromlist=["PlanKVCache"]).PlanKVCache()),
         PassSpec("FuseAttention", "graph-rewrites", "Replace each softmax(QK^T*scale+mask)V with one fused TIR kernel.", lambda o: __import__("bluelower.passes.fuse_attention", fromlist=["FuseAttention"]).FuseAttention()),
         PassSpec("FuseTransposeMatmul", "graph-rewrites", "Fold permute_dims(W) into matmul so weights stay N x K.",
                  lambda o: T.FuseTransposeMatmul()),

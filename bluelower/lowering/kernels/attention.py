@@ -148,7 +148,8 @@ def fused_attention(
         keep = [p for i, p in enumerate(params) if i not in drop]
         attention = tirx.PrimFunc(keep, attention.body, attention.ret_type, attention.attrs)
     kind = "causal" if causal else ("masked" if has_mask else "full")
-    return attention.with_attr("bluelower.kernel", f"attention_{kind}_{BH}x{Tq}x{S}x{D}")
+    # opaque (8): keep the kernel whole, FuseOps must not merge neighbours into it
+    return attention.with_attr("op_pattern", 8).with_attr("bluelower.kernel", f"attention_{kind}_{BH}x{Tq}x{S}x{D}")
 
 
 def kv_cache_write(*, cache_shape: tuple, prefix: tuple, axis: int, update_shape: tuple, dtype: str = "float32",
@@ -183,7 +184,8 @@ def kv_cache_write(*, cache_shape: tuple, prefix: tuple, axis: int, update_shape
         for j in range(n):
             cache[tuple(prefix) + _with_axis(unflat(j), axis, index_[unflat(j)])] = update[unflat(j)]
 
-    return write.with_attr("bluelower.kernel", f"kv_cache_write_{'x'.join(str(int(s)) for s in update_shape)}")
+    # opaque (8): FuseOps must not merge a producer into the in-place write
+    return write.with_attr("op_pattern", 8).with_attr("bluelower.kernel", f"kv_cache_write_{'x'.join(str(int(s)) for s in update_shape)}")
 
 
 def _with_axis(idx: tuple, axis: int, value) -> tuple:
