@@ -86,6 +86,7 @@ struct Buffer {
 
 struct Args {
   std::string bundle, image, prompt_ids, soc, backend = "sim";
+  std::string dump_pixels;  // testing: write the preprocessed float32 [k, 3, S, S] and stop
   long max_new_tokens = 16;
   bool json = false;
 };
@@ -93,7 +94,7 @@ struct Args {
 [[noreturn]] void usage_exit() {
   std::fprintf(stdout,
                "usage: bluelower-run BUNDLE [--image X.npy] [--prompt-ids 1,2,3] [--max-new-tokens N] [--json]\n"
-               "                     [--soc NAME] [--backend sim]\n"
+               "                     [--soc NAME] [--backend sim] [--dump-pixels OUT.f32]\n"
                "Generate tokens greedily from a bluelower bundle (image tokens, then the prompt).\n"
                "The image must be a .npy uint8 or float32 [H, W, 3] array (PNG/JPEG: convert with\n"
                "numpy first; native decoding is not supported).\n");
@@ -116,6 +117,7 @@ Args parse_args(int argc, char** argv) {
     else if (is("--prompt-ids")) a.prompt_ids = value("--prompt-ids");
     else if (is("--soc")) a.soc = value("--soc");
     else if (is("--backend")) a.backend = value("--backend");
+    else if (is("--dump-pixels")) a.dump_pixels = value("--dump-pixels");
     else if (is("--max-new-tokens")) {
       std::string v = value("--max-new-tokens");
       char* end = nullptr;
@@ -350,6 +352,17 @@ int run(const Args& a) {
     throw Error("prompt of " + std::to_string(n) + " rows (" + std::to_string(n_image) + " image tokens + " +
                 std::to_string(ids.size()) + " prompt ids) plus " + std::to_string(a.max_new_tokens) +
                 " new tokens exceeds the KV cache capacity of " + std::to_string(capacity));
+
+  if (!a.dump_pixels.empty()) {  // preprocessing only (tests compare it with the Python reference)
+    if (!img) throw UsageError("--dump-pixels needs --image");
+    std::vector<float> px(size_t(3 * S * S));
+    preprocess_whole_image(*img, S, mean, stdv, px.data());
+    FILE* f = std::fopen(a.dump_pixels.c_str(), "wb");
+    if (!f) throw Error("cannot write " + a.dump_pixels);
+    size_t w = std::fwrite(px.data(), sizeof(float), px.size(), f);
+    if (std::fclose(f) != 0 || w != px.size()) throw Error("cannot write " + a.dump_pixels);
+    return 0;
+  }
 
   // Weights, backend, partitions.
   const Json& functions = b.manifest.at("functions", mpath);

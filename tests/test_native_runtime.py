@@ -1,0 +1,254 @@
+"""The native runtime (bluelower-run) and device bundles (docs/native-runtime.md).
+
+Session fixtures build the tiny model once per bundle kind: an aarch64 bundle for the
+Dimensity 9300 (cross-compiled, run under qemu-aarch64) and a host bundle (run
+directly). The aarch64 TVM runtime wheels and the runtime binaries are cached in
+``~/.cache/bluelower`` (or ``$BLUELOWER_CACHE``), so only the first session downloads.
+Needs ``g++`` and, for aarch64, ``apt-get install -y g++-aarch64-linux-gnu qemu-user``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bluelower.errors import BlueLowerError
+from bluelower.lowering import device
+
+PROMPT = "1,2,3"
+MAX_NEW = 8
+
+
+def _have_aarch64() -> str | None:
+    missing = [t for t in ("aarch64-linux-gnu-g++", "qemu-aarch64") if shutil.which(t) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed (apt-get install -y g++-aarch64-linux-gnu qemu-user)"
+    return None
+
+
+def _build(soc: str, out: str) -> dict:
+    cmd = [sys.executable, "-m", "bluelower.cli", "-q", "build", "--model", "tiny", "--soc", soc, "-o", out, "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="session")
+def image_npy(tmp_path_factory) -> str:
+    rng = np.random.default_rng(7)
+    path = str(tmp_path_factory.mktemp("img") / "img.npy")
+    np.save(path, rng.integers(0, 256, size=(50, 41, 3), dtype=np.uint8))
+    return path
+
+
+@pytest.fixture(scope="session")
+def device_bundle(tmp_path_factory):
+    reason = _have_aarch64()
+    if reason:
+        pytest.skip(reason)
+    out = str(tmp_path_factory.mktemp("dev") / "bundle")
+    return _build("dimensity9300", out)
+
+
+@pytest.fixture(scope="session")
+def host_bundle(tmp_path_factory):
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not installed")
+    out = str(tmp_path_factory.mktemp("host") / "bundle")
+    return _build("host", out)
+
+
+def _reference_tokens(bundle: str, image: str | None, prompt: str, max_new: int) -> list:
+    from bluelower.generate import generate, read_manifest, reference_for_build
+    from bluelower.lowering.image import load_image, preprocess_image
+
+    rt = read_manifest(bundle)["runtime"]
+    patches = None
+    if image is not None:
+        patches = preprocess_image(load_image(image), grid=None, image_size=rt["image_size"],
+                                   mean=tuple(rt["image_mean"]), std=tuple(rt["image_std"]))
+    ids = [int(t) for t in prompt.split(",")] if prompt else []
+    return generate(reference_for_build(bundle), patches, ids, max_new).tokens
+
+
+def _native(bundle: str, *args: str) -> subprocess.CompletedProcess:
+    cmd, env = device.native_command(bundle, [bundle, *args])
+    return subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, needle: str) -> None:
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
+    assert proc.stdout == ""
+
+
+# --------------------------------------------------------------------- generation
+
+
+def test_aarch64_bundle_matches_pytorch_under_qemu(device_bundle, image_npy):
+    bundle = device_bundle["bundle"]
+    manifest = json.load(open(os.path.join(bundle, "manifest.json")))
+    assert manifest["native_runtime"]["arch"] == "aarch64"
+    for rel in ("bin/bluelower-run", "lib/libtvm_runtime.so", "lib/libtvm_ffi.so", "model.so"):
+        with open(os.path.join(bundle, rel), "rb") as fh:
+            head = fh.read(20)
+        assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183, rel  # EM_AARCH64
+        assert manifest["files"][rel] == hashlib.sha256(open(os.path.join(bundle, rel), "rb").read()).hexdigest()
+    proc = device.run_native(bundle, image_npy, PROMPT, MAX_NEW, as_json=True)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["arch"] == "aarch64"
+    assert out["tokens"] == _reference_tokens(bundle, image_npy, PROMPT, MAX_NEW)
+    assert set(out["timings_s"]) >= {"image_encode", "embed", "prefill", "decode"}
+
+
+def test_host_bundle_matches_pytorch(host_bundle, image_npy, tmp_path):
+    bundle = host_bundle["bundle"]
+    proc = _native(bundle, "--image", image_npy, "--prompt-ids", PROMPT, "--max-new-tokens", str(MAX_NEW), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["tokens"] == _reference_tokens(bundle, image_npy, PROMPT, MAX_NEW)
+    # float32 image in [0, 1], Fortran order; a prompt longer than one prefill chunk, no image
+    f32 = str(tmp_path / "f32.npy")
+    rng = np.random.default_rng(3)
+    np.save(f32, np.asfortranarray(rng.random((400, 300, 3), dtype=np.float32)))
+    long_prompt = ",".join(str(i % 500 + 3) for i in range(70))
+    for image, prompt in ((f32, "5"), (None, long_prompt)):
+        args = (["--image", image] if image else []) + ["--prompt-ids", prompt, "--max-new-tokens", "5", "--json"]
+        proc = _native(bundle, *args)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["tokens"] == _reference_tokens(bundle, image, prompt, 5)
+
+
+def test_cli_run_native_check(host_bundle, image_npy):
+    cmd = [sys.executable, "-m", "bluelower.cli", "run", host_bundle["bundle"], "--native", "--image", image_npy,
+           "--prompt-ids", PROMPT, "--max-new-tokens", "4", "--check", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["match"] and out["tokens"] == out["reference_tokens"]
+
+
+@pytest.mark.parametrize("shape,kind", [((50, 41), "u8"), ((7, 3), "u8"), ((1000, 1500), "u8"),
+                                        ((384, 384), "u8"), ((384, 97), "u8"), ((123, 456), "f32")])
+def test_preprocessing_is_bit_exact(host_bundle, tmp_path, shape, kind):
+    from bluelower.lowering.image import load_image, preprocess_image
+
+    rng = np.random.default_rng(shape[0] * 7 + shape[1])
+    arr = rng.integers(0, 256, size=shape + (3,), dtype=np.uint8)
+    if kind == "f32":
+        arr = rng.random(shape + (3,), dtype=np.float32)
+    src, out = str(tmp_path / "img.npy"), str(tmp_path / "px.f32")
+    np.save(src, arr)
+    proc = _native(host_bundle["bundle"], "--image", src, "--dump-pixels", out)
+    assert proc.returncode == 0, proc.stderr
+    ref = preprocess_image(load_image(src), grid=None)
+    got = np.fromfile(out, dtype=np.float32).reshape(ref.shape)
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+
+
+# --------------------------------------------------------------------- reproducibility
+
+
+def test_two_builds_give_the_same_tarball(device_bundle, tmp_path):
+    again = _build("dimensity9300", str(tmp_path / "again"))
+    assert again["tarball_sha256"] == device_bundle["tarball_sha256"]
+    with open(again["tarball"], "rb") as fh:
+        assert fh.read(10)[4:8] == b"\0\0\0\0"  # gzip mtime 0
+    import tarfile
+
+    with tarfile.open(again["tarball"]) as tar:
+        members = tar.getmembers()
+    names = [m.name for m in members]
+    assert names == sorted(names)
+    assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" for m in members)
+    assert any(n.endswith("/bin/bluelower-run") for n in names)
+
+
+# --------------------------------------------------------------------- failures
+
+
+@pytest.fixture
+def broken(host_bundle, tmp_path):
+    """A fresh copy of the host bundle to damage."""
+    dst = str(tmp_path / "b")
+    shutil.copytree(host_bundle["bundle"], dst, symlinks=True)
+    return dst
+
+
+def _direct(bundle: str, *args: str) -> subprocess.CompletedProcess:
+    """The host binary itself (no Python manifest check in front of it)."""
+    return subprocess.run([os.path.join(bundle, "bin", "bluelower-run"), bundle, *args], capture_output=True, text=True)
+
+
+def _run(bundle, image_npy, *extra):
+    return _direct(bundle, "--image", image_npy, "--prompt-ids", PROMPT, "--max-new-tokens", "4", *extra)
+
+
+def _rehash(bundle, name):
+    path = os.path.join(bundle, "manifest.json")
+    m = json.load(open(path))
+    m["files"][name] = hashlib.sha256(open(os.path.join(bundle, name), "rb").read()).hexdigest()
+    json.dump(m, open(path, "w"), indent=2, sort_keys=True)
+
+
+def test_flipped_byte_in_params(broken, image_npy):
+    path = os.path.join(broken, "params.safetensors")
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    _one_error_line(_run(broken, image_npy), "params.safetensors does not match its SHA-256")
+
+
+def test_truncated_params(broken, image_npy):
+    path = os.path.join(broken, "params.safetensors")
+    size = os.path.getsize(path)
+    os.truncate(path, size - 1000)
+    _one_error_line(_run(broken, image_npy), "params.safetensors does not match its SHA-256")
+    _rehash(broken, "params.safetensors")  # hash fixed up: the safetensors parser must catch it
+    _one_error_line(_run(broken, image_npy), "truncated")
+    os.truncate(path, 4)
+    _rehash(broken, "params.safetensors")
+    _one_error_line(_run(broken, image_npy), "truncated")
+
+
+def test_missing_model_so(broken, image_npy):
+    os.remove(os.path.join(broken, "model.so"))
+    _one_error_line(_run(broken, image_npy), "missing file model.so")
+
+
+def test_bad_format_version(broken, image_npy):
+    path = os.path.join(broken, "manifest.json")
+    m = json.load(open(path))
+    m["format_version"] = 2
+    json.dump(m, open(path, "w"))
+    _one_error_line(_run(broken, image_npy), "format version 2 is not supported")
+    open(path, "w").write('{"format": "bluelower-bundle", "format_version": 1, "files": {')
+    _one_error_line(_run(broken, image_npy), "malformed JSON")
+
+
+def test_wrong_soc_and_prompt_beyond_cache(host_bundle, image_npy, tmp_path):
+    bundle = host_bundle["bundle"]
+    _one_error_line(_run(bundle, image_npy, "--soc", "dimensity9300"), "built for SoC 'host', not 'dimensity9300'")
+    proc = _direct(bundle, "--image", image_npy, "--prompt-ids", PROMPT, "--max-new-tokens", "400")
+    _one_error_line(proc, "exceeds the KV cache capacity of 512")
+    bad = str(tmp_path / "bad.npy")
+    np.save(bad, np.zeros((4, 4), np.uint8))
+    _one_error_line(_run(bundle, bad), "expected an [H, W, 3] array")
+    np.save(bad, np.full((4, 4, 3), 2.0, np.float32))
+    _one_error_line(_run(bundle, bad), "must lie in [0, 1]")
+    _one_error_line(_direct(bundle, "--prompt-ids", "1,x"), "comma-separated integers")
+
+
+def test_missing_cross_compiler_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(BlueLowerError, match="apt-get install -y g\\+\\+-aarch64-linux-gnu"):
+        device.cross_cxx("aarch64")
