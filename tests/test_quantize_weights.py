@@ -336,4 +336,4 @@ def test_bluelm_v_3b_decoder_weights_fit_1_6_gb():
     fp32 = weight_bytes_by_part(cfg, "fp32")
     assert fp32["decoder_linear"] == parts["decoder_linear_weights"] * 4
     w8 = weight_bytes_by_part(cfg, "w8")
-    assert abs(w8["decoder_linear_bits_per_weight"] - 8.0) < 0.01  # + one fp32 scale per row
+    assert 8.0 < w8["decoder_linear_bits_per_weight"] < 8.02  # + one fp32 scale per row (K >= 2560)
