@@ -25,7 +25,7 @@ def _compile(tmp_path_factory, frontend: str) -> str:
     from bluelower.lowering.build import CompileRequest, compile_model
 
     out = str(tmp_path_factory.mktemp(f"build_{frontend}") / "tiny")
-    compile_model(CompileRequest(model="tiny", frontend=frontend, out_dir=out))
+    compile_model(CompileRequest(model="tiny", frontend=frontend, out_dir=out, quant="fp32"))
     return out
 
 

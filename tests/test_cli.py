@@ -29,7 +29,9 @@ def assert_user_error(result, *fragments):
 @pytest.mark.parametrize("frontend", ["torch", "onnx"])
 def test_compile_and_run_check_generate_pytorch_tokens(tmp_path, tiny_image, tiny_weights, frontend):
     out = tmp_path / "build"
-    result = invoke("compile", "--model", "tiny", "--weights", tiny_weights, "--frontend", frontend, "-o", str(out))
+    # exact tokens: an fp32 build (the default --quant w4a16kv8 is checked in test_quantize_weights.py)
+    result = invoke("compile", "--model", "tiny", "--weights", tiny_weights, "--frontend", frontend, "--quant", "fp32",
+                    "-o", str(out))
     assert result.exit_code == 0, result.output
     result = invoke("run", str(out), "--image", tiny_image, "--prompt-ids", "1,2,3,40,77",
                     "--max-new-tokens", "12", "--check", "--json")
