@@ -12,7 +12,8 @@ accumulate in float32; ``out_dtype`` may be ``"float32"`` or ``"float16"``.
 
 Weight layouts are the ones produced by :mod:`bluelower.lowering.kernels.quant`:
 
-* INT4: ``packed`` uint8 ``[N//32, K, 16]`` + ``scales`` float16 ``[N//32, K//gs, 32]``.
+* INT4: ``packed`` uint8 ``[N//32, K, 16]`` (layout ``k1``) or ``[N//32, K//4, 64]``
+  (layout ``k4``) + ``scales`` float16 ``[N//32, K//gs, 32]``.
 * INT8: ``packed`` int8 ``[N//32, K, 32]`` + ``scales`` float32 ``[N]``.
 * FP32: ``W`` float32 ``[N, K]`` (PyTorch layout, never transposed in memory).
 
@@ -25,6 +26,9 @@ Schedules (see docs/kernels.md for the measurements):
   ``PREFETCH_BYTES`` ahead in the block's stream. INT4 sums ``x * u`` per
   group with the unsigned code ``u = q + 8`` and applies ``s * (acc - 8 * sum(x_group))``
   once per group, so the inner loop is convert + FMA only.
+* ``M == 1`` INT4 layout ``k4`` (x86 AVX512-VNNI only): ``x`` quantized to int8 per
+  group in the prologue; per 4 k-steps one 64-byte load, AND/shift and two ``vpdpbusd``
+  into 2 x 16 int32 lanes; int32 -> float once per group.
 * ``M == 1`` FP32: vectorized along K (16 lanes) for 4 rows at a time, horizontal
   reduction at the end; weights read row-contiguously.
 * ``M > 1`` (prefill GEMM), INT4/INT8: ``parallel`` over 32-row blocks of W; per 32-wide
