@@ -52,10 +52,14 @@ def main(argv=None) -> int:
     ap.add_argument("--disable-pass", action="append", default=[], help="Skip a pipeline pass while planning.")
     args = ap.parse_args(argv)
     progress.set_quiet(True)
+    from bluelower.lowering.importer import import_model
+    from bluelower.lowering.models.config import load_config
+
+    imported = import_model(load_config(args.model), "torch")  # once: the plan differs by target only
     results = []
     for soc in args.soc or ["host", "dimensity9300"]:
         info = inspect_model(args.model, soc=soc, quant=args.quant, image_grid=args.image_grid,
-                             disabled=tuple(args.disable_pass))
+                             disabled=tuple(args.disable_pass), imported=imported)
         results.append(info)
         print(markdown(info))
         print()

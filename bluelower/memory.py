@@ -218,7 +218,8 @@ def parse_grid(grid: str | None) -> int | None:
 
 
 def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid: str | None = None,
-                  kv_capacity: int | None = None, prefill_chunk: int | None = None, disabled=()) -> dict:
+                  kv_capacity: int | None = None, prefill_chunk: int | None = None, disabled=(),
+                  imported=None) -> dict:
     """Plan without building: meta import, pipeline up to MemoryPlan (planning only)."""
     import tvm
 
@@ -238,8 +239,11 @@ def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid
     n_patches = parse_grid(image_grid)
     soc_obj = resolve_soc(soc)
     target = soc_obj.tvm_target()
-    with progress.step("import (meta)"):
-        mod, sigs = import_model(cfg, "torch")
+    if imported is not None:  # (mod, sigs) of an earlier import of the same config
+        mod, sigs = imported
+    else:
+        with progress.step("import (meta)"):
+            mod, sigs = import_model(cfg, "torch")
     opts = CompileOptions(target=target, quant=quant, soc=soc_obj, model=cfg, entry_functions=tuple(sigs))
     opts.extra["plan_dtype_bytes"] = plan_dtype_bytes(quant)
     opts.extra["plan_only"] = True

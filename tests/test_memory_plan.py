@@ -68,9 +68,7 @@ def _liveness(func):
             for r in roots.get(u, ()):
                 live[r][1] = i
                 srcs.add(r)
-        if isinstance(v, (relax.Var, relax.Tuple, relax.TupleGetItem)) or (
-                isinstance(v, relax.Call) and "reshape" in str(getattr(v.op, "global_symbol", ""))):
-            roots[b.var] = srcs
+        roots[b.var] = srcs  # anything may be a view (reshape, tuple, x = y) of what it reads
     return live
 
 

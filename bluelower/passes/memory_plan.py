@@ -26,7 +26,8 @@ while TVM's token plan (still computed, as ``tvm_static_plan_bytes``, for compar
 is larger.
 
 Liveness: a tensor is live from its ``alloc_tensor`` binding to the last binding that uses
-it or any alias of it (``x = y`` bindings, tuples and their items, VM reshape views).
+it or any alias of it (the result of every binding that is not an allocation is treated
+as a possible view of the tensors it reads: ``x = y``, tuples, ``R.reshape``, packed calls).
 Intervals are inclusive, so a kernel never writes into a buffer one of its inputs uses.
 Sizes are rounded up to 64 bytes (TVM's allocation alignment) and offsets are multiples
 of 64.
@@ -122,11 +123,11 @@ def analyze(func: relax.Function, dtype_bytes: dict | None = None):
         for v in used:
             for tid in alias.get(v, ()):
                 tensors[tid].end = max(tensors[tid].end, i)
-        if isinstance(value, (relax.Var, relax.Tuple, relax.TupleGetItem)):
-            # views of existing tensors: the new var keeps them alive
-            alias[b.var] = set().union(*(alias.get(v, set()) for v in used)) if used else set()
-        elif isinstance(value, relax.Call) and isinstance(value.op, relax.ExternFunc) and "reshape" in str(value.op.global_symbol):
-            alias[b.var] = set(alias.get(value.args[0], set())) if isinstance(value.args[0], relax.Var) else set()
+        # Conservatively, any other value may be a view of the tensors it reads (``x = y``,
+        # tuples and their items, ``R.reshape`` / VM reshape views, packed calls): it keeps
+        # them alive and, when returned, makes them outputs. Kernel calls (destination
+        # passing) bind an unused var, so this costs nothing for them.
+        alias[b.var] = set().union(*(alias.get(v, set()) for v in used)) if used else set()
     escaping = set()
     for v in _used_vars(result):
         escaping |= alias.get(v, set())
