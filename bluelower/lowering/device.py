@@ -40,6 +40,13 @@ QEMU_SYSROOT = "/usr/aarch64-linux-gnu"
 # the prefix maps keep build paths (tvm_ffi headers' __FILE__, sources) out of the binary.
 CXXFLAGS = ("-std=c++17", "-O2", "-fPIE", "-ffp-contract=off", "-fno-fast-math", "-DNDEBUG")
 TARBALL_MTIME = 0
+# BLUELOWER_RUNTIME_SANITIZE=1: build the runtime with ASan + UBSan (testing only; the
+# flags are part of the runtime cache key and of the manifest's native_runtime.compiler).
+SANITIZE_FLAGS = ("-g", "-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined")
+
+
+def _cxxflags() -> tuple:
+    return CXXFLAGS + (SANITIZE_FLAGS if os.environ.get("BLUELOWER_RUNTIME_SANITIZE") == "1" else ())
 
 
 def cache_dir() -> str:
@@ -201,7 +208,7 @@ def _compile_cmd(cxx: str, sources: list[str], out: str, libs: dict) -> list[str
     inc = _ffi_include_dirs()
     ffi_root = os.path.dirname(inc[0])
     libdirs = sorted({os.path.dirname(p) for p in libs.values()})
-    cmd = [cxx, *CXXFLAGS, f"-ffile-prefix-map={RUNTIME_SRC}=runtime_stubs", f"-ffile-prefix-map={ffi_root}=tvm_ffi"]
+    cmd = [cxx, *_cxxflags(), f"-ffile-prefix-map={RUNTIME_SRC}=runtime_stubs", f"-ffile-prefix-map={ffi_root}=tvm_ffi"]
     cmd += [f"-I{d}" for d in inc] + sources + ["-o", out]
     cmd += [f"-L{d}" for d in libdirs] + [f"-Wl,-rpath-link,{d}" for d in libdirs]
     cmd += ["-ltvm_runtime", "-ltvm_ffi", "-Wl,-rpath,$ORIGIN/../lib", "-Wl,--build-id=sha1", "-pie"]
@@ -223,7 +230,7 @@ def build_runtime(arch: str, use_cache: bool = True) -> str:
         with open(os.path.join(RUNTIME_SRC, f), "rb") as fh:
             h.update(fh.read())
     h.update(_compiler_id(cxx).encode())
-    h.update(" ".join(CXXFLAGS).encode())
+    h.update(" ".join(_cxxflags()).encode())
     for name in sorted(libs):
         h.update(_sha256_file(libs[name]).encode())
     out_dir = os.path.join(cache_dir(), "runtime", f"{arch}-{h.hexdigest()[:20]}")
@@ -335,6 +342,7 @@ def build_bundle(model: str = "tiny", soc: str = "host", out_dir: str = "dist", 
             "tvm_runtime": {"apache-tvm": _dist_version("apache-tvm"), "apache-tvm-ffi": _dist_version("apache-tvm-ffi"),
                             "source": "manylinux aarch64 wheels" if arch != host_arch() else "installed python packages"},
             "compiler": _compiler_id(cross_cxx(arch)),
+            "cxxflags": list(_cxxflags()),
         }
         with open(os.path.join(stage, MANIFEST), "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=2, sort_keys=True)
