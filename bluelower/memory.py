@@ -15,9 +15,9 @@ Phases (the paper's decoupled encoding, docs/memory.md):
   ``embed`` / ``prefill`` arenas, their outputs, the held image tokens.
 * ``decode``: decoder weights, KV cache, the ``decode`` arena and outputs.
 
-Outputs that have the KV cache's shape (the functional cache update) are counted as a
-second cache (``kv_copy_bytes``) unless the pipeline has a pass that makes the update in
-place (``PlanKVCache``).
+Outputs that are newly allocated tensors of the KV cache's shape (the importers'
+functional cache update) are counted as a second cache (``kv_copy_bytes``); after
+``PlanKVCache`` the functions return the cache they were given and there is none.
 
 Weight bytes: ``QuantizeWeights``' parameter table (``lowering/quantized_params.py``) for
 every linear weight when it is available, else the same formula (int4: 0.5 B + fp16 scale
@@ -152,10 +152,11 @@ def phase_table(cfg, quant: str, sigs_params: dict, plans: dict, n_patches: int 
         out_b = max((o[0] for o in outs), default=0)
         copy_b = max((o[1] for o in outs), default=0)
         tvm_b = max((plans[f].get("tvm_static_plan_bytes", 0) for f in fns if f in plans), default=0)
+        host_b = max((plans[f].get("tvm_host_alloc_bytes", 0) for f in fns if f in plans), default=0)
         phases.append({
             "name": name, "weights_bytes": weights, "kv_cache_bytes": kv_b, "arena_bytes": arena,
             "liveness_lower_bound_bytes": lb, "outputs_bytes": out_b, "kv_copy_bytes": copy_b,
-            "held_bytes": held, "tvm_static_plan_bytes": tvm_b,
+            "held_bytes": held, "tvm_static_plan_bytes": tvm_b, "tvm_host_alloc_bytes": host_b,
             "total_bytes": weights + kv_b + arena + out_b + copy_b + held, "functions": list(fns), "note": note,
         })
 
@@ -171,7 +172,8 @@ def phase_table(cfg, quant: str, sigs_params: dict, plans: dict, n_patches: int 
         "phases": phases,
         "kv_capacity": r.kv_capacity, "prefill_chunk": r.prefill_chunk, "image_batch": r.image_batch,
         "image_patches": n_patches, "activation_bytes": ab, "weights_bytes_how": how,
-        "kv_update_in_place": kv_in_place,
+        "kv_update_in_place": kv_in_place or not any(
+            list(o[2]) == kv_elems for f in ("prefill", "decode") for o in plans.get(f, {}).get("outputs", [])),
         "functions": {f: {k: v for k, v in p.items() if k not in ("tensors", "outputs")} for f, p in plans.items()},
     }
 
@@ -179,16 +181,10 @@ def phase_table(cfg, quant: str, sigs_params: dict, plans: dict, n_patches: int 
 def manifest_memory_plan(cfg, quant: str, sigs, plans: dict) -> dict:
     """The manifest's ``memory_plan``: per-function plans (compact offsets) + the phase table."""
     params = {name: list(sig.params) for name, sig in sigs.items()}
-    table = phase_table(cfg, quant, params, plans, kv_in_place=_has_kv_pass())
+    table = phase_table(cfg, quant, params, plans)
     table["functions"] = {f: {**{k: v for k, v in p.items() if k != "outputs"}, "outputs": p["outputs"]}
                           for f, p in plans.items()}
     return table
-
-
-def _has_kv_pass() -> bool:
-    from .passes.pipeline import pass_names
-
-    return "PlanKVCache" in pass_names()
 
 
 def inspect_build(build_dir: str) -> dict:
@@ -258,8 +254,7 @@ def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid
             break
     bar.close()
     params = {name: list(sig.params) for name, sig in sigs.items()}
-    table = phase_table(cfg, quant, params, opts.extra["memory_plan"], n_patches=n_patches,
-                        kv_in_place=_has_kv_pass())
+    table = phase_table(cfg, quant, params, opts.extra["memory_plan"], n_patches=n_patches)
     table["soc"] = soc_obj.name
     return table
 

@@ -83,10 +83,12 @@ def _used_vars(expr) -> list:
     return out
 
 
-def _shape_dtype(call) -> tuple:
-    shape = tuple(int(v) for v in call.args[0].values)
-    dtype = str(call.args[1].value)
-    return shape, dtype
+def _shape_dtype(call) -> tuple | None:
+    """Static ``(shape, dtype)`` of an allocation, or None (symbolic shape: not planned)."""
+    shape = call.args[0]
+    if not isinstance(shape, relax.ShapeExpr) or not all(isinstance(v, tvm.tirx.IntImm) for v in shape.values):
+        return None
+    return tuple(int(v) for v in shape.values), str(call.args[1].value)
 
 
 def nbytes_of(shape, dtype: str, dtype_bytes: dict | None = None) -> int:
@@ -111,7 +113,7 @@ def analyze(func: relax.Function, dtype_bytes: dict | None = None):
     alloc_of: dict = {}
     for i, b in enumerate(bindings):
         value = b.value
-        if _is_op(value, "relax.builtin.alloc_tensor"):
+        if _is_op(value, "relax.builtin.alloc_tensor") and _shape_dtype(value) is not None:
             shape, dtype = _shape_dtype(value)
             tid = len(tensors)
             tensors[tid] = PlannedTensor(b.var.name, shape, dtype,
@@ -184,17 +186,21 @@ def plan_function(func: relax.Function, dtype_bytes: dict | None = None) -> dict
 
 
 def tvm_static_plan_bytes(mod: tvm.IRModule, names) -> dict:
-    """What StaticPlanBlockMemory would allocate per function (sum of its alloc_storage sizes)."""
+    """What StaticPlanBlockMemory makes the VM allocate per call of each function:
+    ``{name: (storage token bytes, all bytes)}``; all = tokens + the tensors it leaves
+    unplanned (outputs and what flows into them), each allocated on its own."""
     with tvm.transform.PassContext(opt_level=3):
         planned = relax.transform.StaticPlanBlockMemory()(mod)
     out = {}
     for name in names:
-        total = 0
+        tokens = unplanned = 0
         bindings, _ = _bindings(planned[name])
         for b in bindings:
             if _is_op(b.value, "relax.memory.alloc_storage"):
-                total += int(b.value.args[0].values[0])
-        out[name] = total
+                tokens += int(b.value.args[0].values[0])
+            elif _is_op(b.value, "relax.builtin.alloc_tensor") and _shape_dtype(b.value) is not None:
+                unplanned += nbytes_of(*_shape_dtype(b.value))
+        out[name] = (tokens, tokens + unplanned)
     return out
 
 
@@ -265,10 +271,10 @@ class MemoryPlan:
             else:
                 plan = plan_function(mod[gv], self.dtype_bytes)
             if name in tvm_bytes:
-                plan["tvm_static_plan_bytes"] = tvm_bytes[name]
+                plan["tvm_static_plan_bytes"], plan["tvm_host_alloc_bytes"] = tvm_bytes[name]
             self.sink[name] = plan
             stats[name] = {k: plan[k] for k in ("arena_bytes", "liveness_lower_bound_bytes", "sum_of_sizes_bytes",
-                                                "outputs_bytes", "num_tensors") } | (
-                {"tvm_static_plan_bytes": tvm_bytes[name]} if name in tvm_bytes else {})
+                                                "outputs_bytes", "num_tensors", "tvm_static_plan_bytes",
+                                                "tvm_host_alloc_bytes") if k in plan}
         record_stats(functions=stats)
         return mod
