@@ -393,7 +393,12 @@ class _AttentionRewriter(PyExprMutator):  # pylint: disable=abstract-method
         out = relax.call_tir(self._kernel(att), args, out_ty)
         if tuple(att.out_shape) != (att.rows, att.q_len, att.head_dim):
             out = relax.op.reshape(self.builder_.emit(out), att.out_shape)
-        self.set_var_remap(binding.var, self.builder_.emit(out))
+        self.set_var_remap(binding.var, _emit_like(self.builder_, binding.var, out))
+
+
+def _emit_like(builder, var, expr):
+    """Emit ``expr`` as a dataflow var, or as an output when it replaces one."""
+    return builder.emit(expr) if isinstance(var, relax.DataflowVar) else builder.emit_output(expr)
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseAttention")

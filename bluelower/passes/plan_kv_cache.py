@@ -30,7 +30,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..lowering.kernels.attention import kv_cache_write
 from . import pipeline
-from .fuse_attention import Graph, _shape
+from .fuse_attention import Graph, _emit_like, _shape
 
 
 def _layer_writes(g: Graph, func: relax.Function) -> dict:
@@ -112,10 +112,11 @@ class _CacheRewriter(PyExprMutator):  # pylint: disable=abstract-method
                                        cache.ty)
             )
             layer_view = relax.op.take(self.current, relax.const(layer, "int64"), axis=0)
-            self.set_var_remap(var, self.builder_.emit(layer_view))
+            self.set_var_remap(var, _emit_like(self.builder_, var, layer_view))
             return
         if var in self.stack_vars:
-            self.set_var_remap(var, self.current)
+            current = self.current
+            self.set_var_remap(var, current if isinstance(var, relax.DataflowVar) else self.builder_.emit_output(current))
             return
         super().visit_var_binding_(binding)
 
