@@ -151,6 +151,9 @@ def compile_model(req: CompileRequest) -> dict:
             from ..memory import manifest_memory_plan
 
             manifest["memory_plan"] = manifest_memory_plan(cfg, req.quant, sigs, opts.extra["memory_plan"])
+        for key in ("apu_partitions", "schedule"):  # PartitionForAPU, ScheduleOperators
+            if key in opts.extra:
+                manifest[key] = opts.extra[key]
         manifest["files"] = {f: file_sha256(os.path.join(tmp, f)) for f in (LIBRARY, PARAMS)}
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=2, sort_keys=True)

@@ -111,6 +111,11 @@ def build_pipeline() -> list[PassSpec]:
         # quantization
         PassSpec("QuantizeWeights", "quantization", "Linear weights -> INT4/INT8 kernels over packed params (--quant).",
                  lambda o: _quantize_weights(o)),
+        # partition/schedule
+        PassSpec("PartitionForAPU", "partition/schedule", "Outline the operators the SoC's APU supports into APU partitions.",
+                 lambda o: __import__("bluelower.passes.partition_for_apu", fromlist=["_"]).partition_for_apu(o)),
+        PassSpec("ScheduleOperators", "partition/schedule", "Predict the schedule of APU partitions and CPU segments (manifest 'schedule').",
+                 lambda o: __import__("bluelower.passes.schedule_operators", fromlist=["_"]).schedule_operators(o)),
         # lowering
         PassSpec("LegalizeOps", "lowering", "Lower Relax operators to TIR PrimFuncs.",
                  _with_target(lambda o: T.LegalizeOps())),

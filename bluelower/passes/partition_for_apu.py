@@ -1,0 +1,374 @@
+"""PartitionForAPU: outline the operators the SoC's APU supports into APU partitions.
+
+Which operators the APU takes is data: :data:`RELAX_OP_KINDS` and :data:`TIR_KERNEL_KINDS`
+map Relax operators and bluelower's own call_tir kernels to the operator kinds of the SoC
+file (``[apu] ops``); the SoC file says which kinds the APU runs and in which dtypes. An
+operator runs on the APU in the dtype given by the APU precision rules
+(:func:`apu_dtype`, docs/apu-partitions.md):
+
+* float tensors (fp32 on the host) are computed in **fp16** on the APU;
+* a linear layer runs in its **weight** dtype: fp16 for float weights, ``int8`` for
+  ``int8_linear`` kernels, ``int4`` for ``int4_linear`` kernels (``--quant w8 / w4a16``),
+  so an APU that lists no ``int4`` for ``matmul`` keeps INT4 linear kernels on the CPU;
+* an operator kind may have alternatives (the fused attention kernel is ``attention`` or,
+  decomposed as the vendor stacks do, ``matmul, multiply, add, softmax, matmul``): the
+  first alternative whose every kind the APU supports in that dtype is taken.
+
+Requires: entry functions (public Relax functions) whose bodies are dataflow blocks, after
+QuantizeWeights (so kernels have their final dtypes); ``soc`` from the SoC file (or None).
+
+Ensures: every maximal run of consecutive APU-supported bindings of a dataflow block that
+holds at least one anchor operator (:data:`ANCHOR_KINDS`: matmul, conv2d, attention,
+softmax, a norm, gather) becomes a private
+Relax function ``<entry>_apu<k>`` with attributes ``bluelower.unit = "apu"``,
+``bluelower.entry``, ``bluelower.apu_dtype``, ``bluelower.apu_ops`` (operator count) and
+``bluelower.apu_op_kinds``; the entry calls it in place of the run. A run longer than
+``apu.max_ops_per_graph`` operators is split. Partitions remain ordinary Relax, so the
+CPU build compiles and runs them (the APU's numerics are not emulated: fp32 on the host).
+Functions in ``cpu_functions`` (the patch-embedding Conv2D stage, which the BlueLM-V
+design runs on the CPU, overlapped with the APU's ViT blocks) and SoCs without an APU
+get no partitions. Stats: ``partitions`` (per entry), ``apu_ops``, ``cpu_ops``.
+``sink`` (a list) receives one descriptor per partition for the manifest.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from .pipeline import record_stats
+
+#: Relax operator -> APU operator-kind alternatives (each a tuple of kinds).
+RELAX_OP_KINDS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "relax.matmul": (("matmul",),),
+    "relax.nn.conv2d": (("conv2d",),),
+    "relax.add": (("add",),),
+    "relax.subtract": (("subtract",),),
+    "relax.multiply": (("multiply",),),
+    "relax.divide": (("divide",),),
+    "relax.nn.softmax": (("softmax",),),
+    "relax.nn.layer_norm": (("layer_norm",),),
+    "relax.nn.rms_norm": (("rms_norm",),),
+    "relax.nn.gelu": (("gelu",),),
+    "relax.nn.gelu_tanh": (("gelu",),),
+    "relax.nn.silu": (("silu",),),
+    "relax.concat": (("concat",),),
+    "relax.reshape": (("reshape",),),
+    "relax.expand_dims": (("reshape",),),
+    "relax.squeeze": (("reshape",),),
+    "relax.permute_dims": (("transpose",),),
+    "relax.broadcast_to": (("reshape",),),  # a stride-0 view for a graph compiler
+    "relax.take": (("gather",),),
+    "relax.mean": (("mean",),),
+    "relax.exp": (("exp",),),
+    "relax.rsqrt": (("rsqrt",),),
+    "relax.tanh": (("tanh",),),
+}
+
+#: call_tir kernel name prefix -> kind alternatives (longest matching prefix wins).
+TIR_KERNEL_KINDS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "NT_matmul": (("matmul",),),
+    "matmul": (("matmul",),),
+    "int4_linear": (("matmul",),),
+    "int8_linear": (("matmul",),),
+    "fused_attention": (("attention",), ("matmul", "multiply", "add", "softmax", "matmul")),
+}
+
+#: call_tir kernel name prefix -> the weight dtype the kernel's matmul runs in.
+TIR_KERNEL_WEIGHT_DTYPE = {"int4_linear": "int4", "int8_linear": "int8"}
+
+#: APU precision rule for tensors: TVM dtype -> the dtype the APU computes them in.
+APU_TENSOR_DTYPE = {"float32": "fp16", "float16": "fp16", "bfloat16": "bf16", "int8": "int8",
+                    "int16": "int16", "int32": "int32"}
+
+#: A run becomes a partition only if it holds one of these kinds: a run of only
+#: elementwise or layout operators is not worth the APU's per-call overhead.
+ANCHOR_KINDS = frozenset({"matmul", "conv2d", "attention", "softmax", "layer_norm", "rms_norm", "gather"})
+
+#: Entry functions pinned to the CPU (BlueLM-V: Conv2D on the CPU, overlapped with the APU).
+CPU_FUNCTIONS = ("encode_image_embed",)
+
+APU = "apu"
+
+
+def _kernel_prefix(name: str, table) -> str | None:
+    hits = [p for p in table if name.startswith(p)]
+    return max(hits, key=len) if hits else None
+
+
+def op_kind_alternatives(value) -> tuple[tuple[tuple[str, ...], ...], str | None] | None:
+    """``(kind alternatives, weight dtype or None)`` of a binding's value, None if unmapped."""
+    if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
+        return None
+    name = value.op.name
+    if name == "relax.call_tir":
+        kernel = value.args[0].name_hint
+        prefix = _kernel_prefix(kernel, TIR_KERNEL_KINDS)
+        if prefix is None:
+            return None
+        wprefix = _kernel_prefix(kernel, TIR_KERNEL_WEIGHT_DTYPE)
+        return TIR_KERNEL_KINDS[prefix], (TIR_KERNEL_WEIGHT_DTYPE[wprefix] if wprefix else None)
+    if name in RELAX_OP_KINDS:
+        return RELAX_OP_KINDS[name], None
+    return None
+
+
+def _tensor_dtype(ty) -> str | None:
+    return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
+
+
+def apu_dtype(value, out_ty) -> str | None:
+    """The dtype the APU computes ``value`` in (precision rules above), None if it has none."""
+    mapped = op_kind_alternatives(value)
+    if mapped is None:
+        return None
+    _alts, weight_dtype = mapped
+    if weight_dtype is not None:
+        return weight_dtype
+    dtype = _tensor_dtype(out_ty)
+    return APU_TENSOR_DTYPE.get(dtype) if dtype else None
+
+
+def apu_kinds(apu, value, out_ty) -> tuple[tuple[str, ...], str] | None:
+    """The kinds and dtype ``value`` runs as on ``apu``, or None when it stays on the CPU."""
+    mapped = op_kind_alternatives(value)
+    dtype = apu_dtype(value, out_ty)
+    if mapped is None or dtype is None:
+        return None
+    alternatives, weight_dtype = mapped
+    for kinds in alternatives:
+        # a quantized kernel's weight dtype applies to its matmul; other kinds run in fp16
+        ok = all(apu.supports(k, dtype if (k == "matmul" or weight_dtype is None) else "fp16") for k in kinds)
+        if ok:
+            return kinds, dtype
+    return None
+
+
+def _is_free(value) -> bool:
+    """Bindings that call nothing (aliases, tuples, constants) join whatever run is open."""
+    return not isinstance(value, relax.Call)
+
+
+@relax.expr_functor.mutator
+class _Substitute(relax.PyExprMutator):
+    def __init__(self, mapping):
+        super().__init__()
+        self.mapping = mapping
+
+    def visit_var_(self, op):
+        return self.mapping.get(op, op)
+
+    def visit_dataflow_var_(self, op):
+        return self.mapping.get(op, op)
+
+
+def _param_names(func) -> list[str]:
+    names = func.attrs.get("bluelower.param_names") if func.attrs is not None else None
+    return [str(n) for n in names] if names is not None else []
+
+
+def _plan_runs(apu, bindings) -> list[tuple[int, int, int, list[str], list[str]]]:
+    """``(start, end, n_ops, kinds, dtypes)`` of each APU run (bindings[start:end])."""
+    runs = []
+    cur = None  # [start, n_ops, kinds, dtypes, last supported index]
+    limit = apu.max_ops_per_graph
+
+    def close():
+        if cur is not None:
+            start, n_ops, kinds, dtypes, last = cur
+            if ANCHOR_KINDS & set(kinds):
+                runs.append((start, last + 1, n_ops, kinds, dtypes))
+
+    for i, b in enumerate(bindings):
+        value = b.value
+        if _is_free(value):
+            continue
+        placed = apu_kinds(apu, value, b.var.ty)
+        if placed is None:
+            close()
+            cur = None
+            continue
+        kinds, dtype = placed
+        if cur is not None and cur[1] + len(kinds) > limit:
+            close()
+            cur = None
+        if cur is None:
+            cur = [i, 0, [], [], i]
+        cur[1] += len(kinds)
+        cur[2].extend(kinds)
+        cur[3].append(dtype)
+        cur[4] = i
+    close()
+    return runs
+
+
+def _run_dtype(dtypes: list[str]) -> str:
+    """The partition's dtype label: its weight dtype when quantized, else its activation dtype."""
+    for d in ("int4", "int8", "int16"):
+        if d in dtypes:
+            return d
+    return max(set(dtypes), key=dtypes.count)
+
+
+class _Partitioner:
+    def __init__(self, bb: relax.BlockBuilder, apu, entry: str, func: relax.Function, sink: list | None):
+        self.bb, self.apu, self.entry, self.func, self.sink = bb, apu, entry, func, sink
+        self.count = 0
+        self.apu_ops = 0
+        num_input = int(func.attrs["num_input"]) if func.attrs is not None and "num_input" in func.attrs else len(func.params)
+        names = _param_names(func)
+        self.weight_names = {p: n for p, n in zip(func.params[num_input:], names)}
+
+    def rewrite(self) -> relax.Function:
+        body = self.func.body
+        if not isinstance(body, relax.SeqExpr):
+            return self.func
+        # linear order of bindings: a var used after a run is one of the run's outputs
+        flat = [b for blk in body.blocks for b in blk.bindings]
+        last_use: dict = {}
+        for i, b in enumerate(flat):
+            for v in relax.analysis.free_vars(b.value):
+                last_use[v] = i
+        for v in relax.analysis.free_vars(body.body):
+            last_use[v] = len(flat)
+        blocks, offset = [], 0
+        for blk in body.blocks:
+            bindings = list(blk.bindings)
+            if isinstance(blk, relax.DataflowBlock):
+                blocks.append(relax.DataflowBlock(self._rewrite_block(bindings, offset, last_use)))
+            else:
+                blocks.append(blk)
+            offset += len(bindings)
+        new_body = relax.SeqExpr(blocks, body.body)
+        return relax.Function(self.func.params, new_body, self.func.ret_ty, self.func.is_pure, self.func.attrs)
+
+    def _rewrite_block(self, bindings, offset, last_use):
+        runs = _plan_runs(self.apu, bindings)
+        out, pos = [], 0
+        for start, end, n_ops, kinds, dtypes in runs:
+            out.extend(bindings[pos:start])
+            out.extend(self._outline(bindings[start:end], offset + end - 1, last_use, n_ops, kinds, dtypes))
+            pos = end
+        out.extend(bindings[pos:])
+        return out
+
+    def _outline(self, run, last_index, last_use, n_ops, kinds, dtypes):
+        defined = [b.var for b in run]
+        defined_set = set(defined)
+        inputs = []
+        for b in run:
+            for v in relax.analysis.free_vars(b.value):
+                if v not in defined_set and v not in inputs:
+                    inputs.append(v)
+        outputs = [v for v in defined if last_use.get(v, -1) > last_index]
+        params = [relax.Var(self.weight_names.get(v, v.name).replace(".", "_"), v.ty) for v in inputs]
+        sub = _Substitute(dict(zip(inputs, params)))
+        inner = [relax.VarBinding(b.var, sub.visit_expr(b.value)) for b in run]
+        if len(outputs) == 1:
+            ret = relax.Var("out", outputs[0].ty)
+            inner.append(relax.VarBinding(ret, outputs[0]))
+        else:
+            ret = relax.Var("out", relax.TupleType([o.ty for o in outputs]))
+            inner.append(relax.VarBinding(ret, relax.Tuple(outputs)))
+        name = f"{self.entry}_apu{self.count}"
+        dtype = _run_dtype(dtypes)
+        func = relax.Function(params, relax.SeqExpr([relax.DataflowBlock(inner)], ret), ret.ty, True)
+        func = func.with_attrs({"bluelower.unit": APU, "bluelower.entry": self.entry, "bluelower.apu_dtype": dtype,
+                                "bluelower.apu_ops": n_ops, "bluelower.apu_op_kinds": sorted(set(kinds))})
+        func = relax.utils.copy_with_new_vars(func)
+        gv = self.bb.add_func(func, name)
+        self.count += 1
+        self.apu_ops += n_ops
+        if self.sink is not None:
+            self.sink.append({
+                "name": name, "entry": self.entry, "unit": APU, "dtype": dtype, "ops": n_ops,
+                "op_kinds": sorted(set(kinds)),
+                "inputs": [{"name": p.name, "weight": self.weight_names.get(v),
+                            "shape": [int(d) for d in v.ty.shape], "dtype": str(v.ty.dtype)}
+                           for v, p in zip(inputs, params) if isinstance(v.ty, relax.TensorType)],
+                "outputs": [{"shape": [int(d) for d in o.ty.shape], "dtype": str(o.ty.dtype)}
+                            for o in outputs if isinstance(o.ty, relax.TensorType)],
+            })
+        call = relax.Call(gv, inputs)
+        if len(outputs) == 1:
+            return [relax.VarBinding(outputs[0], call)]
+        tup = relax.DataflowVar(f"{name}_out", relax.TupleType([o.ty for o in outputs]))
+        return [relax.VarBinding(tup, call)] + [relax.VarBinding(o, relax.TupleGetItem(tup, i))
+                                                 for i, o in enumerate(outputs)]
+
+
+def _is_entry(func) -> bool:
+    return isinstance(func, relax.Function) and func.attrs is not None and "global_symbol" in func.attrs
+
+
+def count_ops(func: relax.Function) -> int:
+    """Operator bindings (calls) of a Relax function; aliases and tuples are not operators."""
+    body = func.body
+    if not isinstance(body, relax.SeqExpr):
+        return 0
+    return sum(1 for blk in body.blocks for b in blk.bindings if isinstance(b.value, relax.Call))
+
+
+@tvm.transform.module_pass(opt_level=0, name="PartitionForAPU")
+class PartitionForAPU:
+    """Outline APU-supported operator runs into ``<entry>_apu<k>`` functions (see module docstring)."""
+
+    def __init__(self, soc=None, cpu_functions=CPU_FUNCTIONS, sink: list | None = None):
+        self.apu = getattr(soc, "apu", None)
+        self.cpu_functions = tuple(cpu_functions)
+        self.sink = sink
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        entries = sorted((gv for gv, f in mod.functions.items() if _is_entry(f)), key=lambda gv: gv.name_hint)
+        if self.apu is None:
+            ops = sum(count_ops(mod[gv]) for gv in entries)
+            record_stats(apu="none", partitions={gv.name_hint: 0 for gv in entries}, apu_ops=0, cpu_ops=ops)
+            return mod
+        bb = relax.BlockBuilder(mod)
+        rewritten, partitions, apu_ops, cpu_ops = {}, {}, 0, 0
+        for gv in entries:
+            func = mod[gv]
+            total = count_ops(func)
+            if gv.name_hint in self.cpu_functions:
+                partitions[gv.name_hint] = 0
+                cpu_ops += total
+                continue
+            p = _Partitioner(bb, self.apu, gv.name_hint, func, self.sink)
+            rewritten[gv] = p.rewrite()
+            partitions[gv.name_hint] = p.count
+            apu_ops += p.apu_ops
+            cpu_ops += count_ops(rewritten[gv]) - p.count  # operators left outside the partitions
+        out = bb.get()
+        for gv, func in rewritten.items():
+            out[gv] = func
+        out = relax.transform.Normalize()(out)
+        if self.sink is not None:  # the artifact a vendor NPU compiler takes (docs/apu-partitions.md)
+            for desc in self.sink:
+                if desc["name"] in [gv.name_hint for gv in out.get_global_vars()] and "tvmscript" not in desc:
+                    desc["tvmscript"] = partition_tvmscript(out, desc["name"])
+        record_stats(apu=self.apu.name, max_ops_per_graph=self.apu.max_ops_per_graph, partitions=partitions,
+                     apu_ops=apu_ops, cpu_ops=cpu_ops)
+        return out
+
+
+def apu_partitions(mod: tvm.IRModule) -> dict[str, relax.Function]:
+    """The module's APU partitions by name."""
+    return {gv.name_hint: f for gv, f in mod.functions.items()
+            if isinstance(f, relax.Function) and f.attrs is not None and f.attrs.get("bluelower.unit") == APU}
+
+
+def partition_tvmscript(mod: tvm.IRModule, name: str) -> str:
+    """One partition as a self-contained TVMScript module (with the TIR kernels it calls)."""
+    func = mod[name]
+    funcs = {mod.get_global_var(name): func}
+    for gv in relax.analysis.all_global_vars(func):
+        if gv.name_hint in [g.name_hint for g in mod.get_global_vars()]:
+            funcs[mod.get_global_var(gv.name_hint)] = mod[gv.name_hint]
+    return tvm.IRModule(funcs).script(show_meta=False)
+
+
+def partition_for_apu(opts) -> "PartitionForAPU | None":
+    """The pass for a build (``CompileOptions``): descriptors go to ``opts.extra["apu_partitions"]``."""
+    if opts.soc is None:
+        return None
+    return PartitionForAPU(opts.soc, sink=opts.extra.setdefault("apu_partitions", []))

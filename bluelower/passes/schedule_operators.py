@@ -1,0 +1,265 @@
+"""ScheduleOperators: predict when each APU partition and CPU segment runs on the SoC.
+
+Requires: PartitionForAPU has run (APU partitions are functions with
+``bluelower.unit = "apu"``; a SoC without an APU has none); static shapes.
+
+Ensures: the module is unchanged. ``sink["schedule"]`` receives the predicted schedule of
+one request (``Schedule.to_dict()`` plus ``summary``): a networkx DAG whose tasks are
+
+* per entry call, its **segments** in binding order: each call of an APU partition is an
+  ``apu`` task, each maximal run of other operators between them a CPU task (any CPU
+  cluster); edges follow the data dependencies between segments;
+* **image encoding** (phase ``image_encode``) for ``image_grid`` (default one 2:4 image =
+  8 local + 1 global = 9 patches) in batches of the compiled ``runtime.image_batch``
+  (the last batch padded: shapes are static): ``encode_image_embed`` of batch k (the
+  patch-embedding Conv2D, pinned to the CPU) then ``encode_image_blocks`` of batch k. The
+  Conv2D of batch k+1 depends only on that of batch k, so it overlaps batch k's blocks;
+* then one ``embed`` + ``prefill`` call (phase ``prefill``, one chunk) and one ``embed`` +
+  ``decode`` call (phase ``decode``, one token).
+
+Each task's FLOPs and DRAM bytes are computed from the IR (:func:`work_of_bindings`):
+matmul and linear kernels ``2*M*N*K``, conv2d ``2 * out * Cin*kh*kw``, fused attention
+``4*H*S*L*D``, every other operator one op per output element; bytes are the segment's
+input and output tensors (weights included: each call streams its weights). Costs come
+from the roofline model (:mod:`bluelower.targets.cost_model`), placement from the list
+scheduler (:mod:`bluelower.targets.scheduler`). APU tasks compute at the APU's fp16 rate
+(the precision rules of PartitionForAPU); CPU segments at the cluster's fp32 rate.
+Stats: ``tasks``, ``apu_tasks``, ``makespan_s`` and the per-phase seconds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import networkx as nx
+import tvm
+from tvm import relax
+
+from ..targets.cost_model import APU_UNIT, Work, cost, units_of
+from ..targets.scheduler import add_task, list_schedule
+from .pipeline import record_stats
+
+_MATMUL_KERNELS = ("NT_matmul", "matmul", "int4_linear", "int8_linear")
+_ATTENTION_KERNELS = ("fused_attention",)
+#: APU tasks compute at the first of these rates the APU has (float activations -> fp16).
+APU_COMPUTE_DTYPES = ("fp16", "int16", "int8")
+CPU_COMPUTE_DTYPES = ("fp32",)
+DEFAULT_IMAGE_GRID = (2, 4)
+
+
+def _shape(ty) -> list[int] | None:
+    if isinstance(ty, relax.TensorType) and ty.shape is not None:
+        try:
+            return [int(d) for d in ty.shape]
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _nbytes(ty) -> float:
+    if isinstance(ty, relax.TupleType):
+        return sum(_nbytes(f) for f in ty.fields)
+    shape = _shape(ty)
+    if shape is None:
+        return 0.0
+    return math.prod(shape) * tvm.runtime.DataType(str(ty.dtype)).bits / 8
+
+
+def _elems(ty) -> float:
+    shape = _shape(ty)
+    return float(math.prod(shape)) if shape is not None else 0.0
+
+
+def binding_flops(value, out_ty) -> float:
+    """Operations of one binding (a multiply-add counts 2)."""
+    if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
+        return 0.0
+    name = value.op.name
+    out = _elems(out_ty)
+    if name == "relax.call_tir" or name == "relax.call_tir_inplace":
+        kernel = value.args[0].name_hint
+        args = list(value.args[1].fields) if isinstance(value.args[1], relax.Tuple) else [value.args[1]]
+        if kernel.startswith(_MATMUL_KERNELS):
+            k = (_shape(args[0].ty) or [1])[-1]
+            return 2.0 * out * k
+        if kernel.startswith(_ATTENTION_KERNELS):
+            q, kv = _shape(args[0].ty), _shape(args[1].ty)
+            if q and kv:
+                return 4.0 * math.prod(q[:-1]) * kv[-2] * q[-1]
+        return out
+    if name == "relax.matmul":
+        k = (_shape(value.args[0].ty) or [1])[-1]
+        return 2.0 * out * k
+    if name == "relax.nn.conv2d":
+        w = _shape(value.args[1].ty) or [1, 1, 1, 1]
+        return 2.0 * out * math.prod(w[1:])
+    return out
+
+
+def work_of_bindings(bindings, inputs, outputs) -> tuple[float, float]:
+    """``(flops, bytes)`` of a segment: its bindings' operations, its inputs' and outputs' bytes."""
+    flops = sum(binding_flops(b.value, b.var.ty) for b in bindings)
+    by = sum(_nbytes(v.ty) for v in inputs) + sum(_nbytes(v.ty) for v in outputs)
+    return flops, by
+
+
+def _is_apu_call(mod, value) -> bool:
+    if not isinstance(value, relax.Call) or not isinstance(value.op, relax.GlobalVar):
+        return False
+    func = mod[value.op]
+    return isinstance(func, relax.Function) and func.attrs is not None and func.attrs.get("bluelower.unit") == APU_UNIT
+
+
+def segments(mod: tvm.IRModule, name: str) -> list[dict]:
+    """The entry's segments in order: ``{"unit": "apu"|"cpu", "name", "flops", "bytes", "deps"}``."""
+    func = mod[name]
+    flat = [b for blk in func.body.blocks for b in blk.bindings]
+    groups: list[tuple[str, list]] = []
+    for b in flat:
+        unit = "apu" if _is_apu_call(mod, b.value) else "cpu"
+        if unit == "cpu" and not isinstance(b.value, relax.Call) and groups:
+            groups[-1][1].append(b)  # aliases and tuple projections follow their producer
+            continue
+        if unit == "apu" or not groups or groups[-1][0] != "cpu":
+            groups.append((unit, [b]))
+        else:
+            groups[-1][1].append(b)
+    owner: dict = {}
+    out = []
+    last_use: dict = {}
+    for i, (_u, bs) in enumerate(groups):
+        for b in bs:
+            for v in relax.analysis.free_vars(b.value):
+                last_use[v] = i
+    for v in relax.analysis.free_vars(func.body.body):
+        last_use[v] = len(groups)
+    apu_k = cpu_k = 0
+    for i, (unit, bs) in enumerate(groups):
+        defined = {b.var for b in bs}
+        inputs, deps = [], set()
+        for b in bs:
+            for v in relax.analysis.free_vars(b.value):
+                if v not in defined and v not in inputs:
+                    inputs.append(v)
+                    if v in owner:
+                        deps.add(owner[v])
+        outputs = [b.var for b in bs if last_use.get(b.var, -1) > i]
+        if unit == "apu":
+            callee = mod[bs[0].value.op]
+            inner = [b for blk in callee.body.blocks for b in blk.bindings]
+            flops, _ = work_of_bindings(inner, [], [])
+            _, by = work_of_bindings([], inputs, outputs)
+            label = bs[0].value.op.name_hint
+            ops = int(callee.attrs.get("bluelower.apu_ops", 0))
+            apu_k += 1
+        else:
+            flops, by = work_of_bindings(bs, inputs, outputs)
+            label = f"{name}_cpu{cpu_k}"
+            ops = sum(1 for b in bs if isinstance(b.value, relax.Call))
+            cpu_k += 1
+        for b in bs:
+            owner[b.var] = i
+        out.append({"unit": unit, "name": label, "flops": flops, "bytes": by, "deps": sorted(deps), "ops": ops})
+    return out
+
+
+def _costs(soc, seg) -> dict[str, float]:
+    units = units_of(soc)
+    if seg["unit"] == "apu":
+        work = Work(seg["flops"], seg["bytes"], APU_COMPUTE_DTYPES)
+        only = [u for u in units if u.kind == "apu"]
+    else:
+        work = Work(seg["flops"], seg["bytes"], CPU_COMPUTE_DTYPES)
+        only = [u for u in units if u.kind == "cpu"]
+    out = {}
+    for u in only:
+        c = cost(work, u)
+        if c is not None:
+            out[u.name] = c.seconds
+    return out
+
+
+def build_operator_graph(mod: tvm.IRModule, soc, image_batch: int, image_grid=DEFAULT_IMAGE_GRID):
+    """The request's task DAG over the module's segments (see the module docstring)."""
+    from ..targets.predict import image_patches
+
+    names = {gv.name_hint for gv in mod.get_global_vars()}
+    g = nx.DiGraph()
+    info = {"image_grid": list(image_grid) if image_grid else None, "image_batch": image_batch, "calls": {}}
+
+    def add_call(entry: str, tag: str, phase: str, after: list[str]) -> list[str]:
+        """Add one call of ``entry``; its source tasks wait for ``after``; returns its sink tasks."""
+        segs = segments(mod, entry)
+        task_names = [f"{tag}/{s['name']}" for s in segs]
+        has_succ = set()
+        for i, s in enumerate(segs):
+            deps = [task_names[d] for d in s["deps"]]
+            if not deps:
+                deps = list(after)
+            for d in s["deps"]:
+                has_succ.add(d)
+            costs = _costs(soc, s)
+            if not costs:
+                continue  # pragma: no cover - every SoC has a CPU cluster
+            add_task(g, task_names[i], phase, costs, deps=deps, unit_kind=s["unit"], entry=entry,
+                     flops=s["flops"], bytes=s["bytes"], ops=s["ops"])
+        info["calls"][entry] = {"segments": len(segs), "apu_segments": sum(1 for s in segs if s["unit"] == "apu")}
+        sinks = [task_names[i] for i in range(len(segs)) if i not in has_succ]
+        return sinks or list(after)
+
+    ends: list[str] = []
+    if image_grid:
+        patches = image_patches(tuple(image_grid))
+        batches = math.ceil(patches / image_batch)
+        info.update(image_patches=patches, image_batches=batches)
+        split = "encode_image_embed" in names and "encode_image_blocks" in names
+        prev_embed: list[str] = []
+        prev_blocks: list[str] = []
+        for k in range(batches):
+            if split:
+                # Conv2D of batch k+1 waits only for the Conv2D of batch k: it overlaps blocks k
+                emb = add_call("encode_image_embed", f"encode_image_embed[{k}]", "image_encode", prev_embed)
+                blk = add_call("encode_image_blocks", f"encode_image_blocks[{k}]", "image_encode", emb + prev_blocks)
+                prev_embed, prev_blocks = emb, blk
+            elif "encode_image" in names:
+                prev_blocks = add_call("encode_image", f"encode_image[{k}]", "image_encode", prev_blocks)
+        ends = prev_blocks
+    if "embed" in names and "prefill" in names:
+        ends = add_call("embed", "embed[prefill]", "prefill", ends)
+        ends = add_call("prefill", "prefill[0]", "prefill", ends)
+    if "embed" in names and "decode" in names:
+        ends = add_call("embed", "embed[decode]", "decode", ends)
+        ends = add_call("decode", "decode[0]", "decode", ends)
+    return g, info
+
+
+@tvm.transform.module_pass(opt_level=0, name="ScheduleOperators")
+class ScheduleOperators:
+    """List-schedule the module's APU partitions and CPU segments (see the module docstring)."""
+
+    def __init__(self, soc, image_batch: int = 1, image_grid=DEFAULT_IMAGE_GRID, sink: dict | None = None):
+        self.soc, self.image_batch, self.image_grid, self.sink = soc, image_batch, image_grid, sink
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        from ..targets.predict import summarize
+
+        g, info = build_operator_graph(mod, self.soc, self.image_batch, self.image_grid)
+        units = [u.name for u in units_of(self.soc)]
+        sched = list_schedule(g, units=units, title=f"operators on {self.soc.name}",
+                              info={**info, "soc": self.soc.name})
+        out = sched.to_dict()
+        out["summary"] = summarize(sched)
+        if self.sink is not None:
+            self.sink["schedule"] = out
+        record_stats(tasks=len(sched.tasks), apu_tasks=sum(1 for t in sched.tasks if t.unit == APU_UNIT),
+                     makespan_s=sched.makespan_s, phase_seconds=sched.phase_seconds())
+        return mod
+
+
+def schedule_operators(opts) -> "ScheduleOperators | None":
+    """The pass for a build (``CompileOptions``): the schedule goes to ``opts.extra["schedule"]``."""
+    if opts.soc is None:
+        return None
+    batch = opts.model.runtime.image_batch if opts.model is not None else opts.soc.image_batch
+    grid = opts.extra.get("image_grid", DEFAULT_IMAGE_GRID)
+    return ScheduleOperators(opts.soc, image_batch=batch, image_grid=grid, sink=opts.extra)
