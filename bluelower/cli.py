@@ -315,6 +315,26 @@ def inspect_memory_cmd(build_dir, model, soc, quant, image_grid, kv_capacity, pr
         click.echo(memory.format_table(info))
 
 
+@inspect.command("schedule")
+@click.argument("build_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (makespan_s, phase_seconds, tasks, ...).")
+@click.option("--trace", "trace", default=None, type=click.Path(dir_okay=False), help="Write a Chrome trace (open in ui.perfetto.dev).")
+@click.option("--plot", "plot", default=None, type=click.Path(dir_okay=False), help="Write a Gantt chart (PNG).")
+def inspect_schedule_cmd(build_dir, as_json, trace, plot) -> None:
+    """Predicted schedule of a build's APU partitions and CPU segments (per phase, per unit, per task)."""
+    from . import schedule_report
+
+    info = schedule_report.inspect_schedule(build_dir)
+    if trace:
+        schedule_report.write_trace(build_dir, trace)
+    if plot:
+        schedule_report.write_plot(build_dir, plot)
+    if as_json:
+        echo_json(info)
+    else:
+        click.echo(schedule_report.format_table(info))
+
+
 @cli.command("eval-quant")
 @click.option("--model", "models", multiple=True, metavar="NAME|PATH.json", help="Model(s) to evaluate (default: tiny).")
 @click.option("--modes", default="fp32,w8,w4a16,w4a16kv8", show_default=True, help="Comma-separated quant modes.")
