@@ -149,15 +149,27 @@ def worker(args) -> None:
     V = cfg.decoder.vocab_size
     rng = np.random.default_rng(1234)
     prompt = rng.integers(3, V, size=args.long)  # same ids for every engine
-    out = {"engine": args.worker, "skipped": {}}
     t0 = time.perf_counter()
     eng = _open_engine(args.worker, args, cfg)
-    out["load_s"] = time.perf_counter() - t0
-    budget = args.max_seconds
+    load_s = time.perf_counter() - t0
     # warm-up: one chunk + one decode step
     eng.reset()
     eng.prefill(prompt[: args.chunk])
     eng.decode(5, args.chunk)
+    if not args.serve:
+        return one_round(args, cfg, eng, prompt, load_s, args.skip, args.profile)
+    print("READY", flush=True)
+    for line in sys.stdin:  # one measurement round per line: "<skip list> <profile 0/1>"
+        if not line.strip() or line.strip() == "QUIT":
+            break
+        parts = line.split()
+        one_round(args, cfg, eng, prompt, load_s, "" if parts[0] == "-" else parts[0], parts[1] == "1")
+
+
+def one_round(args, cfg, eng, prompt, load_s, skip_list, profile) -> None:
+    V = cfg.decoder.vocab_size
+    out = {"engine": args.worker, "skipped": {}, "load_s": load_s}
+    budget = args.max_seconds
 
     def timed(fn):
         t = time.perf_counter()
@@ -178,7 +190,7 @@ def worker(args) -> None:
             tok = int(np.argmax(logits[0]))
         return len(times) / sum(times)
 
-    skip = set(args.skip.split(",")) if args.skip else set()
+    skip = set(skip_list.split(",")) if skip_list else set()
     # prefill 128 + decode at context 128
     eng.reset()
     if "prefill128" not in skip:
@@ -209,7 +221,7 @@ def worker(args) -> None:
         if args.worker == "llamacpp" and "prefill2048" in out["skipped"]:
             pos = args.long - args.decode_tokens
         out["decode2048_tok_s"] = decode_run(pos, int(np.argmax(ctx_logits[0])))
-    if args.profile and args.worker == "bluelower":
+    if profile and args.worker == "bluelower":
         out["profile"] = profile_bluelower(args, cfg)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["loadavg"] = loadavg()
@@ -300,6 +312,36 @@ def run_worker(argv: list[str], timeout: float) -> dict:
     raise RuntimeError(f"worker {' '.join(argv)} failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
 
 
+class Server:
+    """A persistent worker process: one measurement round per request line."""
+
+    def __init__(self, argv):
+        self.p = subprocess.Popen([PY, os.path.abspath(__file__)] + argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=open(os.devnull, "w"), text=True, env=env_threads())
+        line = self.p.stdout.readline()
+        if not line.startswith("READY"):
+            raise RuntimeError(f"worker {argv} did not start (rc {self.p.poll()})")
+
+    def round(self, skip, profile):
+        t = time.perf_counter()
+        self.p.stdin.write(f"{skip or '-'} {1 if profile else 0}\n")
+        self.p.stdin.flush()
+        for line in self.p.stdout:
+            if line.startswith("RESULT "):
+                r = json.loads(line[7:])
+                r["wall_s"] = time.perf_counter() - t
+                return r
+        raise RuntimeError(f"worker died (rc {self.p.poll()})")
+
+    def close(self):
+        try:
+            self.p.stdin.write("QUIT\n")
+            self.p.stdin.close()
+            self.p.wait(timeout=60)
+        except Exception:  # noqa: BLE001
+            self.p.kill()
+
+
 def mem_bandwidth() -> dict:
     """numpy copy of 1 GiB float32 (read + write counted), 1 thread and 2 threads (halves)."""
     n = (1 << 30) // 4
@@ -309,9 +351,8 @@ def mem_bandwidth() -> dict:
     res = {}
     for nt in (1, THREADS):
         times = []
-        for _ in range(5):
-            parts = np.array_split(np.arange(n), nt)
-            bounds = [(int(p[0]), int(p[-1]) + 1) for p in parts]
+        bounds = [(i * n // nt, (i + 1) * n // nt) for i in range(nt)]
+        for _ in range(3):
             t = time.perf_counter()
             if nt == 1:
                 np.copyto(dst, src)
@@ -412,7 +453,7 @@ def main_bench(args) -> dict:
             res["notes"].append(
                 f"--quant {args.quant} is not available in this checkout (QUANT_MODES = "
                 f"{res['bluelower_build']['quant_modes_available']}); bluelower ran {res['bluelower_build']['quant_used']}.")
-    if args.verify or args.size == "tiny":
+    if (args.verify or args.size == "tiny") and gguf:
         f32 = M.gguf_path(args.size, "F32", args.seed, log)
         log("[verify] llama.cpp vs PyTorch logits")
         res["verify"] = run_worker(["--verify-worker", "--size", args.size, "--weights", weights, "--gguf", gguf,
@@ -422,6 +463,10 @@ def main_bench(args) -> dict:
     common = ["--size", args.size, "--weights", weights, "--decode-tokens", str(args.decode_tokens),
               "--max-seconds", str(args.max_seconds)]
     rounds = {e: [] for e in engines}
+    servers = {}
+    if args.persistent:
+        res["notes"].append("persistent workers: each engine loaded once in its own process, rounds interleaved "
+                            "A B C A B C over stdin (peak RSS includes the load)")
     for r in range(args.repeats):
         for e in engines:
             argv = ["--worker", e] + common
@@ -438,12 +483,19 @@ def main_bench(args) -> dict:
                 argv += ["--skip", skip]
             log(f"[round {r + 1}/{args.repeats}] {e}")
             try:
-                rounds[e].append(run_worker(argv, timeout=args.worker_timeout))
+                if args.persistent:
+                    if e not in servers:
+                        servers[e] = Server(argv + ["--serve"])
+                    rounds[e].append(servers[e].round(skip, args.profile and r == 0 and e == "bluelower"))
+                else:
+                    rounds[e].append(run_worker(argv, timeout=args.worker_timeout))
             except Exception as exc:  # noqa: BLE001
                 log(f"  {e} failed: {exc}")
                 rounds[e].append({"engine": e, "error": str(exc)[-2000:]})
             last = rounds[e][-1]
             log("  " + ", ".join(f"{k}={v:.2f}" for k, v in last.items() if k.endswith(("tok_s", "rss_mb")) and isinstance(v, float)))
+    for sv in servers.values():
+        sv.close()
     res["bandwidth_end"] = mem_bandwidth()
     bw = max(res["bandwidth_start"]["best_GBps"], res["bandwidth_end"]["best_GBps"])
     res["bandwidth_GBps"] = bw
@@ -519,6 +571,10 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="Relax VM profile of bluelower's decode/prefill (round 1)")
     ap.add_argument("--compile-bench", default="", help="e.g. tiny,bluelm-v-3b,tiny@dimensity9300")
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--persistent", type=int, default=None,
+                    help="1: keep each engine loaded in one process across rounds (default for tiny/mid); "
+                         "0: a fresh process per engine per round (default for 3b: at most one big model resident)")
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     # worker-only
     ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     ap.add_argument("--verify-worker", action="store_true", help=argparse.SUPPRESS)
@@ -529,6 +585,8 @@ def main() -> None:
     ap.add_argument("--skip", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.chunk, args.long = 128, 2048
+    if args.persistent is None:
+        args.persistent = int(args.size != "3b")
     if args.worker:
         return worker(args)
     if args.verify_worker:
