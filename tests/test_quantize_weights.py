@@ -337,3 +337,31 @@ def test_bluelm_v_3b_decoder_weights_fit_1_6_gb():
     assert fp32["decoder_linear"] == parts["decoder_linear_weights"] * 4
     w8 = weight_bytes_by_part(cfg, "w8")
     assert 8.0 < w8["decoder_linear_bits_per_weight"] < 8.02  # + one fp32 scale per row (K >= 2560)
+
+
+def test_cli_run_check_on_quantized_build(tiny_w4_build, tiny_image):
+    from click.testing import CliRunner
+
+    from bluelower.cli import cli
+
+    out, _ = tiny_w4_build
+    result = CliRunner().invoke(cli, ["-q", "run", out, "--image", tiny_image, "--prompt-ids", "1,2,3,40,77",
+                                      "--max-new-tokens", "12", "--check", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["match"] is True and data["tokens"] == data["reference_tokens"]
+
+
+def test_param_names_attribute_follows_the_new_signature():
+    # the importers name the weights in order (bluelower.param_names); the pass keeps that in step
+    names = ["language_model.norm.weight", "language_model.k_proj.weight", "vision_tower.fc.weight", "vision_tower.fc.bias"]
+    gv = Before.get_global_var("main")
+    mod = tvm.IRModule(dict(Before.functions_items()))
+    mod.update_func(gv, Before["main"].with_attr("bluelower.param_names", names).with_attr("global_symbol", "main"))
+    entry_params = {}
+    after = QuantizeWeights("w4a16", entry_params=entry_params)(mod)
+    expected = ["language_model.norm.weight", "language_model.k_proj.weight.int4_packed",
+                "language_model.k_proj.weight.int4_scales", "vision_tower.fc.weight.int8_packed",
+                "vision_tower.fc.weight.int8_scales", "vision_tower.fc.bias"]
+    assert [str(n) for n in after["main"].attrs["bluelower.param_names"]] == expected
+    assert entry_params == {"main": expected}

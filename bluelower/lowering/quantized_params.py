@@ -318,14 +318,17 @@ class StoredParams:
         rewritten = extra.get("entry_params", {})
         entry_params = {f: list(rewritten.get(f, sig.params)) for f, sig in sigs.items()}
         specs, source_shapes = {}, {}
-        for names in entry_params.values():
+        for f, names in entry_params.items():
             for name in names:
                 if name in transforms:
                     t = transforms[name]
                     specs[name] = (tuple(t.shape), t.dtype)
                     source_shapes[t.source] = list(weight_specs[t.source][0])
-                else:
+                elif name in weight_specs:
                     specs[name] = (tuple(weight_specs[name][0]), "float32")
+                else:
+                    raise KeyError(f"function {f!r} takes parameter {name!r}, which is neither a model weight "
+                                   "nor a quantized parameter")
         used = {n for names in entry_params.values() for n in names}
         return cls(entry_params, specs, {n: t for n, t in transforms.items() if n in used}, source_shapes)
 

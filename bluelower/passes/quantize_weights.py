@@ -37,6 +37,7 @@ from .pipeline import record_stats
 
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 _OPAQUE = 8  # relay/relax OpPatternKind kOpaque: FuseOps leaves the kernel alone
+_PARAM_NAMES = "bluelower.param_names"  # checkpoint names of the weight parameters, in order
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,11 +114,11 @@ class QuantizeWeights:
             w = call.args[1].fields[1]
             if any(w.same_as(p) for p in weights):
                 linear_uses.setdefault(w, []).append(call)
+        sources = self._source_names(func, weights)
         plan = {}  # weight Var -> (scheme, [new Vars])
-        new_params = []
-        for w in weights:
+        new_params, new_names = [], []
+        for w, source in zip(weights, sources):
             calls = linear_uses.get(w, [])
-            source = self.weight_names.get(w.name, w.name)
             scheme = None
             if calls and len(calls) == uses.get(w, 0):
                 n, k = _static_shape(w)
@@ -125,6 +126,7 @@ class QuantizeWeights:
             if scheme is None:
                 stats["kept_fp32_layers"] += len(calls)
                 new_params.append(w)
+                new_names.append(source)
                 continue
             parts = scheme_params(source, scheme)
             new_vars = [relax.Var(sanitize(name), relax.TensorType(shape, dtype)) for name, shape, dtype, _ in parts]
@@ -132,6 +134,7 @@ class QuantizeWeights:
                 self.table[name] = transform
             plan[w] = (scheme, new_vars)
             new_params.extend(new_vars)
+            new_names.extend(name for name, *_ in parts)
             stats["weights_quantized"] += 1
             stats[f"{scheme.kind}_layers"] += len(calls)
             if (scheme.n_pad, scheme.k_pad) != (scheme.n, scheme.k):
@@ -141,13 +144,26 @@ class QuantizeWeights:
         rewriter.plan = plan
         body = rewriter.visit_expr(func.body)
         rewriter.plan = {}
-        names = {sanitize(name): name for name in self.table}
-        fname = func.attrs["global_symbol"] if "global_symbol" in func.attrs else None
-        if fname is not None:
-            self.entry_params[str(fname)] = [
-                names.get(p.name, self.weight_names.get(p.name, p.name)) for p in new_params
-            ]
-        return relax.Function(list(func.params[:num_input]) + new_params, body, func.ret_ty, func.is_pure, func.attrs)
+        if "global_symbol" in func.attrs:
+            self.entry_params[str(func.attrs["global_symbol"])] = new_names
+        out = relax.Function(list(func.params[:num_input]) + new_params, body, func.ret_ty, func.is_pure, func.attrs)
+        if _PARAM_NAMES in func.attrs:  # keep the importers' name table in step with the signature
+            out = out.with_attr(_PARAM_NAMES, new_names)
+        return out
+
+    def _source_names(self, func: relax.Function, weights: list) -> list:
+        """Checkpoint names of the weight parameters: the importers' ``bluelower.param_names``
+        attribute when present, else the Relax name looked up in ``weight_names`` (also
+        under a frontend prefix such as ONNX's ``m_``), else the Relax name itself."""
+        if _PARAM_NAMES in func.attrs and len(func.attrs[_PARAM_NAMES]) == len(weights):
+            return [str(n) for n in func.attrs[_PARAM_NAMES]]
+        out = []
+        for w in weights:
+            name = self.weight_names.get(w.name)
+            if name is None and "_" in w.name:
+                name = self.weight_names.get(w.name.split("_", 1)[1])
+            out.append(name or w.name)
+        return out
 
 
 def _count_var_uses(body) -> dict:
