@@ -344,8 +344,9 @@ class StoredParams:
                 if inp.get("dtype") == "int64" and str(inp.get("name", "")).startswith("token"):
                     gathered[fname] = int(np.prod(inp["shape"]))
         for fname, fn in manifest["functions"].items():
-            fn["params"] = list(self.entry_params[fname])
-            fn["weights_bytes_per_call"] = weights_bytes_per_call(fname, fn["params"], self.specs, gathered)
+            fn["params"] = list(self.entry_params.get(fname, fn["params"]))
+            if all(p in self.specs for p in fn["params"]):
+                fn["weights_bytes_per_call"] = weights_bytes_per_call(fname, fn["params"], self.specs, gathered)
         kinds = sorted({t.quantizer for t in self.transforms.values()})
         manifest["quant"] = quant
         manifest["quantization"] = {
