@@ -16,7 +16,7 @@ import sys
 
 
 def mb(n: int) -> str:
-    return f"{n / 2**20:,.1f}"
+    return f"{n / 2**20:,.2f}"
 
 
 def markdown(info: dict) -> str:
@@ -50,8 +50,15 @@ def main(argv=None) -> int:
     ap.add_argument("--soc", action="append", default=None)
     ap.add_argument("--json", default=None, help="Also write the raw results here.")
     ap.add_argument("--disable-pass", action="append", default=[], help="Skip a pipeline pass while planning.")
+    ap.add_argument("--from-json", default=None, help="Re-render the tables of an earlier --json run.")
     args = ap.parse_args(argv)
     progress.set_quiet(True)
+    if args.from_json:
+        with open(args.from_json, encoding="utf-8") as fh:
+            for info in json.load(fh):
+                print(markdown(info))
+                print()
+        return 0
     from bluelower.lowering.importer import import_model
     from bluelower.lowering.models.config import load_config
 
