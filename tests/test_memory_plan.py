@@ -124,9 +124,13 @@ def test_prefill_chunk_chunked_equals_one_shot(chunk_builds):
 
 
 def test_prefill_chunk_must_divide_capacity(tmp_path):
-    result = invoke("compile", "--model", "tiny", "--prefill-chunk", "100", "-o", str(tmp_path / "o"))
+    from bluelower.lowering.models.config import load_config
+
+    cap = load_config("tiny").runtime.kv_capacity
+    bad = next(n for n in range(cap // 2 + 1, cap) if cap % n)
+    result = invoke("compile", "--model", "tiny", "--prefill-chunk", str(bad), "-o", str(tmp_path / "o"))
     assert result.exit_code != 0
-    assert "--prefill-chunk 100 must be a positive divisor of the KV cache capacity 1024" in result.output
+    assert f"--prefill-chunk {bad} must be a positive divisor of the KV cache capacity {cap}" in result.output
     assert not os.path.exists(tmp_path / "o")
 
 
