@@ -109,11 +109,11 @@ def generated_markdown(results_dir) -> str:
     if comp:
         L.append("### `bluelower compile` time and peak RSS\n")
         L.append(f"Command: `{comp.get('command', '')}` (each compile in its own process under `/usr/bin/time -v`).\n")
-        L.append("| model | SoC | wall s | max RSS MB | result |")
-        L.append("|---|---|---|---|---|")
+        L.append("| model | SoC | wall s | CPU s (user+sys) | max RSS MB | result |")
+        L.append("|---|---|---|---|---|---|")
         for x in comp["runs"]:
             status = "ok" if x.get("rc") == 0 else (x.get("error") or f"rc {x.get('rc')}: " + x.get("stderr_tail", "")[-160:].replace("\n", " "))
-            L.append(f"| {x['model']} | {x['soc']} | {_f(x.get('wall_s'))} | {_f(x.get('max_rss_mb'), 0)} | {status} |")
+            L.append(f"| {x['model']} | {x['soc']} | {_f(x.get('wall_s'))} | {_f(x.get('cpu_s'))} | {_f(x.get('max_rss_mb'), 0)} | {status} |")
         L.append("")
     if os.path.isfile(os.path.join(ROOT_IMG, "benchmarks.png")):
         L.append("![decode and prefill tokens/s per engine](img/benchmarks.png)\n")

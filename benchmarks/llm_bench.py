@@ -222,7 +222,10 @@ def one_round(args, cfg, eng, prompt, load_s, skip_list, profile) -> None:
             pos = args.long - args.decode_tokens
         out["decode2048_tok_s"] = decode_run(pos, int(np.argmax(ctx_logits[0])))
     if profile and args.worker == "bluelower":
-        out["profile"] = profile_bluelower(args, cfg)
+        try:
+            out["profile"] = profile_bluelower(args, cfg)
+        except Exception as exc:  # noqa: BLE001
+            out["profile"] = {"error": repr(exc)[-500:]}
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["loadavg"] = loadavg()
     print("RESULT " + json.dumps(out), flush=True)
@@ -317,7 +320,7 @@ class Server:
 
     def __init__(self, argv):
         self.p = subprocess.Popen([PY, os.path.abspath(__file__)] + argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=open(os.devnull, "w"), text=True, env=env_threads())
+                                  stderr=open(f"/tmp/llm_bench-{argv[1]}.err", "w"), text=True, env=env_threads())
         line = self.p.stdout.readline()
         if not line.startswith("READY"):
             raise RuntimeError(f"worker {argv} did not start (rc {self.p.poll()})")
@@ -380,7 +383,9 @@ def timed_child(cmd: list[str], env=None, timeout=None) -> dict:
                 "stderr_tail": (exc.stderr or b"")[-800:].decode(errors="replace") if isinstance(exc.stderr, bytes) else ""}
     dt = time.perf_counter() - t
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
+    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", err))
     return {"cmd": " ".join(cmd), "rc": rc, "wall_s": round(dt, 1), "max_rss_mb": int(m.group(1)) / 1024 if m else None,
+            "cpu_s": round(cpu, 1),
             "stderr_tail": "" if rc == 0 else err[-1500:], "loadavg_after": loadavg()}
 
 
