@@ -365,3 +365,27 @@ def test_param_names_attribute_follows_the_new_signature():
                 "vision_tower.fc.weight.int8_scales", "vision_tower.fc.bias"]
     assert [str(n) for n in after["main"].attrs["bluelower.param_names"]] == expected
     assert entry_params == {"main": expected}
+
+
+def test_batched_activation_is_flattened_for_the_kernel():
+    # the ONNX importer keeps x as [1, T, K]; the kernels take [M, K]
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((1, 5, 64), "float32"))
+    w = relax.Var("vision_tower_fc_weight", R.Tensor((48, 64), "float32"))
+    with bb.function("main", [x, w], attrs={"num_input": 1}):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.matmul(x, relax.op.permute_dims(w), out_dtype="float32"))
+        bb.emit_func_output(y)
+    table = {}
+    mod = QuantizeWeights("w8", table=table)(relax.transform.FuseTransposeMatmul()(bb.get()))
+    assert "NT_matmul" not in mod.script(show_meta=False)
+    rng = np.random.default_rng(3)
+    x_np = rng.standard_normal((1, 5, 64)).astype(np.float32)
+    w_np = rng.standard_normal((48, 64)).astype(np.float32)
+    t = table["vision_tower_fc_weight.int8_packed"]
+    packed, scales = quantize_weight(w_np, t.quantizer, t.args)
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    got = vm["main"](*[tvm.runtime.tensor(a) for a in (x_np, packed, scales)]).numpy()
+    ref = x_np @ dequantize_weight(packed, scales, t.quantizer, t.args, (48, 64)).T
+    assert got.shape == (1, 5, 48)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 import tvm
 from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -41,12 +43,13 @@ _PARAM_NAMES = "bluelower.param_names"  # checkpoint names of the weight paramet
 
 
 @functools.lru_cache(maxsize=None)
-def _nt_matmul(m: int, n: int, k: int) -> tirx.PrimFunc:
-    """The PrimFunc FuseTransposeMatmul generates for ``x[m, k] @ W[n, k]^T`` (float32)."""
+def _nt_matmul(x_shape: tuple, n: int) -> tirx.PrimFunc:
+    """The PrimFunc FuseTransposeMatmul generates for ``x[..., k] @ W[n, k]^T`` (float32)."""
     from tvm.script import relax as R
 
+    k = x_shape[-1]
     bb = relax.BlockBuilder()
-    x = relax.Var("x", R.Tensor((m, k), "float32"))
+    x = relax.Var("x", R.Tensor(x_shape, "float32"))
     w = relax.Var("w", R.Tensor((n, k), "float32"))
     with bb.function("main", [x, w]):
         with bb.dataflow():
@@ -199,14 +202,14 @@ def _match_linear(mod, call: relax.Call):
     if not isinstance(w, relax.Var) or not (_is_f32(x) and _is_f32(w)):
         return None
     xs, ws = _static_shape(x), _static_shape(w)
-    if xs is None or ws is None or len(xs) != 2 or len(ws) != 2 or xs[1] != ws[1]:
+    if xs is None or ws is None or len(xs) < 2 or len(ws) != 2 or xs[-1] != ws[1]:
         return None
     callee = mod[call.args[0]]
     if not isinstance(callee, tirx.PrimFunc):
         return None
     import tvm_ffi
 
-    if not tvm_ffi.structural_equal(callee, _nt_matmul(xs[0], ws[0], ws[1])):
+    if not tvm_ffi.structural_equal(callee, _nt_matmul(xs, ws[0])):
         return None
     return x, w
 
@@ -225,7 +228,10 @@ class _LinearRewriter(PyExprMutator):  # pylint: disable=abstract-method
         x, w = matched
         scheme, new_vars = self.plan[w]
         x = self.visit_expr(x)
-        m = _static_shape(x)[0]
+        lead = _static_shape(x)[:-1]  # e.g. ONNX keeps [1, 729, K]; the kernels take [M, K]
+        m = int(np.prod(lead))
+        if len(lead) != 1:
+            x = self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr([m, scheme.k])))
         if scheme.k_pad != scheme.k:
             zeros = relax.op.zeros(relax.ShapeExpr([m, scheme.k_pad - scheme.k]), "float32")
             x = self.builder_.emit(relax.op.concat([x, zeros], axis=1))
@@ -239,6 +245,8 @@ class _LinearRewriter(PyExprMutator):  # pylint: disable=abstract-method
         y = relax.call_tir(gv, relax.Tuple([x, *new_vars]), relax.TensorType((m, scheme.n_pad), "float32"))
         if scheme.n_pad != scheme.n:
             y = relax.op.strided_slice(self.builder_.emit(y), axes=[1], begin=[0], end=[scheme.n])
+        if len(lead) != 1:
+            y = relax.op.reshape(self.builder_.emit(y), relax.ShapeExpr([*lead, scheme.n]))
         return y
 
 
