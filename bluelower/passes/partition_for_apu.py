@@ -27,7 +27,9 @@ Relax function ``<entry>_apu<k>`` with attributes ``bluelower.unit = "apu"``,
 CPU build compiles and runs them (the APU's numerics are not emulated: fp32 on the host).
 Functions in ``cpu_functions`` (the patch-embedding Conv2D stage, which the BlueLM-V
 design runs on the CPU, overlapped with the APU's ViT blocks) and SoCs without an APU
-get no partitions. Stats: ``partitions`` (per entry), ``apu_ops``, ``cpu_ops``.
+get no partitions. Identical runs (two decoder layers of the same shapes) share one
+partition function. Stats per entry: ``partitions`` (functions) and ``apu_calls``; in
+total ``apu_ops`` (operators inside APU calls) and ``cpu_ops`` (operators outside).
 ``sink`` (a list) receives one descriptor per partition for the manifest.
 """
 
@@ -213,8 +215,10 @@ def _run_dtype(dtypes: list[str]) -> str:
 class _Partitioner:
     def __init__(self, bb: relax.BlockBuilder, apu, entry: str, func: relax.Function, sink: list | None):
         self.bb, self.apu, self.entry, self.func, self.sink = bb, apu, entry, func, sink
-        self.count = 0
+        self.count = 0  # partition functions created
+        self.calls = 0  # APU graph calls (an identical layer reuses its partition function)
         self.apu_ops = 0
+        self.reused: dict[str, dict] = {}
         num_input = int(func.attrs["num_input"]) if func.attrs is not None and "num_input" in func.attrs else len(func.params)
         names = _param_names(func)
         self.weight_names = {p: n for p, n in zip(func.params[num_input:], names)}
@@ -276,19 +280,25 @@ class _Partitioner:
         func = func.with_attrs({"bluelower.unit": APU, "bluelower.entry": self.entry, "bluelower.apu_dtype": dtype,
                                 "bluelower.apu_ops": n_ops, "bluelower.apu_op_kinds": sorted(set(kinds))})
         func = relax.utils.copy_with_new_vars(func)
-        gv = self.bb.add_func(func, name)
-        self.count += 1
+        gv = self.bb.add_func(func, name)  # returns the existing function for an identical layer
+        self.calls += 1
         self.apu_ops += n_ops
-        if self.sink is not None:
-            self.sink.append({
-                "name": name, "entry": self.entry, "unit": APU, "dtype": dtype, "ops": n_ops,
+        if gv.name_hint != name:
+            self.reused[gv.name_hint]["calls"] += 1
+        else:
+            self.count += 1
+            desc = {
+                "name": name, "entry": self.entry, "unit": APU, "dtype": dtype, "ops": n_ops, "calls": 1,
                 "op_kinds": sorted(set(kinds)),
                 "inputs": [{"name": p.name, "weight": self.weight_names.get(v),
                             "shape": [int(d) for d in v.ty.shape], "dtype": str(v.ty.dtype)}
                            for v, p in zip(inputs, params) if isinstance(v.ty, relax.TensorType)],
                 "outputs": [{"shape": [int(d) for d in o.ty.shape], "dtype": str(o.ty.dtype)}
                             for o in outputs if isinstance(o.ty, relax.TensorType)],
-            })
+            }
+            self.reused[name] = desc
+            if self.sink is not None:
+                self.sink.append(desc)
         call = relax.Call(gv, inputs)
         if len(outputs) == 1:
             return [relax.VarBinding(outputs[0], call)]
@@ -322,10 +332,11 @@ class PartitionForAPU:
         entries = sorted((gv for gv, f in mod.functions.items() if _is_entry(f)), key=lambda gv: gv.name_hint)
         if self.apu is None:
             ops = sum(count_ops(mod[gv]) for gv in entries)
-            record_stats(apu="none", partitions={gv.name_hint: 0 for gv in entries}, apu_ops=0, cpu_ops=ops)
+            record_stats(apu="none", partitions={gv.name_hint: 0 for gv in entries},
+                         apu_calls={gv.name_hint: 0 for gv in entries}, apu_ops=0, cpu_ops=ops)
             return mod
         bb = relax.BlockBuilder(mod)
-        rewritten, partitions, apu_ops, cpu_ops = {}, {}, 0, 0
+        rewritten, partitions, calls, apu_ops, cpu_ops = {}, {}, {}, 0, 0
         for gv in entries:
             func = mod[gv]
             total = count_ops(func)
@@ -336,8 +347,9 @@ class PartitionForAPU:
             p = _Partitioner(bb, self.apu, gv.name_hint, func, self.sink)
             rewritten[gv] = p.rewrite()
             partitions[gv.name_hint] = p.count
+            calls[gv.name_hint] = p.calls
             apu_ops += p.apu_ops
-            cpu_ops += count_ops(rewritten[gv]) - p.count  # operators left outside the partitions
+            cpu_ops += count_ops(rewritten[gv]) - p.calls  # operators left outside the partitions
         out = bb.get()
         for gv, func in rewritten.items():
             out[gv] = func
@@ -347,7 +359,7 @@ class PartitionForAPU:
                 if desc["name"] in [gv.name_hint for gv in out.get_global_vars()] and "tvmscript" not in desc:
                     desc["tvmscript"] = partition_tvmscript(out, desc["name"])
         record_stats(apu=self.apu.name, max_ops_per_graph=self.apu.max_ops_per_graph, partitions=partitions,
-                     apu_ops=apu_ops, cpu_ops=cpu_ops)
+                     apu_calls=calls, apu_ops=apu_ops, cpu_ops=cpu_ops)
         return out
 
 

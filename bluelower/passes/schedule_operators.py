@@ -134,6 +134,7 @@ def segments(mod: tvm.IRModule, name: str) -> list[dict]:
     for v in relax.analysis.free_vars(func.body.body):
         last_use[v] = len(groups)
     apu_k = cpu_k = 0
+    seen: dict[str, int] = {}
     for i, (unit, bs) in enumerate(groups):
         defined = {b.var for b in bs}
         inputs, deps = [], set()
@@ -150,6 +151,9 @@ def segments(mod: tvm.IRModule, name: str) -> list[dict]:
             flops, _ = work_of_bindings(inner, [], [])
             _, by = work_of_bindings([], inputs, outputs)
             label = bs[0].value.op.name_hint
+            seen[label] = seen.get(label, 0) + 1
+            if seen[label] > 1:  # an identical layer calls the same partition again
+                label = f"{label}.{seen[label] - 1}"
             ops = int(callee.attrs.get("bluelower.apu_ops", 0))
             apu_k += 1
         else:
