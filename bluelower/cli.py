@@ -100,23 +100,28 @@ def _parse_prompt_ids(text: str) -> list[int]:
 @click.option("--weights", default=None, help="fp32 weights for --check (default: the build's own; a quantized build is checked against PyTorch with its dequantized weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print {\"tokens\": [...], ...} as JSON.")
 @click.option("--native", is_flag=True, help="Run the bundle's own bluelower-run binary (qemu-aarch64 for aarch64).")
-def run_cmd(build_dir, image, prompt_ids, max_new_tokens, check, weights, as_json, native) -> None:
+@click.option("--policy", type=click.Choice(["relaxed", "anyres", "internvl", "none"]), default=None,
+              help="Dynamic-resolution grid policy [default: relaxed; none = one squashed patch; "
+                   "--native supports none only].")
+@click.option("--max-patches", type=int, default=None,
+              help="Largest grid m*n [default: the SoC's max_patches from the manifest, else 9].")
+def run_cmd(build_dir, image, prompt_ids, max_new_tokens, check, weights, as_json, native, policy, max_patches) -> None:
     """Generate tokens greedily from a compiled build: image tokens, then the prompt."""
-    from .generate import CompiledModel, generate, reference_for_build
-    from .lowering.image import load_image, preprocess_image
+    from .generate import CompiledModel, generate
 
     ids = _parse_prompt_ids(prompt_ids)
     if native:
+        if policy not in (None, "none"):
+            raise BlueLowerError("--native runs the image as one 384x384 patch for now: use --policy none")
         _run_native(build_dir, image, ids, max_new_tokens, check, weights, as_json)
         return
     compiled = CompiledModel(build_dir)
-    patches = None
-    if image is not None:
-        rt = compiled.manifest["runtime"]
-        patches = preprocess_image(load_image(image), grid=None, image_size=rt["image_size"],
-                                   mean=tuple(rt["image_mean"]), std=tuple(rt["image_std"]))
+    patches, grid = _image_patches(compiled.manifest, image, policy or "relaxed", max_patches)
     result = generate(compiled, patches, ids, max_new_tokens)
     out = result.to_json()
+    if grid is not None:
+        out["grid"] = list(grid)
+        out["patches"] = int(patches.shape[0])
     mismatch = False
     if check:
         from .eval_quant import check_reference
@@ -136,6 +141,26 @@ def run_cmd(build_dir, image, prompt_ids, max_new_tokens, check, weights, as_jso
     if mismatch:
         click.echo("error: generated tokens differ from the PyTorch reference", err=True)
         sys.exit(4)
+
+
+def _image_patches(manifest: dict, image, policy: str, max_patches):
+    """Preprocess ``image`` for a build: ``(patches [k, 3, S, S] or None, grid or None)``."""
+    from .lowering.image import load_image, preprocess_image, select_grid
+
+    if image is None:
+        return None, None
+    rt = manifest["runtime"]
+    img = load_image(image)
+    grid = None
+    if policy != "none":
+        limit = max_patches if max_patches is not None else int(rt.get("max_patches", 9))
+        if limit < 1:
+            raise BlueLowerError(f"--max-patches must be at least 1, got {limit}")
+        height, width = img.shape[:2]
+        grid = select_grid(width, height, policy=policy, max_patches=limit, image_size=rt["image_size"])
+    patches = preprocess_image(img, grid=grid, image_size=rt["image_size"],
+                               mean=tuple(rt["image_mean"]), std=tuple(rt["image_std"]))
+    return patches, grid
 
 
 def _run_native(build_dir, image, ids, max_new_tokens, check, weights, as_json) -> None:

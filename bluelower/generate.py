@@ -191,6 +191,17 @@ class CompiledModel(_Backend):
         return out
 
     def encode_batch(self, patches):
+        """One patch batch; through the TileImagePatches stages (Conv2D, then blocks) when
+        the build has them, as a scheduler would run them, else the one-call function."""
+        if "encode_image_embed" in self.params and "encode_image_blocks" in self.params:
+            return self.encode_batch_split(patches)
+        return self._call("encode_image", patches).numpy()
+
+    def encode_batch_split(self, patches):
+        embeddings = self._call("encode_image_embed", patches)
+        return self._call("encode_image_blocks", embeddings).numpy()
+
+    def encode_batch_unsplit(self, patches):
         return self._call("encode_image", patches).numpy()
 
     def embed_chunk(self, ids):

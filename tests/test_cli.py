@@ -40,7 +40,8 @@ def test_compile_and_run_check_generate_pytorch_tokens(tmp_path, tiny_image, tin
     assert data["match"] is True
     assert data["tokens"] == data["reference_tokens"]
     assert 1 <= len(data["tokens"]) <= 12
-    assert data["image_tokens"] == 196
+    assert data["image_tokens"] == 3 * 196  # 500x300: relaxed grid [2, 1] + thumbnail
+    assert data["grid"] == [2, 1]
     assert set(data["timings_s"]) >= {"image_encode", "prefill", "decode"}
 
 
@@ -142,9 +143,9 @@ def test_unreadable_image(tiny_build_torch, tmp_path):
 
 
 def test_prompt_longer_than_kv_cache(tiny_build_torch):
-    ids = ",".join(["5"] * 600)
+    ids = ",".join(["5"] * 1100)
     assert_user_error(invoke("run", tiny_build_torch, "--prompt-ids", ids, "--max-new-tokens", "4"),
-                      "exceeds the KV cache capacity of 512")
+                      "exceeds the KV cache capacity of 1024")
 
 
 def test_bad_prompt_ids(tiny_build_torch):

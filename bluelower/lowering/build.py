@@ -101,7 +101,7 @@ def compile_model(req: CompileRequest) -> dict:
     from tvm import relax
 
     from ..passes.pipeline import CompileOptions, check_disabled, run_pipeline
-    from .importer import import_model
+    from .importer import import_model, signatures_added_by_passes
 
     if req.quant not in QUANT_MODES:
         raise BlueLowerError(f"unknown --quant '{req.quant}' (valid: {', '.join(QUANT_MODES)})")
@@ -110,6 +110,9 @@ def compile_model(req: CompileRequest) -> dict:
     if req.prefill_chunk is not None:
         cfg = with_prefill_chunk(cfg, req.prefill_chunk)
     soc = resolve_soc(req.soc)
+    if getattr(soc, "apu", None) is not None and soc.image_batch != cfg.runtime.image_batch:
+        # the APU's preferred patch batch (TileImagePatches compiles encode_image for it)
+        cfg = cfg.replace_runtime(image_batch=soc.image_batch)
     specs = model_weight_specs(cfg)
     source = None
     if req.weights:
@@ -127,6 +130,7 @@ def compile_model(req: CompileRequest) -> dict:
         opts = CompileOptions(target=target, quant=req.quant, soc=soc, model=cfg, entry_functions=tuple(sigs),
                               extra={"group_size": req.group_size})
         mod, pass_stats = run_pipeline(mod, opts, disabled=req.disabled_passes, dump_ir=req.dump_ir)
+        sigs = {**sigs, **signatures_added_by_passes(mod, sigs)}  # e.g. TileImagePatches' stages
         with progress.step("TVM build"):
             ex = relax.build(mod, target, relax_pipeline=None)
             ex.export_library(os.path.join(tmp, LIBRARY), **_export_kwargs(soc))
@@ -210,6 +214,7 @@ def _manifest(cfg: ModelConfig, req: CompileRequest, soc, target, sigs, pass_sta
             "kv_capacity": r.kv_capacity,
             "prefill_chunk": r.prefill_chunk,
             "image_batch": r.image_batch,
+            "max_patches": int(getattr(soc, "max_patches", 9)),
             "eos_token_id": r.eos_token_id,
             "image_size": cfg.vision.image_size,
             "image_tokens_per_patch": cfg.image_tokens_per_patch,

@@ -195,6 +195,8 @@ def import_torch_program(ep, what: str = "the model"):
 def _finish_function(func, entry: str, sig: EntrySignature):
     func = func.with_attr("global_symbol", entry)
     func = func.with_attr("num_input", len(sig.inputs))
+    # passes that split or add functions name each one's weights from this
+    func = func.with_attr("bluelower.param_names", list(sig.params))
     return func
 
 
@@ -366,3 +368,30 @@ def import_model(cfg: ModelConfig, frontend: str = "torch", entries=None, weight
     bar.close()
     mod = tvm.IRModule({gvars[name]: f for name, f in funcs.items()})
     return mod, sigs
+
+
+def signatures_added_by_passes(mod, known: dict) -> dict:
+    """EntrySignatures of entry functions a pass created (e.g. TileImagePatches' stages),
+    read from their parameters, ``num_input`` and ``bluelower.param_names``."""
+    from tvm import relax
+
+    out = {}
+    for gv, func in mod.functions.items():
+        if not isinstance(func, relax.Function) or func.attrs is None:
+            continue
+        if "bluelower.param_names" not in func.attrs or "global_symbol" not in func.attrs:
+            continue
+        name = str(func.attrs["global_symbol"])
+        if name in known:
+            continue
+        num_input = int(func.attrs["num_input"])
+        names = [str(n) for n in func.attrs["bluelower.param_names"]]
+        inputs = []
+        for p in func.params[:num_input]:
+            sinfo = p.ty
+            inputs.append({"name": str(p), "shape": [int(d) for d in sinfo.shape], "dtype": str(sinfo.dtype)})
+        shapes = {}
+        for n, p in zip(names, func.params[num_input:]):
+            shapes[n] = (tuple(int(d) for d in p.ty.shape), str(p.ty.dtype))
+        out[name] = EntrySignature(name=name, inputs=inputs, params=names, param_shapes=shapes)
+    return out

@@ -94,6 +94,12 @@ def _with_target(make):
     return factory
 
 
+def _tile_image_patches():
+    from .tile_image_patches import TileImagePatches
+
+    return TileImagePatches()
+
+
 def build_pipeline() -> list[PassSpec]:
     """The whole pipeline, in order. Passes that do not apply return None at build time."""
     T = relax.transform
@@ -106,6 +112,8 @@ def build_pipeline() -> list[PassSpec]:
         # graph rewrites
         PassSpec("PlanKVCache", "graph-rewrites", "Update the KV cache in place (write only the new rows), one persistent buffer.", lambda o: __import__("bluelower.passes.plan_kv_cache", fromlist=["PlanKVCache"]).PlanKVCache()),
         PassSpec("FuseAttention", "graph-rewrites", "Replace each softmax(QK^T*scale+mask)V with one fused TIR kernel.", lambda o: __import__("bluelower.passes.fuse_attention", fromlist=["FuseAttention"]).FuseAttention()),
+        PassSpec("TileImagePatches", "graph-rewrites", "Split encode_image into a Conv2D stage and a ViT-blocks stage.",
+                 lambda o: _tile_image_patches()),
         PassSpec("FuseTransposeMatmul", "graph-rewrites", "Fold permute_dims(W) into matmul so weights stay N x K.",
                  lambda o: T.FuseTransposeMatmul()),
         # quantization
