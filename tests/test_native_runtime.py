@@ -80,7 +80,9 @@ def device_bundle(_device):
 
 
 @pytest.fixture(scope="session")
-def host_bundle(tmp_path_factory, _device):
+def host_bundle(tmp_path_factory, request):
+    if any("device_bundle" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("_device")  # start the aarch64 jobs first, they run alongside
     if shutil.which("g++") is None:
         pytest.skip("g++ not installed")
     out = str(tmp_path_factory.mktemp("host") / "bundle")
