@@ -226,9 +226,21 @@ def one_round(args, cfg, eng, prompt, load_s, skip_list, profile) -> None:
             out["profile"] = profile_bluelower(args, cfg)
         except Exception as exc:  # noqa: BLE001
             out["profile"] = {"error": repr(exc)[-500:]}
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     out["loadavg"] = loadavg()
     print("RESULT " + json.dumps(out), flush=True)
+
+
+def peak_rss_mb() -> float:
+    """VmHWM of this process (ru_maxrss would inherit the parent's high-water mark across
+    fork+exec: the orchestrator's 2 GiB bandwidth buffers)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def profile_bluelower(args, cfg) -> dict:
