@@ -201,6 +201,31 @@ def test_golden_partitioning_computes_the_same(tmp_path):
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
 
 
+@I.ir_module
+class RMSNorm:
+    @R.function
+    def main(x: R.Tensor((4, 8), "float32"), w: R.Tensor((8, 8), "float32")) -> R.Tensor((4, 8), "float32"):
+        R.func_attr({"num_input": 1, "bluelower.param_names": ["l.weight"]})
+        with R.dataflow():
+            p = R.power(x, R.const(2.0, "float32"))
+            m = R.mean(p, axis=[-1], keepdims=True)
+            a = R.add(m, R.const(1e-6, "float32"))
+            r = R.rsqrt(a)
+            n = R.multiply(x, r)
+            y = R.matmul(n, w)
+            R.output(y)
+        return y
+
+
+def test_decomposed_rms_norm_is_one_rms_norm_operator(tmp_path):
+    with_rms = load_soc(write_soc(tmp_path, "rms", max_ops=10, extra_ops='rms_norm = ["fp16"]'))
+    after, stats = run_pass(PartitionForAPU(with_rms), RMSNorm)
+    assert stats["partitions"] == {"main": 1} and stats["apu_ops"] == 3  # rms_norm, multiply, matmul
+    assert sorted(after["main_apu0"].attrs["bluelower.apu_op_kinds"]) == ["matmul", "multiply", "rms_norm"]
+    without, stats = run_pass(PartitionForAPU(load_soc(write_soc(tmp_path, "no-rms", max_ops=10))), RMSNorm)
+    assert stats["apu_ops"] == 2 and stats["cpu_ops"] == 4  # power, mean, add, rsqrt on the CPU
+
+
 # --- the tiny model -------------------------------------------------------------------
 
 

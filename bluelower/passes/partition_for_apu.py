@@ -76,6 +76,12 @@ TIR_KERNEL_KINDS: dict[str, tuple[tuple[str, ...], ...]] = {
     "fused_attention": (("attention",), ("matmul", "multiply", "add", "softmax", "matmul")),
 }
 
+#: Chains of Relax operators (each consuming the previous one's result) that form one
+#: APU operator kind: the decomposed RMSNorm statistic x * rsqrt(mean(x^2) + eps).
+COMPOSITE_KINDS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("relax.power", "relax.mean", "relax.add", "relax.rsqrt"), ("rms_norm",)),
+)
+
 #: call_tir kernel name prefix -> the weight dtype the kernel's matmul runs in.
 TIR_KERNEL_WEIGHT_DTYPE = {"int4_linear": "int4", "int8_linear": "int8"}
 
@@ -169,11 +175,32 @@ def _param_names(func) -> list[str]:
     return [str(n) for n in names] if names is not None else []
 
 
+def _composites(apu, bindings) -> dict[int, tuple[int, tuple[str, ...], str]]:
+    """``{start index: (length, kinds, dtype)}`` of the :data:`COMPOSITE_KINDS` chains the APU runs."""
+    found = {}
+    for i in range(len(bindings)):
+        for ops, kinds in COMPOSITE_KINDS:
+            chain = bindings[i:i + len(ops)]
+            if len(chain) < len(ops) or not all(
+                isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op) and b.value.op.name == op
+                for b, op in zip(chain, ops)
+            ):
+                continue
+            if not all(any(a.same_as(prev.var) for a in b.value.args) for prev, b in zip(chain, chain[1:])):
+                continue
+            dtype = APU_TENSOR_DTYPE.get(_tensor_dtype(chain[-1].var.ty) or "")
+            if dtype and all(apu.supports(k, dtype) for k in kinds):
+                found[i] = (len(ops), kinds, dtype)
+                break
+    return found
+
+
 def _plan_runs(apu, bindings) -> list[tuple[int, int, int, list[str], list[str]]]:
     """``(start, end, n_ops, kinds, dtypes)`` of each APU run (bindings[start:end])."""
     runs = []
     cur = None  # [start, n_ops, kinds, dtypes, last supported index]
     limit = apu.max_ops_per_graph
+    composites = _composites(apu, bindings)
 
     def close():
         if cur is not None:
@@ -181,14 +208,22 @@ def _plan_runs(apu, bindings) -> list[tuple[int, int, int, list[str], list[str]]
             if ANCHOR_KINDS & set(kinds):
                 runs.append((start, last + 1, n_ops, kinds, dtypes))
 
-    for i, b in enumerate(bindings):
-        value = b.value
-        if _is_free(value):
+    i = 0
+    while i < len(bindings):
+        b = bindings[i]
+        step = 1
+        if i in composites:
+            step, kinds, dtype = composites[i]
+            placed = (kinds, dtype)
+        elif _is_free(b.value):
+            i += 1
             continue
-        placed = apu_kinds(apu, value, b.var.ty)
+        else:
+            placed = apu_kinds(apu, b.value, b.var.ty)
         if placed is None:
             close()
             cur = None
+            i += 1
             continue
         kinds, dtype = placed
         if cur is not None and cur[1] + len(kinds) > limit:
@@ -199,7 +234,8 @@ def _plan_runs(apu, bindings) -> list[tuple[int, int, int, list[str], list[str]]
         cur[1] += len(kinds)
         cur[2].extend(kinds)
         cur[3].append(dtype)
-        cur[4] = i
+        cur[4] = i + step - 1
+        i += step
     close()
     return runs
 
