@@ -88,13 +88,16 @@ struct Args {
   std::string bundle, image, prompt_ids, soc, backend = "sim";
   std::string dump_pixels;  // testing: write the preprocessed float32 [k, 3, S, S] and stop
   long max_new_tokens = 16;
+  std::string policy = "none";  // none: one squashed patch; relaxed: BlueLM-V grid + thumbnail
+  long max_patches = -1;        // -1: the manifest's runtime.max_patches, else 9
   bool json = false;
 };
 
 [[noreturn]] void usage_exit() {
   std::fprintf(stdout,
                "usage: bluelower-run BUNDLE [--image X.npy] [--prompt-ids 1,2,3] [--max-new-tokens N] [--json]\n"
-               "                     [--soc NAME] [--backend sim] [--dump-pixels OUT.f32]\n"
+               "                     [--policy none|relaxed] [--max-patches N] [--soc NAME] [--backend sim]\n"
+               "                     [--dump-pixels OUT.f32]\n"
                "Generate tokens greedily from a bluelower bundle (image tokens, then the prompt).\n"
                "The image must be a .npy uint8 or float32 [H, W, 3] array (PNG/JPEG: convert with\n"
                "numpy first; native decoding is not supported).\n");
@@ -118,6 +121,18 @@ Args parse_args(int argc, char** argv) {
     else if (is("--soc")) a.soc = value("--soc");
     else if (is("--backend")) a.backend = value("--backend");
     else if (is("--dump-pixels")) a.dump_pixels = value("--dump-pixels");
+    else if (is("--policy")) {
+      a.policy = value("--policy");
+      if (a.policy != "none" && a.policy != "relaxed")
+        throw UsageError("--policy must be none or relaxed (the native runtime implements these two), got '" + a.policy + "'");
+    } else if (is("--max-patches")) {
+      std::string v = value("--max-patches");
+      char* end = nullptr;
+      errno = 0;
+      long n = std::strtol(v.c_str(), &end, 10);
+      if (v.empty() || *end || errno || n < 1 || n > 64) throw UsageError("--max-patches must be an integer in [1, 64], got '" + v + "'");
+      a.max_patches = n;
+    }
     else if (is("--max-new-tokens")) {
       std::string v = value("--max-new-tokens");
       char* end = nullptr;
@@ -344,25 +359,37 @@ int run(const Args& a) {
     std::vector<uint8_t> bytes = read_file(a.image);
     img = std::make_unique<ImageU8>(parse_npy_image(bytes.data(), bytes.size(), a.image));
   }
-  const int64_t k_patches = img ? 1 : 0;
+  int64_t grid_m = 0, grid_n = 0;
+  if (img && a.policy == "relaxed") {
+    int64_t limit = a.max_patches;
+    if (limit < 0) {
+      const Json* mp = rt.find("max_patches");
+      limit = mp ? mp->as_int(mpath + ": runtime.max_patches") : 9;
+      if (limit < 1 || limit > 64) throw Error(mpath + ": runtime.max_patches out of range");
+    }
+    select_grid_relaxed(img->width, img->height, limit, S, 0.1, &grid_m, &grid_n);
+  }
+  const int64_t k_patches = !img ? 0 : grid_m ? grid_m * grid_n + (grid_m * grid_n > 1 ? 1 : 0) : 1;
   const int64_t n_image = k_patches * tpp;
   const int64_t n = n_image + int64_t(ids.size());
   if (n == 0) throw UsageError("nothing to generate from: no image and an empty prompt");
-  if (n + a.max_new_tokens > capacity)
-    throw Error("prompt of " + std::to_string(n) + " rows (" + std::to_string(n_image) + " image tokens + " +
-                std::to_string(ids.size()) + " prompt ids) plus " + std::to_string(a.max_new_tokens) +
-                " new tokens exceeds the KV cache capacity of " + std::to_string(capacity));
 
   if (!a.dump_pixels.empty()) {  // preprocessing only (tests compare it with the Python reference)
     if (!img) throw UsageError("--dump-pixels needs --image");
     std::vector<float> px(size_t(3 * S * S));
-    preprocess_whole_image(*img, S, mean, stdv, px.data());
+    if (grid_m) px = preprocess_grid(*img, grid_m, grid_n, S, mean, stdv);
+    else preprocess_whole_image(*img, S, mean, stdv, px.data());
     FILE* f = std::fopen(a.dump_pixels.c_str(), "wb");
     if (!f) throw Error("cannot write " + a.dump_pixels);
     size_t w = std::fwrite(px.data(), sizeof(float), px.size(), f);
     if (std::fclose(f) != 0 || w != px.size()) throw Error("cannot write " + a.dump_pixels);
     return 0;
   }
+
+  if (n + a.max_new_tokens > capacity)
+    throw Error("prompt of " + std::to_string(n) + " rows (" + std::to_string(n_image) + " image tokens + " +
+                std::to_string(ids.size()) + " prompt ids) plus " + std::to_string(a.max_new_tokens) +
+                " new tokens exceeds the KV cache capacity of " + std::to_string(capacity));
 
   // Weights, backend, partitions.
   const Json& functions = b.manifest.at("functions", mpath);
@@ -436,7 +463,8 @@ int run(const Args& a) {
   int64_t row = 0;
   const size_t patch_floats = size_t(3 * S * S);
   std::vector<float> patches(size_t(k_patches) * patch_floats);
-  if (img) preprocess_whole_image(*img, S, mean, stdv, patches.data());
+  if (img && grid_m) patches = preprocess_grid(*img, grid_m, grid_n, S, mean, stdv);
+  else if (img) preprocess_whole_image(*img, S, mean, stdv, patches.data());
   double t0 = now();
   for (int64_t i = 0; i < k_patches; i += image_batch) {
     int64_t valid = std::min(image_batch, k_patches - i);
@@ -484,6 +512,7 @@ int run(const Args& a) {
     std::string out = "{\"tokens\": [";
     for (size_t i = 0; i < tokens.size(); ++i) out += (i ? ", " : "") + std::to_string(tokens[i]);
     out += "], \"prompt_rows\": " + std::to_string(n) + ", \"image_tokens\": " + std::to_string(n_image);
+    if (grid_m) out += ", \"grid\": [" + std::to_string(grid_m) + ", " + std::to_string(grid_n) + "], \"patches\": " + std::to_string(k_patches);
     out += ", \"runtime\": \"native\", \"backend\": \"" + a.backend + "\", \"arch\": \"" + kArch + "\"";
     out += ", \"timings_s\": {\"load\": " + fmt_double(t_loaded - t_start) + ", \"image_preprocess\": " +
            fmt_double(t0 - t_loaded) + ", \"image_encode\": " + fmt_double(t1 - t0) + ", \"embed\": " +

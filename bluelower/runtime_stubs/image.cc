@@ -110,4 +110,70 @@ void preprocess_whole_image(const ImageU8& img, int64_t S, const float mean[3], 
       }
 }
 
+void fit_size(int64_t W, int64_t H, int64_t BW, int64_t BH, int64_t* w_out, int64_t* h_out) {
+  if (BW * H <= BH * W) {
+    *w_out = BW;
+    *h_out = std::max<int64_t>(1, H * BW / W);
+  } else {
+    *w_out = std::max<int64_t>(1, W * BH / H);
+    *h_out = BH;
+  }
+}
+
+void select_grid_relaxed(int64_t W, int64_t H, int64_t max_patches, int64_t S, double alpha, int64_t* best_m,
+                         int64_t* best_n) {
+  // candidates: m*n <= max_patches, visited by descending m*n, then descending m
+  struct G { int64_t m, n; };
+  std::vector<G> grids;
+  for (int64_t m = 1; m <= max_patches; ++m)
+    for (int64_t n = 1; n <= max_patches; ++n)
+      if (m * n <= max_patches) grids.push_back({m, n});
+  std::sort(grids.begin(), grids.end(), [](const G& a, const G& b) {
+    return a.m * a.n != b.m * b.n ? a.m * a.n > b.m * b.n : a.m > b.m;
+  });
+  const int64_t area = W * H;
+  int64_t re_max = 0, rw_min = 0;
+  bool have_rw = false;  // rw_min = +inf until the first replacement
+  *best_m = 1;
+  *best_n = 1;
+  for (const G& g : grids) {
+    int64_t bw = S * g.m, bh = S * g.n, fw, fh;
+    fit_size(W, H, bw, bh, &fw, &fh);
+    int64_t re = std::min(fw * fh, area);
+    int64_t rw = bw * bh - re;
+    double thr = alpha * double(re_max);
+    if (double(re - re_max) > thr || (double(re_max - re) < thr && (!have_rw || rw < rw_min))) {
+      *best_m = g.m;
+      *best_n = g.n;
+      re_max = re;
+      rw_min = rw;
+      have_rw = true;
+    }
+  }
+}
+
+std::vector<float> preprocess_grid(const ImageU8& img, int64_t m, int64_t n, int64_t S, const float mean[3],
+                                   const float std_[3]) {
+  const int64_t k = m * n + (m * n > 1 ? 1 : 0);
+  const size_t plane = size_t(S * S);
+  std::vector<float> out(size_t(k) * 3 * plane, 0.0f);  // padding is 0.0
+  int64_t fw, fh;
+  fit_size(img.width, img.height, S * m, S * n, &fw, &fh);
+  ImageU8 r = resize_image(img, fw, fh);
+  for (int64_t y = 0; y < fh; ++y)
+    for (int64_t x = 0; x < fw; ++x) {
+      int64_t p = (y / S) * m + (x / S);  // row-major patch index
+      int64_t py = y % S, px = x % S;
+      for (int c = 0; c < 3; ++c) {
+        float v = float(r.pixels[size_t((y * fw + x) * 3 + c)]);
+        v = v / 255.0f;
+        v = v - mean[c];
+        v = v / std_[c];
+        out[size_t((p * 3 + c)) * plane + size_t(py * S + px)] = v;
+      }
+    }
+  if (m * n > 1) preprocess_whole_image(img, S, mean, std_, &out[size_t(m * n) * 3 * plane]);
+  return out;
+}
+
 }  // namespace bluelower
