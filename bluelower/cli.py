@@ -102,7 +102,7 @@ def _parse_prompt_ids(text: str) -> list[int]:
 @click.option("--native", is_flag=True, help="Run the bundle's own bluelower-run binary (qemu-aarch64 for aarch64).")
 @click.option("--policy", type=click.Choice(["relaxed", "anyres", "internvl", "none"]), default=None,
               help="Dynamic-resolution grid policy [default: relaxed; none = one squashed patch; "
-                   "--native supports none only].")
+                   "--native supports relaxed and none].")
 @click.option("--max-patches", type=int, default=None,
               help="Largest grid m*n [default: the SoC's max_patches from the manifest, else 9].")
 def run_cmd(build_dir, image, prompt_ids, max_new_tokens, check, weights, as_json, native, policy, max_patches) -> None:
@@ -111,9 +111,9 @@ def run_cmd(build_dir, image, prompt_ids, max_new_tokens, check, weights, as_jso
 
     ids = _parse_prompt_ids(prompt_ids)
     if native:
-        if policy not in (None, "none"):
-            raise BlueLowerError("--native runs the image as one 384x384 patch for now: use --policy none")
-        _run_native(build_dir, image, ids, max_new_tokens, check, weights, as_json)
+        if policy not in (None, "none", "relaxed"):
+            raise BlueLowerError("--native implements --policy relaxed and none only")
+        _run_native(build_dir, image, ids, max_new_tokens, check, weights, as_json, policy or "relaxed", max_patches)
         return
     compiled = CompiledModel(build_dir)
     patches, grid = _image_patches(compiled.manifest, image, policy or "relaxed", max_patches)
@@ -163,11 +163,13 @@ def _image_patches(manifest: dict, image, policy: str, max_patches):
     return patches, grid
 
 
-def _run_native(build_dir, image, ids, max_new_tokens, check, weights, as_json) -> None:
+def _run_native(build_dir, image, ids, max_new_tokens, check, weights, as_json, policy="relaxed",
+                max_patches=None) -> None:
     """``run --native``: the bundle's binary prints the tokens; --check compares them."""
     from .lowering.device import run_native
 
-    proc = run_native(build_dir, image, ",".join(str(i) for i in ids), max_new_tokens, as_json=True)
+    extra = ("--policy", policy) + (("--max-patches", str(max_patches)) if max_patches is not None else ())
+    proc = run_native(build_dir, image, ",".join(str(i) for i in ids), max_new_tokens, as_json=True, extra=extra)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or [f"native runtime exited with status {proc.returncode}"]
         click.echo(lines[-1] if lines[-1].startswith("error:") else f"error: {lines[-1]}", err=True)
@@ -178,15 +180,10 @@ def _run_native(build_dir, image, ids, max_new_tokens, check, weights, as_json) 
         raise BlueLowerError(f"native runtime printed no JSON: {proc.stdout.strip()[:200]}") from None
     mismatch = False
     if check:
-        from .generate import generate, read_manifest, reference_for_build
-        from .lowering.image import load_image, preprocess_image
-
-        rt = read_manifest(build_dir)["runtime"]
-        patches = None
-        if image is not None:
-            patches = preprocess_image(load_image(image), grid=None, image_size=rt["image_size"],
-                                       mean=tuple(rt["image_mean"]), std=tuple(rt["image_std"]))
         from .eval_quant import check_reference
+        from .generate import generate, read_manifest
+
+        patches, _grid = _image_patches(read_manifest(build_dir), image, policy, max_patches)
 
         ref = generate(check_reference(build_dir, weights), patches, ids, max_new_tokens)
         out["reference_tokens"] = ref.tokens

@@ -89,14 +89,20 @@ def host_bundle(tmp_path_factory, request):
     return _build("host", out)
 
 
-def _reference_tokens(bundle: str, image: str | None, prompt: str, max_new: int) -> list:
+def _reference_tokens(bundle: str, image: str | None, prompt: str, max_new: int, policy: str = "relaxed") -> list:
+    """PyTorch tokens; the image preprocessed like `bluelower run` (default: relaxed grid)."""
     from bluelower.generate import generate, read_manifest, reference_for_build
-    from bluelower.lowering.image import load_image, preprocess_image
+    from bluelower.lowering.image import load_image, preprocess_image, select_grid
 
     rt = read_manifest(bundle)["runtime"]
     patches = None
     if image is not None:
-        patches = preprocess_image(load_image(image), grid=None, image_size=rt["image_size"],
+        img = load_image(image)
+        grid = None
+        if policy == "relaxed":
+            grid = select_grid(img.shape[1], img.shape[0], policy="relaxed", max_patches=int(rt.get("max_patches", 9)),
+                               image_size=rt["image_size"])
+        patches = preprocess_image(img, grid=grid, image_size=rt["image_size"],
                                    mean=tuple(rt["image_mean"]), std=tuple(rt["image_std"]))
     ids = [int(t) for t in prompt.split(",")] if prompt else []
     return generate(reference_for_build(bundle), patches, ids, max_new).tokens
@@ -128,11 +134,12 @@ def test_host_bundle_matches_pytorch(host_bundle, image_npy, tmp_path):
     rng = np.random.default_rng(3)
     np.save(f32, np.asfortranarray(rng.random((400, 300, 3), dtype=np.float32)))
     long_prompt = ",".join(str(i % 500 + 3) for i in range(70))
-    for image, prompt in ((f32, "5"), (None, long_prompt)):
-        args = (["--image", image] if image else []) + ["--prompt-ids", prompt, "--max-new-tokens", "5", "--json"]
+    for image, prompt, policy in ((f32, "5", "relaxed"), (image_npy, "5", "none"), (None, long_prompt, "relaxed")):
+        args = (["--image", image] if image else []) + ["--prompt-ids", prompt, "--max-new-tokens", "5", "--json",
+                                                       "--policy", policy]
         proc = _native(bundle, *args)
         assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stdout)["tokens"] == _reference_tokens(bundle, image, prompt, 5)
+        assert json.loads(proc.stdout)["tokens"] == _reference_tokens(bundle, image, prompt, 5, policy)
 
 
 def test_cli_run_native_check(host_bundle, image_npy):
@@ -144,10 +151,12 @@ def test_cli_run_native_check(host_bundle, image_npy):
     assert out["match"] and out["tokens"] == out["reference_tokens"]
 
 
-@pytest.mark.parametrize("shape,kind", [((50, 41), "u8"), ((7, 3), "u8"), ((1000, 1500), "u8"),
-                                        ((384, 384), "u8"), ((384, 97), "u8"), ((123, 456), "f32")])
-def test_preprocessing_is_bit_exact(host_bundle, tmp_path, shape, kind):
-    from bluelower.lowering.image import load_image, preprocess_image
+@pytest.mark.parametrize("policy", ["none", "relaxed"])
+@pytest.mark.parametrize("shape,kind", [((50, 41), "u8"), ((7, 3), "u8"), ((1000, 1500), "u8"), ((2400, 1080), "u8"),
+                                        ((384, 384), "u8"), ((384, 97), "u8"), ((102, 500), "f32")])
+def test_preprocessing_is_bit_exact(host_bundle, tmp_path, shape, kind, policy):
+    """The binary's patches (grid None, or the relaxed grid + thumbnail) == preprocess_image, bit for bit."""
+    from bluelower.lowering.image import load_image, preprocess_image, select_grid
 
     rng = np.random.default_rng(shape[0] * 7 + shape[1])
     arr = rng.integers(0, 256, size=shape + (3,), dtype=np.uint8)
@@ -155,9 +164,11 @@ def test_preprocessing_is_bit_exact(host_bundle, tmp_path, shape, kind):
         arr = rng.random(shape + (3,), dtype=np.float32)
     src, out = str(tmp_path / "img.npy"), str(tmp_path / "px.f32")
     np.save(src, arr)
-    proc = _native(host_bundle["bundle"], "--image", src, "--dump-pixels", out)
+    proc = _native(host_bundle["bundle"], "--image", src, "--dump-pixels", out, "--policy", policy, "--max-patches", "9")
     assert proc.returncode == 0, proc.stderr
-    ref = preprocess_image(load_image(src), grid=None)
+    img = load_image(src)
+    grid = select_grid(img.shape[1], img.shape[0], policy="relaxed", max_patches=9) if policy == "relaxed" else None
+    ref = preprocess_image(img, grid=grid)
     got = np.fromfile(out, dtype=np.float32).reshape(ref.shape)
     assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
 

@@ -88,7 +88,7 @@ struct Args {
   std::string bundle, image, prompt_ids, soc, backend = "sim";
   std::string dump_pixels;  // testing: write the preprocessed float32 [k, 3, S, S] and stop
   long max_new_tokens = 16;
-  std::string policy = "none";  // none: one squashed patch; relaxed: BlueLM-V grid + thumbnail
+  std::string policy = "relaxed";  // as `bluelower run`; none: one squashed 384x384 patch
   long max_patches = -1;        // -1: the manifest's runtime.max_patches, else 9
   bool json = false;
 };
