@@ -146,13 +146,15 @@ def phase_table(cfg, quant: str, sigs_params: dict, plans: dict, n_patches: int 
     phases = []
 
     def add(name, weights, kv_b, fns, held, note):
-        arena = max((plans[f]["arena_bytes"] for f in fns if f in plans), default=0)
-        lb = max((plans[f]["liveness_lower_bound_bytes"] for f in fns if f in plans), default=0)
+        from .passes.memory_plan import effective
+
+        arena = max((effective(plans, f, "arena_bytes") for f in fns if f in plans), default=0)
+        lb = max((effective(plans, f, "liveness_lower_bound_bytes") for f in fns if f in plans), default=0)
         outs = [outputs(f) for f in fns if f in plans]
         out_b = max((o[0] for o in outs), default=0)
         copy_b = max((o[1] for o in outs), default=0)
         tvm_b = max((plans[f].get("tvm_static_plan_bytes", 0) for f in fns if f in plans), default=0)
-        host_b = max((plans[f].get("tvm_host_alloc_bytes", 0) for f in fns if f in plans), default=0)
+        host_b = max((effective(plans, f, "tvm_host_alloc_bytes") for f in fns if f in plans), default=0)
         phases.append({
             "name": name, "weights_bytes": weights, "kv_cache_bytes": kv_b, "arena_bytes": arena,
             "liveness_lower_bound_bytes": lb, "outputs_bytes": out_b, "kv_copy_bytes": copy_b,

@@ -241,6 +241,35 @@ def apply_plan(func: relax.Function) -> tuple[relax.Function, dict]:
     return out, plan
 
 
+def _relax_callees(mod: tvm.IRModule, func: relax.Function) -> list:
+    """Names of the Relax functions ``func`` calls (their allocations happen during the call)."""
+    out = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.GlobalVar):
+            if isinstance(mod[e.op], relax.Function) and e.op.name_hint not in out:
+                out.append(e.op.name_hint)
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return out
+
+
+def _is_called(mod: tvm.IRModule, gv) -> bool:
+    return any(gv.name_hint in _relax_callees(mod, f) for f in mod.functions.values() if isinstance(f, relax.Function))
+
+
+def effective(plans: dict, name: str, key: str) -> int:
+    """``key`` (arena / lower bound / host bytes) of ``name`` including the Relax functions it
+    calls, each counted with its outputs for the whole call (conservative: calls in sequence
+    are summed, not overlapped)."""
+    p = plans[name]
+    total = p.get(key, 0)
+    for c in p.get("callees", []):
+        if c in plans and c != name:
+            total += effective(plans, c, key) + (plans[c]["outputs_bytes"] if key != "tvm_host_alloc_bytes" else 0)
+    return total
+
+
 @tvm.transform.module_pass(opt_level=0, name="MemoryPlan")
 class MemoryPlan:
     """Plan (and, with ``apply``, allocate) each entry function's intermediates in one arena.
@@ -260,7 +289,9 @@ class MemoryPlan:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         from .pipeline import record_stats
 
-        names = [n for n in self.entries if any(gv.name_hint == n for gv in mod.get_global_vars())]
+        # entry functions and every Relax function they call (e.g. TileImagePatches' stages)
+        names = [gv.name_hint for gv, f in mod.functions.items()
+                 if isinstance(f, relax.Function) and (gv.name_hint in self.entries or _is_called(mod, gv))]
         tvm_bytes = tvm_static_plan_bytes(mod, names) if self.compare_tvm else {}
         stats = {}
         for name in names:
@@ -270,6 +301,7 @@ class MemoryPlan:
                 mod[gv] = func
             else:
                 plan = plan_function(mod[gv], self.dtype_bytes)
+            plan["callees"] = _relax_callees(mod, mod[gv])
             if name in tvm_bytes:
                 plan["tvm_static_plan_bytes"], plan["tvm_host_alloc_bytes"] = tvm_bytes[name]
             self.sink[name] = plan
