@@ -19,8 +19,10 @@ one request (``Schedule.to_dict()`` plus ``summary``): a networkx DAG whose task
 
 Each task's FLOPs and DRAM bytes are computed from the IR (:func:`work_of_bindings`):
 matmul and linear kernels ``2*M*N*K``, conv2d ``2 * out * Cin*kh*kw``, fused attention
-``4*H*S*L*D``, every other operator one op per output element; bytes are the segment's
-input and output tensors (weights included: each call streams its weights). Costs come
+``4*H*S*L*D``, every other operator one op per output element; bytes are what the
+segment reads of its inputs (weights included: each call streams its weights; a fused
+attention reads one layer of the KV cache, a cache write none of it) plus its outputs
+(an in-place cache update writes only the new rows). Costs come
 from the roofline model (:mod:`bluelower.targets.cost_model`), placement from the list
 scheduler (:mod:`bluelower.targets.scheduler`). APU tasks compute at the APU's fp16 rate
 (the precision rules of PartitionForAPU); CPU segments at the cluster's fp32 rate.
@@ -96,10 +98,49 @@ def binding_flops(value, out_ty) -> float:
     return out
 
 
+def _call_args(value) -> list:
+    if isinstance(value.args[1], relax.Tuple):
+        return list(value.args[1].fields)
+    return [value.args[1]]
+
+
+def _read_bytes(value, arg) -> float:
+    """DRAM bytes ``value`` reads of its argument ``arg``.
+
+    A KV-cache write (call_tir_inplace) reads none of the cache it updates; a fused
+    attention over the 5-D cache ``[layers, 2, kv_heads, capacity, head_dim]`` reads one
+    layer's keys (or values), not the whole cache; everything else reads the whole tensor.
+    """
+    if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+        name = value.op.name
+        if name == "relax.call_tir_inplace":
+            args = _call_args(value)
+            inplace = {int(i) for i in value.attrs.inplace_indices}
+            if any(args[i].same_as(arg) for i in inplace if 0 <= i < len(args)):
+                return 0.0
+        if name == "relax.call_tir" and value.args[0].name_hint.startswith(_ATTENTION_KERNELS):
+            shape = _shape(arg.ty)
+            if shape is not None and len(shape) == 5:
+                return math.prod(shape[2:]) * tvm.runtime.DataType(str(arg.ty.dtype)).bits / 8
+    return _nbytes(arg.ty)
+
+
+def _written_in_place(bindings) -> set:
+    return {b.var for b in bindings if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op)
+            and b.value.op.name == "relax.call_tir_inplace"}
+
+
 def work_of_bindings(bindings, inputs, outputs) -> tuple[float, float]:
-    """``(flops, bytes)`` of a segment: its bindings' operations, its inputs' and outputs' bytes."""
+    """``(flops, bytes)`` of a segment: its bindings' operations; the bytes they read of the
+    segment's inputs (:func:`_read_bytes`, the most any one binding reads) and the bytes of
+    its outputs (an in-place cache update writes only its update, counted as read)."""
     flops = sum(binding_flops(b.value, b.var.ty) for b in bindings)
-    by = sum(_nbytes(v.ty) for v in inputs) + sum(_nbytes(v.ty) for v in outputs)
+    by = 0.0
+    for v in inputs:
+        reads = [_read_bytes(b.value, v) for b in bindings if any(u.same_as(v) for u in relax.analysis.free_vars(b.value))]
+        by += max(reads, default=0.0)
+    in_place = _written_in_place(bindings)
+    by += sum(_nbytes(v.ty) for v in outputs if v not in in_place)
     return flops, by
 
 
@@ -148,8 +189,8 @@ def segments(mod: tvm.IRModule, name: str) -> list[dict]:
         if unit == "apu":
             callee = mod[bs[0].value.op]
             inner = [b for blk in callee.body.blocks for b in blk.bindings]
-            flops, _ = work_of_bindings(inner, [], [])
-            _, by = work_of_bindings([], inputs, outputs)
+            flops, by = work_of_bindings(inner, list(callee.params), [])
+            by += sum(_nbytes(v.ty) for v in outputs)
             label = bs[0].value.op.name_hint
             seen[label] = seen.get(label, 0) + 1
             if seen[label] > 1:  # an identical layer calls the same partition again
