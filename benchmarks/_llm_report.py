@@ -58,7 +58,7 @@ def generated_markdown(results_dir) -> str:
         L.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for e, s in r["summary"].items():
             n = s["n"]
-            pct = lambda x: "—" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+            pct = lambda x: "—" if x is None else (f"{100 * x:.0f}%" if x >= 0.01 else f"{100 * x:.2g}%")  # noqa: E731
             L.append(f"| {LABEL.get(e, e)} | {s['precision']} | {_f(s['prefill128_tok_s'])} | {_f(s['prefill2048_tok_s'])} | "
                      f"{_f(s['decode128_tok_s'], 2)} | {_f(s['decode2048_tok_s'], 2)} | {_f(s['roofline_tok_s_128'], 1)} | "
                      f"{pct(s['roofline_frac_128'])} | {pct(s['roofline_frac_2048'])} | {_f(s['peak_rss_mb'], 0)} | "
@@ -97,6 +97,8 @@ def generated_markdown(results_dir) -> str:
         if prof:
             L.append("\nbluelower kernel profile (Relax VM profiler, one call; top kernels):\n")
             for fn, p in prof.items():
+                if "error" in p:
+                    L.append(f"* `{fn}`: profiler not available: {p['error']}")
                 if "top" in p:
                     L.append(f"* `{fn}` total {p['total_ms']:.1f} ms: " + "; ".join(f"`{k}` {ms:.1f} ms ({pc:.0f}%)" for k, ms, pc in p["top"]))
         if r.get("bluelower_build", {}).get("compile") not in (None, "cached"):
@@ -112,7 +114,10 @@ def generated_markdown(results_dir) -> str:
         L.append("| model | SoC | wall s | CPU s (user+sys) | max RSS MB | result |")
         L.append("|---|---|---|---|---|---|")
         for x in comp["runs"]:
-            status = "ok" if x.get("rc") == 0 else (x.get("error") or f"rc {x.get('rc')}: " + x.get("stderr_tail", "")[-160:].replace("\n", " "))
+            tail = x.get("stderr_tail", "")
+            if "Exit status" in tail:
+                tail = "(error text not captured by this run; harness fixed since)"
+            status = "ok" if x.get("rc") == 0 else (x.get("error") or f"rc {x.get('rc')}: " + tail[-160:].replace("\n", " "))
             L.append(f"| {x['model']} | {x['soc']} | {_f(x.get('wall_s'))} | {_f(x.get('cpu_s'))} | {_f(x.get('max_rss_mb'), 0)} | {status} |")
         L.append("")
     if os.path.isfile(os.path.join(ROOT_IMG, "benchmarks.png")):

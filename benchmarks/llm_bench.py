@@ -398,7 +398,7 @@ def timed_child(cmd: list[str], env=None, timeout=None) -> dict:
     cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", err))
     return {"cmd": " ".join(cmd), "rc": rc, "wall_s": round(dt, 1), "max_rss_mb": int(m.group(1)) / 1024 if m else None,
             "cpu_s": round(cpu, 1),
-            "stderr_tail": "" if rc == 0 else err[-1500:], "loadavg_after": loadavg()}
+            "stderr_tail": "" if rc == 0 else err.split("\tCommand being timed")[0][-1500:], "loadavg_after": loadavg()}
 
 
 def compile_build(size: str, weights: str, quant_wanted: str) -> dict:
@@ -439,9 +439,12 @@ def machine_info() -> dict:
         pass
     info["mem_total_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     vers = {}
-    for mod in ("tvm", "torch", "llama_cpp", "gguf", "numpy"):
+    from importlib import metadata
+
+    for mod, dist in (("tvm", "apache-tvm"), ("torch", "torch"), ("llama_cpp", "llama-cpp-python"), ("gguf", "gguf"),
+                      ("numpy", "numpy")):
         try:
-            vers[mod] = __import__(mod).__version__
+            vers[mod] = metadata.version(dist)
         except Exception as exc:  # noqa: BLE001
             vers[mod] = f"unavailable ({type(exc).__name__})"
     info["versions"] = vers
