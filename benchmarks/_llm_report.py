@@ -96,7 +96,9 @@ def generated_markdown(results_dir) -> str:
         prof = r.get("bluelower_profile")
         if prof:
             L.append("\nbluelower kernel profile (Relax VM profiler, one call; top kernels):\n")
-            for fn, p in prof.items():
+            if "error" in prof:
+                L.append(f"* profiler not available: `{prof['error']}`")
+            for fn, p in [(k, v) for k, v in prof.items() if isinstance(v, dict)]:
                 if "error" in p:
                     L.append(f"* `{fn}`: profiler not available: {p['error']}")
                 if "top" in p:
