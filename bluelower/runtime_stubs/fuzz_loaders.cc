@@ -1,6 +1,7 @@
 // libFuzzer target over the parsers that read untrusted bytes: the JSON parser
 // (manifest.json, safetensors header), the safetensors index and the .npy image reader
-// (+ the resize/normalize that follows it, on a small output size).
+// (+ the resize/normalize and the relaxed grid + patch cutting that follow it, on a small
+// patch size S = 16).
 //   clang++ -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined fuzz_loaders.cc json.cc \
 //     loaders.cc image.cc util.cc sha256.cc -o fuzz_loaders && ./fuzz_loaders -max_total_time=300
 #include <cstddef>
@@ -39,6 +40,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
           std::vector<float> out(3 * 16 * 16);
           const float mean[3] = {0.5f, 0.5f, 0.5f}, stdv[3] = {0.5f, 0.5f, 0.5f};
           preprocess_whole_image(img, 16, mean, stdv, out.data());
+          int64_t m = 0, g = 0;
+          select_grid_relaxed(img.width, img.height, 1 + int64_t(size % 9), 16, 0.1, &m, &g);
+          std::vector<float> patches = preprocess_grid(img, m, g, 16, mean, stdv);
+          if (patches.size() != size_t((m * g + (m * g > 1)) * 3 * 16 * 16)) __builtin_trap();
         }
         break;
       }
