@@ -131,6 +131,7 @@ def compile_model(req: CompileRequest) -> dict:
                               extra={"group_size": req.group_size})
         mod, pass_stats = run_pipeline(mod, opts, disabled=req.disabled_passes, dump_ir=req.dump_ir)
         sigs = {**sigs, **signatures_added_by_passes(mod, sigs)}  # e.g. TileImagePatches' stages
+        kv_cache = _kv_cache_entry(cfg, sigs, opts.extra.get("kv_cache"))  # as the passes left it (QuantizeKVCache)
         with progress.step("TVM build"):
             ex = relax.build(mod, target, relax_pipeline=None)
             ex.export_library(os.path.join(tmp, LIBRARY), **_export_kwargs(soc))
@@ -150,6 +151,7 @@ def compile_model(req: CompileRequest) -> dict:
             label="write params",
         )
         manifest = _manifest(cfg, req, soc, target, sigs, pass_stats, source)
+        manifest["kv_cache"] = kv_cache
         stored.update_manifest(manifest, cfg, req.quant, req.group_size)
         if "memory_plan" in opts.extra:
             from ..memory import manifest_memory_plan
@@ -227,6 +229,31 @@ def _manifest(cfg: ModelConfig, req: CompileRequest, soc, target, sigs, pass_sta
         "functions": functions,
         "passes": pass_stats,
     }
+
+
+def _kv_cache_entry(cfg: ModelConfig, sigs: dict, produced: dict | None) -> dict:
+    """The manifest's ``kv_cache``: what the pipeline produced. ``QuantizeKVCache`` reports
+    the INT8 buffer (shape, dtype, layout); the cache inputs of the functions it rewrote are
+    updated to match. Otherwise the cache is the float32 ``kv_cache`` input of ``decode``."""
+    if produced and produced.get("dtype"):
+        for fname, index in produced.get("functions", {}).items():
+            if fname in sigs and index < len(sigs[fname].inputs):
+                sigs[fname].inputs[index] = {**sigs[fname].inputs[index], "shape": list(produced["shape"]),
+                                             "dtype": produced["dtype"]}
+        keys = ("shape", "dtype", "layout", "scale_dtype", "bytes", "bytes_per_token")
+        return {k: produced[k] for k in keys if k in produced}
+    d, r = cfg.decoder, cfg.runtime
+    shape = [d.num_layers, 2, d.num_kv_heads, r.kv_capacity, d.head_dim]
+    dtype = "float32"
+    for inp in getattr(sigs.get("decode"), "inputs", []):
+        if inp.get("name") == "kv_cache":
+            shape, dtype = list(inp["shape"]), str(inp["dtype"])
+    elems = 1
+    for x in shape:
+        elems *= int(x)
+    itemsize = int(np.dtype(dtype).itemsize)
+    return {"shape": shape, "dtype": dtype, "layout": f"{dtype} [L, 2 (k, v), kv_heads, capacity, head_dim]",
+            "bytes": elems * itemsize, "bytes_per_token": elems * itemsize // int(shape[3])}
 
 
 def _config_sha(cfg: ModelConfig) -> str:

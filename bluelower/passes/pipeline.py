@@ -119,6 +119,8 @@ def build_pipeline() -> list[PassSpec]:
         # quantization
         PassSpec("QuantizeWeights", "quantization", "Linear weights -> INT4/INT8 kernels over packed params (--quant).",
                  lambda o: _quantize_weights(o)),
+        PassSpec("QuantizeKVCache", "quantization", "KV cache -> one INT8 buffer (per-token, per-head scales), quantized on write, dequantized in attention (w4a16kv8).",
+                 lambda o: _quantize_kv_cache(o)),
         # partition/schedule
         PassSpec("PartitionForAPU", "partition/schedule", "Outline the operators the SoC's APU supports into APU partitions.",
                  lambda o: __import__("bluelower.passes.partition_for_apu", fromlist=["_"]).partition_for_apu(o)),
@@ -163,6 +165,14 @@ def _quantize_weights(o: CompileOptions):
     from .quantize_weights import quantize_weights_for
 
     return quantize_weights_for(o)
+
+
+def _quantize_kv_cache(o: CompileOptions):
+    if o.quant != "w4a16kv8":
+        return None
+    from .quantize_kv_cache import QuantizeKVCache
+
+    return QuantizeKVCache(sink=o.extra.setdefault("kv_cache", {}))
 
 
 def pass_names() -> list[str]:

@@ -20,12 +20,17 @@ the capacity first (a run-time error, never an out-of-bounds write).
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-__all__ = ["fused_attention", "kv_cache_write"]
+__all__ = ["fused_attention", "kv_cache_write", "kv_cache_write_int8", "quantize_kv_rows", "dequantize_kv_rows",
+           "KV_SCALE_BYTES"]
+
+KV_SCALE_BYTES = 4  # INT8 cache rows: head_dim int8 codes, then the row's float32 scale (little-endian bytes)
 
 _NEG_BIG = -3.4028234663852886e38  # finite "-inf" start for the running max: no inf - inf
 
@@ -50,6 +55,7 @@ def fused_attention(
     causal: bool = False,
     additive_mask: tuple | None = None,
     dtype: str = "float32",
+    kv_int8: bool = False,
 ) -> tirx.PrimFunc:
     """The fused attention kernel.
 
@@ -58,7 +64,16 @@ def fused_attention(
     ``mask`` (shape ``additive_mask``, broadcast to ``[q_len, kv_len]``) when given, and
     the output ``[rows, q_len, head_dim]``. ``k_shape = k_prefix-dims + [batch?] + [kv_heads,
     kv_len, head_dim]`` (a batch dim of 1 is broadcast).
+
+    With ``kv_int8`` K and V are the INT8 cache (``int8``, last dim ``head_dim + 4``: the
+    row's codes, then its float32 scale, see :func:`kv_cache_write_int8`) and are
+    dequantized in registers: ``dot = (q . codes_k) * scale_k``, ``acc += p * scale_v * codes_v``.
     """
+    args = dict(rows=rows, q_heads=q_heads, rep=rep, q_len=q_len, head_dim=head_dim, kv_len=kv_len,
+                k_shape=[int(x) for x in k_shape], k_prefix=[int(x) for x in k_prefix],
+                v_shape=[int(x) for x in v_shape], v_prefix=[int(x) for x in v_prefix], scale=float(scale),
+                causal=bool(causal), additive_mask=None if additive_mask is None else [int(x) for x in additive_mask],
+                dtype=dtype)
     D, Tq, S, BH = head_dim, q_len, kv_len, rows
     k_batch = len(k_shape) - len(k_prefix) - 3
     v_batch = len(v_shape) - len(v_prefix) - 3
@@ -67,6 +82,9 @@ def fused_attention(
     scale = float(scale)
     dt = dtype
     ks, vs = tuple(int(x) for x in k_shape), tuple(int(x) for x in v_shape)
+    kv_dt = "int8" if kv_int8 else dt
+    if kv_int8 and (ks[-1] != D + KV_SCALE_BYTES or vs[-1] != D + KV_SCALE_BYTES):
+        raise ValueError(f"fused_attention(kv_int8): K/V rows must be head_dim + {KV_SCALE_BYTES} bytes, got {ks} / {vs}")
 
     def src_index(prefix, nbatch, shape, bh, s, d):
         b = bh // q_heads
@@ -104,39 +122,78 @@ def fused_attention(
         x = dot * T.float32(scale)
         return x + T.Cast("float32", mask[mask_at(t, s)]) if has_mask else x
 
-    @T.prim_func(private=True)
-    def attention(
-        q: T.Buffer((BH, Tq, D), dt),
-        k: T.Buffer(ks, dt),
-        v: T.Buffer(vs, dt),
-        pos: T.Buffer((Tq,), "int64"),
-        mask: T.Buffer(mask_shape, dt),
-        out: T.Buffer((BH, Tq, D), dt),
-    ):
-        T.func_attr({"tir.noalias": True})
-        for row in T.parallel(BH * Tq):
-            acc = T.alloc_buffer((D,), "float32", scope="global")
-            st = T.alloc_buffer((3,), "float32", scope="global")  # running max, running sum, dot
-            bh = row // Tq
-            t = row % Tq
-            for d in range(D):
-                acc[d] = T.float32(0)
-            st[0] = T.float32(_NEG_BIG)
-            st[1] = T.float32(0)
-            for s in range(n_keys(pos, t)):
-                st[2] = T.float32(0)
+    if kv_int8:
+
+        @T.prim_func(private=True)
+        def attention(
+            q: T.Buffer((BH, Tq, D), dt),
+            k: T.Buffer(ks, kv_dt),
+            v: T.Buffer(vs, kv_dt),
+            pos: T.Buffer((Tq,), "int64"),
+            mask: T.Buffer(mask_shape, dt),
+            out: T.Buffer((BH, Tq, D), dt),
+        ):
+            T.func_attr({"tir.noalias": True})
+            for row in T.parallel(BH * Tq):
+                acc = T.alloc_buffer((D,), "float32", scope="global")
+                st = T.alloc_buffer((4,), "float32", scope="global")  # running max, running sum, dot, v scale
+                bh = row // Tq
+                t = row % Tq
                 for d in range(D):
-                    st[2] = st[2] + T.Cast("float32", q[bh, t, d]) * T.Cast("float32", k[k_at(bh, s, d)])
-                score = scaled_score(st[2], mask, t, s)
-                m_new = T.max(st[0], score)
-                corr = T.exp(st[0] - m_new)
-                p = T.exp(score - m_new)
-                st[1] = st[1] * corr + p
+                    acc[d] = T.float32(0)
+                st[0] = T.float32(_NEG_BIG)
+                st[1] = T.float32(0)
+                for s in range(n_keys(pos, t)):
+                    st[2] = T.float32(0)
+                    for d in range(D):
+                        st[2] = st[2] + T.Cast("float32", q[bh, t, d]) * T.Cast("float32", k[k_at(bh, s, d)])
+                    score = scaled_score(st[2] * _row_scale(k, k_at, bh, s, D), mask, t, s)
+                    m_new = T.max(st[0], score)
+                    corr = T.exp(st[0] - m_new)
+                    p = T.exp(score - m_new)
+                    st[1] = st[1] * corr + p
+                    st[3] = p * _row_scale(v, v_at, bh, s, D)
+                    for d in range(D):
+                        acc[d] = acc[d] * corr + st[3] * T.Cast("float32", v[v_at(bh, s, d)])
+                    st[0] = m_new
                 for d in range(D):
-                    acc[d] = acc[d] * corr + p * T.Cast("float32", v[v_at(bh, s, d)])
-                st[0] = m_new
-            for d in range(D):
-                out[bh, t, d] = T.Cast(dt, acc[d] / st[1])
+                    out[bh, t, d] = T.Cast(dt, acc[d] / st[1])
+
+    else:
+
+        @T.prim_func(private=True)
+        def attention(
+            q: T.Buffer((BH, Tq, D), dt),
+            k: T.Buffer(ks, dt),
+            v: T.Buffer(vs, dt),
+            pos: T.Buffer((Tq,), "int64"),
+            mask: T.Buffer(mask_shape, dt),
+            out: T.Buffer((BH, Tq, D), dt),
+        ):
+            T.func_attr({"tir.noalias": True})
+            for row in T.parallel(BH * Tq):
+                acc = T.alloc_buffer((D,), "float32", scope="global")
+                st = T.alloc_buffer((3,), "float32", scope="global")  # running max, running sum, dot
+                bh = row // Tq
+                t = row % Tq
+                for d in range(D):
+                    acc[d] = T.float32(0)
+                st[0] = T.float32(_NEG_BIG)
+                st[1] = T.float32(0)
+                for s in range(n_keys(pos, t)):
+                    st[2] = T.float32(0)
+                    for d in range(D):
+                        st[2] = st[2] + T.Cast("float32", q[bh, t, d]) * T.Cast("float32", k[k_at(bh, s, d)])
+                    score = scaled_score(st[2], mask, t, s)
+                    m_new = T.max(st[0], score)
+                    corr = T.exp(st[0] - m_new)
+                    p = T.exp(score - m_new)
+                    st[1] = st[1] * corr + p
+                    for d in range(D):
+                        acc[d] = acc[d] * corr + p * T.Cast("float32", v[v_at(bh, s, d)])
+                    st[0] = m_new
+                for d in range(D):
+                    out[bh, t, d] = T.Cast(dt, acc[d] / st[1])
 
     params = [p for p in attention.params]
     drop = set()
@@ -148,8 +205,11 @@ def fused_attention(
         keep = [p for i, p in enumerate(params) if i not in drop]
         attention = tirx.PrimFunc(keep, attention.body, attention.ret_type, attention.attrs)
     kind = "causal" if causal else ("masked" if has_mask else "full")
+    if kv_int8:
+        kind += "_kv8"
     # opaque (8): keep the kernel whole, FuseOps must not merge neighbours into it
-    return attention.with_attr("op_pattern", 8).with_attr("bluelower.kernel", f"attention_{kind}_{BH}x{Tq}x{S}x{D}")
+    attention = attention.with_attr("op_pattern", 8).with_attr("bluelower.kernel", f"attention_{kind}_{BH}x{Tq}x{S}x{D}")
+    return attention if kv_int8 else attention.with_attr("bluelower.kernel_args", json.dumps(args, sort_keys=True))
 
 
 def kv_cache_write(*, cache_shape: tuple, prefix: tuple, axis: int, update_shape: tuple, dtype: str = "float32",
@@ -184,11 +244,110 @@ def kv_cache_write(*, cache_shape: tuple, prefix: tuple, axis: int, update_shape
         for j in range(n):
             cache[tuple(prefix) + _with_axis(unflat(j), axis, index_[unflat(j)])] = update[unflat(j)]
 
+    args = dict(cache_shape=list(cs), prefix=[int(x) for x in prefix], axis=int(axis), update_shape=list(us),
+                dtype=dtype, index_dtype=index_dtype)
     # opaque (8): FuseOps must not merge a producer into the in-place write
-    return write.with_attr("op_pattern", 8).with_attr("bluelower.kernel", f"kv_cache_write_{'x'.join(str(int(s)) for s in update_shape)}")
+    return (write.with_attr("op_pattern", 8)
+            .with_attr("bluelower.kernel", f"kv_cache_write_{'x'.join(str(int(s)) for s in update_shape)}")
+            .with_attr("bluelower.kernel_args", json.dumps(args, sort_keys=True)))
 
 
 def _with_axis(idx: tuple, axis: int, value) -> tuple:
     out = list(idx)
     out[axis] = value
     return tuple(out)
+
+
+# --- the INT8 KV cache (QuantizeKVCache, --quant w4a16kv8) ---------------------------------
+#
+# Layout: the cache is ONE int8 buffer ``[L, 2, kv_heads, capacity, head_dim + 4]``; each
+# row (layer, k|v, head, position) holds ``head_dim`` symmetric INT8 codes and then the row's
+# float32 scale as 4 little-endian bytes (its IEEE-754 bit pattern). ``scale = max|x| / 127``,
+# ``code = clip(round(x / scale), -127, 127)``, ``x ~= code * scale``; an all-zero row (a
+# never-written one, too) has scale 0 and dequantizes to 0.
+
+
+def _row_scale(buf, at, bh, s, D):
+    """The float32 scale stored in bytes ``D .. D+3`` of the row ``at(bh, s, .)`` of ``buf``."""
+    bits = T.uint32(0)
+    for i in range(KV_SCALE_BYTES):
+        byte = T.Cast("uint32", T.Cast("uint8", buf[at(bh, s, D + i)]))
+        bits = bits | (byte << T.uint32(8 * i)) if i else byte
+    return T.reinterpret("float32", bits)
+
+
+def _scale_byte(scale, i):
+    return T.Cast("int8", T.Cast("uint8", (T.reinterpret("uint32", scale) >> T.uint32(8 * i)) & T.uint32(255)))
+
+
+def kv_cache_write_int8(*, cache_shape: tuple, prefix: tuple, axis: int, update_shape: tuple,
+                        index_dtype: str = "int64") -> tirx.PrimFunc:
+    """In-place quantizing write into the INT8 cache (layout above).
+
+    Same call as :func:`kv_cache_write` (``cache`` int8 ``[..., head_dim + 4]``, ``index``,
+    ``update`` float32 ``update_shape`` whose last axis is ``head_dim``): every update row
+    (all axes but the last) is quantized on its own (per token, per head) and written with
+    its scale at position ``index[row, 0]``. Checks first that every position is within the
+    capacity and that each row's positions agree (a scatter of whole rows).
+    """
+    cs, us = tuple(int(x) for x in cache_shape), tuple(int(x) for x in update_shape)
+    rank = len(us)
+    D = us[-1]
+    if axis == rank - 1 or cs[-1] != D + KV_SCALE_BYTES:
+        raise ValueError(f"kv_cache_write_int8: cache {cs} / update {us} / axis {axis} is not a row write")
+    cap = int(cs[len(prefix) + axis])
+    rows = _prod(us[:-1])
+    strides = [_prod(us[i + 1:-1]) for i in range(rank - 1)]
+
+    def row_idx(r):
+        return tuple((r // strides[i]) % us[i] for i in range(rank - 1))
+
+    def at(r, d, pos):
+        return tuple(prefix) + _with_axis(row_idx(r) + (d,), axis, pos)
+
+    @T.prim_func(private=True)
+    def write(
+        cache: T.Buffer(cs, "int8"),
+        index_: T.Buffer(us, index_dtype),
+        update: T.Buffer(us, "float32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for r in range(rows):
+            for d in range(D):
+                assert 0 <= index_[row_idx(r) + (d,)] and index_[row_idx(r) + (d,)] < T.int64(cap), (
+                    "KV cache write beyond its capacity: a position is >= kv_capacity"
+                )
+                assert index_[row_idx(r) + (d,)] == index_[row_idx(r) + (0,)], (
+                    "INT8 KV cache write: the positions of one row differ"
+                )
+        for r in range(rows):
+            amax = T.alloc_buffer((1,), "float32", scope="global")
+            amax[0] = T.float32(0)
+            for d in range(D):
+                amax[0] = T.max(amax[0], T.fabs(update[row_idx(r) + (d,)]))
+            for d in range(D):
+                cache[at(r, d, index_[row_idx(r) + (0,)])] = T.Cast("int8", T.max(T.min(T.round(
+                    update[row_idx(r) + (d,)] * T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0],
+                                                                T.float32(0))), T.float32(127)), T.float32(-127)))
+            for i in range(KV_SCALE_BYTES):
+                cache[at(r, D + i, index_[row_idx(r) + (0,)])] = _scale_byte(amax[0] / T.float32(127), i)
+
+    return (write.with_attr("op_pattern", 8)
+            .with_attr("bluelower.kernel", f"kv_cache_write_int8_{'x'.join(str(s) for s in us)}"))
+
+
+def quantize_kv_rows(x: np.ndarray) -> np.ndarray:
+    """NumPy reference: float32 ``[..., head_dim]`` -> INT8 rows ``[..., head_dim + 4]``."""
+    x = np.asarray(x, np.float32)
+    amax = np.abs(x).max(axis=-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), np.float32(0)).astype(np.float32)
+    codes = np.clip(np.round(x * inv), -127, 127).astype(np.int8)
+    scale = (amax / np.float32(127)).astype("<f4")
+    return np.concatenate([codes, scale.view(np.int8).reshape(*x.shape[:-1], KV_SCALE_BYTES)], axis=-1)
+
+
+def dequantize_kv_rows(q: np.ndarray) -> np.ndarray:
+    """NumPy reference: INT8 rows ``[..., head_dim + 4]`` -> float32 ``[..., head_dim]``."""
+    q = np.ascontiguousarray(q, np.int8)
+    scale = np.ascontiguousarray(q[..., -KV_SCALE_BYTES:]).view("<f4").astype(np.float32)
+    return q[..., :-KV_SCALE_BYTES].astype(np.float32) * scale
