@@ -107,7 +107,8 @@ def _call_args(value) -> list:
 def _read_bytes(value, arg) -> float:
     """DRAM bytes ``value`` reads of its argument ``arg``.
 
-    A KV-cache write (call_tir_inplace) reads none of the cache it updates; a fused
+    A gather (embedding lookup) reads only the rows it returns; a KV-cache write
+    (call_tir_inplace) reads none of the cache it updates; a fused
     attention over the 5-D cache ``[layers, 2, kv_heads, capacity, head_dim]`` reads one
     layer's keys (or values), not the whole cache; everything else reads the whole tensor.
     """
@@ -118,6 +119,8 @@ def _read_bytes(value, arg) -> float:
             inplace = {int(i) for i in value.attrs.inplace_indices}
             if any(args[i].same_as(arg) for i in inplace if 0 <= i < len(args)):
                 return 0.0
+        if name == "relax.take" and value.args[0].same_as(arg):  # a gather reads only the rows it takes
+            return _nbytes(value.ty)
         if name == "relax.call_tir" and value.args[0].name_hint.startswith(_ATTENTION_KERNELS):
             shape = _shape(arg.ty)
             if shape is not None and len(shape) == 5:
@@ -294,6 +297,8 @@ class ScheduleOperators:
                               info={**info, "soc": self.soc.name})
         out = sched.to_dict()
         out["summary"] = summarize(sched)
+        decode_s = out["summary"]["decode_s"]  # one decode step (several tasks)
+        out["summary"]["decode_tokens_per_s"] = 1.0 / decode_s if decode_s > 0 else None
         if self.sink is not None:
             self.sink["schedule"] = out
         record_stats(tasks=len(sched.tasks), apu_tasks=sum(1 for t in sched.tasks if t.unit == APU_UNIT),
