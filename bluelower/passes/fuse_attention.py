@@ -20,6 +20,8 @@ Ensures: each match becomes ``R.call_tir(attention_kernel, (q, k_src, v_src[, po
 row; K/V read from their source (the cache, un-repeated) through constant leading indices;
 with a causal mask the kernel reads only keys ``0 .. pos[t]``. The replaced operators are
 removed when nothing else uses them. Stats: ``fused`` (total) and ``per_function``.
+The kernels carry ``bluelower.kernel_args``; for ``--quant w4a16kv8`` ``QuantizeKVCache``
+swaps those reading the cache for their INT8 variants (dequantize on read).
 """
 
 from __future__ import annotations

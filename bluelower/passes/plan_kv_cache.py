@@ -18,6 +18,8 @@ the last cache value, i.e. the very tensor passed in (``CompiledModel`` keeps us
 ``out[1]`` and the function signatures do not change). No function keeps a whole-cache
 ``scatter_elements``/``concat``. Each write kernel first checks every position against the
 capacity and fails with "KV cache write beyond its capacity" (no out-of-bounds write).
+The write kernels carry ``bluelower.kernel_args`` so that ``QuantizeKVCache``
+(``--quant w4a16kv8``) can swap in their INT8 (quantize-on-write) variants.
 A function whose cache flow does not match exactly is left unchanged. Stats:
 ``in_place_writes`` (total) and ``per_function``.
 """
