@@ -115,13 +115,21 @@ class _Llama:
         except Exception:
             pass
 
+    def _last_logits(self):
+        # with logits_all=False, llama-cpp-python 0.3.36 leaves Llama.scores at zero: read
+        # the last row from the context directly
+        import llama_cpp
+
+        p = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(p, shape=(self.llm.n_vocab(),)).copy()[None]
+
     def prefill(self, ids):
         self.llm.eval([int(i) for i in ids])
-        return np.array(self.llm.scores[self.llm.n_tokens - 1], copy=True)[None]
+        return self._last_logits()
 
     def decode(self, tok, pos):
         self.llm.eval([int(tok)])
-        return np.array(self.llm.scores[self.llm.n_tokens - 1], copy=True)[None]
+        return self._last_logits()
 
 
 def _open_engine(engine, args, cfg):
