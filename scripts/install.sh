@@ -8,7 +8,7 @@ PY="${PYTHON:-python3}"
 
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
   need=()
-  for pkg in g++-aarch64-linux-gnu qemu-user cmake; do
+  for pkg in g++ g++-aarch64-linux-gnu qemu-user cmake; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
   done
   if [ "${#need[@]}" -gt 0 ]; then
