@@ -100,12 +100,89 @@ class _TorchLike:
         return self.b.decode_step(int(tok), int(pos))
 
 
+# Matrices that go through GGML_OP_MUL_MAT (token_embd is a GET_ROWS and must stay in the
+# plain CPU buffer; norms are F32 vectors).
+_MATMUL_WEIGHTS = rb"^(blk\.[0-9]+\.(attn_(q|k|v|output)|ffn_(gate|up|down))|output)\.weight$"
+_KEEP = []  # ctypes objects referenced by llama_model_params must outlive the model
+
+
+def _cpu_extra_bufts() -> dict:
+    """Name -> ggml_backend_buffer_type_t of the CPU backend's extra buffer types
+    (e.g. {"AMX": .., "CPU_REPACK": ..}), through libggml's registry."""
+    import ctypes
+
+    import llama_cpp
+
+    libdir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    g = ctypes.CDLL(os.path.join(libdir, "libggml.so"))
+    gb = ctypes.CDLL(os.path.join(libdir, "libggml-base.so"))
+    vp = ctypes.c_void_p
+    g.ggml_backend_dev_by_type.restype, g.ggml_backend_dev_by_type.argtypes = vp, [ctypes.c_int]
+    g.ggml_backend_dev_backend_reg.restype, g.ggml_backend_dev_backend_reg.argtypes = vp, [vp]
+    g.ggml_backend_reg_get_proc_address.restype = vp
+    g.ggml_backend_reg_get_proc_address.argtypes = [vp, ctypes.c_char_p]
+    gb.ggml_backend_buft_name.restype, gb.ggml_backend_buft_name.argtypes = ctypes.c_char_p, [vp]
+    dev = g.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    addr = g.ggml_backend_reg_get_proc_address(g.ggml_backend_dev_backend_reg(dev), b"ggml_backend_dev_get_extra_bufts")
+    if not addr:
+        return {}
+    arr = ctypes.CFUNCTYPE(ctypes.POINTER(vp), vp)(addr)(dev)
+    out, i = {}, 0
+    while arr[i]:
+        out[gb.ggml_backend_buft_name(arr[i]).decode()] = arr[i]
+        i += 1
+    return out
+
+
 class _Llama:
-    def __init__(self, path, n_ctx):
+    """llama-cpp-python behind the _TorchLike interface.
+
+    Weight buffers: llama.cpp 0.3.36's CPU backend puts Q4_0 matrices into its AMX buffer
+    type first when the CPU has AMX-INT8 (this Xeon does). Its AMX Q4_0 GEMM (used for
+    batches > 1, i.e. prefill) segfaults on these models (tiny: in-features 64/160; mid:
+    1024/2816: reproduced with a 200-token ``eval``; 1-token decode survives). So the
+    matrices are pinned to ``CPU_REPACK`` (the AVX2/AVX-512 Q4_0 8x8 repacked kernels, what
+    llama.cpp uses on CPUs without AMX) via ``tensor_buft_overrides``; if that buffer type
+    is not found, extra buffer types are disabled (plain Q4_0). ``self.bufts`` records which.
+    ``bufts="default"`` leaves llama.cpp's choice (used for the F32 GGUF: CPU_REPACK has no
+    F32 kernels and crashes at load if F32 matrices are pinned to it).
+    """
+
+    def __init__(self, path, n_ctx, kv_f32=False, bufts="repack"):
+        import ctypes
+
+        import llama_cpp
+        import llama_cpp.llama_cpp as C
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=THREADS, n_threads_batch=THREADS,
-                         logits_all=False, verbose=False, seed=0)
+        orig = C.llama_model_default_params
+        extra = _cpu_extra_bufts() if bufts == "repack" else {}
+        if bufts == "repack" and "CPU_REPACK" not in extra:
+            bufts = "no-extra"
+        self.bufts = bufts
+
+        def params():
+            p = orig()
+            if bufts == "repack":
+                class Ov(ctypes.Structure):
+                    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+                ovs = (Ov * 2)(Ov(_MATMUL_WEIGHTS, extra["CPU_REPACK"]), Ov(None, None))
+                _KEEP.append(ovs)
+                p.tensor_buft_overrides = ctypes.cast(ovs, ctypes.c_void_p)
+            elif bufts == "no-extra":
+                p.use_extra_bufts = False
+            return p
+
+        kw = {}
+        if kv_f32:
+            kw.update(type_k=C.GGML_TYPE_F32, type_v=C.GGML_TYPE_F32)
+        C.llama_model_default_params = params
+        try:
+            self.llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=THREADS, n_threads_batch=THREADS,
+                             logits_all=False, verbose=False, seed=0, **kw)
+        finally:
+            C.llama_model_default_params = orig
 
     def reset(self):
         self.llm.reset()
@@ -177,6 +254,8 @@ def worker(args) -> None:
 def one_round(args, cfg, eng, prompt, load_s, skip_list, profile) -> None:
     V = cfg.decoder.vocab_size
     out = {"engine": args.worker, "skipped": {}, "load_s": load_s}
+    if isinstance(eng, _Llama):
+        out["weight_buffers"] = eng.bufts
     budget = args.max_seconds
 
     def timed(fn):
@@ -304,7 +383,11 @@ def verify(args) -> None:
     for q, path in (("F32", args.gguf_f32), ("Q4_0", args.gguf)):
         if not path:
             continue
-        eng = _Llama(path, 512)
+        # F32 GGUF: F32 KV cache too (the default f16 cache alone adds ~1e-3 relative error),
+        # so the only differences left are float32 summation order
+        # (CPU_REPACK only takes quantized matrices: the F32 file keeps the default buffers,
+        # where F32 weights never go to AMX)
+        eng = _Llama(path, 512, kv_f32=(q == "F32"), bufts="repack" if q != "F32" else "default")
         eng.reset()
         got = eng.prefill(ids)[0]
         got_dec = eng.decode(11, len(ids))[0]
@@ -315,6 +398,8 @@ def verify(args) -> None:
             "logit_scale": float(np.abs(want).max()),
             "cosine": cos,
             "argmax_equal": bool(np.argmax(got) == np.argmax(want)) and bool(np.argmax(got_dec) == np.argmax(want_dec)),
+            "kv_cache": "f32" if q == "F32" else "f16",
+            "weight_buffers": eng.bufts,
         }
     print("RESULT " + json.dumps(out), flush=True)
 
