@@ -285,7 +285,7 @@ def test_quantized_build_manifest(tiny_w4_build):
     assert manifest["quant"] == "w4a16kv8"
     q = manifest["quantization"]
     assert q["group_size"] == 32 and q["mode"] == "w4a16kv8"
-    assert manifest["kv_cache"]["dtype"] == "float32"  # the INT8 cache is not there yet; say so
+    assert manifest["kv_cache"]["dtype"] == "int8"  # QuantizeKVCache: INT8 rows + packed scales
     q_specs, transforms = quantized_param_specs(load_config("tiny"), "w4a16kv8")
     for fname, fn in manifest["functions"].items():
         assert fn["weights_bytes_per_call"] > 0
