@@ -51,6 +51,9 @@ def generated_markdown(results_dir) -> str:
                  f"Memory bandwidth (numpy 1 GiB copy, read+write, best of 1/2 threads): "
                  f"**{r['bandwidth_GBps']:.1f} GB/s**.\n")
         L.append(f"Command: `{r['command']}`\n")
+        for key, when in (("other_processes_start", "start"), ("other_processes_end", "end")):
+            if r.get(key):
+                L.append(f"Other busy processes at {when} (not part of this benchmark): " + "; ".join(f"`{x}`" for x in r[key]) + "\n")
         for n in r.get("notes", []):
             L.append(f"> **Note:** {n}\n")
         L.append("| engine | weights | prefill 128 tok/s | prefill 2048 tok/s | decode @128 tok/s | decode @2048 tok/s "
@@ -80,18 +83,21 @@ def generated_markdown(results_dir) -> str:
                 L.append(f"* {LABEL.get(e, e)} errors: " + " | ".join(x.replace("\n", " ")[-200:] for x in er))
         if r.get("targets"):
             t = r["targets"]
-            L.append("\nTargets: decode @128 bluelower/llama.cpp = "
-                     f"{_f(t['decode128_vs_llamacpp'], 3)}x (target >= 1.2x); decode @2048 = {_f(t['decode2048_vs_llamacpp'], 3)}x; "
-                     f"prefill 128 = {_f(t['prefill128_vs_llamacpp'], 3)}x (target >= 1x); bluelower at "
+            pc = lambda x: _f(None if x is None else 100 * x, 1)  # noqa: E731
+            L.append("\nRatios bluelower / llama.cpp (medians): decode @128 "
+                     f"**{_f(t['decode128_vs_llamacpp'], 3)}x** (target >= 1.2x); decode @2048 **{_f(t['decode2048_vs_llamacpp'], 3)}x**; "
+                     f"prefill 128 **{_f(t['prefill128_vs_llamacpp'], 3)}x** (target >= 1x); prefill 2048 "
+                     f"**{_f(t.get('prefill2048_vs_llamacpp'), 3)}x**. llama.cpp decode @128 at {pc(t.get('llamacpp_roofline_frac_128'))}% "
+                     "of its roofline; bluelower at "
                      f"{_f(None if t['bluelower_roofline_frac_128'] is None else 100 * t['bluelower_roofline_frac_128'], 1)}% "
                      "of its roofline (target >= 60%).")
         if r.get("verify"):
             L.append("\nllama.cpp vs PyTorch reference logits (200-token prompt + 1 decode step, same weights):\n")
-            L.append("| GGUF | max abs diff prefill | max abs diff decode | max logit | cosine | argmax equal |")
-            L.append("|---|---|---|---|---|---|")
+            L.append("| GGUF | KV cache | weight buffers | max abs diff prefill | max abs diff decode | max logit | cosine | argmax equal |")
+            L.append("|---|---|---|---|---|---|---|---|")
             for q, v in r["verify"].items():
                 if isinstance(v, dict) and "cosine" in v:
-                    L.append(f"| {q} | {v['prefill_max_abs_diff']:.2e} | {v['decode_max_abs_diff']:.2e} | {v['logit_scale']:.3f} | "
+                    L.append(f"| {q} | {v.get('kv_cache', 'f16')} | {v.get('weight_buffers', 'default')} | {v['prefill_max_abs_diff']:.2e} | {v['decode_max_abs_diff']:.2e} | {v['logit_scale']:.3f} | "
                              f"{v['cosine']:.6f} | {v['argmax_equal']} |")
         prof = r.get("bluelower_profile")
         if prof:

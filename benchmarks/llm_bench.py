@@ -517,6 +517,21 @@ def compile_build(size: str, weights: str, quant_wanted: str) -> dict:
     return info
 
 
+def busy_processes(min_cpu: float = 20.0) -> list[str]:
+    """Other processes using CPU right now (ps %CPU = lifetime average), to record contention."""
+    try:
+        ps = subprocess.run(["ps", "-eo", "pid,pcpu,etime,args", "--sort=-pcpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return []
+    out = []
+    me = {os.getpid()}
+    for line in ps.splitlines()[1:]:
+        parts = line.split(None, 3)
+        if len(parts) == 4 and float(parts[1]) >= min_cpu and int(parts[0]) not in me and "llm_bench" not in parts[3]:
+            out.append(f"pid {parts[0]} {parts[1]}% CPU, up {parts[2]}: {parts[3][:120]}")
+    return out[:5]
+
+
 def machine_info() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "threads_used": THREADS}
     try:
@@ -556,7 +571,8 @@ def main_bench(args) -> dict:
     cfg = load_config(M.config_path(args.size))
     res = {"size": args.size, "config": cfg.decoder.__dict__, "runtime": cfg.runtime.__dict__,
            "command": " ".join([os.path.relpath(PY) if False else PY] + sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "machine": machine_info(), "loadavg_start": loadavg(), "notes": []}
+           "machine": machine_info(), "loadavg_start": loadavg(), "notes": [],
+           "other_processes_start": busy_processes()}
     engines = [e for e in args.engines.split(",") if e]
     weights = M.weights_path(args.size, args.seed, log)
     gguf = M.gguf_path(args.size, "Q4_0", args.seed, log) if "llamacpp" in engines else None
@@ -609,6 +625,11 @@ def main_bench(args) -> dict:
             log("  " + ", ".join(f"{k}={v:.2f}" for k, v in last.items() if k.endswith(("tok_s", "rss_mb")) and isinstance(v, float)))
     for sv in servers.values():
         sv.close()
+    wb = sorted({x.get("weight_buffers") for x in rounds.get("llamacpp", []) if x.get("weight_buffers")})
+    if wb:
+        res["notes"].append(f"llama.cpp weight buffers: {', '.join(wb)} (repack = Q4_0 matrices pinned to CPU_REPACK: "
+                            "llama.cpp's AMX Q4_0 GEMM segfaults on these shapes; see docs/benchmarks.md)")
+    res["other_processes_end"] = busy_processes()
     res["bandwidth_end"] = mem_bandwidth()
     bw = max(res["bandwidth_start"]["best_GBps"], res["bandwidth_end"]["best_GBps"])
     res["bandwidth_GBps"] = bw
@@ -639,6 +660,8 @@ def main_bench(args) -> dict:
             "decode128_vs_llamacpp": (b["decode128_tok_s"] / l["decode128_tok_s"]) if b["decode128_tok_s"] and l["decode128_tok_s"] else None,
             "decode2048_vs_llamacpp": (b["decode2048_tok_s"] / l["decode2048_tok_s"]) if b["decode2048_tok_s"] and l["decode2048_tok_s"] else None,
             "prefill128_vs_llamacpp": (b["prefill128_tok_s"] / l["prefill128_tok_s"]) if b["prefill128_tok_s"] and l["prefill128_tok_s"] else None,
+            "prefill2048_vs_llamacpp": (b["prefill2048_tok_s"] / l["prefill2048_tok_s"]) if b["prefill2048_tok_s"] and l["prefill2048_tok_s"] else None,
+            "llamacpp_roofline_frac_128": l["roofline_frac_128"],
             "bluelower_roofline_frac_128": b["roofline_frac_128"],
         }
     prof = [x.get("profile") for x in rounds.get("bluelower", []) if x.get("profile")]
