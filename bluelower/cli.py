@@ -64,7 +64,7 @@ _MODEL_HELP = "A shipped config (tiny, bluelm-v-3b) or a path to a .json config.
 @click.option("--soc", default="host", show_default=True, metavar="NAME|PATH.toml", help="Target SoC.")
 @click.option("--quant", type=click.Choice(["fp32", "w8", "w4a16", "w4a16kv8"]), default="w4a16kv8", show_default=True,
               help="Weights: fp32; w8 = INT8 per channel everywhere; w4a16 = decoder INT4 (group 32) + ViT/projector INT8; "
-                   "w4a16kv8 = w4a16 + INT8 KV cache (the cache stays fp32 until FuseAttention lands). See docs/quantization.md.")
+                   "w4a16kv8 = w4a16 + INT8 KV cache (per-token, per-head scales). See docs/quantization.md.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--dump-ir", type=click.Path(file_okay=False), default=None,
               help="Write the IR as TVMScript after every pass into this directory.")

@@ -55,7 +55,8 @@ def kv_cache_bytes(cfg, quant: str) -> int:
     d, r = cfg.decoder, cfg.runtime
     elems = d.num_layers * 2 * d.num_kv_heads * r.kv_capacity * d.head_dim
     if quant.endswith("kv8"):
-        return elems + d.num_layers * 2 * d.num_kv_heads * r.kv_capacity * 2  # int8 + fp16 per (token, head)
+        # QuantizeKVCache's layout: int8 codes + a float32 scale packed at the end of each row
+        return elems + d.num_layers * 2 * d.num_kv_heads * r.kv_capacity * 4
     return elems * act_bytes(quant)
 
 
