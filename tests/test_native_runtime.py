@@ -292,3 +292,30 @@ def test_two_builds_give_the_same_tarball(device_bundle):
     assert names == sorted(names)
     assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" for m in members)
     assert any(n.endswith("/bin/bluelower-run") for n in names)
+
+
+def test_quantized_aarch64_bundle_matches_quantized_host_bundle(tmp_path):
+    """w4a16kv8 (INT4/INT8 kernels, INT8 KV cache): the aarch64 runtime under qemu gives the
+    host build's tokens, and both match the dequantized PyTorch reference."""
+    if _have_aarch64():
+        pytest.skip(_have_aarch64())
+    outs = {}
+    for soc in ("host", "dimensity9300"):
+        cmd = [sys.executable, "-m", "bluelower.cli", "-q", "build", "--model", "tiny", "--soc", soc,
+               "--quant", "w4a16kv8", "-o", str(tmp_path / soc), "--json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[soc] = json.loads(proc.stdout)["bundle"]
+    prompt = ",".join(str(i % 400 + 3) for i in range(40))
+    tokens = {}
+    for soc, bundle in outs.items():
+        cmd, env = device.native_command(bundle, [bundle, "--prompt-ids", prompt, "--max-new-tokens", "8", "--json"])
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        tokens[soc] = json.loads(proc.stdout)["tokens"]
+    assert tokens["dimensity9300"] == tokens["host"]
+    from bluelower.eval_quant import check_reference
+    from bluelower.generate import generate
+
+    ids = [int(t) for t in prompt.split(",")]
+    assert tokens["host"] == generate(check_reference(outs["host"], None), None, ids, 8).tokens
