@@ -157,7 +157,8 @@ def chart(results_dir, png) -> bool:
         for i, e in enumerate(engines):
             vals = [summ[e].get(k) or 0 for k, _ in metrics]
             xs = [j + (i - (len(engines) - 1) / 2) * w for j in range(len(metrics))]
-            bars = ax.bar(xs, vals, w, label=f"{LABEL.get(e, e)} ({summ[e]['precision']})")
+            bars = ax.bar(xs, vals, w, label=f"{LABEL.get(e, e)} ({summ[e]['precision']})",
+                          color={"bluelower": "C0", "llamacpp": "C1", "torch": "C2"}.get(e))
             for b, v in zip(bars, vals):
                 if v:
                     ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3g}", ha="center", va="bottom", fontsize=6)
