@@ -122,11 +122,8 @@ def compile_model(req: CompileRequest) -> dict:
 
     tmp = _prepare_output(req.out_dir)
     try:
-        torch_weights = None
-        if req.frontend == "onnx":
-            torch_weights = None  # ONNX tracing runs on zeros of the right shapes
         with progress.step("import"):
-            mod, sigs = import_model(cfg, req.frontend, weights=torch_weights)
+            mod, sigs = import_model(cfg, req.frontend)  # weights bind at run time, not at import
         opts = CompileOptions(target=target, quant=req.quant, soc=soc, model=cfg, entry_functions=tuple(sigs),
                               extra={"group_size": req.group_size})
         mod, pass_stats = run_pipeline(mod, opts, disabled=req.disabled_passes, dump_ir=req.dump_ir)
