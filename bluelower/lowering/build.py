@@ -48,9 +48,12 @@ class CompileRequest:
 
 
 def resolve_soc(name_or_path: str):
-    """The SoC description (bluelower.targets) for a name or a TOML path."""
+    """The SoC description (bluelower.targets) for a name or a TOML path; an already
+    loaded description (e.g. device.py's Android variant) is returned as it is."""
     from ..targets import soc as soc_mod
 
+    if isinstance(name_or_path, soc_mod.SoC):
+        return name_or_path
     return soc_mod.load_soc(name_or_path)
 
 
