@@ -1,6 +1,10 @@
 // The "sim" APU backend: every partition is a function of the CPU-compiled model.so, run
 // through TVM's Relax VM (libtvm_runtime + libtvm_ffi). Inputs are wrapped without a copy;
 // outputs are copied from the VM's result into the bound buffers.
+//
+// This file also holds the backend dispatcher of apu_backend.h: `bl_backend_open("neuron")`
+// routes every later call to apu_neuron.cc when the runtime is built with the Neuron SDK
+// (BLUELOWER_HAVE_NEURON), and is a one-line error otherwise.
 #include <tvm/ffi/any.h>
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/tensor.h>
@@ -16,6 +20,7 @@
 #include <vector>
 
 #include "apu_backend.h"
+#include "apu_neuron.h"
 
 namespace ffi = tvm::ffi;
 
@@ -75,6 +80,8 @@ std::string first_line(const std::exception& e) {
 }  // namespace
 
 struct bl_backend {
+  std::string kind;        // "sim" or "neuron"
+  std::string bundle_dir;
   std::optional<ffi::Module> lib, vm;
   bl_param_lookup params;
   void* params_ctx;
@@ -86,17 +93,42 @@ struct bl_partition {
   std::vector<ffi::Tensor> params;
   std::vector<bl_buffer> inputs, outputs;
   std::vector<bool> in_bound, out_bound;
+  bl_neuron_partition* neuron = nullptr;  // set for the neuron backend
 };
+
+#ifdef BLUELOWER_HAVE_NEURON
+static const char* kBackends = "sim, neuron";
+#else
+static const char* kBackends = "sim";
+#endif
 
 extern "C" int bl_backend_open(const char* kind, const bl_backend_config* cfg, bl_backend** out, char* err) {
   *out = nullptr;
+  if (std::string(kind) == "neuron") {
+#ifdef BLUELOWER_HAVE_NEURON
+    if (bl_neuron_open(err) != 0) return 1;
+    auto* b = new bl_backend();
+    b->kind = "neuron";
+    b->bundle_dir = cfg->bundle_dir;
+    b->params = cfg->params;
+    b->params_ctx = cfg->params_ctx;
+    *out = b;
+    return 0;
+#else
+    set_err(err, "APU backend 'neuron' is not compiled into this runtime (built without the Neuron SDK headers; "
+                 "rebuild with cmake -DNEURON_SDK_DIR=<sdk>); available: " + std::string(kBackends));
+    return 1;
+#endif
+  }
   if (std::string(kind) != "sim") {
-    set_err(err, std::string("APU backend '") + kind + "' is not compiled into this runtime (available: sim)");
+    set_err(err, std::string("unknown APU backend '") + kind + "' (available: " + kBackends + ")");
     return 1;
   }
   std::string path = std::string(cfg->bundle_dir) + "/" + cfg->library;
   try {
     auto* b = new bl_backend();
+    b->kind = "sim";
+    b->bundle_dir = cfg->bundle_dir;
     b->params = cfg->params;
     b->params_ctx = cfg->params_ctx;
     try {
@@ -125,6 +157,20 @@ extern "C" void bl_backend_close(bl_backend* b) { delete b; }
 extern "C" int bl_partition_load(bl_backend* b, const char* name, const char* const* param_names, int num_params,
                                  bl_partition** out, char* err) {
   *out = nullptr;
+  if (b->kind == "neuron") {
+#ifdef BLUELOWER_HAVE_NEURON
+    (void)param_names;  // the weights are compiled into the .dla
+    (void)num_params;
+    auto* p = new bl_partition();
+    p->name = name;
+    if (bl_neuron_partition_load(b->bundle_dir.c_str(), name, &p->neuron, err) != 0) {
+      delete p;
+      return 1;
+    }
+    *out = p;
+    return 0;
+#endif
+  }
   try {
     auto fn = (*b->vm)->GetFunction(name);
     if (!fn.has_value()) {
@@ -151,7 +197,12 @@ extern "C" int bl_partition_load(bl_backend* b, const char* name, const char* co
   }
 }
 
-extern "C" void bl_partition_release(bl_partition* p) { delete p; }
+extern "C" void bl_partition_release(bl_partition* p) {
+#ifdef BLUELOWER_HAVE_NEURON
+  if (p && p->neuron) bl_neuron_partition_release(p->neuron);
+#endif
+  delete p;
+}
 
 static int bind(std::vector<bl_buffer>& v, std::vector<bool>& bound, int index, const bl_buffer* buf) {
   if (index < 0 || index > 64) return 1;
@@ -163,15 +214,24 @@ static int bind(std::vector<bl_buffer>& v, std::vector<bool>& bound, int index, 
 
 extern "C" int bl_partition_bind_input(bl_partition* p, int index, const bl_buffer* buf, char* err) {
   if (bind(p->inputs, p->in_bound, index, buf)) { set_err(err, "bad input index"); return 1; }
+#ifdef BLUELOWER_HAVE_NEURON
+  if (p->neuron) return bl_neuron_bind_input(p->neuron, index, buf, err);
+#endif
   return 0;
 }
 
 extern "C" int bl_partition_bind_output(bl_partition* p, int index, const bl_buffer* buf, char* err) {
   if (bind(p->outputs, p->out_bound, index, buf)) { set_err(err, "bad output index"); return 1; }
+#ifdef BLUELOWER_HAVE_NEURON
+  if (p->neuron) return bl_neuron_bind_output(p->neuron, index, buf, err);
+#endif
   return 0;
 }
 
 extern "C" int bl_partition_run(bl_partition* p, char* err) {
+#ifdef BLUELOWER_HAVE_NEURON
+  if (p->neuron) return bl_neuron_run(p->neuron, err);
+#endif
   try {
     for (size_t i = 0; i < p->in_bound.size(); ++i)
       if (!p->in_bound[i]) { set_err(err, p->name + ": input " + std::to_string(i) + " is not bound"); return 1; }

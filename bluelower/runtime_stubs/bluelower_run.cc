@@ -1,7 +1,7 @@
 // bluelower-run: the native runtime of a bluelower bundle (docs/native-runtime.md).
 //
 //   bluelower-run BUNDLE [--image X.npy] [--prompt-ids 1,2,3] [--max-new-tokens N] [--json]
-//                        [--soc NAME] [--backend sim]
+//                        [--soc NAME] [--backend sim|neuron]   (alias: --apu-backend)
 //
 // Loads and verifies the bundle (manifest.json, SHA-256 of every listed file), reads the
 // weights from params.safetensors, preprocesses the image (grid = None: one 384x384 patch)
@@ -96,7 +96,7 @@ struct Args {
 [[noreturn]] void usage_exit() {
   std::fprintf(stdout,
                "usage: bluelower-run BUNDLE [--image X.npy] [--prompt-ids 1,2,3] [--max-new-tokens N] [--json]\n"
-               "                     [--policy none|relaxed] [--max-patches N] [--soc NAME] [--backend sim]\n"
+               "                     [--policy none|relaxed] [--max-patches N] [--soc NAME] [--backend sim|neuron]\n"
                "                     [--dump-pixels OUT.f32]\n"
                "Generate tokens greedily from a bluelower bundle (image tokens, then the prompt).\n"
                "The image must be a .npy uint8 or float32 [H, W, 3] array (PNG/JPEG: convert with\n"
@@ -120,6 +120,7 @@ Args parse_args(int argc, char** argv) {
     else if (is("--prompt-ids")) a.prompt_ids = value("--prompt-ids");
     else if (is("--soc")) a.soc = value("--soc");
     else if (is("--backend")) a.backend = value("--backend");
+    else if (is("--apu-backend")) a.backend = value("--apu-backend");
     else if (is("--dump-pixels")) a.dump_pixels = value("--dump-pixels");
     else if (is("--policy")) {
       a.policy = value("--policy");
