@@ -212,13 +212,22 @@ def _run_native(build_dir, image, ids, max_new_tokens, check, weights, as_json, 
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Bundle directory; the tarball is written next to it as OUTPUT.tar.gz.")
 @click.option("--tarball", default=None, type=click.Path(dir_okay=False), help="Tarball path instead.")
+@click.option("--ndk", default=None, metavar="PATH",
+              help="Android NDK: build an arm64 Android bundle (NDK clang, CMake + the NDK toolchain file).")
+@click.option("--android-api", type=int, default=None, metavar="N", help="Android API level with --ndk [default: 28].")
+@click.option("--tvm-runtime-dir", default=None, metavar="DIR",
+              help="With --ndk: prebuilt Android libtvm_runtime.so + libtvm_ffi.so (arm64-v8a).")
+@click.option("--tvm-source", default=None, metavar="DIR",
+              help="With --ndk: a TVM source tree; its runtime is built with the NDK.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (paths, tarball SHA-256) as JSON.")
-def build_cmd(model, soc, quant, weights, seed, out_dir, tarball, as_json) -> None:
+def build_cmd(model, soc, quant, weights, seed, out_dir, tarball, ndk, android_api, tvm_runtime_dir, tvm_source,
+              as_json) -> None:
     """Build a device bundle: model library, weights, native runtime + TVM runtime libs, tarball."""
     from .lowering.device import build_bundle
 
     info = build_bundle(model=model, soc=soc, out_dir=out_dir, quant=quant, weights=weights, seed=seed,
-                        tarball=tarball)
+                        tarball=tarball, ndk=ndk, android_api=android_api, tvm_runtime_dir=tvm_runtime_dir,
+                        tvm_source=tvm_source)
     if as_json:
         echo_json({k: v for k, v in info.items()})
     else:
