@@ -7,6 +7,10 @@ and ``libtvm_ffi`` (for aarch64 taken from the apache-tvm / apache-tvm-ffi manyl
 aarch64 wheels, downloaded once with ``pip download`` and cached), copied into the
 bundle's ``lib/``, all hashed in the manifest, plus a byte-reproducible ``.tar.gz``.
 
+With ``ndk=PATH`` the bundle is for Android instead (``lowering/android.py``: the NDK's
+clang links ``model.so``, CMake + the NDK toolchain file build the runtime, the TVM
+runtime comes from ``tvm_runtime_dir`` or is built from ``tvm_source``).
+
 ``run_native`` runs a bundle's own binary: directly for a host bundle, under
 ``qemu-aarch64 -L /usr/aarch64-linux-gnu`` for an aarch64 bundle on an x86_64 machine.
 See docs/native-runtime.md.
@@ -307,43 +311,78 @@ def write_tarball(bundle_dir: str, tar_path: str, prefix: str) -> str:
 
 def build_bundle(model: str = "tiny", soc: str = "host", out_dir: str = "dist", quant: str = "fp32",
                  weights: str | None = None, frontend: str = "torch", seed: int = 0,
-                 tarball: str | None = None) -> dict:
+                 tarball: str | None = None, ndk: str | None = None, android_api: int | None = None,
+                 tvm_runtime_dir: str | None = None, tvm_source: str | None = None) -> dict:
     """Compile + native runtime + libraries -> bundle directory ``out_dir`` and a
-    reproducible tarball (default ``out_dir + '.tar.gz'``). Returns a summary dict."""
+    reproducible tarball (default ``out_dir + '.tar.gz'``). Returns a summary dict.
+
+    ``ndk``: an Android NDK; the bundle is then for arm64 Android at ``android_api``
+    (default ``android.DEFAULT_API``), with the TVM runtime of ``tvm_runtime_dir`` or
+    built from ``tvm_source`` (one of them is required)."""
+    from . import android
     from .build import MANIFEST, CompileRequest, _commit_output, _prepare_output, compile_model, resolve_soc
 
     soc_desc = resolve_soc(soc)
+    if ndk is None and (android_api is not None or tvm_runtime_dir or tvm_source):
+        raise BlueLowerError("--android-api, --tvm-runtime-dir and --tvm-source apply to Android builds: add --ndk PATH")
+    the_ndk = None
+    if ndk is not None:
+        # everything the Android build needs is checked before the long compile
+        the_ndk = android.find_ndk(ndk, android.DEFAULT_API if android_api is None else android_api)
+        soc_desc = android.android_soc(soc_desc, the_ndk)
+        if shutil.which("cmake") is None:
+            raise BlueLowerError("cmake not found (the Android runtime is built with CMake and the NDK toolchain "
+                                 "file): install it with apt-get install -y cmake")
+        if not (tvm_runtime_dir or tvm_source):
+            raise BlueLowerError(android.MISSING_RUNTIME)
     arch = arch_of_soc(soc_desc)
-    cross_cxx(arch)  # fail early, before the long compile, if the toolchain is missing
+    if the_ndk is None:
+        cross_cxx(arch)  # fail early, before the long compile, if the toolchain is missing
     out_dir = os.path.abspath(out_dir.rstrip("/") or out_dir)
     tarball = os.path.abspath(tarball) if tarball else out_dir + ".tar.gz"
     tmp = _prepare_output(out_dir)
     try:
-        binary = build_runtime(arch)
-        libs = runtime_libs(arch)
+        if the_ndk is None:
+            libs = runtime_libs(arch)
+            binary = build_runtime(arch)
+            libs_source = "manylinux aarch64 wheels" if arch != host_arch() else "installed python packages"
+        else:
+            libs, libs_source = android.runtime_libs(the_ndk, tvm_runtime_dir, tvm_source)
+            binary = android.build_runtime(the_ndk, libs)
         stage = os.path.join(tmp, "bundle")
-        manifest = compile_model(CompileRequest(model=model, weights=weights, frontend=frontend, soc=soc,
+        manifest = compile_model(CompileRequest(model=model, weights=weights, frontend=frontend, soc=soc_desc,
                                                 out_dir=stage, quant=quant, seed=seed))
+        libs = dict(libs)
+        if the_ndk is not None:  # libc++_shared.so when the binary, model.so or TVM's libs need it
+            libs.update(android.extra_libs(the_ndk, [binary, os.path.join(stage, "model.so"), *libs.values()]))
+        lib_names = sorted(libs)
         os.makedirs(os.path.join(stage, "bin"))
         os.makedirs(os.path.join(stage, "lib"))
         shutil.copyfile(binary, os.path.join(stage, RUNTIME_BINARY))
         os.chmod(os.path.join(stage, RUNTIME_BINARY), 0o755)
-        for name in RUNTIME_LIBS:
+        for name in lib_names:
             shutil.copyfile(libs[name], os.path.join(stage, "lib", name))
             os.chmod(os.path.join(stage, "lib", name), 0o755)
         files = dict(manifest["files"])
-        for rel in [RUNTIME_BINARY] + [f"lib/{n}" for n in RUNTIME_LIBS]:
+        for rel in [RUNTIME_BINARY] + [f"lib/{n}" for n in lib_names]:
             files[rel] = _sha256_file(os.path.join(stage, rel))
         manifest["files"] = files
         manifest["native_runtime"] = {
             "binary": RUNTIME_BINARY,
             "arch": arch,
-            "libs": [f"lib/{n}" for n in RUNTIME_LIBS],
+            "libs": [f"lib/{n}" for n in lib_names],
             "tvm_runtime": {"apache-tvm": _dist_version("apache-tvm"), "apache-tvm-ffi": _dist_version("apache-tvm-ffi"),
-                            "source": "manylinux aarch64 wheels" if arch != host_arch() else "installed python packages"},
-            "compiler": _compiler_id(cross_cxx(arch)),
-            "cxxflags": list(_cxxflags()),
+                            "source": libs_source},
+            "compiler": _compiler_id(cross_cxx(arch)) if the_ndk is None else android.compiler_id(the_ndk),
+            "cxxflags": list(_cxxflags()) if the_ndk is None else ["CMake Release (runtime_stubs/CMakeLists.txt)"],
         }
+        if the_ndk is not None:
+            libc = android.libc_flavour(android.elf_info(libs["libtvm_runtime.so"]))
+            manifest["native_runtime"]["os"] = "android"
+            manifest["native_runtime"]["tvm_runtime"]["libc"] = libc
+            manifest["native_runtime"]["build"] = "cmake -DCMAKE_TOOLCHAIN_FILE=<ndk>/" + android.TOOLCHAIN_FILE
+            manifest["target"]["os"] = "android"
+            manifest["android"] = the_ndk.to_dict()
         with open(os.path.join(stage, MANIFEST), "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=2, sort_keys=True)
             fh.write("\n")
@@ -354,8 +393,12 @@ def build_bundle(model: str = "tiny", soc: str = "host", out_dir: str = "dist", 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     progress.log(f"wrote {out_dir} and {tarball} (sha256 {tar_sha})")
-    return {"bundle": out_dir, "tarball": tarball, "tarball_sha256": tar_sha, "arch": arch, "soc": soc_desc.name,
-            "files": files}
+    summary = {"bundle": out_dir, "tarball": tarball, "tarball_sha256": tar_sha, "arch": arch, "soc": soc_desc.name,
+               "files": files}
+    if the_ndk is not None:
+        summary["os"] = "android"
+        summary["android"] = the_ndk.to_dict()
+    return summary
 
 
 # ---------------------------------------------------------------------- running
@@ -372,6 +415,9 @@ def native_command(bundle_dir: str, args: list[str]) -> tuple[list[str], dict]:
     binary = os.path.join(os.path.abspath(bundle_dir), nr.get("binary", RUNTIME_BINARY))
     if not os.path.isfile(binary):
         raise BlueLowerError(f"{bundle_dir}: missing file {nr.get('binary', RUNTIME_BINARY)}")
+    if nr.get("os") == "android":
+        raise BlueLowerError(f"{bundle_dir} is an Android bundle: run it on the phone (adb push {bundle_dir} "
+                             "/data/local/tmp/ && adb shell ...; docs/native-runtime.md, \"Android builds\")")
     env = dict(os.environ)
     libdir = os.path.join(os.path.abspath(bundle_dir), "lib")
     env["LD_LIBRARY_PATH"] = libdir + (":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
