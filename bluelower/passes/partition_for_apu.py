@@ -65,6 +65,8 @@ RELAX_OP_KINDS: dict[str, tuple[tuple[str, ...], ...]] = {
     "relax.exp": (("exp",),),
     "relax.rsqrt": (("rsqrt",),),
     "relax.tanh": (("tanh",),),
+    "relax.strided_slice": (("slice",),),  # QuantizeWeights slices a padded N back; RoPE's halves
+    "relax.nn.pad": (("pad",),),
 }
 
 #: call_tir kernel name prefix -> kind alternatives (longest matching prefix wins).
@@ -76,18 +78,22 @@ TIR_KERNEL_KINDS: dict[str, tuple[tuple[str, ...], ...]] = {
     "fused_attention": (("attention",), ("matmul", "multiply", "add", "softmax", "matmul")),
 }
 
-#: Chains of Relax operators (each consuming the previous one's result) that form one
-#: APU operator kind: the decomposed RMSNorm statistic x * rsqrt(mean(x^2) + eps).
+#: Chains of Relax operators (each consuming the previous one's result, directly or as a
+#: field of a tuple argument) that form one APU operator kind: the decomposed RMSNorm
+#: statistic x * rsqrt(mean(x^2) + eps), and QuantizeWeights' K padding concat((x, zeros)).
 COMPOSITE_KINDS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("relax.power", "relax.mean", "relax.add", "relax.rsqrt"), ("rms_norm",)),
+    (("relax.zeros", "relax.concat"), ("pad",)),
 )
 
 #: call_tir kernel name prefix -> the weight dtype the kernel's matmul runs in.
 TIR_KERNEL_WEIGHT_DTYPE = {"int4_linear": "int4", "int8_linear": "int8"}
 
-#: APU precision rule for tensors: TVM dtype -> the dtype the APU computes them in.
-APU_TENSOR_DTYPE = {"float32": "fp16", "float16": "fp16", "bfloat16": "bf16", "int8": "int8",
-                    "int16": "int16", "int32": "int32"}
+#: APU precision rule for non-float tensors: TVM dtype -> the dtype the APU computes them in.
+#: Float tensors (fp32 on the host) run in the APU's float dtype for the operator's kinds
+#: (``Apu.float_dtype``: fp16 before bf16 before fp32, from the SoC file's ``[apu] ops``).
+APU_TENSOR_DTYPE = {"int8": "int8", "int16": "int16", "int32": "int32"}
+FLOAT_TENSOR_DTYPES = ("float32", "float16", "bfloat16")
 
 #: A run becomes a partition only if it holds one of these kinds: a run of only
 #: elementwise or layout operators is not worth the APU's per-call overhead.
@@ -125,31 +131,51 @@ def _tensor_dtype(ty) -> str | None:
     return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
 
 
-def apu_dtype(value, out_ty) -> str | None:
-    """The dtype the APU computes ``value`` in (precision rules above), None if it has none."""
-    mapped = op_kind_alternatives(value)
-    if mapped is None:
-        return None
-    _alts, weight_dtype = mapped
-    if weight_dtype is not None:
-        return weight_dtype
-    dtype = _tensor_dtype(out_ty)
-    return APU_TENSOR_DTYPE.get(dtype) if dtype else None
+def _kinds_dtype(apu, kinds, out_dtype: str | None) -> str | None:
+    """The dtype ``kinds`` computing a ``out_dtype`` tensor run in on ``apu`` (None: unsupported)."""
+    if out_dtype in FLOAT_TENSOR_DTYPES:
+        return apu.float_dtype(kinds)
+    dtype = APU_TENSOR_DTYPE.get(out_dtype or "")
+    return dtype if dtype and all(apu.supports(k, dtype) for k in kinds) else None
 
 
 def apu_kinds(apu, value, out_ty) -> tuple[tuple[str, ...], str] | None:
-    """The kinds and dtype ``value`` runs as on ``apu``, or None when it stays on the CPU."""
+    """The kinds and dtype ``value`` runs as on ``apu``, or None when it stays on the CPU.
+
+    The dtype is the weight dtype for a quantized kernel (``int4``/``int8``; its matmul must
+    list it, its other kinds need a float dtype), else the dtype the operator computes in
+    (for float tensors the APU's float dtype for those kinds, see ``Apu.float_dtype``)."""
     mapped = op_kind_alternatives(value)
-    dtype = apu_dtype(value, out_ty)
-    if mapped is None or dtype is None:
+    if mapped is None:
         return None
     alternatives, weight_dtype = mapped
+    out_dtype = _tensor_dtype(out_ty)
     for kinds in alternatives:
-        # a quantized kernel's weight dtype applies to its matmul; other kinds run in fp16
-        ok = all(apu.supports(k, dtype if (k == "matmul" or weight_dtype is None) else "fp16") for k in kinds)
-        if ok:
+        if weight_dtype is not None:
+            rest = [k for k in kinds if k != "matmul"]
+            if all(apu.supports(k, weight_dtype) for k in kinds if k == "matmul") and \
+                    (not rest or apu.float_dtype(rest) is not None):
+                return kinds, weight_dtype
+            continue
+        dtype = _kinds_dtype(apu, kinds, out_dtype)
+        if dtype is not None:
             return kinds, dtype
     return None
+
+
+def activation_dtype(apu, value, out_ty) -> str | None:
+    """The float dtype the APU rounds ``value``'s float result to (the precision rule that
+    ``EmulateAPUNumerics`` emulates), None when it has no float activation on ``apu``.
+
+    A quantized kernel's activations are in the float dtype its kinds list (A16W4, A16W8:
+    ``matmul`` listing ``fp16`` gives fp16 activations)."""
+    placed = apu_kinds(apu, value, out_ty)
+    if placed is None:
+        return None
+    kinds, dtype = placed
+    if dtype in ("int4", "int8") and op_kind_alternatives(value)[1] is not None:
+        return apu.float_dtype(kinds)
+    return dtype if dtype in ("fp16", "bf16", "fp32") else None
 
 
 def _is_free(value) -> bool:
@@ -175,6 +201,19 @@ def _param_names(func) -> list[str]:
     return [str(n) for n in names] if names is not None else []
 
 
+def _consumes(call, var) -> bool:
+    """``call`` takes ``var`` as an argument or as a field of a tuple argument."""
+    for a in call.args:
+        if a.same_as(var) or (isinstance(a, relax.Tuple) and any(f.same_as(var) for f in a.fields)):
+            return True
+    return False
+
+
+def composites(apu, bindings) -> dict[int, tuple[int, tuple[str, ...], str]]:
+    """Public name of :func:`_composites` (EmulateAPUNumerics rounds a composite once)."""
+    return _composites(apu, bindings)
+
+
 def _composites(apu, bindings) -> dict[int, tuple[int, tuple[str, ...], str]]:
     """``{start index: (length, kinds, dtype)}`` of the :data:`COMPOSITE_KINDS` chains the APU runs."""
     found = {}
@@ -186,10 +225,10 @@ def _composites(apu, bindings) -> dict[int, tuple[int, tuple[str, ...], str]]:
                 for b, op in zip(chain, ops)
             ):
                 continue
-            if not all(any(a.same_as(prev.var) for a in b.value.args) for prev, b in zip(chain, chain[1:])):
+            if not all(_consumes(b.value, prev.var) for prev, b in zip(chain, chain[1:])):
                 continue
-            dtype = APU_TENSOR_DTYPE.get(_tensor_dtype(chain[-1].var.ty) or "")
-            if dtype and all(apu.supports(k, dtype) for k in kinds):
+            dtype = _kinds_dtype(apu, kinds, _tensor_dtype(chain[-1].var.ty))
+            if dtype:
                 found[i] = (len(ops), kinds, dtype)
                 break
     return found

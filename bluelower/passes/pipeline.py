@@ -126,6 +126,8 @@ def build_pipeline() -> list[PassSpec]:
                  lambda o: __import__("bluelower.passes.partition_for_apu", fromlist=["_"]).partition_for_apu(o)),
         PassSpec("ScheduleOperators", "partition/schedule", "Predict the schedule of APU partitions and CPU segments (manifest 'schedule').",
                  lambda o: __import__("bluelower.passes.schedule_operators", fromlist=["_"]).schedule_operators(o)),
+        PassSpec("EmulateAPUNumerics", "partition/schedule", "Round inside APU partitions as the SoC's APU would (fp16 activations, its accumulation).",
+                 lambda o: __import__("bluelower.passes.emulate_apu_numerics", fromlist=["_"]).emulate_apu_numerics(o)),
         # lowering
         PassSpec("LegalizeOps", "lowering", "Lower Relax operators to TIR PrimFuncs.",
                  _with_target(lambda o: T.LegalizeOps())),

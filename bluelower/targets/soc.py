@@ -43,8 +43,15 @@ DTYPES = ("int4", "int8", "int16", "int32", "fp16", "bf16", "fp32")
 OP_KINDS = (
     "matmul", "conv2d", "add", "subtract", "multiply", "divide", "softmax", "layer_norm",
     "rms_norm", "gelu", "silu", "attention", "rope", "embedding", "concat", "reshape",
-    "transpose", "gather", "mean", "exp", "rsqrt", "tanh",
+    "transpose", "gather", "mean", "exp", "rsqrt", "tanh", "slice", "pad",
 )
+
+#: Float dtypes an APU may compute float tensors in, in order of preference: an operator
+#: whose kind lists several runs in the first (the narrowest datapath the NPU offers).
+FLOAT_DTYPES = ("fp16", "bf16", "fp32")
+
+#: Values of ``apu.accumulate``: the dtype float matmul/conv2d sums accumulate in.
+ACCUMULATE_DTYPES = ("fp32", "fp16")
 
 # Unit tables: dimension -> {unit: factor to SI base unit}.
 UNITS: dict[str, dict[str, float]] = {
@@ -136,6 +143,7 @@ APU_SCHEMA: dict[str, Key] = {
     "image_batch": Key("int", False, "preferred ViT patch batch", 4),
     "prefill_chunk": Key("int", False, "preferred prefill chunk (tokens per call)", 128),
     "max_patches": Key("int", False, "default maximum number of image patches (local + global)", 9),
+    "accumulate": Key("str", False, "dtype float matmul/conv2d sums accumulate in: 'fp32' or 'fp16'", "fp32"),
 }
 
 MEMORY_SCHEMA: dict[str, Key] = {
@@ -299,9 +307,18 @@ class Apu:
     image_batch: int = 4
     prefill_chunk: int = 128
     max_patches: int = 9
+    accumulate: str = "fp32"
 
     def supports(self, kind: str, dtype: str) -> bool:
         return dtype in self.ops.get(kind, ())
+
+    def float_dtype(self, kinds) -> str | None:
+        """The float dtype the APU computes ``kinds`` in: the first of :data:`FLOAT_DTYPES`
+        every kind lists (fp16 before bf16 before fp32), None when they share none."""
+        for dt in FLOAT_DTYPES:
+            if all(self.supports(k, dt) for k in kinds):
+                return dt
+        return None
 
     def peak_ops(self, dtype: str) -> float | None:
         return self.peak_ops_per_s.get(dtype)
@@ -407,7 +424,7 @@ class SoC:
                         "peak_ops_per_s": dict(a.peak_ops_per_s), "per_call_overhead_s": a.per_call_overhead_s,
                         "bandwidth_bps": a.bandwidth_bps, "max_ops_per_graph": a.max_ops_per_graph,
                         "image_batch": a.image_batch, "prefill_chunk": a.prefill_chunk,
-                        "max_patches": a.max_patches}
+                        "max_patches": a.max_patches, "accumulate": a.accumulate}
         return d
 
     def describe(self) -> str:
@@ -424,7 +441,7 @@ class SoC:
             peaks = ", ".join(f"{k} {format_quantity(v, 'throughput')}" for k, v in a.peak_ops_per_s.items())
             lines.append(f"  apu {a.name}: {peaks}; {format_quantity(a.bandwidth_bps, 'bandwidth')}; "
                          f"{format_quantity(a.per_call_overhead_s, 'time')}/call; <= {a.max_ops_per_graph} ops/graph")
-            lines.append(f"    ops: {', '.join(sorted(a.ops))}")
+            lines.append(f"    ops: {', '.join(sorted(a.ops))}; float sums accumulate in {a.accumulate}")
         else:
             lines.append("  apu: none")
         m = self.memory
@@ -530,12 +547,14 @@ def soc_from_dict(raw: Any, source: str = "soc") -> SoC:
                 fail(f"apu.{key}", f"must be >= 1, got {a[key]}")
         if a["bandwidth"] <= 0:
             fail("apu.bandwidth", "must be positive")
+        if a["accumulate"] not in ACCUMULATE_DTYPES:
+            fail("apu.accumulate", f"must be one of {', '.join(ACCUMULATE_DTYPES)}, got '{a['accumulate']}'")
         if a["per_call_overhead"] < 0:
             fail("apu.per_call_overhead", "must be >= 0")
         apu = Apu(name=a["name"], ops={k: tuple(v) for k, v in a["ops"].items()}, peak_ops_per_s=dict(a["peak"]),
                   per_call_overhead_s=a["per_call_overhead"], bandwidth_bps=a["bandwidth"],
                   max_ops_per_graph=a["max_ops_per_graph"], image_batch=a["image_batch"],
-                  prefill_chunk=a["prefill_chunk"], max_patches=a["max_patches"])
+                  prefill_chunk=a["prefill_chunk"], max_patches=a["max_patches"], accumulate=a["accumulate"])
 
     for key in data["assumed"]:
         if key == "assumed" or not _key_exists(raw, key):

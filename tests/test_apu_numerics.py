@@ -1,0 +1,165 @@
+"""EmulateAPUNumerics (fp16 rounding points inside APU partitions, from the SoC file) and
+the layout kinds QuantizeWeights needs on the APU (`slice`, `pad`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+from bluelower.passes.emulate_apu_numerics import EmulateAPUNumerics
+from bluelower.passes.partition_for_apu import PartitionForAPU, apu_partitions
+from bluelower.targets.soc import load_soc, soc_path
+from test_partition import Before, run_pass, write_soc
+
+
+def h(a):
+    """Round to float16 and back (one APU rounding point)."""
+    return np.asarray(a, np.float32).astype(np.float16).astype(np.float32)
+
+
+def run(mod, *args):
+    ex = relax.build(mod, tvm.target.Target("llvm"))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+
+
+def fp16_ulp(x):
+    return np.spacing(np.abs(x).astype(np.float16)).astype(np.float32)
+
+
+def test_partition_output_has_the_apu_rounding_points(tmp_path):
+    soc = load_soc(write_soc(tmp_path, "two-op-apu", max_ops=2))
+    part = PartitionForAPU(soc)(Before)
+    emulated, stats = run_pass(EmulateAPUNumerics(soc), part)
+    assert stats["emulated_partitions"] == 2 and stats["float_dtype"] == "fp16" and stats["accumulate"] == "fp32"
+    rng = np.random.default_rng(0)
+    x, w1, w2 = (rng.standard_normal(s).astype("float32") for s in ((4, 8), (8, 8), (8, 8)))
+    got, fp32 = run(emulated, x, w1, w2), run(part, x, w1, w2)
+    # the same computation with the APU's rounding points: inputs rounded on entry, each
+    # operator's result rounded, fp32 accumulation; power and the last add run on the CPU
+    b = h(h(h(x) @ h(w1)) + h(x))  # main_apu0: matmul, add
+    c = b ** 2  # CPU
+    d = h(h(c) @ h(w2))  # main_apu1: matmul, gelu
+    e = h(torch.nn.functional.gelu(torch.from_numpy(d)).numpy())
+    want = e + c  # CPU
+    # exact up to one fp16 ulp where TVM's erf and PyTorch's round to neighbouring halves
+    assert np.all(np.abs(got - want) <= fp16_ulp(e) + 1e-6 * np.abs(want))
+    assert np.mean(got == want) > 0.9
+    # and it is not the fp32 result: the rounding is really there
+    err = np.abs(got - fp32) / np.abs(fp32).max()
+    assert err.max() > 1e-4
+    assert np.abs(fp32 - (torch.nn.functional.gelu(torch.from_numpy((x @ w1 + x) ** 2 @ w2)).numpy()
+                          + (x @ w1 + x) ** 2)).max() < 1e-3 * np.abs(fp32).max()
+
+
+@I.ir_module
+class LongDot:
+    @R.function
+    def main(x: R.Tensor((2, 2048), "float32"), w: R.Tensor((2048, 4), "float32")) -> R.Tensor((2, 4), "float32"):
+        R.func_attr({"num_input": 1, "bluelower.param_names": ["l.weight"]})
+        with R.dataflow():
+            y = R.matmul(x, w)
+            R.output(y)
+        return y
+
+
+def test_fp16_accumulation_follows_the_soc_file(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0.5, 1.0, (2, 2048)).astype("float32")  # positive: the sum grows, fp16 sums lose bits
+    w = rng.uniform(0.5, 1.0, (2048, 4)).astype("float32")
+    acc32 = load_soc(write_soc(tmp_path, "acc32", max_ops=4))
+    path = write_soc(tmp_path, "acc16", max_ops=4)
+    text = open(path).read().replace("image_batch = 2", 'image_batch = 2\naccumulate = "fp16"')
+    open(path, "w").write(text)
+    acc16 = load_soc(path)
+    assert acc16.apu.accumulate == "fp16" and acc32.apu.accumulate == "fp32"
+    y32 = run(EmulateAPUNumerics(acc32)(PartitionForAPU(acc32)(LongDot)), x, w)
+    y16 = run(EmulateAPUNumerics(acc16)(PartitionForAPU(acc16)(LongDot)), x, w)
+    ref32 = h(h(x) @ h(w))  # fp32 sums, one rounding at the end (1 ulp: fp32 summation order)
+    assert np.all(np.abs(y32 - ref32) <= fp16_ulp(ref32))
+    # fp16 sums: every partial sum rounded (sequential, as the legalized loop adds)
+    acc = np.zeros((2, 4), np.float16)
+    x16, w16 = x.astype(np.float16), w.astype(np.float16)
+    for k in range(2048):
+        acc = (acc + (x16[:, k:k + 1] * w16[k:k + 1, :]).astype(np.float16)).astype(np.float16)
+    assert np.abs(y16 - acc.astype(np.float32)).max() <= 4 * fp16_ulp(acc.astype(np.float32)).max()
+    assert np.abs(y16 - y32).max() > 4 * fp16_ulp(y32).max()  # fp16 accumulation visibly loses precision
+
+
+def test_fp32_apu_and_no_apu_get_no_rounding(tmp_path):
+    fp32_ops = ('matmul = ["fp32"], add = ["fp32"], gelu = ["fp32"]')
+    path = write_soc(tmp_path, "fp32-apu", max_ops=2)
+    text = open(path).read()
+    start = text.index("ops = {")
+    end = text.index("\n", start)
+    text = text[:start] + "ops = { " + fp32_ops + ' }\npeak = { fp32 = "1 TFLOPS" }' + text[end:]
+    text = text.replace('peak = { int8 = "4 TOPS", fp16 = "2 TFLOPS" }\n', "")
+    open(path, "w").write(text)
+    soc = load_soc(path)
+    part, _ = run_pass(PartitionForAPU(soc), Before)
+    assert {str(f.attrs["bluelower.apu_dtype"]) for f in apu_partitions(part).values()} == {"fp32"}
+    after, stats = run_pass(EmulateAPUNumerics(soc), part)
+    tvm.ir.assert_structural_equal(after, part)
+    assert stats["emulated_partitions"] == 0 and stats["float_dtype"] == "fp32"
+    no_apu = load_soc(write_soc(tmp_path, "no-apu", max_ops=None))
+    after, stats = run_pass(EmulateAPUNumerics(no_apu), Before)
+    tvm.ir.assert_structural_equal(after, Before)
+    assert stats["emulated_partitions"] == 0 and stats["float_dtype"] == "none"
+
+
+# --- slice / pad kinds: QuantizeWeights' padding no longer splits the ViT ----------------
+
+
+def _padded_tiny_w4a16kv8():
+    """tiny with a ViT MLP of 120 (not a multiple of 32): QuantizeWeights pads fc1's N and
+    slices it back (strided_slice) and pads fc2's K (zeros + concat)."""
+    from bluelower.lowering.importer import import_model
+    from bluelower.lowering.models.config import load_config
+    from bluelower.passes import pipeline
+
+    cfg = load_config("tiny").replace_runtime(image_batch=4)
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, intermediate_size=120))
+    mod, sigs = import_model(cfg, "torch")
+    opts = pipeline.CompileOptions(target=tvm.target.Target("llvm"), quant="w4a16kv8", soc=None, model=cfg,
+                                   entry_functions=tuple(sigs), extra={"group_size": 32})
+    for spec in pipeline.build_pipeline():
+        if spec.phase == "partition/schedule":
+            break
+        p = spec.make(opts)
+        if p is not None:
+            with tvm.transform.PassContext(opt_level=3):
+                mod = p(mod)
+    return mod
+
+
+def _ops(func) -> list[str]:
+    return [b.value.op.name for blk in func.body.blocks for b in blk.bindings
+            if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op)]
+
+
+def test_padded_vit_is_one_apu_partition_on_dimensity9300(tmp_path):
+    mod = _padded_tiny_w4a16kv8()
+    ops = _ops(mod["encode_image_blocks"])
+    assert "relax.strided_slice" in ops and "relax.zeros" in ops  # the padding is there
+    # the shipped file lists slice and pad: the whole ViT (2 layers, well under 330 ops) is one graph
+    after, stats = run_pass(PartitionForAPU(load_soc("dimensity9300")), mod)
+    assert stats["partitions"]["encode_image_blocks"] == 1 and stats["apu_calls"]["encode_image_blocks"] == 1
+    assert _ops(after["encode_image_blocks"]) == []  # nothing left on the CPU between APU calls
+    kinds = set(after["encode_image_blocks_apu0"].attrs["bluelower.apu_op_kinds"])
+    assert {"slice", "pad"} <= kinds
+    # the same SoC without the two kinds: the ViT splits at the padding (the old behaviour)
+    text = open(soc_path("dimensity9300")).read()
+    for kind in ("slice", "pad"):
+        text = text.replace(f', {kind} = ["int8", "int16", "fp16"]', "")
+    assert "slice =" not in text and "pad =" not in text
+    old = tmp_path / "d9300-no-slice.toml"
+    old.write_text(text)
+    _, before = run_pass(PartitionForAPU(load_soc(str(old))), mod)
+    assert before["partitions"]["encode_image_blocks"] == 4
