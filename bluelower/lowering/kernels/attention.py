@@ -56,6 +56,7 @@ def fused_attention(
     additive_mask: tuple | None = None,
     dtype: str = "float32",
     kv_int8: bool = False,
+    schedule: str = "grouped",
 ) -> tirx.PrimFunc:
     """The fused attention kernel.
 
@@ -122,7 +123,14 @@ def fused_attention(
         x = dot * T.float32(scale)
         return x + T.Cast("float32", mask[mask_at(t, s)]) if has_mask else x
 
-    if kv_int8:
+    if schedule not in ("grouped", "rowwise"):
+        raise ValueError(f"fused_attention: schedule must be 'grouped' or 'rowwise', got {schedule!r}")
+    if schedule == "grouped":
+        attention = _grouped_attention(
+            BH=BH, q_heads=q_heads, rep=rep, Tq=Tq, D=D, S=S, ks=ks, vs=vs, k_prefix=tuple(int(x) for x in k_prefix),
+            v_prefix=tuple(int(x) for x in v_prefix), k_batch=k_batch, v_batch=v_batch, scale=scale, causal=causal,
+            mask_shape=mask_shape, mask_at=mask_at, has_mask=has_mask, dt=dt, kv_int8=kv_int8)
+    elif kv_int8:
 
         @T.prim_func(private=True)
         def attention(
@@ -207,9 +215,191 @@ def fused_attention(
     kind = "causal" if causal else ("masked" if has_mask else "full")
     if kv_int8:
         kind += "_kv8"
+    if schedule == "rowwise":
+        kind += "_rowwise"
+        args["schedule"] = "rowwise"
     # opaque (8): keep the kernel whole, FuseOps must not merge neighbours into it
     attention = attention.with_attr("op_pattern", 8).with_attr("bluelower.kernel", f"attention_{kind}_{BH}x{Tq}x{S}x{D}")
     return attention if kv_int8 else attention.with_attr("bluelower.kernel_args", json.dumps(args, sort_keys=True))
+
+
+# --- the grouped (GQA-group-per-task, block-wise) schedule --------------------------------
+
+ATT_BLOCK = 64  # keys per block: scores, max, exp and sum run over a block at a time
+_ATT_MAX_ROWS = 8  # query rows per task (rep heads x TQ positions); R x 16 lanes x 4 B <= 512 B of registers
+_EXP_LO = -87.0  # fast_exp(x) = 0 below this (expf(-87) ~ 1.6e-38, the float32 normal range ends at ~1.2e-38)
+_NEG_INF = float("-inf")
+
+
+def _fast_exp(x):
+    """``exp(x)`` for ``x <= 0`` as plain float arithmetic (Cephes ``expf``: ``2^n * p(f)``,
+    ``|f| <= ln2/2``, a degree-7 polynomial; relative error ~1e-7), so a vectorized loop stays
+    vectorized (``T.exp`` lowers to ``llvm.exp``, i.e. one libm ``expf`` call per lane). Exactly
+    0 for ``x < -87`` and for ``-inf``."""
+    xc = T.max(x, T.float32(_EXP_LO))
+    n = T.floor(xc * T.float32(1.44269504088896341) + T.float32(0.5))
+    f = xc - n * T.float32(0.693359375) + n * T.float32(2.12194440e-4)
+    p = T.float32(1.9875691500e-4)
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * f + T.float32(c)
+    y = p * (f * f) + f + T.float32(1)
+    two_n = T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
+    return T.if_then_else(x < T.float32(_EXP_LO), T.float32(0), y * two_n)
+
+
+def _tree(vals, op):
+    """Reduce ``vals`` (a power-of-two count) by halving: ``v[i] op v[i + n/2]`` level by level.
+    Each level is a bundle of independent ops, which LLVM's SLP vectorizer turns into vector
+    ops (a float sum written as a chain would stay scalar: no fast-math reassociation)."""
+    vals = list(vals)
+    while len(vals) > 1:
+        h = len(vals) // 2
+        vals = [op(vals[i], vals[i + h]) for i in range(h)] + vals[2 * h:]
+    return vals[0]
+
+
+def _lanes(D: int) -> int:
+    return next(L for L in (16, 8, 4, 2, 1) if D % L == 0)
+
+
+def _grouped_attention(*, BH, q_heads, rep, Tq, D, S, ks, vs, k_prefix, v_prefix, k_batch, v_batch, scale, causal,
+                       mask_shape, mask_at, has_mask, dt, kv_int8):
+    """One task per (batch, KV head, block of TQ query positions): its ``R = rep * TQ`` query
+    rows share every K/V row read. Keys run in blocks of ``ATT_BLOCK``: (1) scores of the
+    block for all R rows (dot vectorized over ``head_dim`` in 16-lane chunks, one halving-tree
+    horizontal sum per row and key; INT8 codes converted in registers, times the row scale);
+    (2) per row: block max, rescale factor, ``p = exp(score - max)`` over the block (vector
+    :func:`_fast_exp`), block sum; (3) ``acc[r, d] = acc * corr + sum_j p[r, j] * V[j, d]``,
+    16 lanes of ``d`` at a time with the ``R x 16`` tile in registers. With ``causal`` a task
+    reads keys ``0 .. max(pos[t])`` over its TQ positions, and a row's keys beyond its own
+    ``pos[t]`` get score ``-inf`` (``p = 0`` exactly)."""
+    L = _lanes(D)
+    DC = D // L
+    BS = ATT_BLOCK
+    TQ = max(d for d in range(1, Tq + 1) if Tq % d == 0 and d <= max(1, _ATT_MAX_ROWS // rep))
+    R = rep * TQ
+    NTB = Tq // TQ
+    KVH = q_heads // rep
+    B = BH // q_heads
+    NT = B * KVH * NTB
+    kv_dt = "int8" if kv_int8 else dt
+
+    def kv_idx(prefix, nbatch, shape, b, kvh, s, d):
+        batch = ()
+        if nbatch == 1:
+            batch = (b,) if int(shape[len(prefix)]) > 1 else (0,)
+        return tuple(prefix) + batch + (kvh, s, d)
+
+    def k_idx(b, kvh, s, d):
+        return kv_idx(k_prefix, k_batch, ks, b, kvh, s, d)
+
+    def v_idx(b, kvh, s, d):
+        return kv_idx(v_prefix, v_batch, vs, b, kvh, s, d)
+
+    def q_row(b, kvh, r):
+        return b * q_heads + kvh * rep + r % rep
+
+    def q_t(tb, r):
+        return tb * TQ + r // rep
+
+    def row_nk(pos, t):
+        return T.min(T.Cast("int32", pos[t]) + 1, S) if causal else S
+
+    def task_nk(pos, tb):
+        return _tree([row_nk(pos, tb * TQ + i) for i in range(TQ)], T.max) if causal else S
+
+    def scale_of(buf, idx_fn, b, kvh, s):
+        bits = T.uint32(0)
+        for i in range(KV_SCALE_BYTES):
+            byte = T.Cast("uint32", T.Cast("uint8", buf[idx_fn(b, kvh, s, D + i)]))
+            bits = bits | (byte << T.uint32(8 * i)) if i else byte
+        return T.reinterpret("float32", bits)
+
+    def score(part, r, b, kvh, tb, s, k, pos, mask):
+        x = _tree([part[r, i] for i in range(L)], lambda a, c: a + c)
+        x = x * (scale_of(k, k_idx, b, kvh, s) * T.float32(scale)) if kv_int8 else x * T.float32(scale)
+        if has_mask:
+            x = x + T.Cast("float32", mask[mask_at(q_t(tb, r), s)])
+        if causal:
+            x = T.if_then_else(s < row_nk(pos, q_t(tb, r)), x, T.float32(_NEG_INF))
+        return x
+
+    def v_scale(v, b, kvh, s):
+        return scale_of(v, v_idx, b, kvh, s) if kv_int8 else T.float32(1)
+
+    @T.prim_func(private=True)
+    def attention(
+        q: T.Buffer((BH, Tq, D), dt),
+        k: T.Buffer(ks, kv_dt),
+        v: T.Buffer(vs, kv_dt),
+        pos: T.Buffer((Tq,), "int64"),
+        mask: T.Buffer(mask_shape, dt),
+        out: T.Buffer((BH, Tq, D), dt),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for task in T.parallel(NT):
+            acc = T.alloc_buffer((R, D), "float32", scope="global")
+            sc = T.alloc_buffer((R, BS), "float32", scope="global")  # scores, then p (times the V row scale)
+            svb = T.alloc_buffer((BS,), "float32", scope="global")  # V row scales of the block
+            part = T.alloc_buffer((R, L), "float32", scope="global")  # register tile: partial dots
+            vt = T.alloc_buffer((R, L), "float32", scope="global")  # register tile: V accumulation
+            mx = T.alloc_buffer((R,), "float32", scope="global")  # running max
+            sm = T.alloc_buffer((R,), "float32", scope="global")  # running sum
+            cr = T.alloc_buffer((R,), "float32", scope="global")  # rescale of the block
+            b = task // (KVH * NTB)
+            kvh = task // NTB % KVH
+            tb = task % NTB
+            nkt = task_nk(pos, tb)
+            for r in T.unroll(R):
+                mx[r] = T.float32(_NEG_BIG)
+                sm[r] = T.float32(0)
+                for d in T.vectorized(D):
+                    acc[r, d] = T.float32(0)
+            for blk in range((nkt + BS - 1) // BS):
+                s0 = blk * BS
+                nb = T.min(BS, nkt - s0)
+                for j in range(nb):
+                    for r in T.unroll(R):
+                        for l in T.vectorized(L):
+                            part[r, l] = T.float32(0)
+                    for dc in T.unroll(DC):
+                        for r in T.unroll(R):
+                            for l in T.vectorized(L):
+                                part[r, l] = part[r, l] + q[q_row(b, kvh, r), q_t(tb, r), dc * L + l] * T.Cast(
+                                    "float32", k[k_idx(b, kvh, s0 + j, dc * L + l)])
+                    for r in T.unroll(R):
+                        sc[r, j] = score(part, r, b, kvh, tb, s0 + j, k, pos, mask)
+                    svb[j] = v_scale(v, b, kvh, s0 + j)
+                for j in range(nb, BS):
+                    for r in T.unroll(R):
+                        sc[r, j] = T.float32(_NEG_INF)
+                    svb[j] = T.float32(0)
+                for r in T.unroll(R):
+                    m_new = T.max(mx[r], _tree([sc[r, i] for i in range(BS)], T.max))
+                    cr[r] = _fast_exp(mx[r] - m_new)
+                    mx[r] = m_new
+                    for j in T.vectorized(BS):
+                        sc[r, j] = _fast_exp(sc[r, j] - m_new)
+                    sm[r] = sm[r] * cr[r] + _tree([sc[r, i] for i in range(BS)], lambda a, c: a + c)
+                    if kv_int8:
+                        for j in T.vectorized(BS):
+                            sc[r, j] = sc[r, j] * svb[j]
+                for dc in range(DC):
+                    for r in T.unroll(R):
+                        for l in T.vectorized(L):
+                            vt[r, l] = T.float32(0)
+                    for j in range(nb):
+                        for r in T.unroll(R):
+                            for l in T.vectorized(L):
+                                vt[r, l] = vt[r, l] + sc[r, j] * T.Cast("float32", v[v_idx(b, kvh, s0 + j, dc * L + l)])
+                    for r in T.unroll(R):
+                        for l in T.vectorized(L):
+                            acc[r, dc * L + l] = acc[r, dc * L + l] * cr[r] + vt[r, l]
+            for r in T.unroll(R):
+                for d in T.vectorized(D):
+                    out[q_row(b, kvh, r), q_t(tb, r), d] = T.Cast(dt, acc[r, d] / sm[r])
+
+    return attention
 
 
 def kv_cache_write(*, cache_shape: tuple, prefix: tuple, axis: int, update_shape: tuple, dtype: str = "float32",

@@ -1,0 +1,127 @@
+"""The fused attention kernel's grouped schedule (GQA group per task, block-wise online softmax)
+against a float64 NumPy reference: odd sizes, positions around the key block (64), a
+capacity that is not a multiple of the block, INT8 and fp32 caches, and the causal bound
+(rows beyond ``pos`` hold NaN: reading one would poison the output)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+
+from bluelower.lowering.kernels import host_target
+from bluelower.lowering.kernels.attention import (ATT_BLOCK, KV_SCALE_BYTES, dequantize_kv_rows, fused_attention,
+                                                  quantize_kv_rows)
+
+TARGET = host_target()
+D, REP, KVH, CAP = 80, 4, 2, 2011  # head_dim 80, GQA rep 4; capacity 2011 = 31 blocks of 64 + 27
+QH = KVH * REP
+assert CAP % ATT_BLOCK
+
+
+def _compile(func):
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)["main"]
+
+
+def _reference(q, k, v, pos, scale, rep, mask=None, causal=True):
+    """q [B*QH, T, D], k/v [B, KVH, S, D] -> float64 attention."""
+    rows, tq, _ = q.shape
+    qh = k.shape[1] * rep
+    out = np.zeros(q.shape, np.float64)
+    for bh in range(rows):
+        b, h = divmod(bh, qh)
+        for t in range(tq):
+            n = min(int(pos[t]) + 1, k.shape[2]) if causal else k.shape[2]
+            s = k[b, h // rep, :n].astype(np.float64) @ q[bh, t].astype(np.float64) * scale
+            if mask is not None:
+                s = s + mask[t, :n]
+            p = np.exp(s - s.max())
+            out[bh, t] = p @ v[b, h // rep, :n].astype(np.float64) / p.sum()
+    return out
+
+
+def _poison_beyond(cache, limit, int8):
+    """NaN in every K/V row at position > limit (INT8: the row's float32 scale bytes)."""
+    c = cache.copy()
+    if int8:
+        nan = np.full(c[..., limit + 1:, :KV_SCALE_BYTES].shape[:-1] + (1,), np.nan, "<f4").view(np.int8)
+        c[..., limit + 1:, -KV_SCALE_BYTES:] = nan.reshape(c[..., limit + 1:, -KV_SCALE_BYTES:].shape)
+    else:
+        c[..., limit + 1:, :] = np.nan
+    return c
+
+
+def _cache(rng, int8):
+    kv = rng.standard_normal((2, 2, KVH, CAP, D)).astype(np.float32)  # [layers, k|v, kv_heads, capacity, D]
+    if int8:
+        q8 = quantize_kv_rows(kv)
+        return q8, dequantize_kv_rows(q8)
+    return kv, kv
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+def test_decode_positions_and_causal_bound(int8):
+    rng = np.random.default_rng(0)
+    cache, deq = _cache(rng, int8)
+    width = D + KV_SCALE_BYTES if int8 else D
+    shape = (2, 2, KVH, CAP, width)
+    f = _compile(fused_attention(rows=QH, q_heads=QH, rep=REP, q_len=1, head_dim=D, kv_len=CAP, k_shape=shape,
+                                 k_prefix=(1, 0), v_shape=shape, v_prefix=(1, 1), scale=D ** -0.5, causal=True,
+                                 kv_int8=int8))
+    q = rng.standard_normal((QH, 1, D)).astype(np.float32)
+    for p in (0, 1, 63, 64, 65, 2000, CAP - 1):
+        pos = np.array([p], np.int64)
+        ct = tvm.runtime.tensor(_poison_beyond(cache, p, int8))
+        out = tvm.runtime.tensor(np.zeros((QH, 1, D), np.float32))
+        f(tvm.runtime.tensor(q), ct, ct, tvm.runtime.tensor(pos), out)
+        ref = _reference(q[None].reshape(QH, 1, D), deq[1, 0][None], deq[1, 1][None], pos, D ** -0.5, REP)
+        got = out.numpy()
+        assert np.isfinite(got).all(), f"pos {p}: a key beyond pos was read"
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5, err_msg=f"pos {p}")
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+def test_prefill_chunk_matches_reference_and_rowwise(int8):
+    # 6 query positions per call: TQ = 2 positions per task (R = 8 rows), straddling the 64-key
+    # block edge, so one task's rows have different causal bounds within a block
+    rng = np.random.default_rng(1)
+    cache, deq = _cache(rng, int8)
+    width = D + KV_SCALE_BYTES if int8 else D
+    shape = (2, 2, KVH, CAP, width)
+    Tq = 6
+    kw = dict(rows=QH, q_heads=QH, rep=REP, q_len=Tq, head_dim=D, kv_len=CAP, k_shape=shape, k_prefix=(0, 0),
+              v_shape=shape, v_prefix=(0, 1), scale=0.3, causal=True, kv_int8=int8)
+    q = rng.standard_normal((QH, Tq, D)).astype(np.float32)
+    pos = np.array([61, 62, 63, 64, 65, 66], np.int64)
+    ct = tvm.runtime.tensor(_poison_beyond(cache, int(pos.max()), int8))
+    outs = {}
+    for sch in ("grouped", "rowwise"):
+        out = tvm.runtime.tensor(np.zeros((QH, Tq, D), np.float32))
+        _compile(fused_attention(schedule=sch, **kw))(tvm.runtime.tensor(q), ct, ct, tvm.runtime.tensor(pos), out)
+        outs[sch] = out.numpy()
+    ref = _reference(q, deq[0, 0][None], deq[0, 1][None], pos, 0.3, REP)
+    np.testing.assert_allclose(outs["grouped"], ref, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(outs["grouped"], outs["rowwise"], rtol=2e-5, atol=2e-5)
+
+
+def test_masked_batched_odd_head_dim():
+    # non-causal, additive mask [T, S], batch 2 with its own K/V per batch, head_dim 12 (4-lane
+    # chunks), kv_len 70 (one full block + 6), MHA (rep 1): TQ = 3 rows per task
+    rng = np.random.default_rng(2)
+    B, H, Tq, S, Dh = 2, 3, 3, 70, 12
+    k = rng.standard_normal((B, H, S, Dh)).astype(np.float32)
+    v = rng.standard_normal((B, H, S, Dh)).astype(np.float32)
+    q = rng.standard_normal((B * H, Tq, Dh)).astype(np.float32)
+    mask = np.where(rng.random((Tq, S)) < 0.3, -1e9, rng.standard_normal((Tq, S))).astype(np.float32)
+    f = _compile(fused_attention(rows=B * H, q_heads=H, rep=1, q_len=Tq, head_dim=Dh, kv_len=S, k_shape=k.shape,
+                                 k_prefix=(), v_shape=v.shape, v_prefix=(), scale=0.25, additive_mask=mask.shape))
+    out = tvm.runtime.tensor(np.zeros(q.shape, np.float32))
+    f(*[tvm.runtime.tensor(a) for a in (q, k, v, mask)], out)
+    ref = _reference(q, k, v, None, 0.25, 1, mask=mask, causal=False)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_unknown_schedule_is_an_error():
+    with pytest.raises(ValueError, match="schedule"):
+        fused_attention(rows=4, q_heads=4, rep=1, q_len=1, head_dim=4, kv_len=8, k_shape=(4, 8, 4), k_prefix=(),
+                        v_shape=(4, 8, 4), v_prefix=(), scale=1.0, schedule="fast")
