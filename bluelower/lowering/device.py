@@ -320,21 +320,24 @@ def build_bundle(model: str = "tiny", soc: str = "host", out_dir: str = "dist", 
     (default ``android.DEFAULT_API``), with the TVM runtime of ``tvm_runtime_dir`` or
     built from ``tvm_source`` (one of them is required)."""
     from . import android
-    from .build import MANIFEST, CompileRequest, _commit_output, _prepare_output, compile_model, resolve_soc
 
-    soc_desc = resolve_soc(soc)
     if ndk is None and (android_api is not None or tvm_runtime_dir or tvm_source):
         raise BlueLowerError("--android-api, --tvm-runtime-dir and --tvm-source apply to Android builds: add --ndk PATH")
     the_ndk = None
     if ndk is not None:
-        # everything the Android build needs is checked before the long compile
+        # everything the Android build needs is checked first (before importing torch/TVM)
         the_ndk = android.find_ndk(ndk, android.DEFAULT_API if android_api is None else android_api)
-        soc_desc = android.android_soc(soc_desc, the_ndk)
         if shutil.which("cmake") is None:
             raise BlueLowerError("cmake not found (the Android runtime is built with CMake and the NDK toolchain "
                                  "file): install it with apt-get install -y cmake")
         if not (tvm_runtime_dir or tvm_source):
             raise BlueLowerError(android.MISSING_RUNTIME)
+
+    from .build import MANIFEST, CompileRequest, _commit_output, _prepare_output, compile_model, resolve_soc
+
+    soc_desc = resolve_soc(soc)
+    if the_ndk is not None:
+        soc_desc = android.android_soc(soc_desc, the_ndk)
     arch = arch_of_soc(soc_desc)
     if the_ndk is None:
         cross_cxx(arch)  # fail early, before the long compile, if the toolchain is missing
