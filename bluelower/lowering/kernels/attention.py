@@ -236,15 +236,23 @@ def _fast_exp(x):
     ``|f| <= ln2/2``, a degree-7 polynomial; relative error ~1e-7), so a vectorized loop stays
     vectorized (``T.exp`` lowers to ``llvm.exp``, i.e. one libm ``expf`` call per lane). Exactly
     0 for ``x < -87`` and for ``-inf``."""
-    xc = T.max(x, T.float32(_EXP_LO))
-    n = T.floor(xc * T.float32(1.44269504088896341) + T.float32(0.5))
-    f = xc - n * T.float32(0.693359375) + n * T.float32(2.12194440e-4)
-    p = T.float32(1.9875691500e-4)
-    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
-        p = p * f + T.float32(c)
-    y = p * (f * f) + f + T.float32(1)
-    two_n = T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
-    return T.if_then_else(x < T.float32(_EXP_LO), T.float32(0), y * two_n)
+    ty = str(x.ty)
+    lanes = int(ty.split("x")[1]) if "x" in ty else 1
+
+    def c(value, dtype="float32"):
+        v = tirx.const(value, dtype)
+        return T.Broadcast(v, lanes) if lanes > 1 else v
+
+    sfx = f"x{lanes}" if lanes > 1 else ""
+    xc = T.max(x, c(_EXP_LO))
+    n = T.floor(xc * c(1.44269504088896341) + c(0.5))
+    f = xc - n * c(0.693359375) + n * c(2.12194440e-4)
+    p = c(1.9875691500e-4)
+    for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * f + c(k)
+    y = p * (f * f) + f + c(1.0)
+    two_n = T.reinterpret("float32" + sfx, T.shift_left(T.Cast("int32" + sfx, n) + c(127, "int32"), c(23, "int32")))
+    return T.Select(x < c(_EXP_LO), c(0.0), y * two_n)
 
 
 def _tree(vals, op):
@@ -262,17 +270,44 @@ def _lanes(D: int) -> int:
     return next(L for L in (16, 8, 4, 2, 1) if D % L == 0)
 
 
+def _idx(xs):
+    return [tirx.IntImm("int32", int(i)) for i in xs]
+
+
+def _rows_hsum(vecs, L):
+    """``R`` vectors of ``L`` lanes (``R``, ``L`` powers of two, ``R <= L``) -> one ``R``-lane
+    vector of their lane sums, in row order, by shuffles: pairs of vectors are folded into one
+    (each row keeps half as many partial sums) until one vector is left, then the partial sums
+    are halved inside it. 4 rows x 16 lanes: 8 shuffles + 5 adds instead of 4 horizontal sums
+    (~15 instructions each)."""
+    vecs, P, G = list(vecs), L, 1  # P partial sums per row, G rows per vector
+    while len(vecs) > 1:
+        h = P // 2
+        lo = [g * P + i for g in range(2 * G) for i in range(h)]
+        hi = [g * P + h + i for g in range(2 * G) for i in range(h)]
+        vecs = [tirx.Shuffle([a, b], _idx(lo)) + tirx.Shuffle([a, b], _idx(hi)) for a, b in zip(vecs[::2], vecs[1::2])]
+        P, G = h, 2 * G
+    v = vecs[0]
+    while P > 1:
+        h = P // 2
+        v = (tirx.Shuffle([v], _idx(g * P + i for g in range(G) for i in range(h)))
+             + tirx.Shuffle([v], _idx(g * P + h + i for g in range(G) for i in range(h))))
+        P = h
+    return v
+
+
 def _grouped_attention(*, BH, q_heads, rep, Tq, D, S, ks, vs, k_prefix, v_prefix, k_batch, v_batch, scale, causal,
                        mask_shape, mask_at, has_mask, dt, kv_int8):
     """One task per (batch, KV head, block of TQ query positions): its ``R = rep * TQ`` query
-    rows share every K/V row read. Keys run in blocks of ``ATT_BLOCK``: (1) scores of the
-    block for all R rows (dot vectorized over ``head_dim`` in 16-lane chunks, one halving-tree
-    horizontal sum per row and key; INT8 codes converted in registers, times the row scale);
-    (2) per row: block max, rescale factor, ``p = exp(score - max)`` over the block (vector
-    :func:`_fast_exp`), block sum; (3) ``acc[r, d] = acc * corr + sum_j p[r, j] * V[j, d]``,
-    16 lanes of ``d`` at a time with the ``R x 16`` tile in registers. With ``causal`` a task
-    reads keys ``0 .. max(pos[t])`` over its TQ positions, and a row's keys beyond its own
-    ``pos[t]`` get score ``-inf`` (``p = 0`` exactly)."""
+    rows share every K/V row read. Keys run in blocks of ``ATT_BLOCK``: (1) per key, the dots
+    of all R rows (vectorized over ``head_dim`` in ``L``-lane chunks, INT8 codes converted in
+    registers; the R horizontal sums folded together by :func:`_rows_hsum`), times the K row
+    scale and ``scale``, stored key-major ``sc[j, r]``; (2) block max per row, rescale factor,
+    ``p = exp(score - max)`` over the whole block (vector :func:`_fast_exp`), block sums;
+    (3) ``acc[r, d] = acc * corr + sum_j p[j, r] * V[j, d]`` (INT8: ``p`` times the V row
+    scale), ``L`` lanes of ``d`` at a time with the ``R x L`` tile in registers. With
+    ``causal`` a task reads keys ``0 .. max(pos[t])`` over its TQ positions; a row's keys
+    beyond its own ``pos[t]`` get score ``-inf`` (``p = 0`` exactly)."""
     L = _lanes(D)
     DC = D // L
     BS = ATT_BLOCK
@@ -282,7 +317,10 @@ def _grouped_attention(*, BH, q_heads, rep, Tq, D, S, ks, vs, k_prefix, v_prefix
     KVH = q_heads // rep
     B = BH // q_heads
     NT = B * KVH * NTB
+    W = 16 * R // math.gcd(16, R)  # lanes of the softmax loops: lcm(16, R), divides BS * R
     kv_dt = "int8" if kv_int8 else dt
+    shuffle_sum = R <= L and R & (R - 1) == 0
+    row_select = causal and TQ > 1  # rows of a task with different causal bounds
 
     def kv_idx(prefix, nbatch, shape, b, kvh, s, d):
         batch = ()
@@ -315,17 +353,23 @@ def _grouped_attention(*, BH, q_heads, rep, Tq, D, S, ks, vs, k_prefix, v_prefix
             bits = bits | (byte << T.uint32(8 * i)) if i else byte
         return T.reinterpret("float32", bits)
 
-    def score(part, r, b, kvh, tb, s, k, pos, mask):
-        x = _tree([part[r, i] for i in range(L)], lambda a, c: a + c)
-        x = x * (scale_of(k, k_idx, b, kvh, s) * T.float32(scale)) if kv_int8 else x * T.float32(scale)
-        if has_mask:
-            x = x + T.Cast("float32", mask[mask_at(q_t(tb, r), s)])
-        if causal:
-            x = T.if_then_else(s < row_nk(pos, q_t(tb, r)), x, T.float32(_NEG_INF))
-        return x
+    def k_mult(k, b, kvh, s):
+        return scale_of(k, k_idx, b, kvh, s) * T.float32(scale) if kv_int8 else T.float32(scale)
 
     def v_scale(v, b, kvh, s):
         return scale_of(v, v_idx, b, kvh, s) if kv_int8 else T.float32(1)
+
+    def rows(base):  # the R consecutive elements from ``base``: a vector index (a scalar one when R == 1)
+        return tirx.Ramp(base, 1, R) if R > 1 else base
+
+    def bc(x):
+        return T.Broadcast(x, R) if R > 1 else x
+
+    def vload(buf, base, n):
+        return tirx.BufferLoad(buf, [tirx.Ramp(base, 1, n)] if n > 1 else [base])
+
+    def dots(part):
+        return _rows_hsum([vload(part, r * L, L) for r in range(R)], L)
 
     @T.prim_func(private=True)
     def attention(
@@ -339,13 +383,16 @@ def _grouped_attention(*, BH, q_heads, rep, Tq, D, S, ks, vs, k_prefix, v_prefix
         T.func_attr({"tir.noalias": True})
         for task in T.parallel(NT):
             acc = T.alloc_buffer((R, D), "float32", scope="global")
-            sc = T.alloc_buffer((R, BS), "float32", scope="global")  # scores, then p (times the V row scale)
+            sc = T.alloc_buffer((BS * R,), "float32", scope="global")  # [key, row]: scores, then p (x V row scale)
             svb = T.alloc_buffer((BS,), "float32", scope="global")  # V row scales of the block
-            part = T.alloc_buffer((R, L), "float32", scope="global")  # register tile: partial dots
+            part = T.alloc_buffer((R * L,), "float32", scope="global")  # register tile: partial dots
             vt = T.alloc_buffer((R, L), "float32", scope="global")  # register tile: V accumulation
             mx = T.alloc_buffer((R,), "float32", scope="global")  # running max
             sm = T.alloc_buffer((R,), "float32", scope="global")  # running sum
             cr = T.alloc_buffer((R,), "float32", scope="global")  # rescale of the block
+            lim = T.alloc_buffer((R,), "int32", scope="global")  # causal: keys 0 .. lim[r] - 1 per row
+            mrep = T.alloc_buffer((W,), "float32", scope="global")  # mx[l % R]
+            sw = T.alloc_buffer((W,), "float32", scope="global")  # block sums, W lanes
             b = task // (KVH * NTB)
             kvh = task // NTB % KVH
             tb = task % NTB
@@ -353,6 +400,7 @@ def _grouped_attention(*, BH, q_heads, rep, Tq, D, S, ks, vs, k_prefix, v_prefix
             for r in T.unroll(R):
                 mx[r] = T.float32(_NEG_BIG)
                 sm[r] = T.float32(0)
+                lim[r] = row_nk(pos, q_t(tb, r))
                 for d in T.vectorized(D):
                     acc[r, d] = T.float32(0)
             for blk in range((nkt + BS - 1) // BS):
@@ -361,29 +409,43 @@ def _grouped_attention(*, BH, q_heads, rep, Tq, D, S, ks, vs, k_prefix, v_prefix
                 for j in range(nb):
                     for r in T.unroll(R):
                         for l in T.vectorized(L):
-                            part[r, l] = T.float32(0)
-                    for dc in T.unroll(DC):
+                            part[r * L + l] = q[q_row(b, kvh, r), q_t(tb, r), l] * T.Cast(
+                                "float32", k[k_idx(b, kvh, s0 + j, l)])
+                    for dc in T.unroll(DC - 1):
                         for r in T.unroll(R):
                             for l in T.vectorized(L):
-                                part[r, l] = part[r, l] + q[q_row(b, kvh, r), q_t(tb, r), dc * L + l] * T.Cast(
-                                    "float32", k[k_idx(b, kvh, s0 + j, dc * L + l)])
-                    for r in T.unroll(R):
-                        sc[r, j] = score(part, r, b, kvh, tb, s0 + j, k, pos, mask)
+                                part[r * L + l] = part[r * L + l] + q[q_row(b, kvh, r), q_t(tb, r), (dc + 1) * L + l] * T.Cast(
+                                    "float32", k[k_idx(b, kvh, s0 + j, (dc + 1) * L + l)])
+                    if shuffle_sum:
+                        sc[rows(j * R)] = dots(part) * bc(k_mult(k, b, kvh, s0 + j))
+                    else:
+                        for r in T.unroll(R):
+                            sc[j * R + r] = _tree([part[r * L + i] for i in range(L)], lambda a, c: a + c) * k_mult(
+                                k, b, kvh, s0 + j)
+                    if has_mask:
+                        for r in T.unroll(R):
+                            sc[j * R + r] = sc[j * R + r] + T.Cast("float32", mask[mask_at(q_t(tb, r), s0 + j)])
+                    if row_select:
+                        sc[rows(j * R)] = T.Select(bc(s0 + j) < lim[rows(0)], sc[rows(j * R)], bc(T.float32(_NEG_INF)))
                     svb[j] = v_scale(v, b, kvh, s0 + j)
                 for j in range(nb, BS):
-                    for r in T.unroll(R):
-                        sc[r, j] = T.float32(_NEG_INF)
+                    sc[rows(j * R)] = bc(T.float32(_NEG_INF))
                     svb[j] = T.float32(0)
+                m_new = T.max(mx[rows(0)], _tree([sc[rows(j * R)] for j in range(BS)], T.max))
+                cr[rows(0)] = _fast_exp(mx[rows(0)] - m_new)
+                mx[rows(0)] = m_new
+                for l in T.unroll(W):
+                    mrep[l] = mx[l % R]
+                    sw[l] = T.float32(0)
+                for c in range(BS * R // W):
+                    for l in T.vectorized(W):
+                        sc[c * W + l] = _fast_exp(sc[c * W + l] - mrep[l])
+                        sw[l] = sw[l] + sc[c * W + l]
                 for r in T.unroll(R):
-                    m_new = T.max(mx[r], _tree([sc[r, i] for i in range(BS)], T.max))
-                    cr[r] = _fast_exp(mx[r] - m_new)
-                    mx[r] = m_new
-                    for j in T.vectorized(BS):
-                        sc[r, j] = _fast_exp(sc[r, j] - m_new)
-                    sm[r] = sm[r] * cr[r] + _tree([sc[r, i] for i in range(BS)], lambda a, c: a + c)
-                    if kv_int8:
-                        for j in T.vectorized(BS):
-                            sc[r, j] = sc[r, j] * svb[j]
+                    sm[r] = sm[r] * cr[r] + _tree([sw[r + R * i] for i in range(W // R)], lambda a, c: a + c)
+                if kv_int8:
+                    for j in range(nb):
+                        sc[rows(j * R)] = sc[rows(j * R)] * bc(svb[j])
                 for dc in range(DC):
                     for r in T.unroll(R):
                         for l in T.vectorized(L):
@@ -391,7 +453,7 @@ def _grouped_attention(*, BH, q_heads, rep, Tq, D, S, ks, vs, k_prefix, v_prefix
                     for j in range(nb):
                         for r in T.unroll(R):
                             for l in T.vectorized(L):
-                                vt[r, l] = vt[r, l] + sc[r, j] * T.Cast("float32", v[v_idx(b, kvh, s0 + j, dc * L + l)])
+                                vt[r, l] = vt[r, l] + sc[j * R + r] * T.Cast("float32", v[v_idx(b, kvh, s0 + j, dc * L + l)])
                     for r in T.unroll(R):
                         for l in T.vectorized(L):
                             acc[r, dc * L + l] = acc[r, dc * L + l] * cr[r] + vt[r, l]
