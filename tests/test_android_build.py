@@ -278,5 +278,7 @@ def test_full_android_build_with_a_fake_ndk(tmp_path):
         assert android.elf_info(str(tmp_path / "out" / rel))["machine"] == android.EM_AARCH64
     calls = open(tmp_path / "ndk" / "calls.log").read()
     assert "-shared" in calls  # model.so linked by the NDK clang++
+    binary = open(tmp_path / "out" / "bin" / "bluelower-run", "rb").read()
+    assert b"$ORIGIN/../lib" in binary and device.cache_dir().encode() not in binary  # RUNPATH: no build paths
     with pytest.raises(BlueLowerError, match="Android bundle: run it on the phone"):
         device.native_command(str(tmp_path / "out"), [])

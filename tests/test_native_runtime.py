@@ -249,6 +249,18 @@ def test_wrong_soc_and_prompt_beyond_cache(host_bundle, image_npy, tmp_path):
     _one_error_line(_direct(bundle, "--prompt-ids", "1,x"), "comma-separated integers")
 
 
+def test_apu_backend_selection(host_bundle, image_npy):
+    """The default build has only `sim`: `neuron` (built only with the Neuron SDK headers)
+    and unknown names are one-line errors; `--apu-backend` is an alias of `--backend`."""
+    bundle = host_bundle["bundle"]
+    _one_error_line(_run(bundle, image_npy, "--backend", "neuron"),
+                    "APU backend 'neuron' is not compiled into this runtime (built without the Neuron SDK headers")
+    _one_error_line(_run(bundle, image_npy, "--apu-backend", "npu"), "unknown APU backend 'npu' (available: sim)")
+    proc = _direct(bundle, "--prompt-ids", PROMPT, "--max-new-tokens", "2", "--apu-backend", "sim", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["backend"] == "sim"
+
+
 def test_missing_cross_compiler_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(BlueLowerError, match="apt-get install -y g\\+\\+-aarch64-linux-gnu"):
