@@ -334,17 +334,38 @@ def _grouped_attention(*, BH, q_heads, rep, Tq, D, S, ks, vs, k_prefix, v_prefix
     def v_idx(b, kvh, s, d):
         return kv_idx(v_prefix, v_batch, vs, b, kvh, s, d)
 
-    def q_row(b, kvh, r):
-        return b * q_heads + kvh * rep + r % rep
+    # (TVM 0.27 lowers a scalar bound inside the kernel, ``x = ...``, to a 4-byte workspace
+    # allocation per task plus a load at every use, so the task's coordinates, the key count
+    # and the block bounds are written as inline expressions of ``task`` / ``blk`` instead.)
+    def tb_of(task):
+        return task % NTB
 
-    def q_t(tb, r):
-        return tb * TQ + r // rep
+    def kvh_of(task):
+        return task // NTB % KVH
+
+    def b_of(task):
+        return task // (KVH * NTB)
+
+    def q_row(task, r):
+        return b_of(task) * q_heads + kvh_of(task) * rep + r % rep
+
+    def q_t(task, r):
+        return tb_of(task) * TQ + r // rep
 
     def row_nk(pos, t):
         return T.min(T.Cast("int32", pos[t]) + 1, S) if causal else S
 
-    def task_nk(pos, tb):
-        return _tree([row_nk(pos, tb * TQ + i) for i in range(TQ)], T.max) if causal else S
+    def task_nk(pos, task):
+        return _tree([row_nk(pos, tb_of(task) * TQ + i) for i in range(TQ)], T.max) if causal else S
+
+    def block_n(pos, task, blk):
+        return T.min(BS, task_nk(pos, task) - blk * BS)
+
+    def kk(task, s, d):
+        return k_idx(b_of(task), kvh_of(task), s, d)
+
+    def vv(task, s, d):
+        return v_idx(b_of(task), kvh_of(task), s, d)
 
     def scale_of(buf, idx_fn, b, kvh, s):
         bits = T.uint32(0)
@@ -353,11 +374,11 @@ def _grouped_attention(*, BH, q_heads, rep, Tq, D, S, ks, vs, k_prefix, v_prefix
             bits = bits | (byte << T.uint32(8 * i)) if i else byte
         return T.reinterpret("float32", bits)
 
-    def k_mult(k, b, kvh, s):
-        return scale_of(k, k_idx, b, kvh, s) * T.float32(scale) if kv_int8 else T.float32(scale)
+    def k_mult(k, task, s):
+        return scale_of(k, k_idx, b_of(task), kvh_of(task), s) * T.float32(scale) if kv_int8 else T.float32(scale)
 
-    def v_scale(v, b, kvh, s):
-        return scale_of(v, v_idx, b, kvh, s) if kv_int8 else T.float32(1)
+    def v_scale(v, task, s):
+        return scale_of(v, v_idx, b_of(task), kvh_of(task), s) if kv_int8 else T.float32(1)
 
     def rows(base):  # the R consecutive elements from ``base``: a vector index (a scalar one when R == 1)
         return tirx.Ramp(base, 1, R) if R > 1 else base
@@ -388,52 +409,47 @@ def _grouped_attention(*, BH, q_heads, rep, Tq, D, S, ks, vs, k_prefix, v_prefix
             part = T.alloc_buffer((R * L,), "float32", scope="global")  # register tile: partial dots
             vt = T.alloc_buffer((R, L), "float32", scope="global")  # register tile: V accumulation
             mx = T.alloc_buffer((R,), "float32", scope="global")  # running max
+            mn = T.alloc_buffer((R,), "float32", scope="global")  # the block's new running max
             sm = T.alloc_buffer((R,), "float32", scope="global")  # running sum
             cr = T.alloc_buffer((R,), "float32", scope="global")  # rescale of the block
             lim = T.alloc_buffer((R,), "int32", scope="global")  # causal: keys 0 .. lim[r] - 1 per row
             mrep = T.alloc_buffer((W,), "float32", scope="global")  # mx[l % R]
             sw = T.alloc_buffer((W,), "float32", scope="global")  # block sums, W lanes
-            b = task // (KVH * NTB)
-            kvh = task // NTB % KVH
-            tb = task % NTB
-            nkt = task_nk(pos, tb)
             for r in T.unroll(R):
                 mx[r] = T.float32(_NEG_BIG)
                 sm[r] = T.float32(0)
-                lim[r] = row_nk(pos, q_t(tb, r))
+                lim[r] = row_nk(pos, q_t(task, r))
                 for d in T.vectorized(D):
                     acc[r, d] = T.float32(0)
-            for blk in range((nkt + BS - 1) // BS):
-                s0 = blk * BS
-                nb = T.min(BS, nkt - s0)
-                for j in range(nb):
+            for blk in range((task_nk(pos, task) + BS - 1) // BS):
+                for j in range(block_n(pos, task, blk)):
                     for r in T.unroll(R):
                         for l in T.vectorized(L):
-                            part[r * L + l] = q[q_row(b, kvh, r), q_t(tb, r), l] * T.Cast(
-                                "float32", k[k_idx(b, kvh, s0 + j, l)])
+                            part[r * L + l] = q[q_row(task, r), q_t(task, r), l] * T.Cast(
+                                "float32", k[kk(task, blk * BS + j, l)])
                     for dc in T.unroll(DC - 1):
                         for r in T.unroll(R):
                             for l in T.vectorized(L):
-                                part[r * L + l] = part[r * L + l] + q[q_row(b, kvh, r), q_t(tb, r), (dc + 1) * L + l] * T.Cast(
-                                    "float32", k[k_idx(b, kvh, s0 + j, (dc + 1) * L + l)])
+                                part[r * L + l] = part[r * L + l] + q[q_row(task, r), q_t(task, r), (dc + 1) * L + l] * T.Cast(
+                                    "float32", k[kk(task, blk * BS + j, (dc + 1) * L + l)])
                     if shuffle_sum:
-                        sc[rows(j * R)] = dots(part) * bc(k_mult(k, b, kvh, s0 + j))
+                        sc[rows(j * R)] = dots(part) * bc(k_mult(k, task, blk * BS + j))
                     else:
                         for r in T.unroll(R):
                             sc[j * R + r] = _tree([part[r * L + i] for i in range(L)], lambda a, c: a + c) * k_mult(
-                                k, b, kvh, s0 + j)
+                                k, task, blk * BS + j)
                     if has_mask:
                         for r in T.unroll(R):
-                            sc[j * R + r] = sc[j * R + r] + T.Cast("float32", mask[mask_at(q_t(tb, r), s0 + j)])
+                            sc[j * R + r] = sc[j * R + r] + T.Cast("float32", mask[mask_at(q_t(task, r), blk * BS + j)])
                     if row_select:
-                        sc[rows(j * R)] = T.Select(bc(s0 + j) < lim[rows(0)], sc[rows(j * R)], bc(T.float32(_NEG_INF)))
-                    svb[j] = v_scale(v, b, kvh, s0 + j)
-                for j in range(nb, BS):
+                        sc[rows(j * R)] = T.Select(bc(blk * BS + j) < lim[rows(0)], sc[rows(j * R)], bc(T.float32(_NEG_INF)))
+                    svb[j] = v_scale(v, task, blk * BS + j)
+                for j in range(block_n(pos, task, blk), BS):
                     sc[rows(j * R)] = bc(T.float32(_NEG_INF))
                     svb[j] = T.float32(0)
-                m_new = T.max(mx[rows(0)], _tree([sc[rows(j * R)] for j in range(BS)], T.max))
-                cr[rows(0)] = _fast_exp(mx[rows(0)] - m_new)
-                mx[rows(0)] = m_new
+                mn[rows(0)] = T.max(mx[rows(0)], _tree([sc[rows(j * R)] for j in range(BS)], T.max))
+                cr[rows(0)] = _fast_exp(mx[rows(0)] - mn[rows(0)])
+                mx[rows(0)] = mn[rows(0)]
                 for l in T.unroll(W):
                     mrep[l] = mx[l % R]
                     sw[l] = T.float32(0)
@@ -444,22 +460,22 @@ def _grouped_attention(*, BH, q_heads, rep, Tq, D, S, ks, vs, k_prefix, v_prefix
                 for r in T.unroll(R):
                     sm[r] = sm[r] * cr[r] + _tree([sw[r + R * i] for i in range(W // R)], lambda a, c: a + c)
                 if kv_int8:
-                    for j in range(nb):
+                    for j in range(block_n(pos, task, blk)):
                         sc[rows(j * R)] = sc[rows(j * R)] * bc(svb[j])
                 for dc in range(DC):
                     for r in T.unroll(R):
                         for l in T.vectorized(L):
                             vt[r, l] = T.float32(0)
-                    for j in range(nb):
+                    for j in range(block_n(pos, task, blk)):
                         for r in T.unroll(R):
                             for l in T.vectorized(L):
-                                vt[r, l] = vt[r, l] + sc[j * R + r] * T.Cast("float32", v[v_idx(b, kvh, s0 + j, dc * L + l)])
+                                vt[r, l] = vt[r, l] + sc[j * R + r] * T.Cast("float32", v[vv(task, blk * BS + j, dc * L + l)])
                     for r in T.unroll(R):
                         for l in T.vectorized(L):
                             acc[r, dc * L + l] = acc[r, dc * L + l] * cr[r] + vt[r, l]
             for r in T.unroll(R):
                 for d in T.vectorized(D):
-                    out[q_row(b, kvh, r), q_t(tb, r), d] = T.Cast(dt, acc[r, d] / sm[r])
+                    out[q_row(task, r), q_t(task, r), d] = T.Cast(dt, acc[r, d] / sm[r])
 
     return attention
 
