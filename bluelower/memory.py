@@ -118,6 +118,17 @@ def _fn_total(plan: dict) -> int:
     return plan["arena_bytes"]
 
 
+def nbytes_host(output) -> int:
+    """Bytes of a planned output ``[name, planned bytes, shape, dtype]`` at its real dtype."""
+    from .passes.memory_plan import DTYPE_BYTES
+
+    _name, _nb, shape, dtype = output
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * DTYPE_BYTES[dtype]
+
+
 def phase_table(cfg, quant: str, sigs_params: dict, plans: dict, n_patches: int | None = None,
                 kv_in_place: bool = False) -> dict:
     """Per-phase totals from function plans. ``sigs_params``: entry -> weight names."""
@@ -146,26 +157,44 @@ def phase_table(cfg, quant: str, sigs_params: dict, plans: dict, n_patches: int 
     image_tokens = n_patches * cfg.image_tokens_per_patch * d.hidden_size * ab
     phases = []
 
-    def add(name, weights, kv_b, fns, held, note):
+    def add(name, weights, kv_b, fns, held, note, sequence=False):
+        """``fns``: alternatives (one call at a time, the largest counts) or, with
+        ``sequence``, calls made one after another, each consuming the previous one's
+        output (TileImagePatches' stages): that output stays alive during the next call."""
         from .passes.memory_plan import effective
 
-        arena = max((effective(plans, f, "arena_bytes") for f in fns if f in plans), default=0)
-        lb = max((effective(plans, f, "liveness_lower_bound_bytes") for f in fns if f in plans), default=0)
-        outs = [outputs(f) for f in fns if f in plans]
-        out_b = max((o[0] for o in outs), default=0)
-        copy_b = max((o[1] for o in outs), default=0)
-        tvm_b = max((plans[f].get("tvm_static_plan_bytes", 0) for f in fns if f in plans), default=0)
-        host_b = max((effective(plans, f, "tvm_host_alloc_bytes") for f in fns if f in plans), default=0)
+        fns = [f for f in fns if f in plans]
+        arena = lb = out_b = copy_b = tvm_b = host_b = 0
+        prev_out = prev_out_host = 0
+        for f in fns:
+            other, copy = outputs(f)
+            a = effective(plans, f, "arena_bytes")
+            live = a + other + copy + (prev_out if sequence else 0)
+            if live > arena + out_b + copy_b:
+                arena, out_b, copy_b = a, other + (prev_out if sequence else 0), copy
+            lb = max(lb, effective(plans, f, "liveness_lower_bound_bytes") + (prev_out if sequence else 0))
+            tvm_b = max(tvm_b, plans[f].get("tvm_static_plan_bytes", 0) + (prev_out_host if sequence else 0))
+            # what the host VM requests from its allocator during the call(s): summed over a
+            # sequence (the per-call storages are requested anew each call)
+            h = effective(plans, f, "tvm_host_alloc_bytes")
+            host_b = host_b + h if sequence else max(host_b, h)
+            prev_out = other
+            prev_out_host = sum(nbytes_host(o) for o in plans[f].get("outputs", []))
         phases.append({
             "name": name, "weights_bytes": weights, "kv_cache_bytes": kv_b, "arena_bytes": arena,
             "liveness_lower_bound_bytes": lb, "outputs_bytes": out_b, "kv_copy_bytes": copy_b,
             "held_bytes": held, "tvm_static_plan_bytes": tvm_b, "tvm_host_alloc_bytes": host_b,
-            "total_bytes": weights + kv_b + arena + out_b + copy_b + held, "functions": list(fns), "note": note,
+            "total_bytes": weights + kv_b + arena + out_b + copy_b + held, "functions": list(fns),
+            "calls": "sequence" if sequence else "one of", "note": note,
         })
 
-    add("image_encoding", vision_w + decoder_w, 0, ["encode_image"], image_tokens,
+    # the host runtime (generate.py) runs TileImagePatches' two stages
+    # when the build has them, not the one-call encode_image: plan what they execute
+    stages = ["encode_image_embed", "encode_image_blocks"]
+    split = all(f in plans for f in stages)
+    add("image_encoding", vision_w + decoder_w, 0, stages if split else ["encode_image"], image_tokens,
         f"ViT + decoder weights resident; arena for one batch of {r.image_batch} patches; "
-        f"{n_patches} patches' image tokens held")
+        f"{n_patches} patches' image tokens held", sequence=split)
     add("prefill", decoder_w, kv, ["embed", "prefill"], image_tokens,
         f"ViT weights released; chunk of {r.prefill_chunk} rows; image tokens held until prefilled")
     add("decode", decoder_w, kv, ["decode"], 0, "one token per call")

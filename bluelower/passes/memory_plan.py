@@ -258,6 +258,10 @@ def _is_called(mod: tvm.IRModule, gv) -> bool:
     return any(gv.name_hint in _relax_callees(mod, f) for f in mod.functions.values() if isinstance(f, relax.Function))
 
 
+def _is_public(func: relax.Function) -> bool:
+    return func.attrs is not None and "global_symbol" in func.attrs
+
+
 def effective(plans: dict, name: str, key: str) -> int:
     """``key`` (arena / lower bound / host bytes) of ``name`` including the Relax functions it
     calls, each counted with its outputs for the whole call (conservative: calls in sequence
@@ -289,9 +293,12 @@ class MemoryPlan:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         from .pipeline import record_stats
 
-        # entry functions and every Relax function they call (e.g. TileImagePatches' stages)
+        # entry functions, every Relax function they call, and every other public Relax
+        # function a runtime calls directly (TileImagePatches' encode_image_embed /
+        # encode_image_blocks: the host runtime runs those instead of encode_image)
         names = [gv.name_hint for gv, f in mod.functions.items()
-                 if isinstance(f, relax.Function) and (gv.name_hint in self.entries or _is_called(mod, gv))]
+                 if isinstance(f, relax.Function) and (gv.name_hint in self.entries or _is_called(mod, gv)
+                                                       or _is_public(f))]
         tvm_bytes = tvm_static_plan_bytes(mod, names) if self.compare_tvm else {}
         stats = {}
         for name in names:
