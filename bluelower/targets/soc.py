@@ -565,6 +565,20 @@ def soc_from_dict(raw: Any, source: str = "soc") -> SoC:
                is_host=is_host, description=data["description"], assumed=tuple(data["assumed"]), source=source)
 
 
+def with_host_cpu(soc: SoC) -> SoC:
+    """``soc``'s APU (its partitions, precision rules and defaults) on the build machine's
+    CPU (``host.toml``), so a build for ``soc`` runs here, APU numerics emulated
+    (``benchmarks/apu_numerics.py``; docs/apu-partitions.md, "Numerics")."""
+    import dataclasses
+
+    host = load_soc("host")
+    if soc.is_host:
+        return soc
+    return dataclasses.replace(host, name=f"{soc.name}@host", apu=soc.apu,
+                               description=f"{soc.name}'s APU with the build machine's CPU",
+                               source=soc.source, assumed=host.assumed)
+
+
 def list_socs() -> list[str]:
     """Names of the shipped SoC files."""
     return sorted(f[:-5] for f in os.listdir(SOC_DIR) if f.endswith(".toml"))
