@@ -27,9 +27,13 @@ import numpy as np
 from .kernels import (
     BLOCK_ROWS,
     dequantize_int4_groupwise,
+    dequantize_int4_rows,
     dequantize_int8_per_channel,
+    dequantize_int8_rows,
     quantize_int4_groupwise,
+    quantize_int4_rows,
     quantize_int8_per_channel,
+    quantize_int8_rows,
 )
 
 QUANT_MODES = ("fp32", "w8", "w4a16", "w4a16kv8")
@@ -44,6 +48,7 @@ _SCHEMES = {
     "w4a16kv8": ("int4", "int8"),  # the INT8 KV cache is FuseAttention/PlanKVCache's part
 }
 QUANTIZERS = {"int4": "int4_groupwise", "int8": "int8_per_channel"}
+ROW_QUANTIZERS = {"int4": "int4_rows", "int8": "int8_rows"}  # embedding tables (row layout)
 DECODER_PREFIX = "language_model"
 
 
@@ -115,6 +120,55 @@ def choose_scheme(name: str, n: int, k: int, quant: str, group_size: int = DEFAU
 
 
 @dataclass(frozen=True)
+class EmbeddingScheme:
+    """How a ``[rows, width]`` embedding table is stored: row layout (``quantize_int4_rows`` /
+    ``quantize_int8_rows``), the width zero-padded to the group size (INT4)."""
+
+    kind: str
+    n: int  # rows (vocabulary)
+    k: int  # width (hidden size)
+    k_pad: int
+    group_size: int = 0  # int4 only
+
+    @property
+    def quantizer(self) -> str:
+        return ROW_QUANTIZERS[self.kind]
+
+    def args(self) -> dict:
+        out = {"group_size": self.group_size} if self.kind == "int4" else {}
+        if self.k_pad != self.k:
+            out["pad_k"] = self.k_pad
+        return out
+
+    def part_specs(self) -> list[tuple[str, tuple, str]]:
+        if self.kind == "int4":
+            return [("int4_rows_packed", (self.n, self.k_pad // 2), "uint8"),
+                    ("int4_rows_scales", (self.n, self.k_pad // self.group_size), "float16")]
+        return [("int8_rows_packed", (self.n, self.k_pad), "int8"), ("int8_rows_scales", (self.n,), "float32")]
+
+
+def choose_embedding_scheme(name: str, rows: int, width: int, quant: str,
+                            group_size: int = DEFAULT_GROUP_SIZE) -> EmbeddingScheme | None:
+    """The storage of embedding table ``name`` under ``quant``, or None (stays fp32).
+
+    Only decoder tables (``language_model.*``: the token embedding) are quantized, with the
+    mode's decoder scheme: INT4 + fp16 scale per ``group_size`` (``w4a16*``), INT8 + fp32
+    scale per row (``w8``). Vision tables (position embedding) stay fp32, like ``fp32``."""
+    if quant not in _SCHEMES:
+        raise ValueError(f"unknown quant mode {quant!r} (valid: {', '.join(QUANT_MODES)})")
+    if not sanitize(name).startswith(DECODER_PREFIX):
+        return None
+    kind = _SCHEMES[quant][0]
+    if kind is None:
+        return None
+    if kind == "int4":
+        if group_size <= 0 or group_size % 4 != 0:
+            raise ValueError(f"group size must be a positive multiple of 4, got {group_size}")
+        return EmbeddingScheme("int4", rows, width, _round_up(width, group_size), group_size)
+    return EmbeddingScheme("int8", rows, width, width)
+
+
+@dataclass(frozen=True)
 class ParamTransform:
     """New parameter ``name`` = part ``part`` (0 packed, 1 scales) of ``quantizer(source)``."""
 
@@ -129,7 +183,7 @@ class ParamTransform:
         return [self.source, self.quantizer, dict(self.args)]
 
 
-def scheme_params(source: str, scheme: LinearScheme) -> list[tuple[str, tuple, str, ParamTransform]]:
+def scheme_params(source: str, scheme: "LinearScheme | EmbeddingScheme") -> list[tuple[str, tuple, str, ParamTransform]]:
     """``[(new name, shape, dtype, transform)]`` replacing weight ``source``."""
     return [(f"{source}.{suffix}", shape, dtype, ParamTransform(source, scheme.quantizer, i, scheme.args(), shape, dtype))
             for i, (suffix, shape, dtype) in enumerate(scheme.part_specs())]
@@ -150,6 +204,10 @@ def quantize_weight(w: np.ndarray, quantizer: str, args: dict) -> tuple[np.ndarr
         return quantize_int4_groupwise(w, int(args["group_size"]))
     if quantizer == "int8_per_channel":
         return quantize_int8_per_channel(w)
+    if quantizer == "int4_rows":
+        return quantize_int4_rows(w, int(args["group_size"]))
+    if quantizer == "int8_rows":
+        return quantize_int8_rows(w)
     raise ValueError(f"unknown quantizer {quantizer!r}")
 
 
@@ -159,6 +217,10 @@ def dequantize_weight(packed: np.ndarray, scales: np.ndarray, quantizer: str, ar
         w = dequantize_int4_groupwise(packed, scales, int(args["group_size"]))
     elif quantizer == "int8_per_channel":
         w = dequantize_int8_per_channel(packed, scales)
+    elif quantizer == "int4_rows":
+        w = dequantize_int4_rows(packed, scales, int(args["group_size"]))
+    elif quantizer == "int8_rows":
+        w = dequantize_int8_rows(packed, scales)
     else:
         raise ValueError(f"unknown quantizer {quantizer!r}")
     n, k = shape
@@ -216,18 +278,31 @@ def dequantized_state(params_path: str, manifest: dict) -> dict:
 # ------------------------------------------------------------------ specs from shapes
 
 
-def linear_weight_names(cfg) -> dict:
-    """name -> (N, K) of every ``nn.Linear`` weight of the model (meta tensors, no memory)."""
+def _module_weight_shapes(cfg) -> tuple[dict, dict]:
+    """``(linear, embedding)``: name -> shape of every ``nn.Linear`` / ``nn.Embedding``
+    weight of the model (meta tensors, no memory)."""
     import torch
 
     from .importer import build_meta_model
 
     model = build_meta_model(cfg)
-    out = {}
+    linear, embedding = {}, {}
     for mname, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
-            out[f"{mname}.weight"] = tuple(module.weight.shape)
-    return out
+            linear[f"{mname}.weight"] = tuple(module.weight.shape)
+        elif isinstance(module, torch.nn.Embedding):
+            embedding[f"{mname}.weight"] = tuple(module.weight.shape)
+    return linear, embedding
+
+
+def linear_weight_names(cfg) -> dict:
+    """name -> (N, K) of every ``nn.Linear`` weight of the model (meta tensors, no memory)."""
+    return _module_weight_shapes(cfg)[0]
+
+
+def embedding_weight_names(cfg) -> dict:
+    """name -> (rows, width) of every ``nn.Embedding`` table of the model."""
+    return _module_weight_shapes(cfg)[1]
 
 
 def quantized_param_specs(cfg, quant: str, group_size: int = DEFAULT_GROUP_SIZE):
@@ -236,15 +311,21 @@ def quantized_param_specs(cfg, quant: str, group_size: int = DEFAULT_GROUP_SIZE)
     Returns ``(specs, transforms)``: ``specs`` name -> (shape, dtype) for every stored
     parameter (unquantized weights keep their fp32 spec), ``transforms`` new name ->
     :class:`ParamTransform`. Assumes every ``nn.Linear`` weight is used only as a linear
-    weight (true for BlueLM-V), which is what QuantizeWeights finds in the IR.
+    weight and every ``nn.Embedding`` table only by lookups (true for BlueLM-V), which is
+    what QuantizeWeights finds in the IR.
     """
     from .weights import model_weight_specs
 
     specs = model_weight_specs(cfg)
-    linear = linear_weight_names(cfg)
+    linear, embedding = _module_weight_shapes(cfg)
     out, transforms = {}, {}
     for name, (shape, dtype) in specs.items():
-        scheme = choose_scheme(name, *linear[name], quant, group_size) if name in linear else None
+        if name in linear:
+            scheme = choose_scheme(name, *linear[name], quant, group_size)
+        elif name in embedding:
+            scheme = choose_embedding_scheme(name, *embedding[name], quant, group_size)
+        else:
+            scheme = None
         if scheme is None:
             out[name] = (tuple(shape), "float32")
             continue
@@ -286,13 +367,17 @@ def weight_bytes_by_part(cfg, quant: str, group_size: int = DEFAULT_GROUP_SIZE) 
     return parts
 
 
-def weights_bytes_per_call(function: str, params: list, specs: dict, gathered_rows: dict) -> int:
+def weights_bytes_per_call(function: str, params: list, specs: dict, gathered_rows: dict,
+                           transforms: dict | None = None) -> int:
     """Bytes of weights one call of ``function`` reads: every parameter once, except
-    embedding tables, which are gathered (``gathered_rows[function]`` rows)."""
+    embedding tables (fp32, or their quantized rows and row scales), which are gathered
+    (``gathered_rows[function]`` rows)."""
+    transforms = transforms or {}
     total = 0
     for name in params:
         shape, dtype = specs[name]
-        if name.endswith("embed_tokens.weight") and function in gathered_rows:
+        source = transforms[name].source if name in transforms else name
+        if source.endswith("embed_tokens.weight") and function in gathered_rows:
             total += min(gathered_rows[function], shape[0]) * nbytes(shape[1:], dtype)
         else:
             total += nbytes(shape, dtype)
@@ -346,7 +431,8 @@ class StoredParams:
         for fname, fn in manifest["functions"].items():
             fn["params"] = list(self.entry_params.get(fname, fn["params"]))
             if all(p in self.specs for p in fn["params"]):
-                fn["weights_bytes_per_call"] = weights_bytes_per_call(fname, fn["params"], self.specs, gathered)
+                fn["weights_bytes_per_call"] = weights_bytes_per_call(fname, fn["params"], self.specs, gathered,
+                                                                      self.transforms)
         kinds = sorted({t.quantizer for t in self.transforms.values()})
         manifest["quant"] = quant
         manifest["quantization"] = {

@@ -12,9 +12,23 @@ function's signature (same position)::
     y = R.call_tir(int4_linear_MxNxK_g32, (x, W_int4_packed, W_int4_scales), R.Tensor((M, N)))
 
 so no fp32 or dequantized weight exists at run time; dequantization happens in the
-kernel's registers. Bias adds are left as they are. A weight is converted only if every
+kernel's registers. Bias adds are left as they are.
+
+A weight is converted only if every
 use of it is such a linear layer. Shapes the kernels do not take directly are zero-padded
 (``x`` padded along K with ``R.concat``, the output sliced back to N).
+
+Decoder embedding tables (``language_model.*``, the token embedding) used only by lookups
+``R.take(table, ids, axis=0)`` (both frontends import ``nn.Embedding`` / ONNX ``Gather``
+so; ONNX also reads ``R.shape_of(table)``, which becomes the static shape) are stored
+quantized in a row layout (INT4 + fp16 scale per group for ``w4a16*``,
+INT8 + fp32 scale per row for ``w8``; ``quantized_params.choose_embedding_scheme``) and
+the lookup becomes::
+
+    e = R.call_tir(embedding_gather_int4_TxVxK_g32, (ids, T_rows_packed, T_rows_scales), R.Tensor((T, K)))
+
+which checks every id is in ``[0, V)`` (run-time error otherwise) and dequantizes only
+the rows it gathers (``lowering/kernels/embedding.py``).
 
 The parameter transform table (new parameter -> source weight, quantizer, args) is put
 into ``table`` (``CompileOptions.extra["quantized_params"]`` in a build), where
@@ -33,11 +47,15 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..lowering.kernels import int4_linear, int8_linear
-from ..lowering.quantized_params import DEFAULT_GROUP_SIZE, choose_scheme, sanitize, scheme_params
+from ..lowering.kernels import embedding_gather, int4_linear, int8_linear
+from ..lowering.kernels.embedding import kernel_name as embedding_kernel_name
+from ..lowering.quantized_params import (DEFAULT_GROUP_SIZE, EmbeddingScheme, choose_embedding_scheme, choose_scheme,
+                                         sanitize, scheme_params)
 from .pipeline import record_stats
 
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+_TAKE = tvm.ir.Op.get("relax.take")
+_SHAPE_OF = tvm.ir.Op.get("relax.shape_of")
 _OPAQUE = 8  # relay/relax OpPatternKind kOpaque: FuseOps leaves the kernel alone
 _PARAM_NAMES = "bluelower.param_names"  # checkpoint names of the weight parameters, in order
 
@@ -96,7 +114,10 @@ class QuantizeWeights:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         rewriter = _LinearRewriter(mod)
-        stats = {"int4_layers": 0, "int8_layers": 0, "padded_layers": 0, "kept_fp32_layers": 0, "weights_quantized": 0}
+        self._tables_seen = set()  # an embedding table shared by embed and decode is counted once
+        stats = {"int4_layers": 0, "int8_layers": 0, "padded_layers": 0, "kept_fp32_layers": 0, "weights_quantized": 0,
+                 "embedding_tables_quantized": 0, "int4_embedding_lookups": 0, "int8_embedding_lookups": 0,
+                 "embedding_bytes_fp32": 0, "embedding_bytes_stored": 0}
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function) or "num_input" not in func.attrs:
                 continue
@@ -117,6 +138,14 @@ class QuantizeWeights:
             w = call.args[1].fields[1]
             if any(w.same_as(p) for p in weights):
                 linear_uses.setdefault(w, []).append(call)
+        lookups: dict = {}
+        shape_uses: dict = {}  # R.shape_of(table): the ONNX importer's negative-id wrap reads the table's rows
+        for call in _embedding_lookups(func.body):
+            if any(call.args[0].same_as(p) for p in weights):
+                lookups.setdefault(call.args[0], []).append(call)
+        for call in _shape_of_calls(func.body):
+            if call.args[0] in lookups:
+                shape_uses[call.args[0]] = shape_uses.get(call.args[0], 0) + 1
         sources = self._source_names(func, weights)
         plan = {}  # weight Var -> (scheme, [new Vars])
         new_params, new_names = [], []
@@ -126,6 +155,25 @@ class QuantizeWeights:
             if calls and len(calls) == uses.get(w, 0):
                 n, k = _static_shape(w)
                 scheme = choose_scheme(source, n, k, self.quant, self.group_size)
+            elif w in lookups and len(lookups[w]) + shape_uses.get(w, 0) == uses.get(w, 0):
+                scheme = choose_embedding_scheme(source, *_static_shape(w), self.quant, self.group_size)
+                calls = lookups[w] if scheme is not None else []
+            if isinstance(scheme, EmbeddingScheme):
+                parts = scheme_params(source, scheme)
+                new_vars = [relax.Var(sanitize(name), relax.TensorType(shape, dtype)) for name, shape, dtype, _ in parts]
+                for name, _shape, _dtype, transform in parts:
+                    self.table[name] = transform
+                plan[w] = (scheme, new_vars)
+                new_params.extend(new_vars)
+                new_names.extend(name for name, *_ in parts)
+                stats[f"{scheme.kind}_embedding_lookups"] += len(calls)
+                if source not in self._tables_seen:
+                    self._tables_seen.add(source)
+                    stats["embedding_tables_quantized"] += 1
+                    stats["embedding_bytes_fp32"] += 4 * scheme.n * scheme.k
+                    stats["embedding_bytes_stored"] += sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+                                                           for _, shape, dtype, _ in parts)
+                continue
             if scheme is None:
                 stats["kept_fp32_layers"] += len(calls)
                 new_params.append(w)
@@ -192,6 +240,40 @@ def _linear_calls(mod, body) -> list:
     return found
 
 
+def _embedding_lookups(body) -> list:
+    """``R.take(T, ids, axis=0)`` with ``T`` a 2-D static float32 Var and integer ``ids`` of static shape."""
+    found = []
+
+    def visit(node):
+        if isinstance(node, relax.Call) and _match_lookup(node):
+            found.append(node)
+
+    relax.analysis.post_order_visit(body, visit)
+    return found
+
+
+def _shape_of_calls(body) -> list:
+    found = []
+
+    def visit(node):
+        if isinstance(node, relax.Call) and node.op.same_as(_SHAPE_OF) and isinstance(node.args[0], relax.Var):
+            found.append(node)
+
+    relax.analysis.post_order_visit(body, visit)
+    return found
+
+
+def _match_lookup(call: relax.Call) -> bool:
+    if not call.op.same_as(_TAKE) or len(call.args) != 2:
+        return False
+    table, ids = call.args
+    if not isinstance(table, relax.Var) or not _is_f32(table) or int(call.attrs.axis) != 0:
+        return False
+    ts, ids_shape = _static_shape(table), _static_shape(ids)
+    return (ts is not None and len(ts) == 2 and ids_shape is not None
+            and str(ids.ty.dtype) in ("int32", "int64"))
+
+
 def _match_linear(mod, call: relax.Call):
     if not call.op.same_as(_CALL_TIR) or not isinstance(call.args[0], relax.GlobalVar):
         return None
@@ -222,6 +304,12 @@ class _LinearRewriter(PyExprMutator):  # pylint: disable=abstract-method
         self.plan = {}
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # pylint: disable=arguments-renamed
+        if self.plan and _match_lookup(call) and call.args[0] in self.plan:
+            return self._lookup(call)
+        if (self.plan and call.op.same_as(_SHAPE_OF) and call.args[0] in self.plan
+                and isinstance(self.plan[call.args[0]][0], EmbeddingScheme)):  # static: the table's shape
+            scheme = self.plan[call.args[0]][0]
+            return relax.ShapeExpr([scheme.n, scheme.k])
         matched = _match_linear(self.mod, call) if self.plan else None
         if matched is None or matched[1] not in self.plan:
             return super().visit_call_(call)
@@ -247,6 +335,24 @@ class _LinearRewriter(PyExprMutator):  # pylint: disable=abstract-method
             y = relax.op.strided_slice(self.builder_.emit(y), axes=[1], begin=[0], end=[scheme.n])
         if len(lead) != 1:
             y = relax.op.reshape(self.builder_.emit(y), relax.ShapeExpr([*lead, scheme.n]))
+        return y
+
+
+    def _lookup(self, call: relax.Call) -> relax.Expr:
+        """``take(T, ids, axis=0)`` -> gather kernel over the quantized rows (ids flattened to 1-D)."""
+        scheme, new_vars = self.plan[call.args[0]]
+        ids = self.visit_expr(call.args[1])
+        ids_shape = _static_shape(ids)
+        n_ids = int(np.prod(ids_shape)) if ids_shape else 1
+        if len(ids_shape) != 1:
+            ids = self.builder_.emit(relax.op.reshape(ids, relax.ShapeExpr([n_ids])))
+        dtype = str(ids.ty.dtype)
+        kernel = embedding_gather(scheme.kind, scheme.n, scheme.k, n_ids, scheme.group_size or 32, scheme.k_pad, dtype)
+        gv = self.builder_.add_func(kernel, embedding_kernel_name(scheme.kind, scheme.n, scheme.k, n_ids,
+                                                                 scheme.group_size))
+        y = relax.call_tir(gv, relax.Tuple([ids, *new_vars]), relax.TensorType((n_ids, scheme.k), "float32"))
+        if len(ids_shape) != 1:
+            y = relax.op.reshape(self.builder_.emit(y), relax.ShapeExpr([*ids_shape, scheme.k]))
         return y
 
 

@@ -67,6 +67,27 @@ def _check_weight(w: np.ndarray, group_size: int | None = None) -> np.ndarray:
     return np.ascontiguousarray(w, dtype=np.float32)
 
 
+def _int4_codes(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The INT4 rule on float32 ``w[N, K]``: codes ``q`` int8 ``[N, K]`` and float16 scales ``[N, K // gs]``."""
+    n, k = w.shape
+    wg = w.reshape(n, k // group_size, group_size)
+    amax = np.abs(wg).max(axis=2)  # [N, G]
+    s16 = (amax / 7.0).astype(np.float16)
+    s32 = s16.astype(np.float32)
+    inv = np.divide(1.0, s32, out=np.zeros_like(s32), where=s32 != 0)
+    q = np.clip(np.rint(wg * inv[:, :, None]), -8, 7).astype(np.int8).reshape(n, k)
+    return q, s16
+
+
+def _int8_codes(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The INT8 rule on float32 ``w[N, K]``: codes ``q`` int8 ``[N, K]`` and float32 scales ``[N]``."""
+    amax = np.abs(w).max(axis=1)
+    s = (amax / 127.0).astype(np.float32)
+    inv = np.divide(1.0, s, out=np.zeros_like(s), where=s != 0)
+    q = np.clip(np.rint(w * inv[:, None]), -127, 127).astype(np.int8)
+    return q, s
+
+
 def quantize_int4_groupwise(
     w: np.ndarray, group_size: int = 32, layout: str = "k1"
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -92,12 +113,7 @@ def quantize_int4_groupwise(
     w = _check_weight(w, group_size)
     n, k = w.shape
     g = k // group_size
-    wg = w.reshape(n, g, group_size)
-    amax = np.abs(wg).max(axis=2)  # [N, G]
-    s16 = (amax / 7.0).astype(np.float16)
-    s32 = s16.astype(np.float32)
-    inv = np.divide(1.0, s32, out=np.zeros_like(s32), where=s32 != 0)
-    q = np.clip(np.rint(wg * inv[:, :, None]), -8, 7).astype(np.int8).reshape(n, k)
+    q, s16 = _int4_codes(w, group_size)
     u = (q + 8).astype(np.uint8)  # [N, K] in [0, 15]
     u = u.reshape(n // BLOCK_ROWS, BLOCK_ROWS, k).transpose(0, 2, 1)  # [NB, K, 32]
     packed = (u[:, :, :_HALF] | (u[:, :, _HALF:] << 4)).astype(np.uint8)
@@ -169,10 +185,7 @@ def quantize_int8_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     w = _check_weight(w)
     n, k = w.shape
-    amax = np.abs(w).max(axis=1)
-    s = (amax / 127.0).astype(np.float32)
-    inv = np.divide(1.0, s, out=np.zeros_like(s), where=s != 0)
-    q = np.clip(np.rint(w * inv[:, None]), -127, 127).astype(np.int8)
+    q, s = _int8_codes(w)
     packed = q.reshape(n // BLOCK_ROWS, BLOCK_ROWS, k).transpose(0, 2, 1)
     return np.ascontiguousarray(packed), s
 
@@ -185,6 +198,66 @@ def dequantize_int8_per_channel(packed: np.ndarray, scales: np.ndarray) -> np.nd
         raise ValueError(f"packed INT8 weight must have shape [N//32, K, 32], got {packed.shape}")
     q = packed.transpose(0, 2, 1).reshape(nb * BLOCK_ROWS, k).astype(np.float32)
     return q * np.asarray(scales, dtype=np.float32)[:, None]
+
+
+# ------------------------------------------------------------------ row layouts (embedding tables)
+#
+# An embedding lookup reads whole rows, so tables are stored row-major (one row's codes and
+# scales contiguous) with the same quantization rules as the linear weights:
+#
+#   INT4 rows: packed uint8 [N, K // 2], byte [n, j] = u(n, 2j) | (u(n, 2j + 1) << 4), u = q + 8;
+#              scales float16 [N, K // group_size]
+#   INT8 rows: packed int8 [N, K] = q;  scales float32 [N]  (per row)
+#
+# N (the vocabulary) needs no padding; K must be a multiple of the group size (INT4).
+
+
+def _check_rows(w: np.ndarray, group_size: int | None = None) -> np.ndarray:
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"embedding table must be 2-D [rows, width], got shape {w.shape}")
+    if group_size is not None and (group_size <= 0 or group_size % 2 or w.shape[1] % group_size):
+        raise ValueError(f"width {w.shape[1]} must be a multiple of an even group_size = {group_size}")
+    return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def quantize_int4_rows(w: np.ndarray, group_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize a table ``w[N, K]`` to INT4 row layout: ``(packed uint8 [N, K//2], scales float16 [N, K//gs])``.
+
+    Same codes and scales as :func:`quantize_int4_groupwise` (4.5 bits per element for gs 32)."""
+    w = _check_rows(w, group_size)
+    q, s16 = _int4_codes(w, group_size)
+    u = (q + 8).astype(np.uint8)
+    packed = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(packed), np.ascontiguousarray(s16)
+
+
+def dequantize_int4_rows(packed: np.ndarray, scales: np.ndarray, group_size: int = 32) -> np.ndarray:
+    """Reference dequantization of :func:`quantize_int4_rows`: float32 ``[N, K]``."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    n, half = packed.shape
+    k = 2 * half
+    scales = np.asarray(scales)
+    if scales.shape != (n, k // group_size):
+        raise ValueError(f"scales shape {scales.shape} does not match INT4 rows {packed.shape} "
+                         f"with group_size={group_size}")
+    q = np.empty((n, k), np.float32)
+    q[:, 0::2] = (packed & 0x0F).astype(np.float32) - 8
+    q[:, 1::2] = (packed >> 4).astype(np.float32) - 8
+    s = scales.astype(np.float32)
+    return (q.reshape(n, k // group_size, group_size) * s[:, :, None]).reshape(n, k)
+
+
+def quantize_int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize a table ``w[N, K]`` to INT8 rows: ``(codes int8 [N, K], scales float32 [N])``
+    (the rule of :func:`quantize_int8_per_channel`, unblocked)."""
+    q, s = _int8_codes(_check_rows(w))
+    return np.ascontiguousarray(q), s
+
+
+def dequantize_int8_rows(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Reference dequantization of :func:`quantize_int8_rows`: float32 ``[N, K]``."""
+    return np.asarray(packed).astype(np.float32) * np.asarray(scales, dtype=np.float32)[:, None]
 
 
 def packed_nbytes(packed: np.ndarray, scales: np.ndarray) -> int:

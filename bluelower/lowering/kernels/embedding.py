@@ -1,0 +1,105 @@
+"""Embedding lookup over a quantized table (``QuantizeWeights``, ``--quant w8 / w4a16*``).
+
+``embedding_gather(kind, rows, width, n_ids)`` builds a TIR PrimFunc (private, destination
+passing) that replaces ``R.take(table, ids, axis=0)``::
+
+    out[t, k] = dequant(table)[ids[t], k]          t < n_ids, k < width
+
+reading only the ``n_ids`` rows it returns from the row layouts of
+:mod:`bluelower.lowering.kernels.quant` (``quantize_int4_rows`` / ``quantize_int8_rows``):
+
+* ``int4``: ``ids`` [n_ids], ``packed`` uint8 ``[rows, width_pad // 2]``, ``scales`` float16
+  ``[rows, width_pad // group_size]``; ``out = float32(code - 8) * float32(scale)``.
+* ``int8``: ``ids`` [n_ids], ``packed`` int8 ``[rows, width_pad]``, ``scales`` float32
+  ``[rows]``; ``out = float32(code) * scale``.
+
+Both products are one float32 multiply, so the result equals the numpy reference
+dequantization bit for bit. Every id must lie in ``[0, rows)``: the kernel checks all of
+them first and fails with "token id out of range of the embedding table" before reading
+any row (the fp32 ``R.take(..., mode="fast")`` it replaces does no check at all).
+"""
+
+from __future__ import annotations
+
+import json
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+_OPAQUE = 8  # FuseOps leaves the kernel alone
+ERROR = "token id out of range of the embedding table"
+
+
+def embedding_gather(kind: str, rows: int, width: int, n_ids: int, group_size: int = 32,
+                     width_pad: int | None = None, index_dtype: str = "int64") -> tirx.PrimFunc:
+    """The gather kernel for a ``kind`` (``int4`` | ``int8``) table of ``rows x width``
+    (stored ``width_pad`` wide, zero-padded) and ``n_ids`` ids. Parameters in call order:
+    ``ids``, ``packed``, ``scales``, output ``out`` float32 ``[n_ids, width]``."""
+    width_pad = width if width_pad is None else int(width_pad)
+    V, K, KP, N = int(rows), int(width), int(width_pad), int(n_ids)
+    if min(V, K, N) < 1 or KP < K:
+        raise ValueError(f"embedding_gather: bad shape rows={V} width={K} width_pad={KP} n_ids={N}")
+    if kind == "int4":
+        if group_size <= 0 or group_size % 2 or KP % group_size:
+            raise ValueError(f"embedding_gather: width_pad {KP} must be a multiple of an even group size {group_size}")
+        f = _int4(V, K, KP, N, int(group_size), index_dtype)
+    elif kind == "int8":
+        f = _int8(V, K, KP, N, index_dtype)
+    else:
+        raise ValueError(f"embedding_gather: unknown kind {kind!r} (int4 | int8)")
+    args = dict(kind=kind, rows=V, width=K, width_pad=KP, n_ids=N, group_size=int(group_size) if kind == "int4" else 0,
+                index_dtype=index_dtype)
+    return (f.with_attr("op_pattern", _OPAQUE)
+            .with_attr("bluelower.kernel", kernel_name(kind, V, K, N, group_size))
+            .with_attr("bluelower.kernel_args", json.dumps(args, sort_keys=True)))
+
+
+def kernel_name(kind: str, rows: int, width: int, n_ids: int, group_size: int = 32) -> str:
+    suffix = f"_g{group_size}" if kind == "int4" else ""
+    return f"embedding_gather_{kind}_{n_ids}x{rows}x{width}{suffix}"
+
+
+def _int4(V, K, KP, N, gs, index_dtype):
+    H = KP // 2
+    G = KP // gs
+    KH = K // 2  # full bytes of the output row; an odd width takes the low nibble of one more
+
+    @T.prim_func(private=True)
+    def f(
+        ids: T.Buffer((N,), index_dtype),
+        packed: T.Buffer((V, H), "uint8"),
+        scales: T.Buffer((V, G), "float16"),
+        out: T.Buffer((N, K), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for t in range(N):
+            assert 0 <= ids[t] and ids[t] < T.Cast(index_dtype, V), ERROR
+        for t in range(N):
+            for j in range(KH):
+                out[t, 2 * j] = T.Cast("float32", T.Cast("int32", packed[ids[t], j] & T.uint8(15)) - 8) \
+                    * T.Cast("float32", scales[ids[t], (2 * j) // gs])
+                out[t, 2 * j + 1] = T.Cast("float32", T.Cast("int32", packed[ids[t], j] >> T.uint8(4)) - 8) \
+                    * T.Cast("float32", scales[ids[t], (2 * j + 1) // gs])
+            for j in range(K - 2 * KH):  # odd width: the last column
+                out[t, K - 1] = T.Cast("float32", T.Cast("int32", packed[ids[t], KH + j] & T.uint8(15)) - 8) \
+                    * T.Cast("float32", scales[ids[t], (K - 1) // gs])
+
+    return f
+
+
+def _int8(V, K, KP, N, index_dtype):
+    @T.prim_func(private=True)
+    def f(
+        ids: T.Buffer((N,), index_dtype),
+        packed: T.Buffer((V, KP), "int8"),
+        scales: T.Buffer((V,), "float32"),
+        out: T.Buffer((N, K), "float32"),
+    ):
+        T.func_attr({"tir.noalias": True})
+        for t in range(N):
+            assert 0 <= ids[t] and ids[t] < T.Cast(index_dtype, V), ERROR
+        for t in range(N):
+            for k in range(K):
+                out[t, k] = T.Cast("float32", packed[ids[t], k]) * scales[ids[t]]
+
+    return f
