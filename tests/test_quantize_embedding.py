@@ -270,3 +270,16 @@ def test_out_of_range_prompt_is_one_line_error(tiny_build):
     result = CliRunner().invoke(cli, ["-q", "run", out, "--prompt-ids", "1,512", "--max-new-tokens", "2"])
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "[0, 512)" in result.output
+
+
+def test_schedule_cost_reads_only_the_gathered_rows():
+    from bluelower.passes.schedule_operators import _read_bytes
+
+    mod = QuantizeWeights("w4a16kv8")(_embed_module(4, 64, 64))
+    func = mod["embed"]
+    call = next(b.value for blk in func.body.blocks for b in blk.bindings
+                if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op)
+                and b.value.op.name == "relax.call_tir")
+    packed, scales = func.params[1], func.params[2]
+    assert _read_bytes(call, packed) == 4 * 32  # 4 rows of 64 nibbles, not the 64-row table
+    assert _read_bytes(call, scales) == 4 * 2 * 2

@@ -107,7 +107,8 @@ def _call_args(value) -> list:
 def _read_bytes(value, arg) -> float:
     """DRAM bytes ``value`` reads of its argument ``arg``.
 
-    A gather (embedding lookup) reads only the rows it returns; a KV-cache write
+    A gather (embedding lookup, also QuantizeWeights' ``embedding_gather`` kernel over a
+    quantized table) reads only the rows it returns; a KV-cache write
     (call_tir_inplace) reads none of the cache it updates; a fused
     attention over the 5-D cache ``[layers, 2, kv_heads, capacity, head_dim]`` reads one
     layer's keys (or values), not the whole cache; everything else reads the whole tensor.
@@ -121,6 +122,12 @@ def _read_bytes(value, arg) -> float:
                 return 0.0
         if name == "relax.take" and value.args[0].same_as(arg):  # a gather reads only the rows it takes
             return _nbytes(value.ty)
+        if (name == "relax.call_tir" and value.args[0].name_hint.startswith("embedding_gather")
+                and any(a.same_as(arg) for a in _call_args(value)[1:])):  # quantized table: only the gathered rows
+            shape = _shape(arg.ty)
+            rows = _shape(value.ty)
+            if shape and rows:
+                return _nbytes(arg.ty) / shape[0] * rows[0]
         if name == "relax.call_tir" and value.args[0].name_hint.startswith(_ATTENTION_KERNELS):
             shape = _shape(arg.ty)
             if shape is not None and len(shape) == 5:
