@@ -46,6 +46,8 @@ raise ``ValueError``. Any ``M >= 1``.
 
 from __future__ import annotations
 
+import functools
+
 import tvm
 from tvm import tirx
 from tvm.script import tirx as T
@@ -140,6 +142,7 @@ def _finish(func: tirx.PrimFunc, bias: bool, name: str) -> tirx.PrimFunc:
 # --------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)  # pure in its arguments; TVMScript parsing costs ~0.1-1 s a kernel
 def int4_linear(
     M: int,
     N: int,
@@ -398,6 +401,7 @@ def _int4_gemm(M, N, K, gs, out_dtype, has_bias, MT, k4):
 # --------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)  # pure in its arguments; TVMScript parsing costs ~0.1-1 s a kernel
 def int8_linear(
     M: int,
     N: int,
@@ -516,6 +520,7 @@ _FP32_GEMV_ROWS = 4
 _FP32_GEMV_LANES = 16
 
 
+@functools.lru_cache(maxsize=None)  # pure in its arguments; TVMScript parsing costs ~0.1-1 s a kernel
 def fp32_linear(
     M: int,
     N: int,
