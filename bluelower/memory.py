@@ -20,12 +20,13 @@ functional cache update) are counted as a second cache (``kv_copy_bytes``); afte
 ``PlanKVCache`` the functions return the cache they were given and there is none.
 
 Weight bytes: ``QuantizeWeights``' parameter table (``lowering/quantized_params.py``) for
-every linear weight when it is available, else the same formula (int4: 0.5 B + fp16 scale
-per 32 along K; int8: 1 B + fp32 scale per output channel). Weights QuantizeWeights keeps
-in fp32 (embedding table, norms, patch-embedding conv, position embedding) are counted as
-*assumed* by the deployment: ``w4a16*``: the embedding table int4 + fp16 scale per 32 (a
-lookup dequantizes only the gathered rows; MLC-LLM's q4f16 does the same), the rest fp16;
-``w8``: the embedding table int8 + fp32 scale per row, the rest fp32; ``fp32``: 4 B.
+every linear weight and the token-embedding table, i.e. exactly the parameters a build
+writes for them (``w4a16*``: the table INT4 + fp16 scale per 32, row layout, a lookup
+dequantizes only the gathered rows; ``w8``: INT8 + fp32 scale per row); without it the
+same formula (int4: 0.5 B + fp16 scale per 32 along K; int8: 1 B + fp32 scale per output
+channel / row). Weights QuantizeWeights keeps in fp32 (norms, patch-embedding conv,
+position embedding, biases) are counted as *assumed* by the deployment: fp16 in
+``w4a16*``, fp32 in ``w8``; ``fp32``: 4 B.
 Activations are planned at the mode's activation width: fp32 for ``fp32`` / ``w8``, fp16
 for ``w4a16*`` (an fp32 graph is planned with 2-byte float elements). ``kv8``: the cache
 is int8 + an fp16 scale per (token, head).
@@ -92,7 +93,7 @@ def weight_bytes(cfg, quant: str) -> tuple[dict, str]:
         from .lowering.quantized_params import nbytes, quantized_param_specs
 
         qspecs, transforms = quantized_param_specs(cfg, quant)
-        how = "QuantizeWeights parameter specs (linear weights) + assumed storage of the others"
+        how = "QuantizeWeights parameter specs (linear weights, token-embedding table) + assumed storage of the others"
         for name, (shape, dtype) in qspecs.items():
             if name in transforms:
                 src = transforms[name].source
