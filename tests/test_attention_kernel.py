@@ -125,3 +125,35 @@ def test_unknown_schedule_is_an_error():
     with pytest.raises(ValueError, match="schedule"):
         fused_attention(rows=4, q_heads=4, rep=1, q_len=1, head_dim=4, kv_len=8, k_shape=(4, 8, 4), k_prefix=(),
                         v_shape=(4, 8, 4), v_prefix=(), scale=1.0, schedule="fast")
+
+
+# --- kv_cache_write (fp32): one capacity check per element, one assert per call ----------
+
+
+def test_kv_cache_write_checks_every_element_with_one_assert():
+    from bluelower.lowering.kernels.attention import kv_cache_write
+
+    cs, us = (3, 2, 2, 16, 6), (2, 2, 5, 6)  # [L, k|v, heads, capacity, D]; 5 new rows at axis 2
+    func = kv_cache_write(cache_shape=cs, prefix=(1,), axis=2, update_shape=us)
+    asserts = [line for line in str(func).splitlines() if line.strip().startswith("assert")]
+    # one assert at the top level of the body, not one inside the element loop (LLVM compile time)
+    assert len(asserts) == 1 and len(asserts[0]) - len(asserts[0].lstrip()) == 4, asserts
+    f = _compile(func)
+    rng = np.random.default_rng(3)
+    upd = rng.standard_normal(us).astype(np.float32)
+    idx = np.broadcast_to(np.arange(9, 14, dtype=np.int64)[None, None, :, None], us).copy()
+    idx[1, 1, 4, 5] = 15  # scatter semantics: an element may go elsewhere in its row's column
+    cache = np.zeros(cs, np.float32)
+    c = tvm.runtime.tensor(cache)
+    f(c, tvm.runtime.tensor(idx), tvm.runtime.tensor(upd))
+    expected = cache.copy()
+    for i0, i1, i2, i3 in np.ndindex(*us):
+        expected[1, i0, i1, idx[i0, i1, i2, i3], i3] = upd[i0, i1, i2, i3]
+    np.testing.assert_array_equal(c.numpy(), expected)
+    for where, value in (((1, 1, 4, 5), 16), ((0, 0, 0, 0), -1)):  # the last element / a negative one
+        bad = idx.copy()
+        bad[where] = value
+        before = c.numpy()
+        with pytest.raises(Exception, match="beyond its capacity"):
+            f(c, tvm.runtime.tensor(bad), tvm.runtime.tensor(upd))
+        np.testing.assert_array_equal(c.numpy(), before)  # nothing written

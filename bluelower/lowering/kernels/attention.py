@@ -488,15 +488,23 @@ def kv_cache_write(*, cache_shape: tuple, prefix: tuple, axis: int, update_shape
     ``R.call_tir_inplace(..., inplace_indices=[0])``), ``index`` and ``update`` of shape
     ``update_shape``. Every index must lie in ``[0, cache_shape[len(prefix) + axis])``;
     otherwise the call fails with a run-time error before anything is written.
+
+    Every element's index is checked (scatter semantics: the indices of a row need not
+    agree), but into one "any out of range" flag with a single assert after the loop: an
+    assert per element (a branch to an error exit per element) took LLVM 13 s per layer
+    on an idle machine, ~6 min under load, for a 128-row chunk of the 3B decoder; the flag
+    loop compiles in a fraction of a second. Both loops run over rows (all axes but the
+    last) and then the contiguous last axis, so only the row index is divided out.
     """
     cap = int(cache_shape[len(prefix) + axis])
-    n = _prod(update_shape)
     rank = len(update_shape)
     cs, us = tuple(int(x) for x in cache_shape), tuple(int(x) for x in update_shape)
-    strides = [_prod(update_shape[i + 1:]) for i in range(rank)]
+    D = us[-1]
+    rows = _prod(us[:-1])
+    strides = [_prod(us[i + 1:-1]) for i in range(rank - 1)]
 
-    def unflat(j):
-        return tuple((j // strides[i]) % int(update_shape[i]) for i in range(rank))
+    def at(r, d):
+        return tuple((r // strides[i]) % us[i] for i in range(rank - 1)) + (d,)
 
     @T.prim_func(private=True)
     def write(
@@ -505,12 +513,16 @@ def kv_cache_write(*, cache_shape: tuple, prefix: tuple, axis: int, update_shape
         update: T.Buffer(us, dtype),
     ):
         T.func_attr({"tir.noalias": True})
-        for j in range(n):
-            assert 0 <= index_[unflat(j)] and index_[unflat(j)] < T.int64(cap), (
-                "KV cache write beyond its capacity: a position is >= kv_capacity"
-            )
-        for j in range(n):
-            cache[tuple(prefix) + _with_axis(unflat(j), axis, index_[unflat(j)])] = update[unflat(j)]
+        bad = T.alloc_buffer((1,), "int32", scope="global")
+        bad[0] = 0
+        for r in range(rows):
+            for d in range(D):
+                bad[0] = bad[0] | T.Cast("int32", index_[at(r, d)] < T.Cast(index_dtype, 0)
+                                         or index_[at(r, d)] >= T.Cast(index_dtype, cap))
+        assert bad[0] == 0, "KV cache write beyond its capacity: a position is >= kv_capacity"
+        for r in range(rows):
+            for d in range(D):
+                cache[tuple(prefix) + _with_axis(at(r, d), axis, index_[at(r, d)])] = update[at(r, d)]
 
     args = dict(cache_shape=list(cs), prefix=[int(x) for x in prefix], axis=int(axis), update_shape=list(us),
                 dtype=dtype, index_dtype=index_dtype)
