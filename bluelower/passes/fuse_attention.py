@@ -16,9 +16,11 @@ last two axes swap), the GQA head repeat ``reshape(broadcast_to(expand_dims(K, h
 constant ``take(x, i, axis=0)`` slices of the KV cache (layer, k/v).
 
 Ensures: each match becomes ``R.call_tir(attention_kernel, (q, k_src, v_src[, pos][, mask]))``
-(:func:`bluelower.lowering.kernels.attention.fused_attention`): online softmax per query
-row; K/V read from their source (the cache, un-repeated) through constant leading indices;
-with a causal mask the kernel reads only keys ``0 .. pos[t]``. The replaced operators are
+(:func:`bluelower.lowering.kernels.attention.fused_attention`): block-wise online softmax,
+one task per GQA group (the ``rep`` query heads sharing a KV head read each K/V row once);
+K/V read from their source (the cache, un-repeated) through constant leading indices;
+with a causal mask the kernel reads only keys ``0 .. pos[t]`` (a task of several query
+positions: up to its largest ``pos``, the other rows' later keys masked to ``p = 0``). The replaced operators are
 removed when nothing else uses them. Stats: ``fused`` (total) and ``per_function``.
 The kernels carry ``bluelower.kernel_args``; for ``--quant w4a16kv8`` ``QuantizeKVCache``
 swaps those reading the cache for their INT8 variants (dequantize on read).

@@ -12,6 +12,10 @@ indices (``k_prefix``/``v_prefix``: layer, k-or-v), with the GQA head mapping
 ``kv_head = (bh % q_heads) // rep`` instead of a materialized repeat. With ``causal`` the
 kernel takes ``pos [T]`` (int64, the absolute position of each query row) and reads only
 keys ``0 .. pos[t]`` (the loop bound comes from ``pos``, not the capacity).
+Two schedules: ``grouped`` (the default; one task per KV head's GQA group and a few query
+positions, keys in blocks of ``ATT_BLOCK`` with vectorized dots, exps and V accumulation,
+see :func:`_grouped_attention` and docs/kernels.md) and ``rowwise`` (the first, scalar
+kernel: one task per query row; kept as a reference and for the benchmark).
 
 ``kv_cache_write``: ``cache[prefix, ..., index[j], ...] = update[j]`` (a scatter along
 ``axis`` of the slice ``cache[prefix]``), written in place; every index is checked against
