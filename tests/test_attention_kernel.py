@@ -157,3 +157,14 @@ def test_kv_cache_write_checks_every_element_with_one_assert():
         with pytest.raises(Exception, match="beyond its capacity"):
             f(c, tvm.runtime.tensor(bad), tvm.runtime.tensor(upd))
         np.testing.assert_array_equal(c.numpy(), before)  # nothing written
+
+
+@pytest.mark.parametrize("q_len", [1, 128])
+def test_grouped_compiles_for_aarch64(q_len):
+    from bluelower.lowering.kernels import AARCH64_TARGET
+
+    cs = (2, 2, 8, 256, D + KV_SCALE_BYTES)
+    func = fused_attention(rows=32, q_heads=32, rep=4, q_len=q_len, head_dim=D, kv_len=256, k_shape=cs,
+                           k_prefix=(1, 0), v_shape=cs, v_prefix=(1, 1), scale=D ** -0.5, causal=True, kv_int8=True)
+    ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=AARCH64_TARGET)
+    assert ex is not None
