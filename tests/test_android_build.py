@@ -282,3 +282,16 @@ def test_full_android_build_with_a_fake_ndk(tmp_path):
     assert b"$ORIGIN/../lib" in binary and device.cache_dir().encode() not in binary  # RUNPATH: no build paths
     with pytest.raises(BlueLowerError, match="Android bundle: run it on the phone"):
         device.native_command(str(tmp_path / "out"), [])
+    # the fake NDK produced glibc binaries, so this bundle runs under qemu: the CMake-built
+    # runtime and the android-triple model.so generate the PyTorch reference tokens
+    qemu = shutil.which("qemu-aarch64")
+    if qemu and os.path.isdir(device.QEMU_SYSROOT):
+        from bluelower.generate import generate, reference_for_build
+
+        out = str(tmp_path / "out")
+        env = dict(os.environ, LD_LIBRARY_PATH=os.path.join(out, "lib"), TVM_NUM_THREADS="1")
+        run = subprocess.run([qemu, "-L", device.QEMU_SYSROOT, os.path.join(out, "bin", "bluelower-run"), out,
+                              "--prompt-ids", "1,2,3", "--max-new-tokens", "6", "--json"],
+                             env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout)["tokens"] == generate(reference_for_build(out), None, [1, 2, 3], 6).tokens
