@@ -43,8 +43,9 @@ from .pipeline import record_stats
 
 _MATMUL_KERNELS = ("NT_matmul", "matmul", "int4_linear", "int8_linear")
 _ATTENTION_KERNELS = ("fused_attention",)
-#: APU tasks compute at the first of these rates the APU has (float activations -> fp16).
-APU_COMPUTE_DTYPES = ("fp16", "int16", "int8")
+#: APU tasks compute at the first of these rates the APU has (float activations -> fp16;
+#: an APU whose float kinds list only bf16 or fp32 computes its partitions in that dtype).
+APU_COMPUTE_DTYPES = ("fp16", "bf16", "int16", "int8", "fp32")
 CPU_COMPUTE_DTYPES = ("fp32",)
 DEFAULT_IMAGE_GRID = (2, 4)
 
