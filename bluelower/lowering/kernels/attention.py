@@ -408,6 +408,7 @@ def _grouped_attention(*, BH, q_heads, rep, Tq, D, S, ks, vs, k_prefix, v_prefix
         T.func_attr({"tir.noalias": True})
         for task in T.parallel(NT):
             acc = T.alloc_buffer((R, D), "float32", scope="global")
+            qs = T.alloc_buffer((R * D,), "float32", scope="global")  # the task's query rows, contiguous
             sc = T.alloc_buffer((BS * R,), "float32", scope="global")  # [key, row]: scores, then p (x V row scale)
             svb = T.alloc_buffer((BS,), "float32", scope="global")  # V row scales of the block
             part = T.alloc_buffer((R * L,), "float32", scope="global")  # register tile: partial dots
@@ -425,16 +426,17 @@ def _grouped_attention(*, BH, q_heads, rep, Tq, D, S, ks, vs, k_prefix, v_prefix
                 lim[r] = row_nk(pos, q_t(task, r))
                 for d in T.vectorized(D):
                     acc[r, d] = T.float32(0)
+                    qs[r * D + d] = T.Cast("float32", q[q_row(task, r), q_t(task, r), d])
             for blk in range((task_nk(pos, task) + BS - 1) // BS):
                 for j in range(block_n(pos, task, blk)):
                     for r in T.unroll(R):
                         for l in T.vectorized(L):
-                            part[r * L + l] = q[q_row(task, r), q_t(task, r), l] * T.Cast(
+                            part[r * L + l] = qs[r * D + l] * T.Cast(
                                 "float32", k[kk(task, blk * BS + j, l)])
                     for dc in T.unroll(DC - 1):
                         for r in T.unroll(R):
                             for l in T.vectorized(L):
-                                part[r * L + l] = part[r * L + l] + q[q_row(task, r), q_t(task, r), (dc + 1) * L + l] * T.Cast(
+                                part[r * L + l] = part[r * L + l] + qs[r * D + (dc + 1) * L + l] * T.Cast(
                                     "float32", k[kk(task, blk * BS + j, (dc + 1) * L + l)])
                     if shuffle_sum:
                         sc[rows(j * R)] = dots(part) * bc(k_mult(k, task, blk * BS + j))
