@@ -4,9 +4,10 @@ Which operators the APU takes is data: :data:`RELAX_OP_KINDS` and :data:`TIR_KER
 map Relax operators and bluelower's own call_tir kernels to the operator kinds of the SoC
 file (``[apu] ops``); the SoC file says which kinds the APU runs and in which dtypes. An
 operator runs on the APU in the dtype given by the APU precision rules
-(:func:`apu_dtype`, docs/apu-partitions.md):
+(:func:`apu_kinds`, docs/apu-partitions.md):
 
-* float tensors (fp32 on the host) are computed in **fp16** on the APU;
+* float tensors (fp32 on the host) are computed in the APU's float dtype for the
+  operator's kinds: the first of fp16, bf16, fp32 the SoC file lists (``Apu.float_dtype``);
 * a linear layer runs in its **weight** dtype: fp16 for float weights, ``int8`` for
   ``int8_linear`` kernels, ``int4`` for ``int4_linear`` kernels (``--quant w8 / w4a16``),
   so an APU that lists no ``int4`` for ``matmul`` keeps INT4 linear kernels on the CPU;
@@ -24,7 +25,7 @@ Relax function ``<entry>_apu<k>`` with attributes ``bluelower.unit = "apu"``,
 ``bluelower.entry``, ``bluelower.apu_dtype``, ``bluelower.apu_ops`` (operator count) and
 ``bluelower.apu_op_kinds``; the entry calls it in place of the run. A run longer than
 ``apu.max_ops_per_graph`` operators is split. Partitions remain ordinary Relax, so the
-CPU build compiles and runs them (the APU's numerics are not emulated: fp32 on the host).
+CPU build compiles and runs them (EmulateAPUNumerics then adds the APU's rounding).
 Functions in ``cpu_functions`` (the patch-embedding Conv2D stage, which the BlueLM-V
 design runs on the CPU, overlapped with the APU's ViT blocks) and SoCs without an APU
 get no partitions. Identical runs (two decoder layers of the same shapes) share one
