@@ -145,6 +145,14 @@ def main(argv=None):
         fills = [int(x) for x in args.fills.split(",")]
     except ValueError:
         raise SystemExit(f"error: --fills must be a comma list of ints, got {args.fills!r}") from None
+    if not 1 <= args.chunk <= dims["capacity"]:
+        raise SystemExit(f"error: --chunk must be in [1, {dims['capacity']}], got {args.chunk}")
+    for fill in fills:
+        if not 1 <= fill <= dims["capacity"] or ("prefill" in args.cases and fill == max(fills) and fill < args.chunk):
+            raise SystemExit(f"error: --fills: {fill} must be in [1, {dims['capacity']}] (and >= --chunk for the "
+                             "prefill case, which uses the largest fill)")
+    if args.repeat < 0 or args.rotate_mb < 0:
+        raise SystemExit("error: --repeat and --rotate-mb must be >= 0")
 
     target = host_target()
     rng = np.random.default_rng(0)
