@@ -163,3 +163,13 @@ def test_padded_vit_is_one_apu_partition_on_dimensity9300(tmp_path):
     old.write_text(text)
     _, before = run_pass(PartitionForAPU(load_soc(str(old))), mod)
     assert before["partitions"]["encode_image_blocks"] == 4
+
+
+def test_bad_accumulate_is_a_one_line_error(tmp_path):
+    from bluelower.errors import BlueLowerError
+
+    path = write_soc(tmp_path, "bad-acc", max_ops=4)
+    text = open(path).read().replace("image_batch = 2", 'image_batch = 2\naccumulate = "int8"')
+    open(path, "w").write(text)
+    with pytest.raises(BlueLowerError, match=r"'apu.accumulate': must be one of fp32, fp16, got 'int8'"):
+        load_soc(path)
