@@ -77,6 +77,13 @@ def _nt_matmul(x_shape: tuple, n: int) -> tirx.PrimFunc:
     return next(f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc))
 
 
+# The kernels depend only on their shapes: build each once per process, not once per layer
+# (32 decoder layers x 7 linear layers x entries in BlueLM-V-3B; TVMScript parsing dominates).
+_int4_linear = functools.lru_cache(maxsize=None)(int4_linear)
+_int8_linear = functools.lru_cache(maxsize=None)(int8_linear)
+_embedding_gather = functools.lru_cache(maxsize=None)(embedding_gather)
+
+
 def _static_shape(expr) -> tuple | None:
     ty = expr.ty
     if not isinstance(ty, relax.TensorType) or ty.shape is None or not isinstance(ty.shape, relax.ShapeExpr):
@@ -324,10 +331,10 @@ class _LinearRewriter(PyExprMutator):  # pylint: disable=abstract-method
             zeros = relax.op.zeros(relax.ShapeExpr([m, scheme.k_pad - scheme.k]), "float32")
             x = self.builder_.emit(relax.op.concat([x, zeros], axis=1))
         if scheme.kind == "int4":
-            kernel = int4_linear(m, scheme.n_pad, scheme.k_pad, scheme.group_size)
+            kernel = _int4_linear(m, scheme.n_pad, scheme.k_pad, scheme.group_size)
             name = f"int4_linear_{m}x{scheme.n_pad}x{scheme.k_pad}_g{scheme.group_size}"
         else:
-            kernel = int8_linear(m, scheme.n_pad, scheme.k_pad)
+            kernel = _int8_linear(m, scheme.n_pad, scheme.k_pad)
             name = f"int8_linear_{m}x{scheme.n_pad}x{scheme.k_pad}"
         gv = self.builder_.add_func(kernel.with_attr("op_pattern", _OPAQUE), name)
         y = relax.call_tir(gv, relax.Tuple([x, *new_vars]), relax.TensorType((m, scheme.n_pad), "float32"))
@@ -347,7 +354,7 @@ class _LinearRewriter(PyExprMutator):  # pylint: disable=abstract-method
         if len(ids_shape) != 1:
             ids = self.builder_.emit(relax.op.reshape(ids, relax.ShapeExpr([n_ids])))
         dtype = str(ids.ty.dtype)
-        kernel = embedding_gather(scheme.kind, scheme.n, scheme.k, n_ids, scheme.group_size or 32, scheme.k_pad, dtype)
+        kernel = _embedding_gather(scheme.kind, scheme.n, scheme.k, n_ids, scheme.group_size or 32, scheme.k_pad, dtype)
         gv = self.builder_.add_func(kernel, embedding_kernel_name(scheme.kind, scheme.n, scheme.k, n_ids,
                                                                  scheme.group_size))
         y = relax.call_tir(gv, relax.Tuple([ids, *new_vars]), relax.TensorType((n_ids, scheme.k), "float32"))
