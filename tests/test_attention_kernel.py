@@ -168,3 +168,29 @@ def test_grouped_compiles_for_aarch64(q_len):
                            k_prefix=(1, 0), v_shape=cs, v_prefix=(1, 1), scale=D ** -0.5, causal=True, kv_int8=True)
     ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=AARCH64_TARGET)
     assert ex is not None
+
+
+@pytest.mark.parametrize("layer", [0, 1, 5])
+def test_per_layer_kernels_are_stamped_from_one_parse(layer):
+    """The builders parse once per shape and specialize the layer constants: the result must be
+    structurally equal to a direct build of that layer's kernel (names, attrs, body)."""
+    import tvm_ffi
+
+    from bluelower.lowering.kernels.attention import kv_cache_write, kv_cache_write_int8
+
+    cs8, cs = (6, 2, KVH, 64, 16 + KV_SCALE_BYTES), (6, 2, KVH, 64, 16)
+    cases = [
+        (kv_cache_write, dict(cache_shape=cs, prefix=(layer,), axis=2, update_shape=(2, KVH, 3, 16))),
+        (kv_cache_write_int8, dict(cache_shape=cs8, prefix=(layer,), axis=2, update_shape=(2, KVH, 3, 16))),
+    ]
+    for kv_int8, shape in ((False, cs), (True, cs8)):
+        for q_len in (1, 3):
+            cases.append((fused_attention, dict(rows=QH, q_heads=QH, rep=REP, q_len=q_len, head_dim=16, kv_len=64,
+                                                k_shape=shape, k_prefix=(layer, 0), v_shape=shape, v_prefix=(layer, 1),
+                                                scale=0.25, causal=True, kv_int8=kv_int8)))
+    for builder, kw in cases:
+        stamped, direct = builder(**kw), builder.direct(**kw)
+        assert tvm_ffi.structural_equal(stamped, direct), (builder.__name__, kw)
+        assert stamped.attrs.get("bluelower.kernel_args") == direct.attrs.get("bluelower.kernel_args")
+        assert all(isinstance(p, tvm.tirx.Var) and not str(p.name).startswith("bluelower_prefix")
+                   for p in stamped.params)

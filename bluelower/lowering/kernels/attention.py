@@ -24,6 +24,7 @@ the capacity first (a run-time error, never an out-of-bounds write).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -39,10 +40,85 @@ KV_SCALE_BYTES = 4  # INT8 cache rows: head_dim int8 codes, then the row's float
 _NEG_BIG = -3.4028234663852886e38  # finite "-inf" start for the running max: no inf - inf
 
 
+
+# --- one parse per shape, stamped per layer ------------------------------------------------
+#
+# The passes ask for one kernel per layer: the layer (and k-or-v) is a constant leading index
+# into the whole KV cache. The kernels differ only in those constants, and TVMScript parsing
+# costs ~0.5-1.5 s a kernel (mostly ``inspect.stack()``): ~130 attention + ~130 cache-write
+# kernels for the 3B decoder were ~5 min of a compile. So each builder below is parsed once
+# per shape with int32 *variables* in place of the prefix (made parameters afterwards), and
+# every layer's kernel is that one specialized to its constants (``PrimFunc.specialize``, a
+# few ms). The result is structurally equal to a direct build (tests/test_attention_kernel.py).
+
+_WELL_FORMED = [True]  # False only while a builder runs with variable prefixes (free vars until made params)
+
+
+def _pfx(prefix) -> tuple:
+    return tuple(x if isinstance(x, tirx.Var) else int(x) for x in prefix)
+
+
+def _pj(x):
+    return str(x.name) if isinstance(x, tirx.Var) else int(x)
+
+
+def _freeze(v):
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
+def _stamped_per_prefix(*prefix_args):
+    """Decorator: memoize a keyword-only kernel builder per shape; prefixes are specialized."""
+
+    def deco(build):
+        @functools.lru_cache(maxsize=None)
+        def generic(frozen: tuple, nvars: int):
+            kw = dict(frozen)
+            pvars = [tirx.Var(f"bluelower_prefix{i}", "int32") for i in range(nvars)]
+            n = 0
+            for name in prefix_args:
+                if kw.get(name) is not None:
+                    kw[name] = tuple(pvars[n + i] for i in range(len(kw[name])))
+                    n += len(kw[name])
+            _WELL_FORMED[0] = False
+            try:
+                func = build(**kw)
+            finally:
+                _WELL_FORMED[0] = True
+            return tirx.PrimFunc(list(func.params) + pvars, func.body, func.ret_type, func.attrs), pvars
+
+        @functools.wraps(build)
+        def wrapper(**kw):
+            values = []
+            for name in prefix_args:
+                if kw.get(name) is not None:
+                    values.extend(int(v) for v in kw[name])
+                    kw[name] = tuple(0 for _ in kw[name])
+            if not values:
+                return build(**kw)
+            func, pvars = generic(tuple(sorted((k, _freeze(v)) for k, v in kw.items())), len(values))
+            func = func.specialize({v: tirx.IntImm("int32", x) for v, x in zip(pvars, values)})
+            if "bluelower.kernel_args" in func.attrs:
+                names = {str(v.name): x for v, x in zip(pvars, values)}
+                args = json.loads(str(func.attrs["bluelower.kernel_args"]))
+                for key in prefix_args:
+                    if isinstance(args.get(key), list):
+                        args[key] = [names.get(x, x) if isinstance(x, str) else x for x in args[key]]
+                func = func.with_attr("bluelower.kernel_args", json.dumps(args, sort_keys=True))
+            return func
+
+        wrapper.direct = build  # the unstamped builder (tests compare the two)
+        return wrapper
+
+    return deco
+
+
 def _prod(xs) -> int:
     return int(math.prod(int(x) for x in xs))
 
 
+@_stamped_per_prefix("k_prefix", "v_prefix")
 def fused_attention(
     *,
     rows: int,
@@ -75,8 +151,8 @@ def fused_attention(
     dequantized in registers: ``dot = (q . codes_k) * scale_k``, ``acc += p * scale_v * codes_v``.
     """
     args = dict(rows=rows, q_heads=q_heads, rep=rep, q_len=q_len, head_dim=head_dim, kv_len=kv_len,
-                k_shape=[int(x) for x in k_shape], k_prefix=[int(x) for x in k_prefix],
-                v_shape=[int(x) for x in v_shape], v_prefix=[int(x) for x in v_prefix], scale=float(scale),
+                k_shape=[int(x) for x in k_shape], k_prefix=[_pj(x) for x in k_prefix],
+                v_shape=[int(x) for x in v_shape], v_prefix=[_pj(x) for x in v_prefix], scale=float(scale),
                 causal=bool(causal), additive_mask=None if additive_mask is None else [int(x) for x in additive_mask],
                 dtype=dtype)
     D, Tq, S, BH = head_dim, q_len, kv_len, rows
@@ -131,12 +207,12 @@ def fused_attention(
         raise ValueError(f"fused_attention: schedule must be 'grouped' or 'rowwise', got {schedule!r}")
     if schedule == "grouped":
         attention = _grouped_attention(
-            BH=BH, q_heads=q_heads, rep=rep, Tq=Tq, D=D, S=S, ks=ks, vs=vs, k_prefix=tuple(int(x) for x in k_prefix),
-            v_prefix=tuple(int(x) for x in v_prefix), k_batch=k_batch, v_batch=v_batch, scale=scale, causal=causal,
+            BH=BH, q_heads=q_heads, rep=rep, Tq=Tq, D=D, S=S, ks=ks, vs=vs, k_prefix=_pfx(k_prefix),
+            v_prefix=_pfx(v_prefix), k_batch=k_batch, v_batch=v_batch, scale=scale, causal=causal,
             mask_shape=mask_shape, mask_at=mask_at, has_mask=has_mask, dt=dt, kv_int8=kv_int8)
     elif kv_int8:
 
-        @T.prim_func(private=True)
+        @T.prim_func(private=True, check_well_formed=_WELL_FORMED[0])
         def attention(
             q: T.Buffer((BH, Tq, D), dt),
             k: T.Buffer(ks, kv_dt),
@@ -173,7 +249,7 @@ def fused_attention(
 
     else:
 
-        @T.prim_func(private=True)
+        @T.prim_func(private=True, check_well_formed=_WELL_FORMED[0])
         def attention(
             q: T.Buffer((BH, Tq, D), dt),
             k: T.Buffer(ks, dt),
@@ -396,7 +472,7 @@ def _grouped_attention(*, BH, q_heads, rep, Tq, D, S, ks, vs, k_prefix, v_prefix
     def dots(part):
         return _rows_hsum([vload(part, r * L, L) for r in range(R)], L)
 
-    @T.prim_func(private=True)
+    @T.prim_func(private=True, check_well_formed=_WELL_FORMED[0])
     def attention(
         q: T.Buffer((BH, Tq, D), dt),
         k: T.Buffer(ks, kv_dt),
@@ -486,6 +562,7 @@ def _grouped_attention(*, BH, q_heads, rep, Tq, D, S, ks, vs, k_prefix, v_prefix
     return attention
 
 
+@_stamped_per_prefix("prefix")
 def kv_cache_write(*, cache_shape: tuple, prefix: tuple, axis: int, update_shape: tuple, dtype: str = "float32",
                    index_dtype: str = "int64") -> tirx.PrimFunc:
     """In-place ``cache[prefix][... index[j] (at axis) ...] = update[j]``.
@@ -512,7 +589,7 @@ def kv_cache_write(*, cache_shape: tuple, prefix: tuple, axis: int, update_shape
     def at(r, d):
         return tuple((r // strides[i]) % us[i] for i in range(rank - 1)) + (d,)
 
-    @T.prim_func(private=True)
+    @T.prim_func(private=True, check_well_formed=_WELL_FORMED[0])
     def write(
         cache: T.Buffer(cs, dtype),
         index_: T.Buffer(us, index_dtype),
@@ -530,7 +607,7 @@ def kv_cache_write(*, cache_shape: tuple, prefix: tuple, axis: int, update_shape
             for d in range(D):
                 cache[tuple(prefix) + _with_axis(at(r, d), axis, index_[at(r, d)])] = update[at(r, d)]
 
-    args = dict(cache_shape=list(cs), prefix=[int(x) for x in prefix], axis=int(axis), update_shape=list(us),
+    args = dict(cache_shape=list(cs), prefix=[_pj(x) for x in prefix], axis=int(axis), update_shape=list(us),
                 dtype=dtype, index_dtype=index_dtype)
     # opaque (8): FuseOps must not merge a producer into the in-place write
     return (write.with_attr("op_pattern", 8)
@@ -566,6 +643,7 @@ def _scale_byte(scale, i):
     return T.Cast("int8", T.Cast("uint8", (T.reinterpret("uint32", scale) >> T.uint32(8 * i)) & T.uint32(255)))
 
 
+@_stamped_per_prefix("prefix")
 def kv_cache_write_int8(*, cache_shape: tuple, prefix: tuple, axis: int, update_shape: tuple,
                         index_dtype: str = "int64") -> tirx.PrimFunc:
     """In-place quantizing write into the INT8 cache (layout above).
@@ -594,7 +672,7 @@ def kv_cache_write_int8(*, cache_shape: tuple, prefix: tuple, axis: int, update_
     def at(r, d, pos):
         return tuple(prefix) + _with_axis(row_idx(r) + (d,), axis, pos)
 
-    @T.prim_func(private=True)
+    @T.prim_func(private=True, check_well_formed=_WELL_FORMED[0])
     def write(
         cache: T.Buffer(cs, "int8"),
         index_: T.Buffer(us, index_dtype),
