@@ -42,6 +42,10 @@ from .errors import BlueLowerError
 QUANT_MODES = ("fp32", "w8", "w4a16", "w4a16kv8")
 PHASES = ("image_encoding", "prefill", "decode")
 GROUP = 32
+# Passes before MemoryPlan that ``inspect_model`` need not run: they return the module
+# unchanged (ScheduleOperators only predicts a schedule for the manifest), so the plan is the
+# same without them.
+PLAN_SKIPPED_PASSES = ("ScheduleOperators",)
 
 
 def act_bytes(quant: str) -> int:
@@ -278,7 +282,8 @@ def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid
     opts.extra["plan_only"] = True
     bar = progress.Progress("plan passes", len(build_pipeline()))
     for spec in build_pipeline():
-        tvm_pass = None if spec.name in disabled else spec.make(opts)
+        skip = spec.name in disabled or spec.name in PLAN_SKIPPED_PASSES
+        tvm_pass = None if skip else spec.make(opts)
         if tvm_pass is not None:
             with tvm.transform.PassContext(opt_level=3):
                 mod = tvm_pass(mod)

@@ -278,21 +278,30 @@ def dequantized_state(params_path: str, manifest: dict) -> dict:
 # ------------------------------------------------------------------ specs from shapes
 
 
+_SHAPES_MEMO: dict = {}
+
+
 def _module_weight_shapes(cfg) -> tuple[dict, dict]:
     """``(linear, embedding)``: name -> shape of every ``nn.Linear`` / ``nn.Embedding``
-    weight of the model (meta tensors, no memory)."""
+    weight of the model (meta tensors, no memory; memoized per config)."""
+    import json
+
     import torch
 
     from .importer import build_meta_model
 
-    model = build_meta_model(cfg)
-    linear, embedding = {}, {}
-    for mname, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            linear[f"{mname}.weight"] = tuple(module.weight.shape)
-        elif isinstance(module, torch.nn.Embedding):
-            embedding[f"{mname}.weight"] = tuple(module.weight.shape)
-    return linear, embedding
+    key = json.dumps(cfg.to_dict(), sort_keys=True)
+    if key not in _SHAPES_MEMO:
+        model = build_meta_model(cfg)
+        linear, embedding = {}, {}
+        for mname, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                linear[f"{mname}.weight"] = tuple(module.weight.shape)
+            elif isinstance(module, torch.nn.Embedding):
+                embedding[f"{mname}.weight"] = tuple(module.weight.shape)
+        _SHAPES_MEMO[key] = (linear, embedding)
+    linear, embedding = _SHAPES_MEMO[key]
+    return dict(linear), dict(embedding)
 
 
 def linear_weight_names(cfg) -> dict:

@@ -132,11 +132,23 @@ def file_sha256(path: str) -> str:
 
 
 def model_weight_specs(cfg) -> dict:
-    """name -> (shape, dtype) of every weight, from a meta-device model (no memory)."""
-    from .importer import build_meta_model
+    """name -> (shape, dtype) of every weight, from a meta-device model (no memory).
+    Memoized per config (building the 3B meta model takes seconds; a compile asks ~4 times)."""
+    import json
 
-    model = build_meta_model(cfg)
-    return {n: (tuple(p.shape), str(p.dtype).replace("torch.", "")) for n, p in model.named_parameters()}
+    return dict(_weight_specs_of(json.dumps(cfg.to_dict(), sort_keys=True), cfg))
+
+
+_SPECS_MEMO: dict = {}
+
+
+def _weight_specs_of(key: str, cfg) -> dict:
+    if key not in _SPECS_MEMO:
+        from .importer import build_meta_model
+
+        model = build_meta_model(cfg)
+        _SPECS_MEMO[key] = {n: (tuple(p.shape), str(p.dtype).replace("torch.", "")) for n, p in model.named_parameters()}
+    return _SPECS_MEMO[key]
 
 
 def random_weight(name: str, shape: tuple, seed: int, std: float) -> np.ndarray:
