@@ -272,6 +272,13 @@ def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid
     n_patches = parse_grid(image_grid)
     soc_obj = resolve_soc(soc)
     target = soc_obj.tvm_target()
+    cache_path = None
+    if imported is None:
+        cache_path = _result_cache_path(cfg, soc, str(target), quant, n_patches, disabled)
+        cached = _read_cached(cache_path)
+        if cached is not None:
+            progress.log(f"memory plan from the cache ({cache_path}; BLUELOWER_CACHE_DIR=off recomputes)")
+            return cached
     if imported is not None:  # (mod, sigs) of an earlier import of the same config
         mod, sigs = imported
     else:
@@ -294,7 +301,91 @@ def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid
     params = {name: list(sig.params) for name, sig in sigs.items()}
     table = phase_table(cfg, quant, params, opts.extra["memory_plan"], n_patches=n_patches)
     table["soc"] = soc_obj.name
+    _write_cached(cache_path, table)
     return table
+
+
+# ------------------------------------------------------------------ result cache
+#
+# ``inspect memory --model`` is a pure function of the model config, the SoC file, the
+# quant mode, the image grid, the disabled passes, and the code (bluelower's sources, TVM,
+# torch). Most of its time is the torch.export import of the meta model (minutes for the
+# 3B model on a loaded host), so the result is cached on disk under a key of all of these:
+# any edit to a bluelower source file, a SoC file or a config misses. Location:
+# ``$BLUELOWER_CACHE_DIR/inspect-memory`` (default ``~/.cache/bluelower``);
+# ``BLUELOWER_CACHE_DIR=off`` disables it. An unreadable entry is a miss, an unwritable
+# directory is not an error.
+
+
+def cache_dir() -> str | None:
+    d = os.environ.get("BLUELOWER_CACHE_DIR")
+    if d is not None and d.strip().lower() in ("off", "0", "no", "none", ""):
+        return None
+    return d or os.path.join(os.path.expanduser("~"), ".cache", "bluelower")
+
+
+def _sources_digest() -> str:
+    """SHA-256 over every source / data file of the bluelower package (path + content)."""
+    import hashlib
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for f in sorted(filenames):
+            if f.endswith((".py", ".toml", ".json")):
+                path = os.path.join(dirpath, f)
+                with open(path, "rb") as fh:
+                    h.update(os.path.relpath(path, root).encode() + b"\0" + hashlib.sha256(fh.read()).digest())
+    return h.hexdigest()
+
+
+def _result_cache_path(cfg, soc: str, target: str, quant: str, n_patches, disabled) -> str | None:
+    import hashlib
+
+    import torch
+    import tvm
+
+    from . import __version__
+    from .targets.soc import soc_path
+
+    d = cache_dir()
+    if d is None:
+        return None
+    with open(soc_path(soc), "rb") as fh:
+        soc_digest = hashlib.sha256(fh.read()).hexdigest()
+    key = json.dumps({"config": cfg.to_dict(), "soc": soc_digest, "target": target, "quant": quant,
+                      "patches": n_patches, "disabled": sorted(disabled), "sources": _sources_digest(),
+                      "bluelower": __version__, "tvm": tvm.__version__, "torch": torch.__version__}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    return os.path.join(d, "inspect-memory", f"{cfg.name}-{quant}-{digest}.json")
+
+
+def _read_cached(path: str | None) -> dict | None:
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_cached(path: str | None, table: dict) -> None:
+    import tempfile
+
+    if path is None:
+        return
+    tmp = None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".inspect-", dir=os.path.dirname(path))
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(table, fh)
+        os.replace(tmp, path)
+    except (OSError, TypeError, ValueError):
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def format_table(info: dict) -> str:
