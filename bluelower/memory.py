@@ -287,12 +287,14 @@ def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid
     opts = CompileOptions(target=target, quant=quant, soc=soc_obj, model=cfg, entry_functions=tuple(sigs))
     opts.extra["plan_dtype_bytes"] = plan_dtype_bytes(quant)
     opts.extra["plan_only"] = True
+    from .lowering.kernels.parse_speed import fast_prim_func_frames
+
     bar = progress.Progress("plan passes", len(build_pipeline()))
     for spec in build_pipeline():
         skip = spec.name in disabled or spec.name in PLAN_SKIPPED_PASSES
         tvm_pass = None if skip else spec.make(opts)
         if tvm_pass is not None:
-            with tvm.transform.PassContext(opt_level=3):
+            with tvm.transform.PassContext(opt_level=3), fast_prim_func_frames():
                 mod = tvm_pass(mod)
         bar.update(item=spec.name)
         if spec.name == "MemoryPlan":

@@ -45,3 +45,38 @@ def test_corrupt_entry_is_recomputed_and_off_disables(tmp_path, monkeypatch):
     os.unlink(path)
     memory.inspect_model("tiny", soc="host", quant="fp32")
     assert not path.exists()
+
+
+def test_fast_frame_capture_parses_the_same_pipeline():
+    """The pass pipeline with parse_speed's frame capture gives the same module (tiny, w4a16kv8)."""
+    import tvm
+
+    from bluelower.lowering.importer import import_model
+    from bluelower.lowering.kernels.parse_speed import fast_prim_func_frames
+    from bluelower.lowering.models.config import load_config
+    from bluelower.passes.pipeline import CompileOptions, build_pipeline
+    from bluelower.passes.quantize_weights import _int4_linear, _int8_linear, _embedding_gather
+
+    cfg = load_config("tiny")
+    outs = []
+    for fast in (False, True):
+        for cached in (_int4_linear, _int8_linear, _embedding_gather):
+            cached.cache_clear()  # parse every kernel again in this mode
+        mod, sigs = import_model(cfg, "torch")
+        opts = CompileOptions(target=tvm.target.Target("llvm"), quant="w4a16kv8", model=cfg, entry_functions=tuple(sigs))
+        for spec in build_pipeline():
+            if spec.name == "LegalizeOps":
+                break
+            p = spec.make(opts)
+            if p is not None:
+                with tvm.transform.PassContext(opt_level=3):
+                    if fast:
+                        with fast_prim_func_frames():
+                            mod = p(mod)
+                    else:
+                        mod = p(mod)
+        outs.append(mod)
+    tvm.ir.assert_structural_equal(outs[0], outs[1])
+    from tvm.tirx.script.parser import entry
+    import inspect
+    assert entry.inspect is inspect  # restored

@@ -214,7 +214,9 @@ def run_pipeline(mod: tvm.IRModule, opts: CompileOptions, disabled=(), dump_ir: 
             else:
                 _current_stats = entry["stats"]
                 try:
-                    with tvm.transform.PassContext(opt_level=3):
+                    from ..lowering.kernels.parse_speed import fast_prim_func_frames  # kernels parse faster
+
+                    with tvm.transform.PassContext(opt_level=3), fast_prim_func_frames():
                         mod = tvm_pass(mod)
                 finally:
                     _current_stats = None
