@@ -34,6 +34,31 @@ DECODERS = {
 }
 
 
+def host_soc_path() -> str:
+    """A SoC file for *this* machine's CPU: the shipped ``host.toml`` with ``mcpu`` set to
+    the CPU LLVM detects (e.g. ``rocketlake``). The shipped ``host`` target is generic x86-64
+    (SSE2, reproducible on any machine), which leaves the vectorized kernels 5-10x slower;
+    llama.cpp and PyTorch run their AVX-512 code here, so the comparison must too."""
+    import tvm
+
+    from bluelower.targets.soc import SOC_DIR
+
+    cpu = tvm.target.codegen.llvm_get_system_cpu()
+    if not cpu or cpu == "generic":
+        return "host"
+    text = open(os.path.join(SOC_DIR, "host.toml")).read()
+    text = text.replace('name = "host"', f'name = "host-{cpu}"', 1)
+    text = text.replace("cores = 2\n", f'cores = 2\nmcpu = "{cpu}"  # llm_bench: this machine\'s CPU (LLVM)\n', 1)
+    if f'mcpu = "{cpu}"' not in text:
+        raise RuntimeError("host.toml layout changed: cannot add mcpu")
+    path = os.path.join(CACHE, f"host-{cpu}.toml")
+    os.makedirs(CACHE, exist_ok=True)
+    if not os.path.isfile(path) or open(path).read() != text:
+        with open(path, "w") as fh:
+            fh.write(text)
+    return path
+
+
 def size_dir(size: str) -> str:
     d = os.path.join(CACHE, size)
     os.makedirs(d, exist_ok=True)

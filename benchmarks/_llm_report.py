@@ -99,16 +99,21 @@ def generated_markdown(results_dir) -> str:
                 if isinstance(v, dict) and "cosine" in v:
                     L.append(f"| {q} | {v.get('kv_cache', 'f16')} | {v.get('weight_buffers', 'default')} | {v['prefill_max_abs_diff']:.2e} | {v['decode_max_abs_diff']:.2e} | {v['logit_scale']:.3f} | "
                              f"{v['cosine']:.6f} | {v['argmax_equal']} |")
+        soc = r.get("bluelower_build", {}).get("soc")
+        if soc:
+            L.append(f"\nbluelower was compiled with `--soc {soc}`: the shipped `host.toml` with `mcpu` set to the CPU "
+                     "LLVM detects here (the shipped `host` target is generic x86-64 for reproducibility; llama.cpp "
+                     "and PyTorch use this CPU's AVX-512 too).")
         prof = r.get("bluelower_profile")
         if prof:
-            L.append("\nbluelower kernel profile (Relax VM profiler, one call; top kernels):\n")
+            L.append("\nbluelower kernel profile (Relax VM instrument hook, one call after a warm-up; top kernels, calls):\n")
             if "error" in prof:
                 L.append(f"* profiler not available: `{prof['error']}`")
             for fn, p in [(k, v) for k, v in prof.items() if isinstance(v, dict)]:
                 if "error" in p:
                     L.append(f"* `{fn}`: profiler not available: {p['error']}")
                 if "top" in p:
-                    L.append(f"* `{fn}` total {p['total_ms']:.1f} ms: " + "; ".join(f"`{k}` {ms:.1f} ms ({pc:.0f}%)" for k, ms, pc in p["top"]))
+                    L.append(f"* `{fn}` total {p['total_ms']:.1f} ms: " + "; ".join(f"`{t[0]}` {t[1]:.1f} ms ({t[2]:.0f}%{', x' + str(t[3]) if len(t) > 3 else ''})" for t in p["top"]))
         if r.get("bluelower_build", {}).get("compile") not in (None, "cached"):
             c = r["bluelower_build"]["compile"]
             L.append(f"\nbluelower compile of this config ({r['bluelower_build']['quant_used']}): {c['wall_s']} s, "

@@ -331,16 +331,28 @@ def peak_rss_mb() -> float:
 
 
 def profile_bluelower(args, cfg) -> dict:
-    """Relax VM profiler on one decode step and one prefill chunk: top kernels by time."""
+    """Per-kernel wall time of one decode step and one prefill chunk (the Relax VM's
+    instrument hook around every call; TVM 0.27's VM has no built-in profiler): top kernels."""
     import tvm
+    import tvm_ffi
     from tvm import relax
 
     from bluelower.generate import CompiledModel
     from bluelower.lowering.build import LIBRARY
 
     cm = CompiledModel(args.build_dir, verify=False)
-    vm = relax.VirtualMachine(tvm.runtime.load_module(os.path.join(args.build_dir, LIBRARY)), cm.dev, profile=True)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(os.path.join(args.build_dir, LIBRARY)), cm.dev)
     cm.reset_cache()
+    rows, counts, start = {}, {}, [0.0]
+
+    def instrument(func, symbol, before_run, ret_value, *call_args):
+        if before_run:
+            start[0] = time.perf_counter()
+        else:
+            rows[symbol] = rows.get(symbol, 0.0) + time.perf_counter() - start[0]
+            counts[symbol] = counts.get(symbol, 0) + 1
+        return 0
+
     res = {}
     calls = {
         "decode": [np.array([5], np.int64), cm.kv, np.array([args.chunk], np.int64)],
@@ -349,19 +361,18 @@ def profile_bluelower(args, cfg) -> dict:
     }
     for name, inputs in calls.items():
         inputs = [tvm.runtime.tensor(x, cm.dev) if isinstance(x, np.ndarray) else x for x in inputs]
-        rep = vm.profile(name, *inputs, *cm.params[name])
-        try:
-            table = json.loads(rep.json())
-            rows = {}
-            for call in table.get("calls", []):
-                nm = call.get("Name", {}).get("string", "?")
-                us = call.get("Duration (us)", {}).get("microseconds", 0.0)
-                rows[nm] = rows.get(nm, 0.0) + us
-            tot = sum(rows.values()) or 1.0
-            top = sorted(rows.items(), key=lambda kv: -kv[1])[:8]
-            res[name] = {"total_ms": tot / 1000, "top": [[k, round(v / 1000, 2), round(100 * v / tot, 1)] for k, v in top]}
-        except Exception as exc:  # keep the text if the JSON layout differs
-            res[name] = {"text": str(rep)[:3000], "error": repr(exc)}
+        vm[name](*inputs, *cm.params[name])  # warm-up, uninstrumented
+        vm.set_instrument(tvm_ffi.convert(instrument))
+        rows.clear()
+        counts.clear()
+        t0 = time.perf_counter()
+        vm[name](*inputs, *cm.params[name])
+        wall = time.perf_counter() - t0
+        vm.set_instrument(tvm_ffi.convert(lambda *a: 0))
+        tot = sum(rows.values()) or 1e-9
+        top = sorted(rows.items(), key=lambda kv: -kv[1])[:10]
+        res[name] = {"total_ms": round(tot * 1000, 2), "wall_ms": round(wall * 1000, 2),
+                     "top": [[k, round(v * 1000, 2), round(100 * v / tot, 1), counts[k]] for k, v in top]}
     return res
 
 
@@ -501,15 +512,17 @@ def compile_build(size: str, weights: str, quant_wanted: str) -> dict:
 
     modes = list(getattr(B, "QUANT_MODES", ("fp32",)))
     quant = quant_wanted if quant_wanted in modes else ("w4a16" if "w4a16" in modes else "fp32")
-    info = {"quant_requested": quant_wanted, "quant_used": quant, "quant_modes_available": modes}
-    out = os.path.join(M.size_dir(size), f"build-{quant}")
+    soc = M.host_soc_path()
+    info = {"quant_requested": quant_wanted, "quant_used": quant, "quant_modes_available": modes,
+            "soc": os.path.basename(soc)}
+    out = os.path.join(M.size_dir(size), f"build-{quant}-{os.path.basename(soc).removesuffix('.toml')}")
     info["build_dir"] = out
     if os.path.isfile(os.path.join(out, "manifest.json")):
         info["compile"] = "cached"
         return info
     code = ("import sys; from bluelower.lowering.build import compile_model, CompileRequest; "
             f"compile_model(CompileRequest(model={M.config_path(size)!r}, weights={weights!r}, quant={quant!r}, "
-            f"out_dir={out!r}))")
+            f"soc={soc!r}, out_dir={out!r}))")
     log(f"[compile] {size} quant={quant}")
     info["compile"] = timed_child([PY, "-c", code], env=env_threads())
     if info["compile"]["rc"] != 0:
