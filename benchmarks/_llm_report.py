@@ -124,14 +124,15 @@ def generated_markdown(results_dir) -> str:
     if comp:
         L.append("### `bluelower compile` time and peak RSS\n")
         L.append(f"Command: `{comp.get('command', '')}` (each compile in its own process under `/usr/bin/time -v`).\n")
-        L.append("| model | SoC | wall s | CPU s (user+sys) | max RSS MB | result |")
-        L.append("|---|---|---|---|---|---|")
+        L.append("| model | SoC | wall s | CPU s (user+sys) | max RSS MB | stages (s, from bluelower's progress) | result |")
+        L.append("|---|---|---|---|---|---|---|")
         for x in comp["runs"]:
             tail = x.get("stderr_tail", "")
             if "Exit status" in tail:
                 tail = "(error text not captured by this run; harness fixed since)"
             status = "ok" if x.get("rc") == 0 else (x.get("error") or f"rc {x.get('rc')}: " + tail[-160:].replace("\n", " "))
-            L.append(f"| {x['model']} | {x['soc']} | {_f(x.get('wall_s'))} | {_f(x.get('cpu_s'))} | {_f(x.get('max_rss_mb'), 0)} | {status} |")
+            st = "; ".join(f"{k} {v:g}" for k, v in (x.get("stages_s") or {}).items())
+            L.append(f"| {x['model']} | {x['soc']} | {_f(x.get('wall_s'))} | {_f(x.get('cpu_s'))} | {_f(x.get('max_rss_mb'), 0)} | {st} | {status} |")
         L.append("")
     if os.path.isfile(os.path.join(ROOT_IMG, "benchmarks.png")):
         L.append("![decode and prefill tokens/s per engine](img/benchmarks.png)\n")

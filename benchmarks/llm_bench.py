@@ -500,8 +500,15 @@ def timed_child(cmd: list[str], env=None, timeout=None) -> dict:
     dt = time.perf_counter() - t
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
     cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", err))
+    # bluelower's own progress lines: seconds per stage (import, passes, TVM build, params)
+    stages = {}
+    for line in err.splitlines():
+        g = re.match(r"^(import|TVM build|cross-build runtime|bundle): ([\d.]+) s$", line.strip())
+        g = g or re.match(r"^(compile passes|write params|import \(\w+\)): done \(.*?([\d.]+) s\)$", line.strip())
+        if g:
+            stages[g.group(1)] = float(g.group(2))
     return {"cmd": " ".join(cmd), "rc": rc, "wall_s": round(dt, 1), "max_rss_mb": int(m.group(1)) / 1024 if m else None,
-            "cpu_s": round(cpu, 1),
+            "cpu_s": round(cpu, 1), "stages_s": stages,
             "stderr_tail": "" if rc == 0 else err.split("\tCommand being timed")[0][-1500:], "loadavg_after": loadavg()}
 
 
