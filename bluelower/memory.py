@@ -177,7 +177,8 @@ def phase_table(cfg, quant: str, sigs_params: dict, plans: dict, n_patches: int 
             live = a + other + copy + (prev_out if sequence else 0)
             if live > arena + out_b + copy_b:
                 arena, out_b, copy_b = a, other + (prev_out if sequence else 0), copy
-            lb = max(lb, effective(plans, f, "liveness_lower_bound_bytes") + (prev_out if sequence else 0))
+            # on the arena's basis: the previous stage's output is in outputs_bytes, not here
+            lb = max(lb, effective(plans, f, "liveness_lower_bound_bytes"))
             tvm_b = max(tvm_b, plans[f].get("tvm_static_plan_bytes", 0) + (prev_out_host if sequence else 0))
             # what the host VM requests from its allocator during the call(s): summed over a
             # sequence (the per-call storages are requested anew each call)

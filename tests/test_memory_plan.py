@@ -253,3 +253,25 @@ def test_bluelm_v_3b_peak_fits_the_paper():
     assert info["peak_bytes"] <= 2.2e9, info["phases"]
     for p in info["phases"]:
         assert p["arena_bytes"] <= 1.05 * p["liveness_lower_bound_bytes"]
+
+
+def test_effective_shares_one_region_between_sequential_callees():
+    """Partitions run one after another: their arenas share a region (the largest counts),
+    their outputs are all counted; the VM's per-call requests still add up."""
+    from bluelower.passes.memory_plan import effective
+
+    plans = {
+        "main": {"arena_bytes": 100, "liveness_lower_bound_bytes": 90, "tvm_host_alloc_bytes": 100,
+                 "callees": ["p0", "p1", "p2"], "outputs_bytes": 8},
+        "p0": {"arena_bytes": 1000, "liveness_lower_bound_bytes": 950, "tvm_host_alloc_bytes": 1000,
+               "callees": [], "outputs_bytes": 10},
+        "p1": {"arena_bytes": 3000, "liveness_lower_bound_bytes": 2900, "tvm_host_alloc_bytes": 3000,
+               "callees": ["p0"], "outputs_bytes": 20},
+        "p2": {"arena_bytes": 500, "liveness_lower_bound_bytes": 400, "tvm_host_alloc_bytes": 500,
+               "callees": [], "outputs_bytes": 30},
+    }
+    # p1 itself calls p0: 3000 + 10 + 1000
+    assert effective(plans, "p1", "arena_bytes") == 4010
+    assert effective(plans, "main", "arena_bytes") == 100 + (10 + 20 + 30) + 4010
+    assert effective(plans, "main", "liveness_lower_bound_bytes") == 90 + 60 + (2900 + 10 + 950)
+    assert effective(plans, "main", "tvm_host_alloc_bytes") == 100 + 1000 + (3000 + 1000) + 500

@@ -264,14 +264,19 @@ def _is_public(func: relax.Function) -> bool:
 
 def effective(plans: dict, name: str, key: str) -> int:
     """``key`` (arena / lower bound / host bytes) of ``name`` including the Relax functions it
-    calls, each counted with its outputs for the whole call (conservative: calls in sequence
-    are summed, not overlapped)."""
+    calls (e.g. PartitionForAPU's partitions).
+
+    ``tvm_host_alloc_bytes`` is what the VM *requests* per call: callees' requests add up.
+    For the arena and the lower bound, callees run one after another, so their arenas share
+    one region (the largest is what must exist); every callee's outputs are counted on top
+    for the whole call (conservative: an output may die before the next call)."""
     p = plans[name]
-    total = p.get(key, 0)
-    for c in p.get("callees", []):
-        if c in plans and c != name:
-            total += effective(plans, c, key) + (plans[c]["outputs_bytes"] if key != "tvm_host_alloc_bytes" else 0)
-    return total
+    own = p.get(key, 0)
+    callees = [c for c in p.get("callees", []) if c in plans and c != name]
+    if key == "tvm_host_alloc_bytes":
+        return own + sum(effective(plans, c, key) for c in callees)
+    return (own + sum(plans[c]["outputs_bytes"] for c in callees)
+            + max((effective(plans, c, key) for c in callees), default=0))
 
 
 @tvm.transform.module_pass(opt_level=0, name="MemoryPlan")
