@@ -13,7 +13,10 @@ def _compare_entries(build_dir: str) -> None:
     reference = reference_for_build(build_dir)
     rng = np.random.default_rng(11)
     patches = rng.standard_normal((1, 3, 384, 384)).astype(np.float32)
-    np.testing.assert_allclose(compiled.encode_batch(patches), reference.encode_batch(patches), rtol=1e-4, atol=1e-4)
+    got, want = compiled.encode_batch(patches), reference.encode_batch(patches)
+    # tiny's std-0.3 weights give image tokens up to ~30: float32 rounding (summation order,
+    # the attention kernel's polynomial exp) scales with the tensor, not with each element
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
     ids = rng.integers(0, compiled.vocab_size, compiled.chunk).astype(np.int64)
     np.testing.assert_allclose(compiled.embed_chunk(ids), reference.embed_chunk(ids), rtol=0, atol=0)
     rows = rng.standard_normal((compiled.chunk, 64)).astype(np.float32)
