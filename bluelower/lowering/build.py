@@ -78,7 +78,10 @@ def _prepare_output(out_dir: str) -> str:
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     if not os.path.isdir(parent):
-        raise BlueLowerError(f"output directory's parent does not exist: {parent}")
+        try:  # like `mkdir -p`: `-o build/tiny` works in a fresh checkout
+            os.makedirs(parent, exist_ok=True)
+        except OSError as exc:
+            raise BlueLowerError(f"cannot create the output directory's parent {parent}: {exc.strerror}") from None
     if os.path.exists(out_dir):
         if not os.path.isdir(out_dir):
             raise BlueLowerError(f"output path exists and is not a directory: {out_dir}")
