@@ -235,39 +235,30 @@ def _count_var_uses(body) -> dict:
     return counts
 
 
-def _linear_calls(mod, body) -> list:
-    """``call_tir(NT_matmul, (x, W))`` calls with 2-D static float32 ``x``, ``W`` a Var."""
+def _calls_where(body, pred) -> list:
+    """Every ``relax.Call`` in ``body`` (post-order) for which ``pred(call)`` holds."""
     found = []
 
     def visit(node):
-        if isinstance(node, relax.Call) and _match_linear(mod, node) is not None:
+        if isinstance(node, relax.Call) and pred(node):
             found.append(node)
 
     relax.analysis.post_order_visit(body, visit)
     return found
+
+
+def _linear_calls(mod, body) -> list:
+    """``call_tir(NT_matmul, (x, W))`` calls with 2-D static float32 ``x``, ``W`` a Var."""
+    return _calls_where(body, lambda c: _match_linear(mod, c) is not None)
 
 
 def _embedding_lookups(body) -> list:
     """``R.take(T, ids, axis=0)`` with ``T`` a 2-D static float32 Var and integer ``ids`` of static shape."""
-    found = []
-
-    def visit(node):
-        if isinstance(node, relax.Call) and _match_lookup(node):
-            found.append(node)
-
-    relax.analysis.post_order_visit(body, visit)
-    return found
+    return _calls_where(body, _match_lookup)
 
 
 def _shape_of_calls(body) -> list:
-    found = []
-
-    def visit(node):
-        if isinstance(node, relax.Call) and node.op.same_as(_SHAPE_OF) and isinstance(node.args[0], relax.Var):
-            found.append(node)
-
-    relax.analysis.post_order_visit(body, visit)
-    return found
+    return _calls_where(body, lambda c: c.op.same_as(_SHAPE_OF) and isinstance(c.args[0], relax.Var))
 
 
 def _match_lookup(call: relax.Call) -> bool:
