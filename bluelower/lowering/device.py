@@ -60,6 +60,15 @@ def cache_dir() -> str:
     return path
 
 
+def replace_dir(tmp: str, final: str) -> None:
+    """Move the finished temporary directory ``tmp`` to ``final``, replacing an older one
+    (cache entries and runtime builds are written aside and swapped in whole)."""
+    os.makedirs(os.path.dirname(final) or ".", exist_ok=True)
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+
+
 def _sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -186,10 +195,7 @@ def aarch64_runtime_libs() -> dict:
                 raise BlueLowerError(f"{found[key]}: not a usable wheel ({exc}); delete it and retry") from None
         with open(os.path.join(tmp, "wheels.json"), "w") as fh:
             json.dump({os.path.basename(p): _sha256_file(p) for p in found.values()}, fh, indent=2, sort_keys=True)
-        os.makedirs(os.path.dirname(base), exist_ok=True)
-        if os.path.isdir(base):
-            shutil.rmtree(base)
-        os.rename(tmp, base)
+        replace_dir(tmp, base)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -251,9 +257,7 @@ def build_runtime(arch: str, use_cache: bool = True) -> str:
         if proc.returncode != 0:
             errs = [ln for ln in proc.stderr.splitlines() if "error" in ln] or proc.stderr.strip().splitlines() or ["?"]
             raise BlueLowerError(f"building the native runtime with {cxx} failed: {errs[0]}")
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return binary
