@@ -166,13 +166,7 @@ class QuantizeWeights:
                 scheme = choose_embedding_scheme(source, *_static_shape(w), self.quant, self.group_size)
                 calls = lookups[w] if scheme is not None else []
             if isinstance(scheme, EmbeddingScheme):
-                parts = scheme_params(source, scheme)
-                new_vars = [relax.Var(sanitize(name), relax.TensorType(shape, dtype)) for name, shape, dtype, _ in parts]
-                for name, _shape, _dtype, transform in parts:
-                    self.table[name] = transform
-                plan[w] = (scheme, new_vars)
-                new_params.extend(new_vars)
-                new_names.extend(name for name, *_ in parts)
+                parts = self._add_params(source, scheme, w, plan, new_params, new_names)
                 stats[f"{scheme.kind}_embedding_lookups"] += len(calls)
                 if source not in self._tables_seen:
                     self._tables_seen.add(source)
@@ -186,13 +180,7 @@ class QuantizeWeights:
                 new_params.append(w)
                 new_names.append(source)
                 continue
-            parts = scheme_params(source, scheme)
-            new_vars = [relax.Var(sanitize(name), relax.TensorType(shape, dtype)) for name, shape, dtype, _ in parts]
-            for name, _shape, _dtype, transform in parts:
-                self.table[name] = transform
-            plan[w] = (scheme, new_vars)
-            new_params.extend(new_vars)
-            new_names.extend(name for name, *_ in parts)
+            self._add_params(source, scheme, w, plan, new_params, new_names)
             stats["weights_quantized"] += 1
             stats[f"{scheme.kind}_layers"] += len(calls)
             if (scheme.n_pad, scheme.k_pad) != (scheme.n, scheme.k):
@@ -208,6 +196,18 @@ class QuantizeWeights:
         if _PARAM_NAMES in func.attrs:  # keep the importers' name table in step with the signature
             out = out.with_attr(_PARAM_NAMES, new_names)
         return out
+
+    def _add_params(self, source, scheme, w, plan, new_params, new_names) -> list:
+        """The quantized parameters replacing weight ``w`` (checkpoint name ``source``):
+        new Relax vars in the signature, their conversions in ``self.table``; returns the parts."""
+        parts = scheme_params(source, scheme)
+        new_vars = [relax.Var(sanitize(name), relax.TensorType(shape, dtype)) for name, shape, dtype, _ in parts]
+        for name, _shape, _dtype, transform in parts:
+            self.table[name] = transform
+        plan[w] = (scheme, new_vars)
+        new_params.extend(new_vars)
+        new_names.extend(name for name, *_ in parts)
+        return parts
 
     def _source_names(self, func: relax.Function, weights: list) -> list:
         """Checkpoint names of the weight parameters: the importers' ``bluelower.param_names``
