@@ -45,23 +45,7 @@ from bluelower.lowering.models.config import load_config  # noqa: E402
 THREADS = int(os.environ["TVM_NUM_THREADS"])
 
 
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as fh:
-            return " ".join(fh.read().split()[:3])
-    except OSError:
-        return "n/a"
-
-
-def _time(fn, repeat: int, warmup: int = 2) -> tuple[float, float]:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)), float(np.min(ts))
+from kernels_bench import _loadavg, _time  # noqa: E402  (shared timing helpers; warm-up 3)
 
 
 def reference(q, k, v, pos, scale, rep):
