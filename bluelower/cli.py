@@ -329,7 +329,10 @@ def targets_show(name_or_path: str, as_json: bool) -> None:
 @click.option("--kv-capacity", type=int, default=None, help="KV cache capacity (default: the config's).")
 @click.option("--prefill-chunk", type=int, default=None, help="Prefill chunk (default: the config's).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (peak_bytes, phases).")
-def inspect_memory_cmd(build_dir, model, soc, quant, image_grid, kv_capacity, prefill_chunk, as_json) -> None:
+@click.option("-j", "--jobs", type=int, default=None,
+              help="Worker processes for planning with --model (default: the usable CPUs or $BLUELOWER_JOBS; "
+                   "1 plans in this process).")
+def inspect_memory_cmd(build_dir, model, soc, quant, image_grid, kv_capacity, prefill_chunk, as_json, jobs) -> None:
     """Peak memory per phase (weights + KV cache + activation arena) of a build or, with --model, of a plan."""
     from . import memory
 
@@ -339,7 +342,7 @@ def inspect_memory_cmd(build_dir, model, soc, quant, image_grid, kv_capacity, pr
         info = memory.inspect_build(build_dir)
     else:
         info = memory.inspect_model(model, soc=soc, quant=quant, image_grid=image_grid, kv_capacity=kv_capacity,
-                                    prefill_chunk=prefill_chunk)
+                                    prefill_chunk=prefill_chunk, jobs=jobs)
     if as_json:
         echo_json(info)
     else:

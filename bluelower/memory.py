@@ -253,43 +253,69 @@ def parse_grid(grid: str | None) -> int | None:
 
 def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid: str | None = None,
                   kv_capacity: int | None = None, prefill_chunk: int | None = None, disabled=(),
-                  imported=None) -> dict:
-    """Plan without building: meta import, pipeline up to MemoryPlan (planning only)."""
-    import tvm
+                  imported=None, jobs: int | None = None) -> dict:
+    """Plan without building: meta import, pipeline up to MemoryPlan (planning only).
 
+    The entry functions are planned independently (every pass rewrites one function at a
+    time and names what it adds after it), so with ``jobs`` > 1 each entry is imported and
+    planned in its own worker process (default: one per usable CPU; ``BLUELOWER_JOBS`` or
+    ``jobs=1`` plan in this process). ``imported``: ``(mod, sigs)`` of an earlier import.
+    """
     from . import progress
     from .lowering.build import resolve_soc, with_prefill_chunk
-    from .lowering.importer import import_model
     from .lowering.models.config import load_config
-    from .passes.pipeline import CompileOptions, build_pipeline
 
     if quant not in QUANT_MODES:
         raise BlueLowerError(f"unknown --quant '{quant}' (valid: {', '.join(QUANT_MODES)})")
     cfg = load_config(model)
+    jobs = plan_jobs(jobs, cfg)
+    if jobs > 1 and imported is None:
+        _start_workers()  # the workers' server imports torch + TVM while this process goes on
     if kv_capacity is not None:
         cfg = cfg.replace_runtime(kv_capacity=kv_capacity)
     if prefill_chunk is not None:
         cfg = with_prefill_chunk(cfg, prefill_chunk)
     n_patches = parse_grid(image_grid)
     soc_obj = resolve_soc(soc)
-    target = soc_obj.tvm_target()
     cache_path = None
     if imported is None:
-        cache_path = _result_cache_path(cfg, soc, str(target), quant, n_patches, disabled)
+        cache_path = _result_cache_path(cfg, soc, str(soc_obj.tvm_target()), quant, n_patches, disabled)
         cached = _read_cached(cache_path)
         if cached is not None:
             progress.log(f"memory plan from the cache ({cache_path}; BLUELOWER_CACHE_DIR=off recomputes)")
             return cached
+    if imported is not None or jobs == 1:
+        plans, params = plan_entries(cfg, soc, quant, None, disabled, imported=imported)
+    else:
+        plans, params = _plan_in_workers(cfg, soc, quant, disabled, jobs)
+    table = phase_table(cfg, quant, params, plans, n_patches=n_patches)
+    table["soc"] = soc_obj.name
+    _write_cached(cache_path, table)
+    return table
+
+
+def plan_entries(cfg, soc: str, quant: str, entries=None, disabled=(), imported=None) -> tuple[dict, dict]:
+    """Import ``entries`` (default: all) on meta tensors and run the pipeline up to
+    MemoryPlan. Returns ``(plans, params)``: the MemoryPlan results per function and each
+    entry's weight names."""
+    import tvm
+
+    from . import progress
+    from .lowering.build import resolve_soc
+    from .lowering.importer import import_model
+    from .lowering.kernels.parse_speed import fast_prim_func_frames
+    from .passes.pipeline import CompileOptions, build_pipeline
+
+    soc_obj = resolve_soc(soc)
     if imported is not None:  # (mod, sigs) of an earlier import of the same config
         mod, sigs = imported
     else:
         with progress.step("import (meta)"):
-            mod, sigs = import_model(cfg, "torch")
-    opts = CompileOptions(target=target, quant=quant, soc=soc_obj, model=cfg, entry_functions=tuple(sigs))
+            mod, sigs = import_model(cfg, "torch", entries=entries)
+    opts = CompileOptions(target=soc_obj.tvm_target(), quant=quant, soc=soc_obj, model=cfg,
+                          entry_functions=tuple(sigs))
     opts.extra["plan_dtype_bytes"] = plan_dtype_bytes(quant)
     opts.extra["plan_only"] = True
-    from .lowering.kernels.parse_speed import fast_prim_func_frames
-
     bar = progress.Progress("plan passes", len(build_pipeline()))
     for spec in build_pipeline():
         skip = spec.name in disabled or spec.name in PLAN_SKIPPED_PASSES
@@ -301,11 +327,110 @@ def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid
         if spec.name == "MemoryPlan":
             break
     bar.close()
-    params = {name: list(sig.params) for name, sig in sigs.items()}
-    table = phase_table(cfg, quant, params, opts.extra["memory_plan"], n_patches=n_patches)
-    table["soc"] = soc_obj.name
-    _write_cached(cache_path, table)
-    return table
+    return opts.extra["memory_plan"], {name: list(sig.params) for name, sig in sigs.items()}
+
+
+# ------------------------------------------------------------------ worker processes
+# One entry per worker: the 3B decoder's prefill and decode each take ~20 s to trace
+# (torch.export + PyTorch's decompositions, pure Python) and plan, the ViT as long; on
+# two cores the entries in parallel take about half the time of one process.
+# The workers come from a ``forkserver``: a clean process (no threads yet) that imports
+# torch and TVM once and forks one child per entry, so this process's own state (threads
+# of a test run, TVM's thread pool) never reaches a forked child.
+
+_WORKER_PRELOAD = ["torch", "tvm", "bluelower.memory", "bluelower.lowering.importer",
+                   "bluelower.passes.pipeline"]
+
+
+# below this many fp32 weight bytes a model plans in this process unless asked otherwise:
+# its trace takes seconds, less than starting the workers (importing torch + TVM again)
+PARALLEL_PLAN_MIN_WEIGHT_BYTES = 1 << 30
+
+
+def plan_jobs(jobs: int | None = None, cfg=None) -> int:
+    """Worker processes to plan with: ``jobs``, else ``$BLUELOWER_JOBS``, else the usable
+    CPUs (1 for a model under PARALLEL_PLAN_MIN_WEIGHT_BYTES of fp32 weights)."""
+    if jobs is None and cfg is not None and os.environ.get("BLUELOWER_JOBS", "").strip() == "":
+        if sum(weight_bytes(cfg, "fp32")[0].values()) < PARALLEL_PLAN_MIN_WEIGHT_BYTES:
+            return 1
+    if jobs is None:
+        env = os.environ.get("BLUELOWER_JOBS", "").strip()
+        if env:
+            try:
+                jobs = int(env)
+            except ValueError:
+                raise BlueLowerError(f"BLUELOWER_JOBS must be a whole number, got '{env}'") from None
+        else:
+            try:
+                jobs = len(os.sched_getaffinity(0))
+            except AttributeError:  # not Linux
+                jobs = os.cpu_count() or 1
+    if jobs < 1:
+        raise BlueLowerError(f"--jobs must be at least 1, got {jobs}")
+    return jobs
+
+
+def _mp_context():
+    import multiprocessing
+
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(_WORKER_PRELOAD)
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def _start_workers() -> None:
+    ctx = _mp_context()
+    if ctx.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
+def _worker(cfg, soc: str, quant: str, entry: str, disabled) -> tuple[dict, dict, float]:
+    import time
+
+    from . import progress
+
+    progress.set_quiet(True)
+    start = time.perf_counter()
+    plans, params = plan_entries(cfg, soc, quant, [entry], disabled)
+    return plans, params, time.perf_counter() - start
+
+
+def _plan_in_workers(cfg, soc: str, quant: str, disabled, jobs: int) -> tuple[dict, dict]:
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    from . import progress
+    from .lowering.models import bluelm_v
+
+    entries = list(bluelm_v.BlueLMV.ENTRY_FUNCTIONS)
+    # the decoder's long entries first: with fewer workers than entries they start at once
+    order = sorted(entries, key=lambda e: ("decode", "prefill", "encode_image").index(e)
+                   if e in ("decode", "prefill", "encode_image") else 3)
+    # more workers than CPUs: the entries' lengths differ, so time-slicing all of them ends
+    # sooner than queueing (2 CPUs: 4 entries in ~1/2 of the sequential time, not ~2/3)
+    workers = min(len(order), 2 * jobs)
+    plans, params = {}, {}
+    bar = progress.Progress(f"import + plan ({workers} processes)", len(order))
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as pool:
+            pending = {pool.submit(_worker, cfg, soc, quant, e, tuple(disabled)): e for e in order}
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    entry = pending.pop(fut)
+                    p, s, seconds = fut.result()
+                    plans.update(p)
+                    params.update(s)
+                    bar.update(item=f"{entry} ({seconds:.0f} s)")
+    except BrokenProcessPool:
+        raise BlueLowerError("a planning worker process died (out of memory?); "
+                             "plan in one process with --jobs 1") from None
+    bar.close()
+    return dict(sorted(plans.items())), params  # the order one process gives
 
 
 # ------------------------------------------------------------------ result cache
