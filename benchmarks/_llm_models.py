@@ -6,7 +6,6 @@ Everything large (safetensors, GGUF, builds) goes under the cache directory
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -84,28 +83,14 @@ def config_path(size: str) -> str:
     return path
 
 
-def _fast_random(name: str, shape: tuple, seed: int, std: float) -> np.ndarray:
-    """Seeded per-tensor random weights (float32 normals: ~3x faster than
-    bluelower.lowering.weights.random_weight, which draws float64)."""
-    digest = hashlib.sha256(f"bench:{seed}:{name}".encode()).digest()
-    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-    leaf = name.rsplit(".", 1)[-1]
-    x = rng.standard_normal(shape, dtype=np.float32)
-    if "norm" in name and leaf == "weight":
-        x *= 0.1
-        x += 1.0
-        return x
-    x *= (0.1 * std) if leaf == "bias" else std
-    return x
-
-
 def weights_path(size: str, seed: int = 0, log=print) -> str:
     """Seeded random fp32 safetensors for the bench config, streamed tensor by tensor
     (bluelower.lowering.weights.write_safetensors); cached."""
     from bluelower.lowering.models.config import load_config
-    from bluelower.lowering.weights import model_weight_specs, write_safetensors
+    from bluelower.lowering.weights import model_weight_specs, random_weight, write_safetensors
 
-    path = os.path.join(size_dir(size), f"weights-seed{seed}.safetensors")
+    # f32: drawn by random_weight (float32 normals; files of the float64 generator have no suffix)
+    path = os.path.join(size_dir(size), f"weights-seed{seed}-f32.safetensors")
     if os.path.isfile(path):
         return path
     cfg = load_config(config_path(size))
@@ -113,7 +98,7 @@ def weights_path(size: str, seed: int = 0, log=print) -> str:
     log(f"[weights] writing {path}")
     tmp = path + ".partial"
     write_safetensors(tmp, [(n, s, d) for n, (s, d) in specs.items()],
-                      lambda n: _fast_random(n, specs[n][0], seed, cfg.runtime.init_std),
+                      lambda n: random_weight(f"bench:{n}", specs[n][0], seed, cfg.runtime.init_std),
                       metadata={"bluelower_model": cfg.name, "seed": seed, "generator": "llm_bench"},
                       label="bench weights")
     os.replace(tmp, path)
@@ -162,7 +147,7 @@ def gguf_path(size: str, qtype: str = "Q4_0", seed: int = 0, log=print) -> str:
     from bluelower.lowering.models.config import load_config
     from bluelower.lowering.weights import WeightSource
 
-    path = os.path.join(size_dir(size), f"model-seed{seed}-{qtype}.gguf")
+    path = os.path.join(size_dir(size), f"model-seed{seed}-f32-{qtype}.gguf")  # of weights_path's file
     if os.path.isfile(path):
         return path
     cfg = load_config(config_path(size))

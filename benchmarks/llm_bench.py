@@ -522,7 +522,12 @@ def compile_build(size: str, weights: str, quant_wanted: str) -> dict:
     soc = M.host_soc_path()
     info = {"quant_requested": quant_wanted, "quant_used": quant, "quant_modes_available": modes,
             "soc": os.path.basename(soc)}
-    out = os.path.join(M.size_dir(size), f"build-{quant}-{os.path.basename(soc).removesuffix('.toml')}")
+    # keyed by the weights file and the compiler's sources: a cached build of other weights
+    # or of an older bluelower is never measured
+    from bluelower.memory import _sources_digest
+
+    tag = f"{os.path.basename(weights).removesuffix('.safetensors')}-{_sources_digest()[:12]}"
+    out = os.path.join(M.size_dir(size), f"build-{quant}-{os.path.basename(soc).removesuffix('.toml')}-{tag}")
     info["build_dir"] = out
     if os.path.isfile(os.path.join(out, "manifest.json")):
         info["compile"] = "cached"

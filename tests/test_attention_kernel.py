@@ -5,6 +5,8 @@ capacity that is not a multiple of the block, INT8 and fp32 caches, and the caus
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tvm
@@ -190,6 +192,9 @@ def test_per_layer_kernels_are_stamped_from_one_parse(layer):
                                                 scale=0.25, causal=True, kv_int8=kv_int8)))
     for builder, kw in cases:
         stamped, direct = builder(**kw), builder.direct(**kw)
+        assert json.loads(str(stamped.attrs["bluelower.stamp"]))["values"] == [
+            v for key in ("prefix", "k_prefix", "v_prefix") for v in kw.get(key, ())]
+        stamped = stamped.without_attr("bluelower.stamp")  # which generic kernel it came from
         assert tvm_ffi.structural_equal(stamped, direct), (builder.__name__, kw)
         assert stamped.attrs.get("bluelower.kernel_args") == direct.attrs.get("bluelower.kernel_args")
         assert all(isinstance(p, tvm.tirx.Var) and not str(p.name).startswith("bluelower_prefix")

@@ -129,6 +129,8 @@ def build_pipeline() -> list[PassSpec]:
         PassSpec("EmulateAPUNumerics", "partition/schedule", "Round inside APU partitions as the SoC's APU would (fp16 activations, its accumulation).",
                  lambda o: __import__("bluelower.passes.emulate_apu_numerics", fromlist=["_"]).emulate_apu_numerics(o)),
         # lowering
+        PassSpec("ShareLayerKernels", "lowering", "Call one generic attention / KV-write kernel per shape, the layer as an argument.",
+                 lambda o: __import__("bluelower.passes.share_layer_kernels", fromlist=["_"]).ShareLayerKernels()),
         PassSpec("LegalizeOps", "lowering", "Lower Relax operators to TIR PrimFuncs.",
                  _with_target(lambda o: T.LegalizeOps())),
         PassSpec("AnnotateTIROpPattern", "lowering", "Classify each PrimFunc (elementwise, injective, reduction, ...).",

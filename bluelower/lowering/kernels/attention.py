@@ -29,6 +29,7 @@ import json
 import math
 
 import numpy as np
+import tvm_ffi
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -52,6 +53,18 @@ _NEG_BIG = -3.4028234663852886e38  # finite "-inf" start for the running max: no
 # few ms). The result is structurally equal to a direct build (tests/test_attention_kernel.py).
 
 _WELL_FORMED = [True]  # False only while a builder runs with variable prefixes (free vars until made params)
+
+# Every per-layer kernel also records (attr ``bluelower.stamp``) the generic kernel it was
+# specialized from: ``{"id": ..., "values": [prefix constants]}``; the generic one (prefix as
+# trailing int32 parameters) is kept here under that id. ``ShareLayerKernels``
+# (passes/share_layer_kernels.py) calls it with the constants as arguments instead, so the
+# build compiles one kernel per shape, not one per layer.
+_GENERIC_KERNELS: dict = {}
+
+
+def generic_kernel(stamp_id: str):
+    """``(PrimFunc, prefix vars)`` of a ``bluelower.stamp`` id, or None (not built in this process)."""
+    return _GENERIC_KERNELS.get(stamp_id)
 
 
 def _pfx(prefix) -> tuple:
@@ -86,7 +99,11 @@ def _stamped_per_prefix(*prefix_args):
                 func = build(**kw)
             finally:
                 _WELL_FORMED[0] = True
-            return tirx.PrimFunc(list(func.params) + pvars, func.body, func.ret_type, func.attrs), pvars
+            func = tirx.PrimFunc(list(func.params) + pvars, func.body, func.ret_type, func.attrs)
+            # the id is the code's: builders called with other but equivalent arguments share it
+            stamp_id = f"{tvm_ffi.structural_hash(func.without_attr('bluelower.kernel_args')) & (2**64 - 1):016x}"
+            _GENERIC_KERNELS[stamp_id] = (func, pvars)
+            return func, pvars, stamp_id
 
         @functools.wraps(build)
         def wrapper(**kw):
@@ -97,8 +114,8 @@ def _stamped_per_prefix(*prefix_args):
                     kw[name] = tuple(0 for _ in kw[name])
             if not values:
                 return build(**kw)
-            func, pvars = generic(tuple(sorted((k, _freeze(v)) for k, v in kw.items())), len(values))
-            func = func.specialize({v: tirx.IntImm("int32", x) for v, x in zip(pvars, values)})
+            generic_func, pvars, stamp_id = generic(tuple(sorted((k, _freeze(v)) for k, v in kw.items())), len(values))
+            func = generic_func.specialize({v: tirx.IntImm("int32", x) for v, x in zip(pvars, values)})
             if "bluelower.kernel_args" in func.attrs:
                 names = {str(v.name): x for v, x in zip(pvars, values)}
                 args = json.loads(str(func.attrs["bluelower.kernel_args"]))
@@ -106,7 +123,7 @@ def _stamped_per_prefix(*prefix_args):
                     if isinstance(args.get(key), list):
                         args[key] = [names.get(x, x) if isinstance(x, str) else x for x in args[key]]
                 func = func.with_attr("bluelower.kernel_args", json.dumps(args, sort_keys=True))
-            return func
+            return func.with_attr("bluelower.stamp", json.dumps({"id": stamp_id, "values": values}))
 
         wrapper.direct = build  # the unstamped builder (tests compare the two)
         return wrapper
