@@ -320,7 +320,10 @@ def test_quantized_build_matches_dequantized_pytorch(tiny_w4_build, tiny_image):
     assert isinstance(ref_backend, DequantizedReference)
     ref = generate(ref_backend, patches, ids, 12)
     assert got.tokens == ref.tokens
-    np.testing.assert_allclose(got.first_logits, ref.first_logits, rtol=1e-4, atol=1e-4 * np.abs(ref.first_logits).max())
+    # 3e-4 of the logit scale: both round the KV rows to INT8, and a value on a rounding
+    # boundary (float32 sums in another order) can land on the neighbouring code (measured
+    # up to 1.2e-4 with one seed's weights, 2 of 512 logits)
+    np.testing.assert_allclose(got.first_logits, ref.first_logits, rtol=1e-4, atol=3e-4 * np.abs(ref.first_logits).max())
 
 
 # ----------------------------------------------------------------------------- 3B figure

@@ -229,23 +229,38 @@ def dequantize_weight(packed: np.ndarray, scales: np.ndarray, quantizer: str, ar
 
 def param_producer(transforms: dict, read_fp32: Callable[[str], np.ndarray]) -> Callable[[str], np.ndarray]:
     """``produce(name)`` for ``write_safetensors``: fp32 params are read as they are,
-    quantized ones converted from their source weight, one source weight at a time (the
-    quantized pair is kept only until both parts have been written)."""
-    pending: dict = {}  # source -> [(packed, scales), parts not yet written]
+    quantized ones converted from their source weight, once per source weight (its parts,
+    packed codes and scales, may be asked for from two threads at once: the first converts,
+    the other waits; the pair is dropped when every part has been handed out)."""
+    import threading
+    from concurrent.futures import Future
+
+    lock = threading.Lock()
+    pending: dict = {}  # source -> [Future of (packed, scales), parts not yet handed out]
+    parts_of: dict = {}
+    for t in transforms.values():
+        parts_of[t.source] = parts_of.get(t.source, 0) + 1
 
     def produce(name: str) -> np.ndarray:
         t = transforms.get(name)
         if t is None:
             return read_fp32(name)
-        if t.source not in pending:
-            pending.clear()  # tensors come in sorted order: the previous pair is done
-            parts = sum(1 for o in transforms.values() if o.source == t.source)
-            pending[t.source] = [quantize_weight(read_fp32(t.source), t.quantizer, t.args), parts]
-        entry = pending[t.source]
-        out = entry[0][t.part]
-        entry[1] -= 1
-        if entry[1] <= 0:
-            del pending[t.source]
+        with lock:
+            entry = pending.get(t.source)
+            owner = entry is None
+            if owner:
+                entry = pending[t.source] = [Future(), parts_of[t.source]]
+        if owner:
+            try:
+                entry[0].set_result(quantize_weight(read_fp32(t.source), t.quantizer, t.args))
+            except BaseException as exc:
+                entry[0].set_exception(exc)
+                raise
+        out = entry[0].result()[t.part]
+        with lock:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                pending.pop(t.source, None)
         return out
 
     return produce

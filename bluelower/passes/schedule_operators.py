@@ -243,9 +243,13 @@ def build_operator_graph(mod: tvm.IRModule, soc, image_batch: int, image_grid=DE
     g = nx.DiGraph()
     info = {"image_grid": list(image_grid) if image_grid else None, "image_batch": image_batch, "calls": {}}
 
+    segments_of: dict = {}  # an entry called once per patch batch is segmented once
+
     def add_call(entry: str, tag: str, phase: str, after: list[str]) -> list[str]:
         """Add one call of ``entry``; its source tasks wait for ``after``; returns its sink tasks."""
-        segs = segments(mod, entry)
+        if entry not in segments_of:
+            segments_of[entry] = segments(mod, entry)
+        segs = segments_of[entry]
         task_names = [f"{tag}/{s['name']}" for s in segs]
         has_succ = set()
         for i, s in enumerate(segs):
