@@ -263,6 +263,7 @@ def param_producer(transforms: dict, read_fp32: Callable[[str], np.ndarray]) -> 
                 pending.pop(t.source, None)
         return out
 
+    produce.work_key = lambda name: transforms[name].source if name in transforms else name
     return produce
 
 

@@ -47,9 +47,11 @@ def write_safetensors(path: str, specs: Iterable[tuple[str, tuple, str]], produc
 
     ``specs`` gives (name, shape, dtype) for every tensor; ``produce(name)`` returns its
     array when it is written. Tensors are laid out in sorted name order (deterministic
-    output for the same inputs). ``produce`` runs in ``threads`` threads (default
-    :func:`producer_threads`), each a tensor ahead of the writer: it must be thread-safe
-    (NumPy's random draws and array arithmetic release the GIL: ~1.8x on 2 cores).
+    output for the same inputs). ``produce`` runs in threads, ``threads`` (default
+    :func:`producer_threads`) pieces of work ahead of the writer, and must be thread-safe
+    (NumPy's random draws and array arithmetic release the GIL: ~1.8x on 2 cores). Tensors
+    made by one piece of work (a quantized weight's codes and scales) say so through
+    ``produce.work_key(name)``: only distinct keys count against the lookahead.
     """
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
@@ -67,22 +69,23 @@ def write_safetensors(path: str, specs: Iterable[tuple[str, tuple, str]], produc
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
     bar = progress.Progress(label, len(specs))
     threads = producer_threads() if threads is None else max(1, int(threads))
-    with open(path, "wb") as fh, ThreadPoolExecutor(threads) as pool:
+    work_key = getattr(produce, "work_key", lambda name: name)
+    # extra threads: a tensor whose work another thread is doing waits in its own thread
+    with open(path, "wb") as fh, ThreadPoolExecutor(4 * threads) as pool:
         fh.write(struct.pack("<Q", len(blob)))
         fh.write(blob)
-        todo, ahead = iter(specs), deque()
+        todo, ahead = deque(specs), deque()
 
-        def submit_next():
-            spec = next(todo, None)
-            if spec is not None:
+        def fill():
+            while todo and len({work_key(s[0]) for s, _f in ahead} | {work_key(todo[0][0])}) <= threads:
+                spec = todo.popleft()
                 ahead.append((spec, pool.submit(produce, spec[0])))
 
-        for _ in range(threads):
-            submit_next()
+        fill()
         while ahead:
             (name, shape, dtype), fut = ahead.popleft()
             arr = np.ascontiguousarray(fut.result())
-            submit_next()
+            fill()
             if tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dtype):
                 raise AssertionError(f"{name}: produced {arr.shape} {arr.dtype}, declared {shape} {dtype}")
             fh.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
