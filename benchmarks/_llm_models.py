@@ -89,8 +89,7 @@ def weights_path(size: str, seed: int = 0, log=print) -> str:
     from bluelower.lowering.models.config import load_config
     from bluelower.lowering.weights import model_weight_specs, random_weight, write_safetensors
 
-    # f32: drawn by random_weight (float32 normals; files of the float64 generator have no suffix)
-    path = os.path.join(size_dir(size), f"weights-seed{seed}-f32.safetensors")
+    path = os.path.join(size_dir(size), f"weights-seed{seed}.safetensors")
     if os.path.isfile(path):
         return path
     cfg = load_config(config_path(size))
@@ -98,7 +97,7 @@ def weights_path(size: str, seed: int = 0, log=print) -> str:
     log(f"[weights] writing {path}")
     tmp = path + ".partial"
     write_safetensors(tmp, [(n, s, d) for n, (s, d) in specs.items()],
-                      lambda n: random_weight(f"bench:{n}", specs[n][0], seed, cfg.runtime.init_std),
+                      lambda n: random_weight(n, specs[n][0], seed, cfg.runtime.init_std, salt="bench:"),
                       metadata={"bluelower_model": cfg.name, "seed": seed, "generator": "llm_bench"},
                       label="bench weights")
     os.replace(tmp, path)
@@ -147,7 +146,7 @@ def gguf_path(size: str, qtype: str = "Q4_0", seed: int = 0, log=print) -> str:
     from bluelower.lowering.models.config import load_config
     from bluelower.lowering.weights import WeightSource
 
-    path = os.path.join(size_dir(size), f"model-seed{seed}-f32-{qtype}.gguf")  # of weights_path's file
+    path = os.path.join(size_dir(size), f"model-seed{seed}-{qtype}.gguf")  # of weights_path's file
     if os.path.isfile(path):
         return path
     cfg = load_config(config_path(size))
