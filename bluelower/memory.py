@@ -406,10 +406,8 @@ def _plan_in_workers(cfg, soc: str, quant: str, disabled, jobs: int) -> tuple[di
     from . import progress
     from .lowering.models import bluelm_v
 
-    entries = list(bluelm_v.BlueLMV.ENTRY_FUNCTIONS)
-    # the decoder's long entries first: with fewer workers than entries they start at once
-    order = sorted(entries, key=lambda e: ("decode", "prefill", "encode_image").index(e)
-                   if e in ("decode", "prefill", "encode_image") else 3)
+    # the long entries first (with fewer workers than entries they start at once)
+    order = sorted(bluelm_v.BlueLMV.ENTRY_FUNCTIONS, key=lambda e: e == "embed")
     # more workers than CPUs: the entries' lengths differ, so time-slicing all of them ends
     # sooner than queueing (2 CPUs: 4 entries in ~1/2 of the sequential time, not ~2/3)
     workers = min(len(order), 2 * jobs)
