@@ -350,21 +350,13 @@ PARALLEL_PLAN_MIN_WEIGHT_BYTES = 1 << 30
 def plan_jobs(jobs: int | None = None, cfg=None) -> int:
     """Worker processes to plan with: ``jobs``, else ``$BLUELOWER_JOBS``, else the usable
     CPUs (1 for a model under PARALLEL_PLAN_MIN_WEIGHT_BYTES of fp32 weights)."""
-    if jobs is None and cfg is not None and os.environ.get("BLUELOWER_JOBS", "").strip() == "":
-        if sum(weight_bytes(cfg, "fp32")[0].values()) < PARALLEL_PLAN_MIN_WEIGHT_BYTES:
-            return 1
+    from .jobs import env_jobs, usable_cpus
+
     if jobs is None:
-        env = os.environ.get("BLUELOWER_JOBS", "").strip()
-        if env:
-            try:
-                jobs = int(env)
-            except ValueError:
-                raise BlueLowerError(f"BLUELOWER_JOBS must be a whole number, got '{env}'") from None
-        else:
-            try:
-                jobs = len(os.sched_getaffinity(0))
-            except AttributeError:  # not Linux
-                jobs = os.cpu_count() or 1
+        jobs = env_jobs()
+        if jobs is None:
+            small = cfg is not None and sum(weight_bytes(cfg, "fp32")[0].values()) < PARALLEL_PLAN_MIN_WEIGHT_BYTES
+            jobs = 1 if small else usable_cpus()
     if jobs < 1:
         raise BlueLowerError(f"--jobs must be at least 1, got {jobs}")
     return jobs

@@ -30,6 +30,9 @@ def test_job_count_defaults_and_errors(monkeypatch):
     monkeypatch.setenv("BLUELOWER_JOBS", "two")
     with pytest.raises(BlueLowerError, match="BLUELOWER_JOBS must be a whole number"):
         memory.plan_jobs(None, load_config("tiny"))
+    monkeypatch.setenv("BLUELOWER_JOBS", "0")
+    with pytest.raises(BlueLowerError, match="BLUELOWER_JOBS must be at least 1"):
+        memory.plan_jobs(None, load_config("tiny"))
     with pytest.raises(BlueLowerError, match="at least 1"):
         memory.plan_jobs(0)
 

@@ -31,14 +31,9 @@ _NP_FROM_ST = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uin
 def producer_threads() -> int:
     """Threads producing tensors for :func:`write_safetensors`: ``$BLUELOWER_JOBS`` or the
     usable CPUs, at most 4 (each holds one tensor in flight: <= 1 GB fp32 for the 3B model)."""
-    env = os.environ.get("BLUELOWER_JOBS", "").strip()
-    if env.isdigit() and int(env) >= 1:
-        return min(int(env), 4)
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, 4))
+    from ..jobs import env_jobs, usable_cpus
+
+    return max(1, min(env_jobs() or usable_cpus(), 4))
 
 
 def write_safetensors(path: str, specs: Iterable[tuple[str, tuple, str]], produce: Callable[[str], np.ndarray],
