@@ -55,11 +55,13 @@ def test_decoder_matches_transformers_llama(tiny_model):
         ref = hf(input_ids=ids[None]).logits[0]
         cache = tiny_model.new_kv_cache()
         # prefill 16 rows, then 8 decode steps through the static cache
+        # float32 in another summation order (HF's rotary/attention code): measured up to
+        # 2.2e-5 absolute with these weights; a wrong rope, mask or norm is off by far more
         logits, cache = tiny_model.prefill(tiny_model.embed(ids[:16]), cache, torch.tensor([0]), torch.tensor([16]))
-        torch.testing.assert_close(logits[0], ref[15], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits[0], ref[15], rtol=1e-5, atol=1e-4)
         for pos in range(16, 24):
             logits, cache = tiny_model.decode(ids[pos : pos + 1], cache, torch.tensor([pos]))
-            torch.testing.assert_close(logits[0], ref[pos], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(logits[0], ref[pos], rtol=1e-5, atol=1e-4)
 
 
 def test_downsampler_groups_2x2_neighbours(tiny_model):
