@@ -131,6 +131,8 @@ def build_pipeline() -> list[PassSpec]:
         # lowering
         PassSpec("ShareLayerKernels", "lowering", "Call one generic attention / KV-write kernel per shape, the layer as an argument.",
                  lambda o: __import__("bluelower.passes.share_layer_kernels", fromlist=["_"]).ShareLayerKernels()),
+        PassSpec("BoundTakeIndices", "lowering", "Gathers with run-time indices clamp them into range (take mode fast -> clip).",
+                 lambda o: __import__("bluelower.passes.bound_take_indices", fromlist=["_"]).BoundTakeIndices()),
         PassSpec("LegalizeOps", "lowering", "Lower Relax operators to TIR PrimFuncs.",
                  _with_target(lambda o: T.LegalizeOps())),
         PassSpec("AnnotateTIROpPattern", "lowering", "Classify each PrimFunc (elementwise, injective, reduction, ...).",
