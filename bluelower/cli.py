@@ -330,8 +330,8 @@ def targets_show(name_or_path: str, as_json: bool) -> None:
 @click.option("--prefill-chunk", type=int, default=None, help="Prefill chunk (default: the config's).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (peak_bytes, phases).")
 @click.option("-j", "--jobs", type=int, default=None,
-              help="Worker processes for planning with --model (default: the usable CPUs or $BLUELOWER_JOBS; "
-                   "1 plans in this process).")
+              help="With --model: above 1, each entry function is planned in its own worker process; 1 plans "
+                   "in this process (default: $BLUELOWER_JOBS, else the usable CPUs; small models: 1).")
 def inspect_memory_cmd(build_dir, model, soc, quant, image_grid, kv_capacity, prefill_chunk, as_json, jobs) -> None:
     """Peak memory per phase (weights + KV cache + activation arena) of a build or, with --model, of a plan."""
     from . import memory

@@ -258,8 +258,8 @@ def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid
 
     The entry functions are planned independently (every pass rewrites one function at a
     time and names what it adds after it), so with ``jobs`` > 1 each entry is imported and
-    planned in its own worker process (default: one per usable CPU; ``BLUELOWER_JOBS`` or
-    ``jobs=1`` plan in this process). ``imported``: ``(mod, sigs)`` of an earlier import.
+    planned in its own worker process (``jobs`` defaults to ``BLUELOWER_JOBS``, else the
+    usable CPUs, else 1 for small models; ``jobs=1`` plans in this process). ``imported``: ``(mod, sigs)`` of an earlier import.
     """
     from . import progress
     from .lowering.build import resolve_soc, with_prefill_chunk
@@ -269,8 +269,6 @@ def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid
         raise BlueLowerError(f"unknown --quant '{quant}' (valid: {', '.join(QUANT_MODES)})")
     cfg = load_config(model)
     jobs = plan_jobs(jobs, cfg)
-    if jobs > 1 and imported is None:
-        _start_workers()  # the workers' server imports torch + TVM while this process goes on
     if kv_capacity is not None:
         cfg = cfg.replace_runtime(kv_capacity=kv_capacity)
     if prefill_chunk is not None:
@@ -284,10 +282,12 @@ def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid
         if cached is not None:
             progress.log(f"memory plan from the cache ({cache_path}; BLUELOWER_CACHE_DIR=off recomputes)")
             return cached
+    if imported is None and jobs > 1:
+        _start_workers()  # the workers' server imports torch + TVM while this process goes on
     if imported is not None or jobs == 1:
         plans, params = plan_entries(cfg, soc, quant, None, disabled, imported=imported)
     else:
-        plans, params = _plan_in_workers(cfg, soc, quant, disabled, jobs)
+        plans, params = _plan_in_workers(cfg, soc, quant, disabled)
     table = phase_table(cfg, quant, params, plans, n_patches=n_patches)
     table["soc"] = soc_obj.name
     _write_cached(cache_path, table)
@@ -391,31 +391,28 @@ def _worker(cfg, soc: str, quant: str, entry: str, disabled) -> tuple[dict, dict
     return plans, params, time.perf_counter() - start
 
 
-def _plan_in_workers(cfg, soc: str, quant: str, disabled, jobs: int) -> tuple[dict, dict]:
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+def _plan_in_workers(cfg, soc: str, quant: str, disabled) -> tuple[dict, dict]:
+    from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
     from . import progress
     from .lowering.models import bluelm_v
 
-    # the long entries first (with fewer workers than entries they start at once)
-    order = sorted(bluelm_v.BlueLMV.ENTRY_FUNCTIONS, key=lambda e: e == "embed")
-    # more workers than CPUs: the entries' lengths differ, so time-slicing all of them ends
-    # sooner than queueing (2 CPUs: 4 entries in ~1/2 of the sequential time, not ~2/3)
-    workers = min(len(order), 2 * jobs)
+    # one process per entry, even with fewer CPUs: the entries' lengths differ, so
+    # time-slicing all of them ends sooner than queueing (2 CPUs: 4 entries in ~1/2 of the
+    # sequential time, not ~2/3)
+    order = list(bluelm_v.BlueLMV.ENTRY_FUNCTIONS)
+    workers = len(order)
     plans, params = {}, {}
     bar = progress.Progress(f"import + plan ({workers} processes)", len(order))
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as pool:
-            pending = {pool.submit(_worker, cfg, soc, quant, e, tuple(disabled)): e for e in order}
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    entry = pending.pop(fut)
-                    p, s, seconds = fut.result()
-                    plans.update(p)
-                    params.update(s)
-                    bar.update(item=f"{entry} ({seconds:.0f} s)")
+            futures = {pool.submit(_worker, cfg, soc, quant, e, tuple(disabled)): e for e in order}
+            for fut in as_completed(futures):
+                p, s, seconds = fut.result()
+                plans.update(p)
+                params.update(s)
+                bar.update(item=f"{futures[fut]} ({seconds:.0f} s)")
     except BrokenProcessPool:
         raise BlueLowerError("a planning worker process died (out of memory?); "
                              "plan in one process with --jobs 1") from None

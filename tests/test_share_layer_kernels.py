@@ -1,11 +1,68 @@
 """ShareLayerKernels: the per-layer attention / KV-write kernels become one generic kernel per
 shape called with the layer as an argument; the build computes exactly what it did before."""
 
+import json
+
 import numpy as np
 import pytest
+import tvm
+from tvm import relax, tirx
 
 from bluelower.generate import CompiledModel
 from bluelower.lowering.build import CompileRequest, compile_model
+from bluelower.lowering.kernels.attention import fused_attention, generic_kernel, kv_cache_write
+from bluelower.passes.share_layer_kernels import ShareLayerKernels
+
+CACHE, UPDATE = (2, 2, 1, 8, 4), (2, 1, 1, 4)  # [layers, k/v, kv heads, capacity, head dim]
+ATT = dict(rows=2, q_heads=2, rep=2, q_len=1, head_dim=4, kv_len=8, k_shape=CACHE, v_shape=CACHE, scale=0.5,
+           causal=True)
+
+
+def _decoder_like(kernel_for):
+    """Per layer: an in-place cache write, then an attention reading that layer of the cache.
+    ``kernel_for(kind, layer, func)`` -> (PrimFunc, name, extra call arguments)."""
+    bb = relax.BlockBuilder()
+    cache = relax.Var("cache", relax.TensorType(CACHE, "float32"))
+    index = relax.Var("index", relax.TensorType(UPDATE, "int64"))
+    rows = relax.Var("rows", relax.TensorType(UPDATE, "float32"))
+    q = relax.Var("q", relax.TensorType((2, 1, 4), "float32"))
+    pos = relax.Var("pos", relax.TensorType((1,), "int64"))
+    gvs = {}
+    with bb.function("main", [cache, index, rows, q, pos]):
+        with bb.dataflow():
+            cur, outs = cache, []
+            for layer in range(2):
+                write = kv_cache_write(cache_shape=CACHE, prefix=(layer,), axis=2, update_shape=UPDATE)
+                att = fused_attention(k_prefix=(layer, 0), v_prefix=(layer, 1), **ATT)
+                for kind, func in (("write", write), ("attention", att)):
+                    f, name, extra = kernel_for(kind, layer, func)
+                    if name not in gvs:
+                        gvs[name] = bb.add_func(f, name)
+                    if kind == "write":
+                        cur = bb.emit(relax.call_tir_inplace(gvs[name], [cur, index, rows, *extra], [0], cache.ty))
+                    else:
+                        outs.append(bb.emit(relax.call_tir(gvs[name], [q, cur, cur, pos, *extra], q.ty)))
+            out = bb.emit_output(relax.Tuple([*outs, cur]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_golden():
+    before = _decoder_like(lambda kind, layer, func: (func, f"{kind}{layer}", []))
+
+    def shared(kind, layer, func):
+        """The generic kernel the builder stamped ``func`` from, scalars before the outputs."""
+        stamp = json.loads(str(func.attrs["bluelower.stamp"]))
+        generic, pvars = generic_kernel(stamp["id"])
+        params = list(generic.params)[: -len(pvars)]
+        n_out = 0 if kind == "write" else 1
+        params = params[: len(params) - n_out] + list(pvars) + params[len(params) - n_out:]
+        f = tirx.PrimFunc(params, generic.body, generic.ret_type, generic.attrs)
+        if "bluelower.kernel_args" in f.attrs:
+            f = f.without_attr("bluelower.kernel_args")
+        return f, f"{kind}_shared", [relax.prim_value(tirx.IntImm("int32", v)) for v in stamp["values"]]
+
+    tvm.ir.assert_structural_equal(ShareLayerKernels()(before), _decoder_like(shared))
 
 
 def _stats(manifest, name):

@@ -167,7 +167,8 @@ class _Rewriter(PyExprMutator):  # pylint: disable=abstract-method
         super().visit_var_binding_(binding)
 
 
-def _referenced_global_vars(mod) -> set:
+def referenced_global_vars(mod) -> set:
+    """Names of the functions the module's Relax functions refer to."""
     out = set()
     for _gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
@@ -215,7 +216,7 @@ class QuantizeKVCache:  # pylint: disable=too-few-public-methods
             for var in list(plan.writes) + list(plan.attentions):
                 replaced.add(func_binding_callee(func, var))
         out = rewriter.builder_.get()
-        still = _referenced_global_vars(out)
+        still = referenced_global_vars(out)
         for gv in list(out.get_global_vars()):
             if gv.name_hint in replaced and gv.name_hint not in still:
                 del out[gv]

@@ -26,6 +26,7 @@ from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from . import pipeline
+from .quantize_kv_cache import referenced_global_vars
 
 _CALLS = ("relax.call_tir", "relax.call_tir_inplace")
 
@@ -91,14 +92,6 @@ class _Sharer(PyExprMutator):  # pylint: disable=abstract-method
         return relax.call_tir(generic, args, out_ty)
 
 
-def _referenced(mod) -> set:
-    out = set()
-    for _gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            out.update(g.name_hint for g in relax.analysis.all_global_vars(func))
-    return out
-
-
 @tvm.transform.module_pass(opt_level=0, name="ShareLayerKernels")
 class ShareLayerKernels:  # pylint: disable=too-few-public-methods
     """Call one generic kernel per shape (see the module docstring)."""
@@ -113,7 +106,7 @@ class ShareLayerKernels:  # pylint: disable=too-few-public-methods
             if isinstance(func, relax.Function):
                 sharer.builder_.update_func(gv, sharer.visit_expr(func))
         out = sharer.builder_.get()
-        still = _referenced(out)
+        still = referenced_global_vars(out)
         removed = 0
         for gv in list(out.get_global_vars()):
             if gv.name_hint in stamped and gv.name_hint not in still:
