@@ -85,9 +85,9 @@ def config_path(size: str) -> str:
 
 def weights_path(size: str, seed: int = 0, log=print) -> str:
     """Seeded random fp32 safetensors for the bench config, streamed tensor by tensor
-    (bluelower.lowering.weights.write_safetensors); cached."""
-    from bluelower.lowering.models.config import load_config
-    from bluelower.lowering.weights import model_weight_specs, random_weight, write_safetensors
+    (bluelower.lowering.frontend.weights.write_safetensors); cached."""
+    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.frontend.weights import model_weight_specs, random_weight, write_safetensors
 
     path = os.path.join(size_dir(size), f"weights-seed{seed}.safetensors")
     if os.path.isfile(path):
@@ -143,8 +143,8 @@ def gguf_path(size: str, qtype: str = "Q4_0", seed: int = 0, log=print) -> str:
     (Q4_0 or F32), norms F32; minimal dummy SPM vocabulary. Cached."""
     import gguf
 
-    from bluelower.lowering.models.config import load_config
-    from bluelower.lowering.weights import WeightSource
+    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.frontend.weights import WeightSource
 
     path = os.path.join(size_dir(size), f"model-seed{seed}-{qtype}.gguf")  # of weights_path's file
     if os.path.isfile(path):

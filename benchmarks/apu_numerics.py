@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bluelower.eval_quant import _greedy, _sequence, _teacher_forced, eval_patches  # noqa: E402
+from bluelower.reports.eval_quant import _greedy, _sequence, _teacher_forced, eval_patches  # noqa: E402
 
 
 def _metrics(image, ref_image, logits, ref_logits, greedy, ref_tokens) -> dict:
@@ -57,9 +57,9 @@ def _metrics(image, ref_image, logits, ref_logits, greedy, ref_tokens) -> dict:
 
 
 def evaluate(model: str, soc_name: str, modes, tokens: int, seed: int, work_dir: str) -> dict:
-    from bluelower.generate import CompiledModel, TorchReference
-    from bluelower.lowering.build import CompileRequest, compile_model
-    from bluelower.lowering.models.config import load_config
+    from bluelower.runtime_stubs.generate import CompiledModel, TorchReference
+    from bluelower.lowering.artifacts.compile import CompileRequest, compile_model
+    from bluelower.lowering.models.bluelm_v.config import load_config
     from bluelower.targets.soc import load_soc, with_host_cpu
 
     soc = with_host_cpu(load_soc(soc_name))

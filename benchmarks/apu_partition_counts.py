@@ -15,8 +15,8 @@ from bluelower.passes import pipeline
 from bluelower.passes.partition_for_apu import PartitionForAPU
 from bluelower.passes.schedule_operators import ScheduleOperators
 from bluelower.targets.soc import load_soc
-from bluelower.lowering.importer import import_model
-from bluelower.lowering.models.config import load_config
+from bluelower.lowering.frontend.importer import import_model
+from bluelower.lowering.models.bluelm_v.config import load_config
 
 t0 = time.time()
 model = sys.argv[2] if len(sys.argv) > 2 else "bluelm-v-3b"

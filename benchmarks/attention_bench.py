@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bluelower.lowering.kernels import host_target  # noqa: E402
 from bluelower.lowering.kernels.attention import (KV_SCALE_BYTES, dequantize_kv_rows, fused_attention,  # noqa: E402
                                                   quantize_kv_rows)
-from bluelower.lowering.models.config import load_config  # noqa: E402
+from bluelower.lowering.models.bluelm_v.config import load_config  # noqa: E402
 
 THREADS = int(os.environ["TVM_NUM_THREADS"])
 

@@ -34,7 +34,7 @@ import numpy as np
 
 
 def _config(capacity: int, directory: str) -> str:
-    from bluelower.lowering.models.config import CONFIG_DIR
+    from bluelower.lowering.models.bluelm_v.config import CONFIG_DIR
 
     with open(os.path.join(CONFIG_DIR, "tiny.json"), encoding="utf-8") as fh:
         data = json.load(fh)
@@ -47,7 +47,7 @@ def _config(capacity: int, directory: str) -> str:
 
 
 def _time_decode(build_dir: str, positions, repeat: int) -> dict:
-    from bluelower.generate import CompiledModel
+    from bluelower.runtime_stubs.generate import CompiledModel
 
     model = CompiledModel(build_dir)
     model.reset_cache()
@@ -66,8 +66,8 @@ def _time_decode(build_dir: str, positions, repeat: int) -> dict:
 def fused_counts(model: str) -> dict:
     from tvm import relax
 
-    from bluelower.lowering.importer import import_model
-    from bluelower.lowering.models.config import load_config
+    from bluelower.lowering.frontend.importer import import_model
+    from bluelower.lowering.models.bluelm_v.config import load_config
     from bluelower.passes import pipeline
     from bluelower.passes.fuse_attention import FuseAttention
     from bluelower.passes.plan_kv_cache import PlanKVCache
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         return 0
 
     from bluelower import progress
-    from bluelower.lowering.build import CompileRequest, compile_model
+    from bluelower.lowering.artifacts.compile import CompileRequest, compile_model
 
     progress.set_quiet(True)
     positions = (16, args.capacity - 2)

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bluelower.lowering.image import (  # noqa: E402
+from bluelower.runtime_stubs.image import (  # noqa: E402
     DEFAULT_ALPHA,
     IMAGE_SIZE,
     POLICIES,

@@ -211,14 +211,14 @@ class _Llama:
 
 def _open_engine(engine, args, cfg):
     if engine == "bluelower":
-        from bluelower.generate import CompiledModel
+        from bluelower.runtime_stubs.generate import CompiledModel
 
         return _TorchLike(CompiledModel(args.build_dir, verify=False), cfg.decoder.hidden_size)
     if engine == "torch":
         import torch
 
         torch.set_num_threads(THREADS)
-        from bluelower.generate import TorchReference
+        from bluelower.runtime_stubs.generate import TorchReference
 
         return _TorchLike(TorchReference(cfg, args.weights), cfg.decoder.hidden_size)
     if engine == "llamacpp":
@@ -228,7 +228,7 @@ def _open_engine(engine, args, cfg):
 
 def worker(args) -> None:
     """One engine, one round: print ``RESULT {json}`` on stdout."""
-    from bluelower.lowering.models.config import load_config
+    from bluelower.lowering.models.bluelm_v.config import load_config
 
     cfg = load_config(M.config_path(args.size))
     V = cfg.decoder.vocab_size
@@ -337,8 +337,8 @@ def profile_bluelower(args, cfg) -> dict:
     import tvm_ffi
     from tvm import relax
 
-    from bluelower.generate import CompiledModel
-    from bluelower.lowering.build import LIBRARY
+    from bluelower.runtime_stubs.generate import CompiledModel
+    from bluelower.lowering.artifacts.compile import LIBRARY
 
     cm = CompiledModel(args.build_dir, verify=False)
     vm = relax.VirtualMachine(tvm.runtime.load_module(os.path.join(args.build_dir, LIBRARY)), cm.dev)
@@ -381,8 +381,8 @@ def verify(args) -> None:
     import torch
 
     torch.set_num_threads(THREADS)
-    from bluelower.generate import TorchReference
-    from bluelower.lowering.models.config import load_config
+    from bluelower.runtime_stubs.generate import TorchReference
+    from bluelower.lowering.models.bluelm_v.config import load_config
 
     cfg = load_config(M.config_path(args.size))
     ref = _TorchLike(TorchReference(cfg, args.weights), cfg.decoder.hidden_size)
@@ -524,7 +524,7 @@ def compile_build(size: str, weights: str, quant_wanted: str) -> dict:
             "soc": os.path.basename(soc)}
     # keyed by the weights file and the compiler's sources: a cached build of other weights
     # or of an older bluelower is never measured
-    from bluelower.memory import _sources_digest
+    from bluelower.reports.memory import _sources_digest
 
     tag = f"{os.path.basename(weights).removesuffix('.safetensors')}-{_sources_digest()[:12]}"
     out = os.path.join(M.size_dir(size), f"build-{quant}-{os.path.basename(soc).removesuffix('.toml')}-{tag}")
@@ -532,7 +532,7 @@ def compile_build(size: str, weights: str, quant_wanted: str) -> dict:
     if os.path.isfile(os.path.join(out, "manifest.json")):
         info["compile"] = "cached"
         return info
-    code = ("import sys; from bluelower.lowering.build import compile_model, CompileRequest; "
+    code = ("import sys; from bluelower.lowering.artifacts.compile import compile_model, CompileRequest; "
             f"compile_model(CompileRequest(model={M.config_path(size)!r}, weights={weights!r}, quant={quant!r}, "
             f"soc={soc!r}, out_dir={out!r}))")
     log(f"[compile] {size} quant={quant}")
@@ -590,7 +590,7 @@ def med(vals):
 
 
 def main_bench(args) -> dict:
-    from bluelower.lowering.models.config import load_config
+    from bluelower.lowering.models.bluelm_v.config import load_config
 
     t_start = time.time()
     cfg = load_config(M.config_path(args.size))

@@ -41,7 +41,7 @@ def markdown(info: dict) -> str:
 
 def main(argv=None) -> int:
     from bluelower import progress
-    from bluelower.memory import inspect_model
+    from bluelower.reports.memory import inspect_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="bluelm-v-3b")
@@ -59,8 +59,8 @@ def main(argv=None) -> int:
                 print(markdown(info))
                 print()
         return 0
-    from bluelower.lowering.importer import import_model
-    from bluelower.lowering.models.config import load_config
+    from bluelower.lowering.frontend.importer import import_model
+    from bluelower.lowering.models.bluelm_v.config import load_config
 
     imported = import_model(load_config(args.model), "torch")  # once: the plan differs by target only
     results = []

@@ -18,10 +18,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bluelower.lowering.models.config import load_config  # noqa: E402
+from bluelower.lowering.models.bluelm_v.config import load_config  # noqa: E402
 from bluelower.targets import cost_model, predict as predict_mod, scheduler  # noqa: E402
 from bluelower.targets.cost_model import cost, units_of  # noqa: E402
-from bluelower.targets.predict import RequestModel, Work, _calls, parse_quant, predict  # noqa: E402
+from bluelower.reports.predict import RequestModel, Work, _calls, parse_quant, predict  # noqa: E402
 from bluelower.targets.soc import format_quantity, load_soc  # noqa: E402
 
 # The paper's figures (arXiv 2411.10640, vivo X100 / Dimensity 9300, 768x1536 image = 2:4 grid).

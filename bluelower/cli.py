@@ -74,7 +74,7 @@ _MODEL_HELP = "A shipped config (tiny, bluelm-v-3b) or a path to a .json config.
               help="Rows per prefill call (default: the config's runtime.prefill_chunk); must divide the KV capacity.")
 def compile_cmd(model, weights, frontend, soc, quant, out_dir, dump_ir, disabled, seed, prefill_chunk) -> None:
     """Compile a model for a SoC into an output directory (library, params, manifest)."""
-    from .lowering.build import CompileRequest, compile_model
+    from .lowering.artifacts.compile import CompileRequest, compile_model
 
     compile_model(CompileRequest(model=model, weights=weights, frontend=frontend, soc=soc, out_dir=out_dir,
                                  quant=quant, dump_ir=dump_ir, disabled_passes=tuple(disabled), seed=seed,
@@ -107,7 +107,7 @@ def _parse_prompt_ids(text: str) -> list[int]:
               help="Largest grid m*n [default: the SoC's max_patches from the manifest, else 9].")
 def run_cmd(build_dir, image, prompt_ids, max_new_tokens, check, weights, as_json, native, policy, max_patches) -> None:
     """Generate tokens greedily from a compiled build: image tokens, then the prompt."""
-    from .generate import CompiledModel, generate
+    from .runtime_stubs.generate import CompiledModel, generate
 
     ids = _parse_prompt_ids(prompt_ids)
     if native:
@@ -124,7 +124,7 @@ def run_cmd(build_dir, image, prompt_ids, max_new_tokens, check, weights, as_jso
         out["patches"] = int(patches.shape[0])
     mismatch = False
     if check:
-        from .eval_quant import check_reference
+        from .reports.eval_quant import check_reference
 
         reference = check_reference(build_dir, weights)
         ref = generate(reference, patches, ids, max_new_tokens)
@@ -145,7 +145,7 @@ def run_cmd(build_dir, image, prompt_ids, max_new_tokens, check, weights, as_jso
 
 def _image_patches(manifest: dict, image, policy: str, max_patches):
     """Preprocess ``image`` for a build: ``(patches [k, 3, S, S] or None, grid or None)``."""
-    from .lowering.image import load_image, preprocess_image, select_grid
+    from .runtime_stubs.image import load_image, preprocess_image, select_grid
 
     if image is None:
         return None, None
@@ -166,7 +166,7 @@ def _image_patches(manifest: dict, image, policy: str, max_patches):
 def _run_native(build_dir, image, ids, max_new_tokens, check, weights, as_json, policy="relaxed",
                 max_patches=None) -> None:
     """``run --native``: the bundle's binary prints the tokens; --check compares them."""
-    from .lowering.device import run_native
+    from .lowering.artifacts.device import run_native
 
     extra = ("--policy", policy) + (("--max-patches", str(max_patches)) if max_patches is not None else ())
     proc = run_native(build_dir, image, ",".join(str(i) for i in ids), max_new_tokens, as_json=True, extra=extra)
@@ -180,8 +180,8 @@ def _run_native(build_dir, image, ids, max_new_tokens, check, weights, as_json, 
         raise BlueLowerError(f"native runtime printed no JSON: {proc.stdout.strip()[:200]}") from None
     mismatch = False
     if check:
-        from .eval_quant import check_reference
-        from .generate import generate, read_manifest
+        from .reports.eval_quant import check_reference
+        from .runtime_stubs.generate import generate, read_manifest
 
         patches, _grid = _image_patches(read_manifest(build_dir), image, policy, max_patches)
 
@@ -223,7 +223,7 @@ def _run_native(build_dir, image, ids, max_new_tokens, check, weights, as_json, 
 def build_cmd(model, soc, quant, weights, seed, out_dir, tarball, ndk, android_api, tvm_runtime_dir, tvm_source,
               as_json) -> None:
     """Build a device bundle: model library, weights, native runtime + TVM runtime libs, tarball."""
-    from .lowering.device import build_bundle
+    from .lowering.artifacts.device import build_bundle
 
     info = build_bundle(model=model, soc=soc, out_dir=out_dir, quant=quant, weights=weights, seed=seed,
                         tarball=tarball, ndk=ndk, android_api=android_api, tvm_runtime_dir=tvm_runtime_dir,
@@ -242,8 +242,8 @@ def build_cmd(model, soc, quant, weights, seed, out_dir, tarball, ndk, android_a
 @click.option("--seed", type=int, default=0, show_default=True)
 def init_weights_cmd(model, out_path, seed) -> None:
     """Write seeded random weights in the Hugging Face safetensors layout."""
-    from .lowering.models.config import load_config
-    from .lowering.weights import init_weights
+    from .lowering.models.bluelm_v.config import load_config
+    from .lowering.frontend.weights import init_weights
 
     parent = os.path.dirname(os.path.abspath(out_path))
     if not os.path.isdir(parent):
@@ -279,7 +279,7 @@ def passes_cmd() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect_image_cmd(img, size, policy, max_patches, as_json) -> None:
     """Grid, patches and image tokens for IMG (PNG/JPEG/.npy) or --size WxH."""
-    from .lowering.image import inspect_image
+    from .runtime_stubs.image import inspect_image
 
     info = inspect_image(path=img, size=size, policy=policy, max_patches=max_patches)
     if as_json:
@@ -334,7 +334,7 @@ def targets_show(name_or_path: str, as_json: bool) -> None:
                    "in this process (default: $BLUELOWER_JOBS, else the usable CPUs; small models: 1).")
 def inspect_memory_cmd(build_dir, model, soc, quant, image_grid, kv_capacity, prefill_chunk, as_json, jobs) -> None:
     """Peak memory per phase (weights + KV cache + activation arena) of a build or, with --model, of a plan."""
-    from . import memory
+    from .reports import memory
 
     if (build_dir is None) == (model is None):
         raise BlueLowerError("give either a BUILD_DIR or --model NAME (not both)")
@@ -356,7 +356,7 @@ def inspect_memory_cmd(build_dir, model, soc, quant, image_grid, kv_capacity, pr
 @click.option("--plot", "plot", default=None, type=click.Path(dir_okay=False), help="Write a Gantt chart (PNG).")
 def inspect_schedule_cmd(build_dir, as_json, trace, plot) -> None:
     """Predicted schedule of a build's APU partitions and CPU segments (per phase, per unit, per task)."""
-    from . import schedule_report
+    from .reports import schedule as schedule_report
 
     info = schedule_report.inspect_schedule(build_dir)
     if trace:
@@ -380,7 +380,7 @@ def inspect_schedule_cmd(build_dir, as_json, trace, plot) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
 def eval_quant_cmd(models, modes, tokens, group_size, seed, disabled, write_doc, as_json) -> None:
     """Accuracy of each --quant mode against the fp32 PyTorch reference (image tokens, logits, tokens)."""
-    from . import eval_quant
+    from .reports import eval_quant
 
     reports = [eval_quant.evaluate(m, modes=tuple(x.strip() for x in modes.split(",") if x.strip()), tokens=tokens,
                                    seed=seed, group_size=group_size, disabled_passes=tuple(disabled))

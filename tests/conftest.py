@@ -22,7 +22,7 @@ def tiny_image(tmp_path_factory) -> str:
 
 
 def _compile(tmp_path_factory, frontend: str) -> str:
-    from bluelower.lowering.build import CompileRequest, compile_model
+    from bluelower.lowering.artifacts.compile import CompileRequest, compile_model
 
     out = str(tmp_path_factory.mktemp(f"build_{frontend}") / "tiny")
     compile_model(CompileRequest(model="tiny", frontend=frontend, out_dir=out, quant="fp32"))
@@ -41,8 +41,8 @@ def tiny_build_onnx(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> str:
-    from bluelower.lowering.models.config import load_config
-    from bluelower.lowering.weights import init_weights
+    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.frontend.weights import init_weights
 
     path = str(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
     init_weights(load_config("tiny"), path, seed=3)

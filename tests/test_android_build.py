@@ -170,7 +170,7 @@ def test_model_library_is_linked_by_the_ndk_clang(tmp_path):
     from tvm import relax
     from tvm.script import relax as R
 
-    from bluelower.lowering.build import _export_kwargs, resolve_soc
+    from bluelower.lowering.artifacts.compile import _export_kwargs, resolve_soc
 
     ndk = android.find_ndk(make_fake_ndk(str(tmp_path / "ndk")), 28)
     base = resolve_soc("dimensity9300")
@@ -286,7 +286,7 @@ def test_full_android_build_with_a_fake_ndk(tmp_path):
     # runtime and the android-triple model.so generate the PyTorch reference tokens
     qemu = shutil.which("qemu-aarch64")
     if qemu and os.path.isdir(device.QEMU_SYSROOT):
-        from bluelower.generate import generate, reference_for_build
+        from bluelower.runtime_stubs.generate import generate, reference_for_build
 
         out = str(tmp_path / "out")
         env = dict(os.environ, LD_LIBRARY_PATH=os.path.join(out, "lib"), TVM_NUM_THREADS="1")

@@ -120,8 +120,8 @@ def test_fp32_apu_and_no_apu_get_no_rounding(tmp_path):
 def _padded_tiny_w4a16kv8():
     """tiny with a ViT MLP of 120 (not a multiple of 32): QuantizeWeights pads fc1's N and
     slices it back (strided_slice) and pads fc2's K (zeros + concat)."""
-    from bluelower.lowering.importer import import_model
-    from bluelower.lowering.models.config import load_config
+    from bluelower.lowering.frontend.importer import import_model
+    from bluelower.lowering.models.bluelm_v.config import load_config
     from bluelower.passes import pipeline
 
     cfg = load_config("tiny").replace_runtime(image_batch=4)

@@ -46,7 +46,7 @@ def test_compile_and_run_check_generate_pytorch_tokens(tmp_path, tiny_image, tin
 
 
 def test_init_weights_is_seeded_and_loadable(tmp_path):
-    from bluelower.lowering.weights import WeightSource
+    from bluelower.lowering.frontend.weights import WeightSource
 
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     assert invoke("init-weights", "--model", "tiny", "-o", str(a), "--seed", "1").exit_code == 0
@@ -86,7 +86,7 @@ def test_corrupt_weights_file(tmp_path):
 
 
 def test_weights_with_wrong_shape(tmp_path, tiny_weights):
-    from bluelower.lowering.weights import WeightSource, write_safetensors
+    from bluelower.lowering.frontend.weights import WeightSource, write_safetensors
 
     src = WeightSource(tiny_weights)
     bad = tmp_path / "bad.safetensors"
@@ -121,7 +121,7 @@ def test_unknown_model_name(tmp_path):
 
 
 def test_user_config_compiles(tmp_path):
-    from bluelower.lowering.models.config import load_config
+    from bluelower.lowering.models.bluelm_v.config import load_config
 
     cfg = load_config("tiny").to_dict()
     cfg["name"] = "user-tiny"
@@ -169,7 +169,7 @@ def test_run_on_missing_or_corrupt_build(tmp_path, tiny_build_torch):
 
 def test_malformed_onnx(tmp_path):
     from bluelower.errors import BlueLowerError
-    from bluelower.lowering.importer import import_onnx_file
+    from bluelower.lowering.frontend.importer import import_onnx_file
 
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07garbage")
@@ -184,7 +184,7 @@ def test_unsupported_onnx_op_names_op_and_node(tmp_path):
     from onnx import TensorProto, helper
 
     from bluelower.errors import UnsupportedOperatorError
-    from bluelower.lowering.importer import import_onnx_file
+    from bluelower.lowering.frontend.importer import import_onnx_file
 
     node = helper.make_node("Relu", ["x"], ["y"], name="ok_relu")
     odd = helper.make_node("DFT", ["y"], ["z"], name="my_dft_node")
@@ -200,7 +200,7 @@ def test_unsupported_torch_op_names_op_and_node():
     import torch
 
     from bluelower.errors import UnsupportedOperatorError
-    from bluelower.lowering.importer import import_torch_program
+    from bluelower.lowering.frontend.importer import import_torch_program
 
     class UsesErfinv(torch.nn.Module):
         def forward(self, x):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bluelower.generate import CompiledModel, generate, reference_for_build
+from bluelower.runtime_stubs.generate import CompiledModel, generate, reference_for_build
 
 
 def _compare_entries(build_dir: str) -> None:
@@ -58,7 +58,7 @@ def test_manifest_records_entries_and_hashes(tiny_build_torch):
     import json
     import os
 
-    from bluelower.lowering.weights import file_sha256
+    from bluelower.lowering.frontend.weights import file_sha256
 
     with open(os.path.join(tiny_build_torch, "manifest.json")) as fh:
         manifest = json.load(fh)

@@ -183,7 +183,7 @@ def _pass_stats(build_dir: str, name: str) -> dict:
 
 @pytest.mark.parametrize("fixture", ["tiny_build_torch", "tiny_build_onnx"])
 def test_tiny_build_fuses_every_attention(fixture, request):
-    from bluelower.lowering.models.config import load_config
+    from bluelower.lowering.models.bluelm_v.config import load_config
 
     cfg = load_config("tiny")
     stats = _pass_stats(request.getfixturevalue(fixture), "FuseAttention")

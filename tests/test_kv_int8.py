@@ -206,7 +206,7 @@ def test_rewritten_module_runs_close_to_fp32():
 
 
 def test_bluelm_v_3b_cache_bytes():
-    from bluelower.lowering.models.config import load_config
+    from bluelower.lowering.models.bluelm_v.config import load_config
 
     cfg = load_config("bluelm-v-3b")
     kv8, fp32 = kv_cache_bytes(cfg, "w4a16kv8"), kv_cache_bytes(cfg, "fp32")
@@ -228,7 +228,7 @@ def test_pass_applies_to_w4a16kv8_only():
 
 @pytest.fixture(scope="module")
 def tiny_kv8_build(tmp_path_factory):
-    from bluelower.lowering.build import CompileRequest, compile_model
+    from bluelower.lowering.artifacts.compile import CompileRequest, compile_model
 
     out = str(tmp_path_factory.mktemp("kv8") / "tiny-w4a16kv8")
     compile_model(CompileRequest(model="tiny", out_dir=out, quant="w4a16kv8"))
@@ -236,9 +236,9 @@ def tiny_kv8_build(tmp_path_factory):
 
 
 def test_tiny_build_int8_cache_generates(tiny_kv8_build):
-    from bluelower.eval_quant import check_reference
-    from bluelower.generate import CompiledModel
-    from bluelower.lowering.models.config import load_config
+    from bluelower.reports.eval_quant import check_reference
+    from bluelower.runtime_stubs.generate import CompiledModel
+    from bluelower.lowering.models.bluelm_v.config import load_config
 
     cfg = load_config("tiny")
     manifest = json.load(open(os.path.join(tiny_kv8_build, "manifest.json")))

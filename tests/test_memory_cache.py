@@ -14,7 +14,7 @@ def _no_import(*_a, **_k):
 
 
 def test_second_call_is_served_from_the_cache(tmp_path, monkeypatch):
-    import bluelower.lowering.importer as importer
+    import bluelower.lowering.frontend.importer as importer
 
     monkeypatch.setenv("BLUELOWER_CACHE_DIR", str(tmp_path))
     first = memory.inspect_model("tiny", soc="host", quant="w4a16kv8")
@@ -51,9 +51,9 @@ def test_fast_frame_capture_parses_the_same_pipeline():
     """The pass pipeline with parse_speed's frame capture gives the same module (tiny, w4a16kv8)."""
     import tvm
 
-    from bluelower.lowering.importer import import_model
+    from bluelower.lowering.frontend.importer import import_model
     from bluelower.lowering.kernels.parse_speed import fast_prim_func_frames
-    from bluelower.lowering.models.config import load_config
+    from bluelower.lowering.models.bluelm_v.config import load_config
     from bluelower.passes.pipeline import CompileOptions, build_pipeline
     from bluelower.passes.quantize_weights import _int4_linear, _int8_linear, _embedding_gather
 

@@ -27,8 +27,8 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def planned_tiny():
     """tiny imported and run through the pipeline up to MemoryPlan: (module, plans)."""
-    from bluelower.lowering.importer import import_model
-    from bluelower.lowering.models.config import load_config
+    from bluelower.lowering.frontend.importer import import_model
+    from bluelower.lowering.models.bluelm_v.config import load_config
     from bluelower.targets.soc import load_soc
 
     cfg = load_config("tiny")
@@ -100,7 +100,7 @@ def test_arena_within_bounds_and_beats_tvm(planned_tiny):
 
 @pytest.fixture(scope="module")
 def chunk_builds(tmp_path_factory):
-    from bluelower.lowering.build import CompileRequest, compile_model
+    from bluelower.lowering.artifacts.compile import CompileRequest, compile_model
 
     out = {}
     for chunk in (16, 256):
@@ -111,7 +111,7 @@ def chunk_builds(tmp_path_factory):
 
 
 def test_prefill_chunk_chunked_equals_one_shot(chunk_builds):
-    from bluelower.generate import CompiledModel, generate
+    from bluelower.runtime_stubs.generate import CompiledModel, generate
 
     ids = [int(i) for i in np.random.default_rng(3).integers(3, 500, size=150)]
     results = {}
@@ -124,7 +124,7 @@ def test_prefill_chunk_chunked_equals_one_shot(chunk_builds):
 
 
 def test_prefill_chunk_must_divide_capacity(tmp_path):
-    from bluelower.lowering.models.config import load_config
+    from bluelower.lowering.models.bluelm_v.config import load_config
 
     cap = load_config("tiny").runtime.kv_capacity
     bad = next(n for n in range(cap // 2 + 1, cap) if cap % n)
@@ -136,7 +136,7 @@ def test_prefill_chunk_must_divide_capacity(tmp_path):
 
 @pytest.fixture(scope="module")
 def quant_build(tmp_path_factory):
-    from bluelower.lowering.build import CompileRequest, compile_model
+    from bluelower.lowering.artifacts.compile import CompileRequest, compile_model
 
     d = str(tmp_path_factory.mktemp("w4a16kv8") / "tiny")
     compile_model(CompileRequest(model="tiny", out_dir=d, quant="w4a16kv8", prefill_chunk=16))
@@ -152,7 +152,7 @@ def test_run_allocates_what_the_plan_says(quant, chunk_builds, quant_build):
     TileImagePatches' two stages, as ``generate`` does; the plan counts both calls and the
     Conv2D output passed between them. Our arena + outputs is at most the host's bytes.
     Weights and the KV cache are allocated once by the caller (not in these requests)."""
-    from bluelower.generate import CompiledModel
+    from bluelower.runtime_stubs.generate import CompiledModel
     from bluelower.passes.memory_plan import effective
 
     cm = CompiledModel(chunk_builds[16] if quant == "fp32" else quant_build)
@@ -232,8 +232,8 @@ def test_inspect_memory_errors(tmp_path):
 
 
 def test_weight_bytes_per_quant_mode():
-    from bluelower.lowering.models.config import load_config
-    from bluelower.memory import kv_cache_bytes, weight_bytes
+    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.reports.memory import kv_cache_bytes, weight_bytes
 
     cfg = load_config("bluelm-v-3b")
     fp32 = sum(weight_bytes(cfg, "fp32")[0].values())
@@ -246,7 +246,7 @@ def test_weight_bytes_per_quant_mode():
 @pytest.mark.slow
 def test_bluelm_v_3b_peak_fits_the_paper():
     """w4a16kv8, KV 2048, one 2:4 image: peak <= 2.2 GB (meta import, minutes on a loaded host)."""
-    from bluelower.memory import inspect_model
+    from bluelower.reports.memory import inspect_model
 
     info = inspect_model("bluelm-v-3b", "host", "w4a16kv8", "2x4")
     assert info["image_patches"] == 9 and info["kv_capacity"] == 2048

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from bluelower.lowering.models.bluelm_v import BlueLMV
-from bluelower.lowering.models.config import load_config
-from bluelower.lowering.weights import load_torch_model
+from bluelower.lowering.models.bluelm_v.model import BlueLMV
+from bluelower.lowering.models.bluelm_v.config import load_config
+from bluelower.lowering.frontend.weights import load_torch_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -66,7 +66,7 @@ def test_decoder_matches_transformers_llama(tiny_model):
 
 def test_downsampler_groups_2x2_neighbours(tiny_model):
     """Token (r, c) of the 14x14 output concatenates grid tokens (2r..2r+1, 2c..2c+1)."""
-    from bluelower.lowering.models.bluelm_v import TokenDownsampler
+    from bluelower.lowering.models.bluelm_v.model import TokenDownsampler
 
     cfg = tiny_model.cfg
     ds = TokenDownsampler(cfg.vision, cfg.projector)
@@ -84,7 +84,7 @@ def test_bluelm_v_3b_traces_on_meta_without_weights():
     """The full-size config exports on meta tensors: no fp32 weights are materialized."""
     import resource
 
-    from bluelower.lowering.importer import _make_wrapper, build_meta_model
+    from bluelower.lowering.frontend.importer import _make_wrapper, build_meta_model
     from bluelower.lowering.models import bluelm_v
 
     cfg = load_config("bluelm-v-3b")

@@ -91,8 +91,8 @@ def host_bundle(tmp_path_factory, request):
 
 def _reference_tokens(bundle: str, image: str | None, prompt: str, max_new: int, policy: str = "relaxed") -> list:
     """PyTorch tokens; the image preprocessed like `bluelower run` (default: relaxed grid)."""
-    from bluelower.generate import generate, read_manifest, reference_for_build
-    from bluelower.lowering.image import load_image, preprocess_image, select_grid
+    from bluelower.runtime_stubs.generate import generate, read_manifest, reference_for_build
+    from bluelower.runtime_stubs.image import load_image, preprocess_image, select_grid
 
     rt = read_manifest(bundle)["runtime"]
     patches = None
@@ -156,7 +156,7 @@ def test_cli_run_native_check(host_bundle, image_npy):
                                         ((384, 384), "u8"), ((384, 97), "u8"), ((102, 500), "f32")])
 def test_preprocessing_is_bit_exact(host_bundle, tmp_path, shape, kind, policy):
     """The binary's patches (grid None, or the relaxed grid + thumbnail) == preprocess_image, bit for bit."""
-    from bluelower.lowering.image import load_image, preprocess_image, select_grid
+    from bluelower.runtime_stubs.image import load_image, preprocess_image, select_grid
 
     rng = np.random.default_rng(shape[0] * 7 + shape[1])
     arr = rng.integers(0, 256, size=shape + (3,), dtype=np.uint8)
@@ -326,8 +326,8 @@ def test_quantized_aarch64_bundle_matches_quantized_host_bundle(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         tokens[soc] = json.loads(proc.stdout)["tokens"]
     assert tokens["dimensity9300"] == tokens["host"]
-    from bluelower.eval_quant import check_reference
-    from bluelower.generate import generate
+    from bluelower.reports.eval_quant import check_reference
+    from bluelower.runtime_stubs.generate import generate
 
     ids = [int(t) for t in prompt.split(",")]
     assert tokens["host"] == generate(check_reference(outs["host"], None), None, ids, 8).tokens

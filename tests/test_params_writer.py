@@ -7,8 +7,8 @@ import threading
 import numpy as np
 
 from bluelower.lowering.kernels.quant import quantize_int4_groupwise
-from bluelower.lowering.quantized_params import ParamTransform, param_producer
-from bluelower.lowering.weights import WeightSource, random_weight, write_safetensors
+from bluelower.lowering.quant.params import ParamTransform, param_producer
+from bluelower.lowering.frontend.weights import WeightSource, random_weight, write_safetensors
 
 
 def _write(path, threads):

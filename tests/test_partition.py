@@ -81,8 +81,8 @@ def run_pass(p, mod):
 
 def graph_rewritten(quant: str, image_batch: int = 2):
     """The tiny model after the graph-rewrite and quantization phases (what PartitionForAPU sees)."""
-    from bluelower.lowering.importer import import_model
-    from bluelower.lowering.models.config import load_config
+    from bluelower.lowering.frontend.importer import import_model
+    from bluelower.lowering.models.bluelm_v.config import load_config
 
     cfg = load_config("tiny").replace_runtime(image_batch=image_batch)
     mod, sigs = import_model(cfg, "torch")

@@ -109,8 +109,8 @@ def test_write_beyond_capacity_is_a_runtime_error():
 
 
 def _lowered_decode(disabled=()):
-    from bluelower.lowering.importer import import_model
-    from bluelower.lowering.models.config import load_config
+    from bluelower.lowering.frontend.importer import import_model
+    from bluelower.lowering.models.bluelm_v.config import load_config
     from bluelower.passes.pipeline import CompileOptions, run_pipeline
 
     cfg = load_config("tiny")
@@ -157,7 +157,7 @@ def test_lowered_decode_has_no_whole_cache_copy():
 
 
 def test_decode_at_capacity_raises(tiny_build_torch):
-    from bluelower.generate import CompiledModel
+    from bluelower.runtime_stubs.generate import CompiledModel
 
     model = CompiledModel(tiny_build_torch)
     model.reset_cache()
@@ -178,8 +178,8 @@ def kv2048_decode():
     import json
     import os
 
-    from bluelower.lowering.importer import import_model
-    from bluelower.lowering.models.config import CONFIG_DIR, config_from_dict
+    from bluelower.lowering.frontend.importer import import_model
+    from bluelower.lowering.models.bluelm_v.config import CONFIG_DIR, config_from_dict
     from bluelower.passes.pipeline import CompileOptions, run_pipeline
 
     with open(os.path.join(CONFIG_DIR, "tiny.json"), encoding="utf-8") as fh:

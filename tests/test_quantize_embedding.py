@@ -1,6 +1,6 @@
 """QuantizeWeights on the token-embedding table: the gather kernel (exact vs numpy, ids out
 of range), the rewrite of R.take (golden, both frontends), and a tiny w4a16kv8 build whose
-stored embedding bytes equal what bluelower.memory counts."""
+stored embedding bytes equal what bluelower.reports.memory counts."""
 
 import json
 import os
@@ -21,7 +21,7 @@ from bluelower.lowering.kernels import (
     quantize_int8_rows,
 )
 from bluelower.lowering.kernels.embedding import ERROR
-from bluelower.lowering.quantized_params import param_producer
+from bluelower.lowering.quant.params import param_producer
 from bluelower.passes.quantize_weights import QuantizeWeights
 
 EMBED = "language_model.model.embed_tokens.weight"
@@ -183,8 +183,8 @@ def test_rewritten_lookup_runs_and_equals_dequantized_rows(quant):
 
 def test_onnx_import_lookup_is_rewritten():
     """The ONNX frontend's Gather (ids made non-negative by a where) is matched too."""
-    from bluelower.lowering.importer import import_model
-    from bluelower.lowering.models.config import load_config
+    from bluelower.lowering.frontend.importer import import_model
+    from bluelower.lowering.models.bluelm_v.config import load_config
 
     cfg = load_config("tiny")
     mod, _ = import_model(cfg, "onnx")
@@ -203,7 +203,7 @@ def test_onnx_import_lookup_is_rewritten():
 
 @pytest.fixture(scope="module")
 def tiny_build(tmp_path_factory):
-    from bluelower.lowering.build import CompileRequest, compile_model
+    from bluelower.lowering.artifacts.compile import CompileRequest, compile_model
 
     out = str(tmp_path_factory.mktemp("emb") / "tiny")
     ir = str(tmp_path_factory.mktemp("embir"))
@@ -212,9 +212,9 @@ def tiny_build(tmp_path_factory):
 
 
 def test_build_stores_the_quantized_table_and_memory_counts_it(tiny_build):
-    from bluelower.lowering.models.config import load_config
-    from bluelower.lowering.weights import WeightSource
-    from bluelower.memory import weight_bytes
+    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.frontend.weights import WeightSource
+    from bluelower.reports.memory import weight_bytes
 
     out, _ = tiny_build
     manifest = json.load(open(os.path.join(out, "manifest.json")))

@@ -13,7 +13,7 @@ from tvm.script import relax as R
 from tvm.script import tirx as T
 
 from bluelower.lowering.kernels import int4_linear, int8_linear
-from bluelower.lowering.quantized_params import (
+from bluelower.lowering.quant.params import (
     dequantize_weight,
     param_producer,
     quantize_weight,
@@ -220,7 +220,7 @@ def test_rewritten_module_matches_numpy_dequantized(quant, m):
 
 
 def test_param_producer_streams_one_weight_at_a_time():
-    from bluelower.lowering.quantized_params import choose_scheme, scheme_params
+    from bluelower.lowering.quant.params import choose_scheme, scheme_params
 
     reads = []
     shapes = {"language_model.a.weight": (64, 64), "language_model.b.weight": (32, 64), "vision_tower.c.weight": (64, 32)}
@@ -248,7 +248,7 @@ def test_param_producer_streams_one_weight_at_a_time():
 
 @pytest.fixture(scope="module")
 def tiny_w4_build(tmp_path_factory):
-    from bluelower.lowering.build import CompileRequest, compile_model
+    from bluelower.lowering.artifacts.compile import CompileRequest, compile_model
 
     out = str(tmp_path_factory.mktemp("w4") / "tiny")
     ir = str(tmp_path_factory.mktemp("w4ir"))
@@ -257,9 +257,9 @@ def tiny_w4_build(tmp_path_factory):
 
 
 def test_quantized_build_has_no_fp32_linear_weights(tiny_w4_build):
-    from bluelower.lowering.quantized_params import linear_weight_names, sanitize
-    from bluelower.lowering.models.config import load_config
-    from bluelower.lowering.weights import WeightSource
+    from bluelower.lowering.quant.params import linear_weight_names, sanitize
+    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.frontend.weights import WeightSource
 
     out, ir = tiny_w4_build
     manifest = json.load(open(os.path.join(out, "manifest.json")))
@@ -278,7 +278,7 @@ def test_quantized_build_has_no_fp32_linear_weights(tiny_w4_build):
 
 
 def test_quantized_build_manifest(tiny_w4_build):
-    from bluelower.lowering.models.config import load_config
+    from bluelower.lowering.models.bluelm_v.config import load_config
 
     out, _ = tiny_w4_build
     manifest = json.load(open(os.path.join(out, "manifest.json")))
@@ -293,7 +293,7 @@ def test_quantized_build_manifest(tiny_w4_build):
             assert p in q_specs  # the shapes-only table agrees with the pass
             if p in transforms:
                 assert q["params"][p][0] == transforms[p].source
-    from bluelower.lowering.weights import WeightSource
+    from bluelower.lowering.frontend.weights import WeightSource
 
     params = WeightSource(os.path.join(out, "params.safetensors"))
     for name in params.names():
@@ -305,9 +305,9 @@ def test_quantized_build_manifest(tiny_w4_build):
 
 
 def test_quantized_build_matches_dequantized_pytorch(tiny_w4_build, tiny_image):
-    from bluelower.eval_quant import DequantizedReference, check_reference
-    from bluelower.generate import CompiledModel, generate
-    from bluelower.lowering.image import load_image, preprocess_image
+    from bluelower.reports.eval_quant import DequantizedReference, check_reference
+    from bluelower.runtime_stubs.generate import CompiledModel, generate
+    from bluelower.runtime_stubs.image import load_image, preprocess_image
 
     out, _ = tiny_w4_build
     compiled = CompiledModel(out)  # generate.py's loader, unchanged: params by name
@@ -330,7 +330,7 @@ def test_quantized_build_matches_dequantized_pytorch(tiny_w4_build, tiny_image):
 
 
 def test_bluelm_v_3b_decoder_weights_fit_1_6_gb():
-    from bluelower.lowering.models.config import load_config
+    from bluelower.lowering.models.bluelm_v.config import load_config
 
     cfg = load_config("bluelm-v-3b")
     parts = weight_bytes_by_part(cfg, "w4a16kv8")

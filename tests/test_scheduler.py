@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from bluelower.errors import BlueLowerError
-from bluelower.targets.predict import build_request_graph, image_patches, parse_quant, predict
+from bluelower.reports.predict import build_request_graph, image_patches, parse_quant, predict
 from bluelower.targets.scheduler import (
     Schedule,
     add_task,
@@ -20,7 +20,7 @@ from bluelower.targets.scheduler import (
     serial_bound,
     to_chrome_trace,
 )
-from bluelower.lowering.models.config import load_config
+from bluelower.lowering.models.bluelm_v.config import load_config
 from bluelower.targets.soc import load_soc
 
 UNITS = ["apu", "big", "little"]

@@ -8,8 +8,8 @@ import pytest
 import tvm
 from tvm import relax, tirx
 
-from bluelower.generate import CompiledModel
-from bluelower.lowering.build import CompileRequest, compile_model
+from bluelower.runtime_stubs.generate import CompiledModel
+from bluelower.lowering.artifacts.compile import CompileRequest, compile_model
 from bluelower.lowering.kernels.attention import fused_attention, generic_kernel, kv_cache_write
 from bluelower.passes.share_layer_kernels import ShareLayerKernels
 

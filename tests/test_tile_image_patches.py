@@ -93,7 +93,7 @@ def test_no_conv_means_no_split():
 
 
 def test_compiled_stages_match_unsplit_and_pytorch(tiny_build_torch):
-    from bluelower.generate import CompiledModel, reference_for_build
+    from bluelower.runtime_stubs.generate import CompiledModel, reference_for_build
 
     compiled = CompiledModel(tiny_build_torch)
     assert {"encode_image_embed", "encode_image_blocks"} <= set(compiled.manifest["functions"])
@@ -107,9 +107,9 @@ def test_batched_encoding_equals_per_patch(tmp_path):
     """A batch-4 build encodes 5 patches as 4 + 1 (padded); equal to one patch at a time."""
     import json
 
-    from bluelower.generate import CompiledModel, generate, reference_for_build
-    from bluelower.lowering.build import CompileRequest, compile_model
-    from bluelower.lowering.models.config import load_config
+    from bluelower.runtime_stubs.generate import CompiledModel, generate, reference_for_build
+    from bluelower.lowering.artifacts.compile import CompileRequest, compile_model
+    from bluelower.lowering.models.bluelm_v.config import load_config
 
     cfg = load_config("tiny").to_dict()
     cfg["runtime"]["image_batch"] = 4

@@ -33,8 +33,8 @@ the rows it gathers (``lowering/kernels/embedding.py``).
 The parameter transform table (new parameter -> source weight, quantizer, args) is put
 into ``table`` (``CompileOptions.extra["quantized_params"]`` in a build), where
 ``build.py`` finds it to convert weights tensor by tensor
-(``bluelower.lowering.quantized_params``). Which weights get which format is
-:func:`~bluelower.lowering.quantized_params.choose_scheme`.
+(``bluelower.lowering.quant.params``). Which weights get which format is
+:func:`~bluelower.lowering.quant.params.choose_scheme`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..lowering.kernels import embedding_gather, int4_linear, int8_linear
 from ..lowering.kernels.embedding import kernel_name as embedding_kernel_name
-from ..lowering.quantized_params import (DEFAULT_GROUP_SIZE, EmbeddingScheme, choose_embedding_scheme, choose_scheme,
+from ..lowering.quant.params import (DEFAULT_GROUP_SIZE, EmbeddingScheme, choose_embedding_scheme, choose_scheme,
                                          sanitize, scheme_params)
 from .pipeline import record_stats
 
@@ -371,7 +371,7 @@ def quantize_weights_for(opts) -> "QuantizeWeights | None":
         return None
     names = {}
     if opts.model is not None:
-        from ..lowering.weights import model_weight_specs
+        from ..lowering.frontend.weights import model_weight_specs
 
         names = {sanitize(n): n for n in model_weight_specs(opts.model)}
     group_size = int(opts.extra.get("group_size", DEFAULT_GROUP_SIZE))

@@ -237,7 +237,7 @@ def _costs(soc, seg) -> dict[str, float]:
 
 def build_operator_graph(mod: tvm.IRModule, soc, image_batch: int, image_grid=DEFAULT_IMAGE_GRID):
     """The request's task DAG over the module's segments (see the module docstring)."""
-    from ..targets.predict import image_patches
+    from ..reports.predict import image_patches
 
     names = {gv.name_hint for gv in mod.get_global_vars()}
     g = nx.DiGraph()
@@ -301,7 +301,7 @@ class ScheduleOperators:
         self.soc, self.image_batch, self.image_grid, self.sink = soc, image_batch, image_grid, sink
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        from ..targets.predict import summarize
+        from ..reports.predict import summarize
 
         g, info = build_operator_graph(mod, self.soc, self.image_batch, self.image_grid)
         units = [u.name for u in units_of(self.soc)]

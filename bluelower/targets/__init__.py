@@ -10,5 +10,5 @@ from .soc import Apu, CpuCluster, Memory, SoC, list_socs, load_soc
 
 __all__ = ["SoC", "CpuCluster", "Apu", "Memory", "load_soc", "list_socs"]
 # The cost model, scheduler and predictor are imported from their modules
-# (``from bluelower.targets.predict import predict``) so that ``import bluelower.targets``
+# (``from bluelower.reports.predict import predict``) so that ``import bluelower.targets``
 # stays light (no networkx / matplotlib / model config).

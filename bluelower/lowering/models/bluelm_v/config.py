@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ...errors import BlueLowerError
+from ....errors import BlueLowerError
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 

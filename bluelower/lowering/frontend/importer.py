@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import progress
-from ..errors import BlueLowerError, UnsupportedOperatorError
-from .models import bluelm_v
-from .models.config import ModelConfig
+from ... import progress
+from ...errors import BlueLowerError, UnsupportedOperatorError
+from ..models.bluelm_v import model as bluelm_v
+from ..models.bluelm_v.config import ModelConfig
 
 FRONTENDS = ("torch", "onnx")
 

@@ -17,8 +17,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .. import progress
-from ..errors import BlueLowerError
+from ... import progress
+from ...errors import BlueLowerError
 
 _ST_DTYPES = {
     "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8", "uint8": "U8",
@@ -31,7 +31,7 @@ _NP_FROM_ST = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uin
 def producer_threads() -> int:
     """Threads producing tensors for :func:`write_safetensors`: ``$BLUELOWER_JOBS`` or the
     usable CPUs, at most 4 (each holds one tensor in flight: <= 1 GB fp32 for the 3B model)."""
-    from ..jobs import env_jobs, usable_cpus
+    from ...jobs import env_jobs, usable_cpus
 
     return max(1, min(env_jobs() or usable_cpus(), 4))
 
@@ -227,7 +227,7 @@ def load_torch_model(cfg, weights: "WeightSource | None", seed: int = 0):
     """
     import torch
 
-    from .models.bluelm_v import BlueLMV
+    from ..models.bluelm_v.model import BlueLMV
 
     specs = model_weight_specs(cfg)
     if weights is not None:

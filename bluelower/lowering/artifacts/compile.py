@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import __version__, progress
-from ..errors import BlueLowerError
-from .models.config import ModelConfig, load_config
-from .quantized_params import StoredParams, param_producer
-from .weights import WeightSource, file_sha256, model_weight_specs, random_weight, write_safetensors
+from ... import __version__, progress
+from ...errors import BlueLowerError
+from ..models.bluelm_v.config import ModelConfig, load_config
+from ..quant.params import StoredParams, param_producer
+from ..frontend.weights import WeightSource, file_sha256, model_weight_specs, random_weight, write_safetensors
 
 BUNDLE_FORMAT = "bluelower-bundle"
 BUNDLE_FORMAT_VERSION = 1
@@ -50,7 +50,7 @@ class CompileRequest:
 def resolve_soc(name_or_path: str):
     """The SoC description (bluelower.targets) for a name or a TOML path; an already
     loaded description (e.g. device.py's Android variant) is returned as it is."""
-    from ..targets import soc as soc_mod
+    from ...targets import soc as soc_mod
 
     if isinstance(name_or_path, soc_mod.SoC):
         return name_or_path
@@ -106,8 +106,8 @@ def compile_model(req: CompileRequest) -> dict:
     import tvm
     from tvm import relax
 
-    from ..passes.pipeline import CompileOptions, check_disabled, run_pipeline
-    from .importer import import_model, signatures_added_by_passes
+    from ...passes.pipeline import CompileOptions, check_disabled, run_pipeline
+    from ..frontend.importer import import_model, signatures_added_by_passes
 
     if req.quant not in QUANT_MODES:
         raise BlueLowerError(f"unknown --quant '{req.quant}' (valid: {', '.join(QUANT_MODES)})")
@@ -157,7 +157,7 @@ def compile_model(req: CompileRequest) -> dict:
         manifest["kv_cache"] = kv_cache
         stored.update_manifest(manifest, cfg, req.quant, req.group_size)
         if "memory_plan" in opts.extra:
-            from ..memory import manifest_memory_plan
+            from ...reports.memory import manifest_memory_plan
 
             manifest["memory_plan"] = manifest_memory_plan(cfg, req.quant, sigs, opts.extra["memory_plan"])
         for key in ("apu_partitions", "schedule"):  # PartitionForAPU, ScheduleOperators

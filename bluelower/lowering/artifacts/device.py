@@ -31,10 +31,11 @@ import tempfile
 import zipfile
 from importlib import metadata
 
-from .. import progress
-from ..errors import BlueLowerError
+from ... import progress
+from ...errors import BlueLowerError
 
-RUNTIME_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runtime_stubs")
+RUNTIME_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "runtime_stubs",
+                           "native")
 RUNTIME_SOURCES = ("bluelower_run.cc", "apu_sim.cc", "image.cc", "json.cc", "loaders.cc", "sha256.cc", "util.cc")
 RUNTIME_BINARY = "bin/bluelower-run"
 RUNTIME_LIBS = ("libtvm_runtime.so", "libtvm_ffi.so")
@@ -323,7 +324,7 @@ def build_bundle(model: str = "tiny", soc: str = "host", out_dir: str = "dist", 
     ``ndk``: an Android NDK; the bundle is then for arm64 Android at ``android_api``
     (default ``android.DEFAULT_API``), with the TVM runtime of ``tvm_runtime_dir`` or
     built from ``tvm_source`` (one of them is required)."""
-    from . import android
+    from .toolchains import android
 
     if ndk is None and (android_api is not None or tvm_runtime_dir or tvm_source):
         raise BlueLowerError("--android-api, --tvm-runtime-dir and --tvm-source apply to Android builds: add --ndk PATH")
@@ -337,7 +338,7 @@ def build_bundle(model: str = "tiny", soc: str = "host", out_dir: str = "dist", 
         if not (tvm_runtime_dir or tvm_source):
             raise BlueLowerError(android.MISSING_RUNTIME)
 
-    from .build import MANIFEST, CompileRequest, _commit_output, _prepare_output, compile_model, resolve_soc
+    from .compile import MANIFEST, CompileRequest, _commit_output, _prepare_output, compile_model, resolve_soc
 
     soc_desc = resolve_soc(soc)
     if the_ndk is not None:
@@ -413,7 +414,7 @@ def build_bundle(model: str = "tiny", soc: str = "host", out_dir: str = "dist", 
 
 def native_command(bundle_dir: str, args: list[str]) -> tuple[list[str], dict]:
     """The command line and environment that run ``bundle_dir``'s own binary."""
-    from ..generate import read_manifest
+    from ...runtime_stubs.generate import read_manifest
 
     manifest = read_manifest(bundle_dir)
     nr = manifest.get("native_runtime")
@@ -450,7 +451,7 @@ def run_native(bundle_dir: str, image: str | None, prompt_ids: str, max_new_toke
     tmpdir = None
     try:
         if image is not None and not image.endswith(".npy"):
-            from .image import load_image
+            from ...runtime_stubs.image import load_image
 
             tmpdir = tempfile.mkdtemp(prefix="bluelower-img-")
             path = os.path.join(tmpdir, "image.npy")

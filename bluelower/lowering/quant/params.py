@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from .kernels import (
+from ..kernels import (
     BLOCK_ROWS,
     dequantize_int4_groupwise,
     dequantize_int4_rows,
@@ -271,7 +271,7 @@ def dequantized_state(params_path: str, manifest: dict) -> dict:
     """Read a build's ``params.safetensors`` back as fp32 model weights (source names):
     quantized weights dequantized exactly as the kernels use them. For the PyTorch
     reference of a quantized build (``run --check``) and the accuracy report."""
-    from .weights import WeightSource
+    from ..frontend.weights import WeightSource
 
     src = WeightSource(params_path)
     table = manifest.get("quantization", {}).get("params", {})
@@ -304,7 +304,7 @@ def _module_weight_shapes(cfg) -> tuple[dict, dict]:
 
     import torch
 
-    from .importer import build_meta_model
+    from ..frontend.importer import build_meta_model
 
     key = json.dumps(cfg.to_dict(), sort_keys=True)
     if key not in _SHAPES_MEMO:
@@ -339,7 +339,7 @@ def quantized_param_specs(cfg, quant: str, group_size: int = DEFAULT_GROUP_SIZE)
     weight and every ``nn.Embedding`` table only by lookups (true for BlueLM-V), which is
     what QuantizeWeights finds in the IR.
     """
-    from .weights import model_weight_specs
+    from ..frontend.weights import model_weight_specs
 
     specs = model_weight_specs(cfg)
     linear, embedding = _module_weight_shapes(cfg)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import BlueLowerError
-from .targets.scheduler import Schedule, plot_gantt, to_chrome_trace
+from ..errors import BlueLowerError
+from ..targets.scheduler import Schedule, plot_gantt, to_chrome_trace
 
 MANIFEST = "manifest.json"
 

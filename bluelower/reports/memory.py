@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import BlueLowerError
+from ..errors import BlueLowerError
 
 QUANT_MODES = ("fp32", "w8", "w4a16", "w4a16kv8")
 PHASES = ("image_encoding", "prefill", "decode")
@@ -87,14 +87,14 @@ def _other_weight_bytes(name: str, shape, quant: str) -> int:
 
 def weight_bytes(cfg, quant: str) -> tuple[dict, str]:
     """``({source weight name: stored bytes}, how)``."""
-    from .lowering.weights import model_weight_specs
+    from ..lowering.frontend.weights import model_weight_specs
 
     if quant not in QUANT_MODES:
         raise BlueLowerError(f"unknown --quant '{quant}' (valid: {', '.join(QUANT_MODES)})")
     specs = model_weight_specs(cfg)
     out = {}
     try:
-        from .lowering.quantized_params import nbytes, quantized_param_specs
+        from ..lowering.quant.params import nbytes, quantized_param_specs
 
         qspecs, transforms = quantized_param_specs(cfg, quant)
         how = "QuantizeWeights parameter specs (linear weights, token-embedding table) + assumed storage of the others"
@@ -125,7 +125,7 @@ def _fn_total(plan: dict) -> int:
 
 def nbytes_host(output) -> int:
     """Bytes of a planned output ``[name, planned bytes, shape, dtype]`` at its real dtype."""
-    from .passes.memory_plan import DTYPE_BYTES
+    from ..passes.memory_plan import DTYPE_BYTES
 
     _name, _nb, shape, dtype = output
     n = 1
@@ -166,7 +166,7 @@ def phase_table(cfg, quant: str, sigs_params: dict, plans: dict, n_patches: int 
         """``fns``: alternatives (one call at a time, the largest counts) or, with
         ``sequence``, calls made one after another, each consuming the previous one's
         output (TileImagePatches' stages): that output stays alive during the next call."""
-        from .passes.memory_plan import effective
+        from ..passes.memory_plan import effective
 
         fns = [f for f in fns if f in plans]
         arena = lb = out_b = copy_b = tvm_b = host_b = 0
@@ -226,7 +226,7 @@ def manifest_memory_plan(cfg, quant: str, sigs, plans: dict) -> dict:
 
 
 def inspect_build(build_dir: str) -> dict:
-    from .generate import read_manifest
+    from ..runtime_stubs.generate import read_manifest
 
     manifest = read_manifest(build_dir)
     plan = manifest.get("memory_plan")
@@ -261,9 +261,9 @@ def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid
     planned in its own worker process (``jobs`` defaults to ``BLUELOWER_JOBS``, else the
     usable CPUs, else 1 for small models; ``jobs=1`` plans in this process). ``imported``: ``(mod, sigs)`` of an earlier import.
     """
-    from . import progress
-    from .lowering.build import resolve_soc, with_prefill_chunk
-    from .lowering.models.config import load_config
+    from .. import progress
+    from ..lowering.artifacts.compile import resolve_soc, with_prefill_chunk
+    from ..lowering.models.bluelm_v.config import load_config
 
     if quant not in QUANT_MODES:
         raise BlueLowerError(f"unknown --quant '{quant}' (valid: {', '.join(QUANT_MODES)})")
@@ -300,11 +300,11 @@ def plan_entries(cfg, soc: str, quant: str, entries=None, disabled=(), imported=
     entry's weight names."""
     import tvm
 
-    from . import progress
-    from .lowering.build import resolve_soc
-    from .lowering.importer import import_model
-    from .lowering.kernels.parse_speed import fast_prim_func_frames
-    from .passes.pipeline import CompileOptions, build_pipeline
+    from .. import progress
+    from ..lowering.artifacts.compile import resolve_soc
+    from ..lowering.frontend.importer import import_model
+    from ..lowering.kernels.parse_speed import fast_prim_func_frames
+    from ..passes.pipeline import CompileOptions, build_pipeline
 
     soc_obj = resolve_soc(soc)
     if imported is not None:  # (mod, sigs) of an earlier import of the same config
@@ -338,7 +338,7 @@ def plan_entries(cfg, soc: str, quant: str, entries=None, disabled=(), imported=
 # torch and TVM once and forks one child per entry, so this process's own state (threads
 # of a test run, TVM's thread pool) never reaches a forked child.
 
-_WORKER_PRELOAD = ["torch", "tvm", "bluelower.memory", "bluelower.lowering.importer",
+_WORKER_PRELOAD = ["torch", "tvm", "bluelower.reports.memory", "bluelower.lowering.frontend.importer",
                    "bluelower.passes.pipeline"]
 
 
@@ -350,7 +350,7 @@ PARALLEL_PLAN_MIN_WEIGHT_BYTES = 1 << 30
 def plan_jobs(jobs: int | None = None, cfg=None) -> int:
     """Worker processes to plan with: ``jobs``, else ``$BLUELOWER_JOBS``, else the usable
     CPUs (1 for a model under PARALLEL_PLAN_MIN_WEIGHT_BYTES of fp32 weights)."""
-    from .jobs import env_jobs, usable_cpus
+    from ..jobs import env_jobs, usable_cpus
 
     if jobs is None:
         jobs = env_jobs()
@@ -383,7 +383,7 @@ def _start_workers() -> None:
 def _worker(cfg, soc: str, quant: str, entry: str, disabled) -> tuple[dict, dict, float]:
     import time
 
-    from . import progress
+    from .. import progress
 
     progress.set_quiet(True)
     start = time.perf_counter()
@@ -395,8 +395,8 @@ def _plan_in_workers(cfg, soc: str, quant: str, disabled) -> tuple[dict, dict]:
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    from . import progress
-    from .lowering.models import bluelm_v
+    from .. import progress
+    from ..lowering.models.bluelm_v import model as bluelm_v
 
     # one process per entry, even with fewer CPUs: the entries' lengths differ, so
     # time-slicing all of them ends sooner than queueing (2 CPUs: 4 entries in ~1/2 of the
@@ -443,7 +443,7 @@ def _sources_digest() -> str:
     """SHA-256 over every source / data file of the bluelower package (path + content)."""
     import hashlib
 
-    root = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the bluelower package
     h = hashlib.sha256()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
@@ -461,8 +461,8 @@ def _result_cache_path(cfg, soc: str, target: str, quant: str, n_patches, disabl
     import torch
     import tvm
 
-    from . import __version__
-    from .targets.soc import soc_path
+    from .. import __version__
+    from ..targets.soc import soc_path
 
     d = cache_dir()
     if d is None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import BlueLowerError
+from ..errors import BlueLowerError
 
 
 @dataclass
@@ -116,7 +116,7 @@ def generate(backend: _Backend, patches: np.ndarray | None, prompt_ids, max_new_
 
 
 def read_manifest(build_dir: str) -> dict:
-    from .lowering.build import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST
+    from ..lowering.artifacts.compile import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST
 
     if not os.path.isdir(build_dir):
         raise BlueLowerError(f"build directory not found: {build_dir}")
@@ -138,7 +138,7 @@ def read_manifest(build_dir: str) -> dict:
 
 
 def verify_files(build_dir: str, manifest: dict) -> None:
-    from .lowering.weights import file_sha256
+    from ..lowering.frontend.weights import file_sha256
 
     for name, digest in sorted(manifest.get("files", {}).items()):
         path = os.path.join(build_dir, name)
@@ -155,8 +155,8 @@ class CompiledModel(_Backend):
         import tvm
         from tvm import relax
 
-        from .lowering.build import LIBRARY, PARAMS
-        from .lowering.weights import WeightSource
+        from ..lowering.artifacts.compile import LIBRARY, PARAMS
+        from ..lowering.frontend.weights import WeightSource
 
         self.manifest = manifest = read_manifest(build_dir)
         if verify:
@@ -232,7 +232,7 @@ class TorchReference(_Backend):
     def __init__(self, cfg, weights_path: str | None = None, seed: int = 0):
         import torch
 
-        from .lowering.weights import WeightSource, load_torch_model
+        from ..lowering.frontend.weights import WeightSource, load_torch_model
 
         self.torch = torch
         self.cfg = cfg
@@ -269,9 +269,9 @@ class TorchReference(_Backend):
 def reference_for_build(build_dir_or_manifest: str, weights_path: str | None = None) -> TorchReference:
     """The PyTorch reference matching a build (its config; its weights: the build's own
     ``params.safetensors`` when it holds fp32 weights, else ``weights_path`` or the seed)."""
-    from .lowering.models.config import config_from_dict
+    from ..lowering.models.bluelm_v.config import config_from_dict
 
-    from .lowering.build import PARAMS
+    from ..lowering.artifacts.compile import PARAMS
 
     build_dir = build_dir_or_manifest
     manifest = read_manifest(build_dir)

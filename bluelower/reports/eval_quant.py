@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from .generate import TorchReference, read_manifest, reference_for_build
+from ..runtime_stubs.generate import TorchReference, read_manifest, reference_for_build
 
 MODES = ("fp32", "w8", "w4a16", "w4a16kv8")
 
@@ -39,10 +39,10 @@ class DequantizedReference(TorchReference):
     def __init__(self, build_dir: str):
         import torch
 
-        from .lowering.build import PARAMS
-        from .lowering.models.bluelm_v import BlueLMV
-        from .lowering.models.config import config_from_dict
-        from .lowering.quantized_params import dequantized_state
+        from ..lowering.artifacts.compile import PARAMS
+        from ..lowering.models.bluelm_v.model import BlueLMV
+        from ..lowering.models.bluelm_v.config import config_from_dict
+        from ..lowering.quant.params import dequantized_state
 
         manifest = read_manifest(build_dir)
         cfg = config_from_dict(manifest["model"], "manifest.json:model")
@@ -66,7 +66,7 @@ def _fake_quantize_rows(src):
     """``src [..., head_dim]`` through the INT8 cache format and back (QuantizeKVCache's rounding)."""
     import torch
 
-    from .lowering.kernels.attention import dequantize_kv_rows, quantize_kv_rows
+    from ..lowering.kernels.attention import dequantize_kv_rows, quantize_kv_rows
 
     return torch.from_numpy(dequantize_kv_rows(quantize_kv_rows(src.detach().numpy())))
 
@@ -160,10 +160,10 @@ def eval_patches(cfg, seed: int = 0) -> np.ndarray:
 def evaluate(model: str = "tiny", modes=MODES, tokens: int = 64, seed: int = 0, group_size: int = 32,
              prompt_ids=None, work_dir: str | None = None, disabled_passes=()) -> dict:
     """Compile ``model`` in each mode and measure it against the fp32 PyTorch reference."""
-    from . import progress
-    from .generate import CompiledModel
-    from .lowering.build import CompileRequest, compile_model
-    from .lowering.models.config import load_config
+    from .. import progress
+    from ..runtime_stubs.generate import CompiledModel
+    from ..lowering.artifacts.compile import CompileRequest, compile_model
+    from ..lowering.models.bluelm_v.config import load_config
 
     cfg = load_config(model)
     if prompt_ids is None:
@@ -323,7 +323,7 @@ cache type), so runtimes allocating the cache from the manifest need no change.
 
 An fp32 build must give exactly PyTorch's tokens. A quantized build is checked against
 PyTorch run with **the build's own weights, dequantized exactly as the kernels see them**
-(`bluelower.eval_quant.check_reference`), so `--check` tests the compiler (the kernels,
+(`bluelower.reports.eval_quant.check_reference`), so `--check` tests the compiler (the kernels,
 the rewrite, the parameter conversion), not the rounding: tokens match unless float
 summation order flips a near-tie argmax. The rounding itself is measured below.
 With the INT8 KV cache the reference also stores its cache rows through the INT8 format
@@ -332,7 +332,7 @@ With the INT8 KV cache the reference also stores its cache rows through the INT8
 
 ## BlueLM-V-3B sizes (from shapes, no weights materialized)
 
-`bluelower.lowering.quantized_params.weight_bytes_by_part(load_config("bluelm-v-3b"), mode)`:
+`bluelower.lowering.quant.params.weight_bytes_by_part(load_config("bluelm-v-3b"), mode)`:
 
 {sizes}
 
@@ -354,8 +354,8 @@ ties), so the greedy prefix is a pessimistic agreement measure.
 
 
 def _sizes_table() -> str:
-    from .lowering.models.config import load_config
-    from .lowering.quantized_params import weight_bytes_by_part
+    from ..lowering.models.bluelm_v.config import load_config
+    from ..lowering.quant.params import weight_bytes_by_part
 
     cfg = load_config("bluelm-v-3b")
     lines = ["| mode | decoder linear (incl. lm_head) | bits / weight | embedding table | vision | projector | total |",
@@ -369,8 +369,8 @@ def _sizes_table() -> str:
 
 
 def _kv_sizes_table() -> str:
-    from .lowering.models.config import load_config
-    from .passes.quantize_kv_cache import kv_cache_bytes
+    from ..lowering.models.bluelm_v.config import load_config
+    from ..passes.quantize_kv_cache import kv_cache_bytes
 
     lines = ["| model | capacity | fp32 cache | INT8 cache (w4a16kv8) | bytes / token fp32 -> INT8 |", "|---|---|---|---|---|"]
     for name in ("tiny", "bluelm-v-3b"):

@@ -27,9 +27,9 @@ import struct
 import subprocess
 import tempfile
 
-from .. import progress
-from ..errors import BlueLowerError
-from ..targets.soc import SoC
+from .... import progress
+from ....errors import BlueLowerError
+from ....targets.soc import SoC
 
 ANDROID_TRIPLE = "aarch64-linux-android"
 ANDROID_ABI = "arm64-v8a"
@@ -322,7 +322,7 @@ def _run(cmd: list[str], what: str, cwd: str | None = None) -> None:
 def build_tvm_runtime(ndk: Ndk, tvm_source: str) -> dict:
     """Build libtvm_runtime.so + libtvm_ffi.so for Android from ``tvm_source`` (cached by
     source path, git commit, NDK revision and API level)."""
-    from .device import _dist_version, cache_dir, replace_dir
+    from ..device import _dist_version, cache_dir, replace_dir
 
     src = check_tvm_source(tvm_source)
     src_version = tvm_source_version(src)
@@ -391,7 +391,7 @@ def runtime_cmake_cmds(ndk: Ndk, src: str, build: str, libs: dict, ffi_include: 
 def build_runtime(ndk: Ndk, libs: dict) -> str:
     """Build ``bluelower-run`` for Android; return the binary's path (cached: the key is
     the sources, the NDK revision/host/API, the toolchain file and the linked libraries)."""
-    from .device import RUNTIME_SRC, _ffi_include_dirs, _sha256_file, cache_dir, replace_dir
+    from ..device import RUNTIME_SRC, _ffi_include_dirs, _sha256_file, cache_dir, replace_dir
 
     if shutil.which("cmake") is None:
         raise BlueLowerError("cmake not found (the Android runtime is built with CMake and the NDK toolchain file): "

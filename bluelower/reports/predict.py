@@ -46,10 +46,10 @@ from dataclasses import dataclass
 import networkx as nx
 
 from ..errors import BlueLowerError
-from ..lowering.models.config import ModelConfig, load_config
-from .cost_model import APU_UNIT, Work, candidate_costs, cost, units_of
-from .scheduler import Schedule, add_task, list_schedule
-from .soc import SoC, load_soc
+from ..lowering.models.bluelm_v.config import ModelConfig, load_config
+from ..targets.cost_model import APU_UNIT, Work, candidate_costs, cost, units_of
+from ..targets.scheduler import Schedule, add_task, list_schedule
+from ..targets.soc import SoC, load_soc
 
 #: Operators in one SigLIP encoder layer as the APU sees them (biases folded into matmuls).
 VIT_LAYER_OPS = ("layer_norm", "matmul", "matmul", "matmul", "matmul", "softmax", "matmul", "matmul",
