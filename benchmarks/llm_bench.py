@@ -515,7 +515,7 @@ def timed_child(cmd: list[str], env=None, timeout=None) -> dict:
 def compile_build(size: str, weights: str, quant_wanted: str) -> dict:
     """Compile the bench config (quant fallback), timed in a subprocess."""
     from bluelower.errors import BlueLowerError  # noqa: F401
-    from bluelower.lowering import build as B
+    from bluelower.lowering.artifacts import compile as B
 
     modes = list(getattr(B, "QUANT_MODES", ("fp32",)))
     quant = quant_wanted if quant_wanted in modes else ("w4a16" if "w4a16" in modes else "fp32")

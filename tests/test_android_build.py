@@ -22,7 +22,8 @@ import sys
 import pytest
 
 from bluelower.errors import BlueLowerError
-from bluelower.lowering import android, device
+from bluelower.lowering.artifacts import device
+from bluelower.lowering.artifacts.toolchains import android
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE_NEURON = os.path.join(REPO, "tests", "data", "fake_neuron_sdk")

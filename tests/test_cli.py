@@ -225,7 +225,7 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path):
 
 
 def test_failed_compile_leaves_no_partial_output(tmp_path, monkeypatch):
-    from bluelower.lowering import build
+    from bluelower.lowering.artifacts import compile as build
 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated crash in the TVM build")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from bluelower.cli import cli
 from bluelower.errors import BlueLowerError
-from bluelower.lowering import image as im
+from bluelower.runtime_stubs import image as im
 
 REPO = Path(__file__).resolve().parents[1]
 GRID_3X3 = [(m, n) for m in range(1, 4) for n in range(1, 4)]

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from bluelower import memory
+from bluelower.reports import memory
 
 
 def _no_import(*_a, **_k):

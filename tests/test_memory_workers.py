@@ -6,7 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from bluelower import memory
+from bluelower.reports import memory
 from bluelower.cli import cli
 from bluelower.errors import BlueLowerError
 from bluelower.lowering.models.bluelm_v.config import load_config

@@ -85,7 +85,7 @@ def test_bluelm_v_3b_traces_on_meta_without_weights():
     import resource
 
     from bluelower.lowering.frontend.importer import _make_wrapper, build_meta_model
-    from bluelower.lowering.models import bluelm_v
+    from bluelower.lowering.models.bluelm_v import model as bluelm_v
 
     cfg = load_config("bluelm-v-3b")
     model = build_meta_model(cfg)

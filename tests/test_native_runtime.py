@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from bluelower.errors import BlueLowerError
-from bluelower.lowering import device
+from bluelower.lowering.artifacts import device
 
 PROMPT = "1,2,3"
 MAX_NEW = 8
