@@ -338,7 +338,7 @@ def profile_bluelower(args, cfg) -> dict:
     from tvm import relax
 
     from bluelower.runtime_stubs.generate import CompiledModel
-    from bluelower.lowering.artifacts.compile import LIBRARY
+    from bluelower.lowering.artifacts.bundle import LIBRARY
 
     cm = CompiledModel(args.build_dir, verify=False)
     vm = relax.VirtualMachine(tvm.runtime.load_module(os.path.join(args.build_dir, LIBRARY)), cm.dev)

@@ -181,7 +181,8 @@ def _run_native(build_dir, image, ids, max_new_tokens, check, weights, as_json, 
     mismatch = False
     if check:
         from .reports.eval_quant import check_reference
-        from .runtime_stubs.generate import generate, read_manifest
+        from .lowering.artifacts.bundle import read_manifest
+        from .runtime_stubs.generate import generate
 
         patches, _grid = _image_patches(read_manifest(build_dir), image, policy, max_patches)
 

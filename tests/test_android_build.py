@@ -22,7 +22,9 @@ import sys
 import pytest
 
 from bluelower.errors import BlueLowerError
+from bluelower import cache
 from bluelower.lowering.artifacts import device
+from bluelower.lowering.artifacts.toolchains import gnu
 from bluelower.lowering.artifacts.toolchains import android
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,7 +128,7 @@ def test_tvm_runtime_dir_validation(tmp_path):
         android.check_runtime_dir(str(d))
     for name in android.RUNTIME_LIBS:  # the Python interpreter: an ELF of this machine
         shutil.copyfile(os.path.realpath(sys.executable), d / name)
-    if device.host_arch() != "aarch64":
+    if gnu.host_arch() != "aarch64":
         with pytest.raises(BlueLowerError, match="not an aarch64"):
             android.check_runtime_dir(str(d))
     with pytest.raises(BlueLowerError, match="either --tvm-runtime-dir or --tvm-source"):
@@ -141,7 +143,7 @@ def test_tvm_runtime_dir_validation(tmp_path):
 def test_elf_reader_on_the_manylinux_aarch64_libs():
     if CROSS is None:
         pytest.skip("aarch64-linux-gnu-g++ not installed")
-    libs = device.aarch64_runtime_libs()  # cached wheels (downloaded once)
+    libs = gnu.aarch64_runtime_libs()  # cached wheels (downloaded once)
     info = android.elf_info(libs["libtvm_runtime.so"])
     assert info["class"] == 64 and info["machine"] == android.EM_AARCH64
     assert "libtvm_ffi.so" in info["needed"] and "libc.so.6" in info["needed"]
@@ -203,9 +205,9 @@ def test_model_library_is_linked_by_the_ndk_clang(tmp_path):
 
 def _configure(tmp_path, ndk_root, *extra):
     ndk = android.find_ndk(ndk_root, 28)
-    libs = device.aarch64_runtime_libs()
-    configure, build = android.runtime_cmake_cmds(ndk, device.RUNTIME_SRC, str(tmp_path / "b"), libs,
-                                                  device._ffi_include_dirs())
+    libs = gnu.aarch64_runtime_libs()
+    configure, build = android.runtime_cmake_cmds(ndk, gnu.RUNTIME_SRC, str(tmp_path / "b"), libs,
+                                                  gnu.ffi_include_dirs())
     assert build[-2:] == ["--target", "bluelower-run"]
     assert "-DANDROID_PLATFORM=android-28" in configure and "-DANDROID_ABI=arm64-v8a" in configure
     return subprocess.run(configure + list(extra), capture_output=True, text=True)
@@ -239,9 +241,9 @@ def _syntax(src: str, *flags: str) -> subprocess.CompletedProcess:
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("g++ not installed")
-    inc = device._ffi_include_dirs()
+    inc = gnu.ffi_include_dirs()
     cmd = [cxx, "-fsyntax-only", "-std=c++17", "-Wall", "-Werror", *flags, *[f"-I{d}" for d in inc],
-           os.path.join(device.RUNTIME_SRC, src)]
+           os.path.join(gnu.RUNTIME_SRC, src)]
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
@@ -265,7 +267,7 @@ def test_full_android_build_with_a_fake_ndk(tmp_path):
     if CROSS is None or shutil.which("cmake") is None:
         pytest.skip("aarch64-linux-gnu-g++ or cmake not installed")
     make_fake_ndk(str(tmp_path / "ndk"), api=29)
-    libdir = os.path.dirname(device.aarch64_runtime_libs()["libtvm_runtime.so"])
+    libdir = os.path.dirname(gnu.aarch64_runtime_libs()["libtvm_runtime.so"])
     proc = _cli("-q", "build", "--model", "tiny", "--ndk", "ndk", "--android-api", "29", "--tvm-runtime-dir", libdir,
                 "-o", "out", "--json", cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -280,18 +282,18 @@ def test_full_android_build_with_a_fake_ndk(tmp_path):
     calls = open(tmp_path / "ndk" / "calls.log").read()
     assert "-shared" in calls  # model.so linked by the NDK clang++
     binary = open(tmp_path / "out" / "bin" / "bluelower-run", "rb").read()
-    assert b"$ORIGIN/../lib" in binary and device.cache_dir().encode() not in binary  # RUNPATH: no build paths
+    assert b"$ORIGIN/../lib" in binary and cache.cache_dir().encode() not in binary  # RUNPATH: no build paths
     with pytest.raises(BlueLowerError, match="Android bundle: run it on the phone"):
         device.native_command(str(tmp_path / "out"), [])
     # the fake NDK produced glibc binaries, so this bundle runs under qemu: the CMake-built
     # runtime and the android-triple model.so generate the PyTorch reference tokens
     qemu = shutil.which("qemu-aarch64")
-    if qemu and os.path.isdir(device.QEMU_SYSROOT):
+    if qemu and os.path.isdir(gnu.QEMU_SYSROOT):
         from bluelower.runtime_stubs.generate import generate, reference_for_build
 
         out = str(tmp_path / "out")
         env = dict(os.environ, LD_LIBRARY_PATH=os.path.join(out, "lib"), TVM_NUM_THREADS="1")
-        run = subprocess.run([qemu, "-L", device.QEMU_SYSROOT, os.path.join(out, "bin", "bluelower-run"), out,
+        run = subprocess.run([qemu, "-L", gnu.QEMU_SYSROOT, os.path.join(out, "bin", "bluelower-run"), out,
                               "--prompt-ids", "1,2,3", "--max-new-tokens", "6", "--json"],
                              env=env, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr

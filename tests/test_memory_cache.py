@@ -1,5 +1,5 @@
 """inspect memory --model: the on-disk result cache (hit without importing, misses on any
-input or source change, corrupt entries recomputed, BLUELOWER_CACHE_DIR=off)."""
+input or source change, corrupt entries recomputed, BLUELOWER_CACHE=off)."""
 
 import json
 import os
@@ -16,7 +16,7 @@ def _no_import(*_a, **_k):
 def test_second_call_is_served_from_the_cache(tmp_path, monkeypatch):
     import bluelower.lowering.frontend.importer as importer
 
-    monkeypatch.setenv("BLUELOWER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("BLUELOWER_CACHE", str(tmp_path))
     first = memory.inspect_model("tiny", soc="host", quant="w4a16kv8")
     files = list((tmp_path / "inspect-memory").iterdir())
     assert len(files) == 1
@@ -33,15 +33,15 @@ def test_second_call_is_served_from_the_cache(tmp_path, monkeypatch):
 
 
 def test_corrupt_entry_is_recomputed_and_off_disables(tmp_path, monkeypatch):
-    monkeypatch.setenv("BLUELOWER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("BLUELOWER_CACHE", str(tmp_path))
     first = memory.inspect_model("tiny", soc="host", quant="fp32")
     (path,) = list((tmp_path / "inspect-memory").iterdir())
     path.write_text("{not json")
     again = memory.inspect_model("tiny", soc="host", quant="fp32")
     assert again["peak_bytes"] == first["peak_bytes"]
     assert json.loads(path.read_text())["peak_bytes"] == first["peak_bytes"]  # rewritten
-    monkeypatch.setenv("BLUELOWER_CACHE_DIR", "off")
-    assert memory.cache_dir() is None
+    monkeypatch.setenv("BLUELOWER_CACHE", "off")
+    assert memory.result_dir("inspect-memory") is None
     os.unlink(path)
     memory.inspect_model("tiny", soc="host", quant="fp32")
     assert not path.exists()

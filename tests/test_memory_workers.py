@@ -14,7 +14,7 @@ from bluelower.lowering.models.bluelm_v.config import load_config
 
 def test_workers_plan_what_one_process_plans(monkeypatch):
     """tiny on dimensity9300 (APU partitions, TileImagePatches' stages): byte-identical JSON."""
-    monkeypatch.setenv("BLUELOWER_CACHE_DIR", "off")
+    monkeypatch.setenv("BLUELOWER_CACHE", "off")
     one = memory.inspect_model("tiny", soc="dimensity9300", quant="w4a16kv8", image_grid="2x2", jobs=1)
     workers = memory.inspect_model("tiny", soc="dimensity9300", quant="w4a16kv8", image_grid="2x2", jobs=2)
     assert json.dumps(workers) == json.dumps(one)

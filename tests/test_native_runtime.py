@@ -21,6 +21,7 @@ import pytest
 
 from bluelower.errors import BlueLowerError
 from bluelower.lowering.artifacts import device
+from bluelower.lowering.artifacts.toolchains import gnu
 
 PROMPT = "1,2,3"
 MAX_NEW = 8
@@ -91,7 +92,8 @@ def host_bundle(tmp_path_factory, request):
 
 def _reference_tokens(bundle: str, image: str | None, prompt: str, max_new: int, policy: str = "relaxed") -> list:
     """PyTorch tokens; the image preprocessed like `bluelower run` (default: relaxed grid)."""
-    from bluelower.runtime_stubs.generate import generate, read_manifest, reference_for_build
+    from bluelower.lowering.artifacts.bundle import read_manifest
+    from bluelower.runtime_stubs.generate import generate, reference_for_build
     from bluelower.runtime_stubs.image import load_image, preprocess_image, select_grid
 
     rt = read_manifest(bundle)["runtime"]
@@ -264,7 +266,7 @@ def test_apu_backend_selection(host_bundle, image_npy):
 def test_missing_cross_compiler_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(BlueLowerError, match="apt-get install -y g\\+\\+-aarch64-linux-gnu"):
-        device.cross_cxx("aarch64")
+        gnu.cross_cxx("aarch64")
 
 
 # --------------------------------------------------------------------- aarch64 (last: they wait for

@@ -27,7 +27,8 @@ import time
 
 import numpy as np
 
-from ..runtime_stubs.generate import TorchReference, read_manifest, reference_for_build
+from ..lowering.artifacts.bundle import PARAMS, read_manifest
+from ..runtime_stubs.generate import TorchReference, reference_for_build
 
 MODES = ("fp32", "w8", "w4a16", "w4a16kv8")
 
@@ -39,7 +40,6 @@ class DequantizedReference(TorchReference):
     def __init__(self, build_dir: str):
         import torch
 
-        from ..lowering.artifacts.compile import PARAMS
         from ..lowering.models.bluelm_v.model import BlueLMV
         from ..lowering.models.bluelm_v.config import config_from_dict
         from ..lowering.quant.params import dequantized_state

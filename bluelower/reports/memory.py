@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..cache import result_dir
 from ..errors import BlueLowerError
 
 QUANT_MODES = ("fp32", "w8", "w4a16", "w4a16kv8")
@@ -226,7 +227,7 @@ def manifest_memory_plan(cfg, quant: str, sigs, plans: dict) -> dict:
 
 
 def inspect_build(build_dir: str) -> dict:
-    from ..runtime_stubs.generate import read_manifest
+    from ..lowering.artifacts.bundle import read_manifest
 
     manifest = read_manifest(build_dir)
     plan = manifest.get("memory_plan")
@@ -280,7 +281,7 @@ def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid
         cache_path = _result_cache_path(cfg, soc, str(soc_obj.tvm_target()), quant, n_patches, disabled)
         cached = _read_cached(cache_path)
         if cached is not None:
-            progress.log(f"memory plan from the cache ({cache_path}; BLUELOWER_CACHE_DIR=off recomputes)")
+            progress.log(f"memory plan from the cache ({cache_path}; BLUELOWER_CACHE=off recomputes)")
             return cached
     if imported is None and jobs > 1:
         _start_workers()  # the workers' server imports torch + TVM while this process goes on
@@ -427,16 +428,8 @@ def _plan_in_workers(cfg, soc: str, quant: str, disabled) -> tuple[dict, dict]:
 # torch). Most of its time is the torch.export import of the meta model (minutes for the
 # 3B model on a loaded host), so the result is cached on disk under a key of all of these:
 # any edit to a bluelower source file, a SoC file or a config misses. Location:
-# ``$BLUELOWER_CACHE_DIR/inspect-memory`` (default ``~/.cache/bluelower``);
-# ``BLUELOWER_CACHE_DIR=off`` disables it. An unreadable entry is a miss, an unwritable
-# directory is not an error.
-
-
-def cache_dir() -> str | None:
-    d = os.environ.get("BLUELOWER_CACHE_DIR")
-    if d is not None and d.strip().lower() in ("off", "0", "no", "none", ""):
-        return None
-    return d or os.path.join(os.path.expanduser("~"), ".cache", "bluelower")
+# ``$BLUELOWER_CACHE/inspect-memory`` (bluelower.cache; ``BLUELOWER_CACHE=off`` disables
+# it). An unreadable entry is a miss, an unwritable directory is not an error.
 
 
 def _sources_digest() -> str:
@@ -464,7 +457,7 @@ def _result_cache_path(cfg, soc: str, target: str, quant: str, n_patches, disabl
     from .. import __version__
     from ..targets.soc import soc_path
 
-    d = cache_dir()
+    d = result_dir("inspect-memory")
     if d is None:
         return None
     with open(soc_path(soc), "rb") as fh:
@@ -473,7 +466,7 @@ def _result_cache_path(cfg, soc: str, target: str, quant: str, n_patches, disabl
                       "patches": n_patches, "disabled": sorted(disabled), "sources": _sources_digest(),
                       "bluelower": __version__, "tvm": tvm.__version__, "torch": torch.__version__}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:32]
-    return os.path.join(d, "inspect-memory", f"{cfg.name}-{quant}-{digest}.json")
+    return os.path.join(d, f"{cfg.name}-{quant}-{digest}.json")
 
 
 def _read_cached(path: str | None) -> dict | None:

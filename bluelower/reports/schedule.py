@@ -11,25 +11,12 @@ import json
 import os
 
 from ..errors import BlueLowerError
+from ..lowering.artifacts.bundle import read_manifest
 from ..targets.scheduler import Schedule, plot_gantt, to_chrome_trace
-
-MANIFEST = "manifest.json"
-
-
-def _manifest(build_dir: str) -> dict:
-    path = os.path.join(build_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise BlueLowerError(f"{build_dir} is not a bluelower build (no {MANIFEST}); compile one with `bluelower compile -o DIR`")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise BlueLowerError(f"{path}: not valid JSON ({exc})") from None
-
 
 def load_schedule(build_dir: str) -> tuple[Schedule, dict]:
     """The build's schedule and its manifest."""
-    manifest = _manifest(build_dir)
+    manifest = read_manifest(build_dir)
     if "schedule" not in manifest:
         raise BlueLowerError(f"{build_dir} has no predicted schedule (built without ScheduleOperators); recompile it")
     return Schedule.from_dict(manifest["schedule"]), manifest

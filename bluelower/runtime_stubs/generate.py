@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import BlueLowerError
+from ..lowering.artifacts.bundle import LIBRARY, PARAMS, read_manifest, verify_files
 
 
 @dataclass
@@ -115,39 +116,6 @@ def generate(backend: _Backend, patches: np.ndarray | None, prompt_ids, max_new_
 # --------------------------------------------------------------------- compiled build
 
 
-def read_manifest(build_dir: str) -> dict:
-    from ..lowering.artifacts.compile import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST
-
-    if not os.path.isdir(build_dir):
-        raise BlueLowerError(f"build directory not found: {build_dir}")
-    path = os.path.join(build_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise BlueLowerError(f"{build_dir}: no {MANIFEST} (not a bluelower build)")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            manifest = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BlueLowerError(f"{path}: malformed manifest: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise BlueLowerError(f"{path}: not a bluelower manifest")
-    if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
-        raise BlueLowerError(
-            f"{path}: format version {manifest.get('format_version')} is not supported (expected {BUNDLE_FORMAT_VERSION})"
-        )
-    return manifest
-
-
-def verify_files(build_dir: str, manifest: dict) -> None:
-    from ..lowering.frontend.weights import file_sha256
-
-    for name, digest in sorted(manifest.get("files", {}).items()):
-        path = os.path.join(build_dir, name)
-        if not os.path.isfile(path):
-            raise BlueLowerError(f"{build_dir}: missing file {name}")
-        if file_sha256(path) != digest:
-            raise BlueLowerError(f"{build_dir}: {name} does not match its SHA-256 in the manifest (corrupt or modified)")
-
-
 class CompiledModel(_Backend):
     """A host build loaded into TVM's Relax VM."""
 
@@ -155,7 +123,6 @@ class CompiledModel(_Backend):
         import tvm
         from tvm import relax
 
-        from ..lowering.artifacts.compile import LIBRARY, PARAMS
         from ..lowering.frontend.weights import WeightSource
 
         self.manifest = manifest = read_manifest(build_dir)
@@ -271,7 +238,6 @@ def reference_for_build(build_dir_or_manifest: str, weights_path: str | None = N
     ``params.safetensors`` when it holds fp32 weights, else ``weights_path`` or the seed)."""
     from ..lowering.models.bluelm_v.config import config_from_dict
 
-    from ..lowering.artifacts.compile import PARAMS
 
     build_dir = build_dir_or_manifest
     manifest = read_manifest(build_dir)

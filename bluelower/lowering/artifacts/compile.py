@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,13 +19,10 @@ from ... import __version__, progress
 from ...errors import BlueLowerError
 from ..models.bluelm_v.config import ModelConfig, load_config
 from ..quant.params import StoredParams, param_producer
-from ..frontend.weights import WeightSource, file_sha256, model_weight_specs, random_weight, write_safetensors
+from ..frontend.weights import WeightSource, model_weight_specs, random_weight, write_safetensors
+from .bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, LIBRARY, PARAMS, commit_output, file_sha256, prepare_output,
+                     write_manifest)
 
-BUNDLE_FORMAT = "bluelower-bundle"
-BUNDLE_FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-LIBRARY = "model.so"
-PARAMS = "params.safetensors"
 IMAGE_MEAN = (0.5, 0.5, 0.5)  # SigLIP's normalization
 IMAGE_STD = (0.5, 0.5, 0.5)
 QUANT_MODES = ("fp32", "w8", "w4a16", "w4a16kv8")  # see lowering/quantized_params.py
@@ -73,34 +69,6 @@ def tool_versions() -> dict:
     }
 
 
-def _prepare_output(out_dir: str) -> str:
-    """Check ``out_dir`` can be (re)written; return a fresh temporary sibling directory."""
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    if not os.path.isdir(parent):
-        try:  # like `mkdir -p`: `-o build/tiny` works in a fresh checkout
-            os.makedirs(parent, exist_ok=True)
-        except OSError as exc:
-            raise BlueLowerError(f"cannot create the output directory's parent {parent}: {exc.strerror}") from None
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise BlueLowerError(f"output path exists and is not a directory: {out_dir}")
-        if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, MANIFEST)):
-            raise BlueLowerError(f"output directory {out_dir} is not empty and is not a bluelower build; refusing to replace it")
-    return tempfile.mkdtemp(prefix=".bluelower-", dir=parent)
-
-
-def _commit_output(tmp: str, out_dir: str) -> None:
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir):
-        old = tmp + ".old"
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out_dir)
-
-
 def compile_model(req: CompileRequest) -> dict:
     """Compile ``req.model`` for ``req.soc`` into ``req.out_dir``; return the manifest."""
     import tvm
@@ -126,7 +94,7 @@ def compile_model(req: CompileRequest) -> dict:
         source.check_against(specs)
     target = soc.tvm_target()
 
-    tmp = _prepare_output(req.out_dir)
+    tmp = prepare_output(req.out_dir)
     try:
         with progress.step("import"):
             mod, sigs = import_model(cfg, req.frontend)  # weights bind at run time, not at import
@@ -164,10 +132,8 @@ def compile_model(req: CompileRequest) -> dict:
             if key in opts.extra:
                 manifest[key] = opts.extra[key]
         manifest["files"] = {f: file_sha256(os.path.join(tmp, f)) for f in (LIBRARY, PARAMS)}
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
-            json.dump(manifest, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        _commit_output(tmp, req.out_dir)
+        write_manifest(tmp, manifest)
+        commit_output(tmp, req.out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -188,7 +154,7 @@ def _export_kwargs(soc) -> dict:
     if callable(fcompile):
         return {"fcompile": fcompile()}
     if not getattr(soc, "is_host", False) and str(getattr(soc, "triple", "")).startswith("aarch64"):
-        from .device import cross_fcompile  # aarch64-linux-gnu-g++, clear error if missing
+        from .toolchains.gnu import cross_fcompile  # aarch64-linux-gnu-g++, clear error if missing
 
         return {"fcompile": cross_fcompile(soc.triple)}
     return {}

@@ -322,11 +322,13 @@ def _run(cmd: list[str], what: str, cwd: str | None = None) -> None:
 def build_tvm_runtime(ndk: Ndk, tvm_source: str) -> dict:
     """Build libtvm_runtime.so + libtvm_ffi.so for Android from ``tvm_source`` (cached by
     source path, git commit, NDK revision and API level)."""
-    from ..device import _dist_version, cache_dir, replace_dir
+    from ....cache import cache_dir
+    from ..bundle import replace_dir
+    from .gnu import dist_version
 
     src = check_tvm_source(tvm_source)
     src_version = tvm_source_version(src)
-    installed = _dist_version("apache-tvm")
+    installed = dist_version("apache-tvm")
     if src_version and src_version.split(".dev")[0] != installed.split(".dev")[0]:
         progress.log(f"warning: TVM source {src} is version {src_version}, the compiler is apache-tvm {installed}")
     proc = subprocess.run(["git", "-C", src, "rev-parse", "HEAD"], capture_output=True, text=True)
@@ -334,7 +336,7 @@ def build_tvm_runtime(ndk: Ndk, tvm_source: str) -> dict:
     key = hashlib.sha256("\0".join([src, commit, ndk.revision, str(ndk.api), ndk.host_tag]).encode()).hexdigest()[:20]
     libdir = os.path.join(cache_dir(), "android", f"tvm-runtime-{key}", "lib")
     out = {n: os.path.join(libdir, n) for n in RUNTIME_LIBS}
-    if all(os.path.isfile(p) for p in out.values()) and os.environ.get("BLUELOWER_NO_CACHE") != "1":
+    if all(os.path.isfile(p) for p in out.values()):
         return out
     os.makedirs(os.path.dirname(os.path.dirname(libdir)), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tvm-build-", dir=os.path.dirname(os.path.dirname(libdir)))
@@ -391,32 +393,34 @@ def runtime_cmake_cmds(ndk: Ndk, src: str, build: str, libs: dict, ffi_include: 
 def build_runtime(ndk: Ndk, libs: dict) -> str:
     """Build ``bluelower-run`` for Android; return the binary's path (cached: the key is
     the sources, the NDK revision/host/API, the toolchain file and the linked libraries)."""
-    from ..device import RUNTIME_SRC, _ffi_include_dirs, _sha256_file, cache_dir, replace_dir
+    from ....cache import cache_dir
+    from ..bundle import file_sha256, replace_dir
+    from .gnu import RUNTIME_SRC, ffi_include_dirs
 
     if shutil.which("cmake") is None:
         raise BlueLowerError("cmake not found (the Android runtime is built with CMake and the NDK toolchain file): "
                              "install it with apt-get install -y cmake")
     h = hashlib.sha256()
     for f in sorted(os.listdir(RUNTIME_SRC)):
-        if f.endswith((".cc", ".h")) or f == "CMakeLists.txt":
+        if f.endswith((".cc", ".h")) or f in ("CMakeLists.txt", "sources.txt"):
             h.update(f.encode() + b"\0")
             with open(os.path.join(RUNTIME_SRC, f), "rb") as fh:
                 h.update(fh.read())
     h.update(compiler_id(ndk).encode())
     h.update(repr(ndk.to_dict()).encode())
-    h.update(_sha256_file(ndk.toolchain_file).encode())
+    h.update(file_sha256(ndk.toolchain_file).encode())
     for name in sorted(libs):
-        h.update(_sha256_file(libs[name]).encode())
+        h.update(file_sha256(libs[name]).encode())
     out_dir = os.path.join(cache_dir(), "runtime", f"android{ndk.api}-{h.hexdigest()[:20]}")
     binary = os.path.join(out_dir, "bluelower-run")
-    if os.environ.get("BLUELOWER_NO_CACHE") != "1" and os.path.isfile(binary):
+    if os.path.isfile(binary):
         return binary
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".build-", dir=os.path.dirname(out_dir))
     try:
         build = os.path.join(tmp, "cmake")
         with progress.step(f"build runtime (android-{ndk.api}, CMake + NDK)"):
-            for cmd in runtime_cmake_cmds(ndk, RUNTIME_SRC, build, libs, _ffi_include_dirs()):
+            for cmd in runtime_cmake_cmds(ndk, RUNTIME_SRC, build, libs, ffi_include_dirs()):
                 _run(cmd, f"building the native runtime with the NDK ({' '.join(cmd[:3])} ...)")
         built = os.path.join(build, "bluelower-run")
         if not os.path.isfile(built):
