@@ -120,7 +120,8 @@ def _assert_same_tensors(ckpt, state: dict, widen=lambda t: t.float()) -> None:
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_hf_llama_single_file(tmp_path, tie):
+def test_hf_llama_single_file(tmp_path, tie, monkeypatch):
+    monkeypatch.setenv("BLUELOWER_CACHE", str(tmp_path / "cache"))  # checksums of throwaway files
     model = _model("llama", 256, tie)
     ckpt = HFCheckpoint(_save_hf(model, tmp_path / "m"))
     assert os.path.isfile(tmp_path / "m" / "model.safetensors")
@@ -133,7 +134,8 @@ def test_hf_llama_single_file(tmp_path, tie):
         assert ckpt.sha256() == hashlib.sha256(fh.read()).hexdigest()
 
 
-def test_hf_llama_sharded_bf16(tmp_path):
+def test_hf_llama_sharded_bf16(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLUELOWER_CACHE", str(tmp_path / "cache"))  # checksums of throwaway files
     model = _model("llama", 256, tie=False).to(torch.bfloat16)
     out = _save_hf(model, tmp_path / "m", max_shard_size="20KB")
     index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
@@ -381,7 +383,8 @@ def test_gguf_qwen2_with_bias(tmp_path, tiny_tokenizer):
         np.testing.assert_array_equal(ckpt.read(name), theirs[name], err_msg=name)
 
 
-def test_gguf_tokenizer_and_metadata(mixed_gguf, tiny_tokenizer, tmp_path):
+def test_gguf_tokenizer_and_metadata(mixed_gguf, tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("BLUELOWER_CACHE", str(tmp_path / "cache"))  # checksums of throwaway files
     from tokenizers import Tokenizer
 
     path, _model_ = mixed_gguf
@@ -457,7 +460,7 @@ def test_smollm2_tokenizer_matches_transformers(smollm2):
     path, ckpt = smollm2
     theirs = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     ours = Tokenizer.from_str(ckpt.tokenizer_json())
-    fallback = Tokenizer.from_str(ckpt._own_tokenizer_json())
+    fallback = Tokenizer.from_str(ckpt.builtin_tokenizer_json())
     for sentence in SENTENCES + ["What is the capital of France? Answer in 2025 words."]:
         want = theirs(sentence).input_ids
         assert ours.encode(sentence).ids == want, sentence
@@ -571,15 +574,49 @@ def test_error_safetensors_headers(tmp_path):
     _one_line_error(e, "model.safetensors", "not a safetensors file")
 
 
+def test_hf_integer_buffers_keep_their_dtype(tmp_path):
+    from safetensors.numpy import save_file
+
+    (tmp_path / "config.json").write_text("{}")
+    save_file({"w": np.ones((2, 3), np.float16), "vision.position_ids": np.arange(5)[None]},
+              str(tmp_path / "model.safetensors"))
+    ckpt = HFCheckpoint(str(tmp_path))
+    assert ckpt.source_dtype("vision.position_ids") == "I64" and ckpt.shape("vision.position_ids") == (1, 5)
+    ids = ckpt.read("vision.position_ids")
+    assert ids.dtype == np.int64 and ids.tolist() == [[0, 1, 2, 3, 4]]
+    assert ckpt.read("w").dtype == np.float32
+
+
 def test_error_unsupported_safetensors_dtype(tmp_path):
     from safetensors.numpy import save_file
 
     (tmp_path / "config.json").write_text("{}")
-    save_file({"w": np.zeros((2, 2), np.float32), "model.position_ids": np.arange(4)},
+    save_file({"w": np.zeros((2, 2), np.float32), "model.scale": np.ones(4, np.float64)},
               str(tmp_path / "model.safetensors"))
     with pytest.raises(BlueLowerError) as e:
         HFCheckpoint(str(tmp_path))
-    _one_line_error(e, "model.safetensors", "'model.position_ids'", "unsupported dtype I64")
+    _one_line_error(e, "model.safetensors", "'model.scale'", "unsupported dtype F64")
+
+
+def test_sha256_cache_follows_the_file(tmp_path, monkeypatch):
+    from bluelower.lowering.frontend import checkpoints
+
+    monkeypatch.setenv("BLUELOWER_CACHE", str(tmp_path / "cache"))
+    out = _save_hf(_model("llama", 256, tie=True), tmp_path / "m")
+    weights = os.path.join(out, "model.safetensors")
+    first = HFCheckpoint(out).sha256()
+    checkpoints._SHA_MEMO.clear()
+    assert os.listdir(tmp_path / "cache" / "checksums")  # remembered on disk
+    assert HFCheckpoint(out).sha256() == first
+    with open(weights, "r+b") as fh:  # one weight byte changes, the size does not
+        fh.seek(-1, os.SEEK_END)
+        last = fh.read(1)
+        fh.seek(-1, os.SEEK_END)
+        fh.write(bytes([last[0] ^ 1]))
+    stat = os.stat(weights)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    with open(weights, "rb") as fh:
+        assert HFCheckpoint(out).sha256() == hashlib.sha256(fh.read()).hexdigest() != first
 
 
 def test_error_unknown_tensor_name(sharded_dir):
@@ -613,6 +650,18 @@ def test_error_gguf_architecture_and_types(tmp_path):
     with pytest.raises(BlueLowerError) as e:
         GGUFCheckpoint(_minimal_gguf(tmp_path / "freqs.gguf", tensors=freqs))
     _one_line_error(e, "freqs.gguf", "'rope_freqs.weight'", "no Hugging Face name")
+
+
+def test_open_checkpoint_finds_the_gguf_of_a_directory(tmp_path, tiny_tokenizer):
+    path = _write_gguf(tmp_path / "only.gguf", _model("llama", len(tiny_tokenizer[0]), tie=True), tiny_tokenizer)
+    ckpt = open_checkpoint(str(tmp_path))
+    assert isinstance(ckpt, GGUFCheckpoint) and ckpt.path == path
+
+
+def test_error_gguf_metadata_missing(tmp_path):
+    with pytest.raises(BlueLowerError) as e:
+        GGUFCheckpoint(_minimal_gguf(tmp_path / "bare.gguf"))
+    _one_line_error(e, "bare.gguf", "lacks llama.block_count, llama.feed_forward_length")
 
 
 def test_error_not_gguf_and_truncated_gguf(tmp_path):

@@ -133,7 +133,7 @@ class Checkpoint:
         return True
 
     def __contains__(self, name: str) -> bool:
-        return name in set(self.names())
+        return name in self.names()
 
     def close(self) -> None:
         """Release open files (a GGUF's memory map); the object is unusable afterwards."""
@@ -149,9 +149,13 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str) -> Checkpoint:
-    """:class:`HFCheckpoint` for a directory, :class:`GGUFCheckpoint` for a GGUF file."""
+    """:class:`HFCheckpoint` for a directory, :class:`GGUFCheckpoint` for a GGUF file (or a
+    directory without config.json holding exactly one)."""
     path = os.fspath(path)
     if os.path.isdir(path):
+        ggufs = [f for f in os.listdir(path) if f.lower().endswith(".gguf")]
+        if not os.path.exists(os.path.join(path, "config.json")) and len(ggufs) == 1:
+            return GGUFCheckpoint(os.path.join(path, ggufs[0]))  # a GGUF repository checkout
         return HFCheckpoint(path)
     if not os.path.exists(path):
         raise BlueLowerError(f"checkpoint not found: {path}")
@@ -237,7 +241,11 @@ def _unique_ids(*groups) -> list[int]:
 # Hugging Face directories
 # ----------------------------------------------------------------------------------------
 
-_ST_NUMPY = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+_ST_FLOATS = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}  # BF16: raw bits
+# integer buffers (a vision tower's position_ids) are read in their own dtype
+_ST_INTS = {"I8": np.dtype("i1"), "U8": np.dtype("u1"), "I16": np.dtype("<i2"), "I32": np.dtype("<i4"),
+            "I64": np.dtype("<i8")}
+_ST_NUMPY = {**_ST_FLOATS, **_ST_INTS}
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors caps its JSON header at 100 MB too
 
 
@@ -279,7 +287,7 @@ class _SafetensorsFile:
             raise BlueLowerError(f"{self.path}: tensor '{name}' has a malformed header entry") from None
         if dtype not in _ST_NUMPY:
             raise BlueLowerError(
-                f"{self.path}: tensor '{name}' has unsupported dtype {dtype} (supported: F32, F16, BF16)"
+                f"{self.path}: tensor '{name}' has unsupported dtype {dtype} (supported: {', '.join(_ST_NUMPY)})"
             )
         nbytes = int(np.prod(shape, dtype=np.int64)) * _ST_NUMPY[dtype].itemsize
         if begin < 0 or end - begin != nbytes:
@@ -302,7 +310,7 @@ class _SafetensorsFile:
             # bfloat16 is the top half of a float32: widen the bits, then reinterpret
             out = (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
         else:
-            out = raw.astype(np.float32)
+            out = raw.astype(np.float32 if dtype in _ST_FLOATS else raw.dtype.newbyteorder("="))
         return out.reshape(shape)
 
 
@@ -310,7 +318,8 @@ class HFCheckpoint(Checkpoint):
     """A Hugging Face model directory: ``config.json`` plus ``model.safetensors`` or a
     sharded checkpoint (``model.safetensors.index.json`` and its shards).
 
-    Requires: ``path`` is such a directory; tensors are F32, F16 or BF16.
+    Requires: ``path`` is such a directory; tensors are F32, F16 or BF16 (read as float32)
+    or integer buffers (I8/U8/I16/I32/I64, read in their own dtype).
     Ensures: every shard header is checked at open (missing shard, truncation, dtype), so
     a later :meth:`read` only fails if the files change underneath. Tokenizer files are
     optional: ``tokenizer.json``, ``tokenizer_config.json`` (chat template, special
@@ -358,6 +367,9 @@ class HFCheckpoint(Checkpoint):
 
     def names(self) -> list[str]:
         return sorted(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
 
     def shape(self, name: str) -> tuple:
         return self._file(name).tensors[name][1]
@@ -412,24 +424,21 @@ class HFCheckpoint(Checkpoint):
         eos: all of them, in that order (a runtime stops on any)."""
         gen = self._optional_json("generation_config.json")
         tok_cfg = self._optional_json("tokenizer_config.json")
-        bos = _unique_ids(gen.get("bos_token_id"), self.config.get("bos_token_id"),
-                          self._token_id(tok_cfg.get("bos_token")))
-        eos = _unique_ids(gen.get("eos_token_id"), self.config.get("eos_token_id"),
-                          self._token_id(tok_cfg.get("eos_token")))
+        ids = self._token_ids(tok_cfg.get("bos_token"), tok_cfg.get("eos_token"))
+        bos = _unique_ids(gen.get("bos_token_id"), self.config.get("bos_token_id"), ids[0])
+        eos = _unique_ids(gen.get("eos_token_id"), self.config.get("eos_token_id"), ids[1])
         return {"bos_token_id": bos[0] if bos else None, "eos_token_ids": eos}
 
-    def _token_id(self, token) -> int | None:
-        """The id of a token string (or ``{"content": ...}``) in tokenizer.json, if any."""
-        if isinstance(token, dict):
-            token = token.get("content")
-        if not isinstance(token, str) or self.tokenizer_json_path is None:
-            return None
-        tok = _read_json(self.tokenizer_json_path, "tokenizer.json")
-        for added in tok.get("added_tokens") or []:
-            if isinstance(added, dict) and added.get("content") == token:
-                return added.get("id")
+    def _token_ids(self, *tokens) -> list[int | None]:
+        """The ids of token strings (or ``{"content": ...}``) in tokenizer.json; None where unknown."""
+        texts = [t.get("content") if isinstance(t, dict) else t for t in tokens]
+        if not any(isinstance(t, str) for t in texts) or self.tokenizer_json_path is None:
+            return [None] * len(texts)
+        tok = _read_json(self.tokenizer_json_path, "tokenizer.json")  # read only when a token needs its id
         vocab = (tok.get("model") or {}).get("vocab")
-        return vocab.get(token) if isinstance(vocab, dict) else None
+        known = dict(vocab) if isinstance(vocab, dict) else {}
+        known.update({a.get("content"): a.get("id") for a in tok.get("added_tokens") or [] if isinstance(a, dict)})
+        return [known.get(t) if isinstance(t, str) else None for t in texts]
 
 
 # ----------------------------------------------------------------------------------------
@@ -540,18 +549,24 @@ class GGUFCheckpoint(Checkpoint):
     # -- metadata -----------------------------------------------------------------------
 
     def _field(self, key: str, default=None):
+        from gguf import GGUFValueType
+
         field = self._reader.get_field(key)
-        return default if field is None else field.contents()
+        if field is None:
+            return default
+        value = field.contents()
+        return _float32_value(value) if field.types == [GGUFValueType.FLOAT32] else value
 
     def _arch_field(self, key: str, default=None):
         return self._field(f"{self.architecture}.{key}", default)
 
     def _hf_config(self) -> dict:
         hf_class, model_type, _permuted = _GGUF_ARCHITECTURES[self.architecture]
-        hidden = self._arch_field("embedding_length")
-        heads = self._arch_field("attention.head_count")
-        if hidden is None or heads is None:
-            raise BlueLowerError(f"{self.path}: GGUF metadata lacks {self.architecture}.embedding_length or .attention.head_count")
+        required = ("embedding_length", "attention.head_count", "block_count", "feed_forward_length")
+        missing = [key for key in required if self._arch_field(key) is None]
+        if missing:
+            raise BlueLowerError(f"{self.path}: GGUF metadata lacks {', '.join(f'{self.architecture}.{k}' for k in missing)}")
+        hidden, heads = self._arch_field("embedding_length"), self._arch_field("attention.head_count")
         kv_heads = self._arch_field("attention.head_count_kv", heads)
         q = self._tensors.get("model.layers.0.self_attn.q_proj.weight")
         # the q rows give the head width even when the file omits key_length
@@ -571,8 +586,8 @@ class GGUFCheckpoint(Checkpoint):
             "num_key_value_heads": kv_heads,
             "head_dim": head_dim,
             "hidden_act": "silu",
-            "rms_norm_eps": _float32_value(self._arch_field("attention.layer_norm_rms_epsilon", 1e-6)),
-            "rope_theta": _float32_value(self._arch_field("rope.freq_base", 10000.0)),
+            "rms_norm_eps": self._arch_field("attention.layer_norm_rms_epsilon", 1e-6),
+            "rope_theta": self._arch_field("rope.freq_base", 10000.0),
             "max_position_embeddings": self._arch_field("context_length"),
             "vocab_size": vocab,
             # llama.cpp writes output.weight only when it differs from the embedding
@@ -588,7 +603,7 @@ class GGUFCheckpoint(Checkpoint):
             config["mlp_bias"] = False
         rope_type = self._arch_field("rope.scaling.type")
         if rope_type not in (None, "none"):
-            scaling = {"rope_type": rope_type, "factor": _float32_value(self._arch_field("rope.scaling.factor", 1.0))}
+            scaling = {"rope_type": rope_type, "factor": self._arch_field("rope.scaling.factor", 1.0)}
             original = self._arch_field("rope.scaling.original_context_length")
             if original is not None:
                 scaling["original_max_position_embeddings"] = original
@@ -623,6 +638,9 @@ class GGUFCheckpoint(Checkpoint):
 
     def names(self) -> list[str]:
         return sorted(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
 
     def shape(self, name: str) -> tuple:
         return self._shape_of(self._tensor(name))
@@ -706,12 +724,14 @@ class GGUFCheckpoint(Checkpoint):
             try:
                 from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
             except ImportError:
-                self._tokenizer_json = self._own_tokenizer_json()
+                self._tokenizer_json = self.builtin_tokenizer_json()
             else:
                 self._tokenizer_json = _transformers_tokenizer_json(self.path, get_gguf_tokenizer, convert_gguf_tokenizer)
         return self._tokenizer_json
 
-    def _own_tokenizer_json(self) -> str:
+    def builtin_tokenizer_json(self) -> str:
+        """The tokenizer JSON built without transformers: byte-level BPE ("gpt2") vocabularies
+        whose pre-tokenizer is GPT-2's split; anything else is a one-line error."""
         model, pre = self._field("tokenizer.ggml.model"), self._field("tokenizer.ggml.pre")
         if model != "gpt2" or pre not in _GPT2_SPLIT_PRE_TYPES:
             raise BlueLowerError(
@@ -735,8 +755,9 @@ def _transformers_tokenizer_json(path: str, get_gguf_tokenizer, convert_gguf_tok
     try:
         architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(path)
         backend, _extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
-    except ValueError as exc:
-        raise BlueLowerError(f"{path}: cannot convert its tokenizer: {str(exc).splitlines()[0]}") from None
+    except (ValueError, KeyError, IndexError, TypeError) as exc:  # the converter's words for a vocabulary it cannot take
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BlueLowerError(f"{path}: cannot convert its tokenizer: {reason}") from None
     explicit = "add_bos_token" in tokenizer_config or "add_eos_token" in tokenizer_config
     if explicit or backend.post_processor is None:
         bos = tokenizer_config.get("bos_token") if tokenizer_config.get("add_bos_token") else None
