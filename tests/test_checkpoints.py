@@ -225,8 +225,9 @@ def _llama_cpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) 
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def _write_gguf(path, model, tokenizer, types=None, arch=None) -> str:
-    """``model`` as llama.cpp would convert it; ``types`` maps a GGUF base name to its type (F32 default)."""
+def _write_gguf(path, model, tokenizer, types=None, arch=None, extra=None) -> str:
+    """``model`` as llama.cpp would convert it; ``types`` maps a GGUF base name to its type (F32
+    default); ``extra(writer)`` adds metadata."""
     cfg = model.config
     arch = arch or ("qwen2" if cfg.model_type == "qwen2" else "llama")
     writer = gguf.GGUFWriter(str(path), arch)
@@ -251,6 +252,8 @@ def _write_gguf(path, model, tokenizer, types=None, arch=None) -> str:
     writer.add_eos_token_id(tokens.index("<|im_end|>"))
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
+    if extra is not None:
+        extra(writer)
     for hf_name, tensor in _saved_state(model).items():
         name = _gguf_name(hf_name)
         data = tensor.float().numpy()
@@ -313,6 +316,17 @@ def test_gguf_f32_llama_equals_hf(tmp_path, tiny_tokenizer, tie):
     with torch.device("meta"):
         meta = transformers.LlamaForCausalLM(built)
     assert {n: tuple(p.shape) for n, p in _saved_state(meta).items()} == {n: ckpt.shape(n) for n in ckpt.names()}
+
+
+def test_gguf_rope_scaling(tmp_path, tiny_tokenizer):
+    def linear_scaling(writer):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(2.0)
+        writer.add_rope_scaling_orig_ctx_len(128)
+
+    model = _model("llama", len(tiny_tokenizer[0]), tie=True)
+    ckpt = GGUFCheckpoint(_write_gguf(tmp_path / "scaled.gguf", model, tiny_tokenizer, extra=linear_scaling))
+    assert ckpt.config["rope_scaling"] == {"rope_type": "linear", "factor": 2.0, "original_max_position_embeddings": 128}
 
 
 @pytest.fixture(scope="module")

