@@ -713,3 +713,37 @@ def test_native_load_errors(native_tokenizer_test, tmp_path):
             path.write_text(text)
         proc = subprocess.run([native_tokenizer_test, str(path), str(cases)], capture_output=True, text=True)
         assert proc.returncode == 1 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+ENCODE_POOL = ["Hello", "world", "the", "The", "fox", " ", "  ", "   ", "\n", "\n\n", "\t", "\u3000", "\xa0", "'s", "'re",
+               "'ll", "'S", "don't", "Café", "naïve", "日本語", "汉字", "한국어", "😀", "👍🏽", "👨‍👩‍👧", "123", "4567",
+               "½", "٣", ",", ".", "!?", "--", "(x)", "©", "<|im_end|>", "<|im_start|>", "<image>", "<s>", "</s>",
+               "<extra>", "<raw>", "<special_norm>", "<plain>", "a", "é", "ß", "\u0301", "\r\n"]
+
+
+def _random_texts(seed: int, count: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return ["".join(ENCODE_POOL[i] for i in rng.integers(0, len(ENCODE_POOL), size=int(rng.integers(0, 12))))
+            for _ in range(count)]
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "sentencepiece", "metaspace", "smollm2"])
+def test_native_encode_matches_python(native_tokenizer_test, tokenizer_jsons, kind, request, tmp_path):
+    """The C++ encoder gives the ids of Tokenizer.encode (the tokenizers library)."""
+    if kind == "smollm2":
+        json_text = request.getfixturevalue("smollm2")[0].json_text
+    else:
+        json_text = tokenizer_jsons[kind]
+    tok = Tokenizer(json_text)
+    texts = TEXTS + CORPUS[:6] + _random_texts(seed=len(kind), count=300)
+    cases = [("e", add, [text.encode("utf-8").hex()]) for text in texts for add in (0, 1)]
+    lines = _run_native(native_tokenizer_test, json_text, cases, tmp_path)
+    for (_, add, _), text, line in zip(cases, [t for t in texts for _ in (0, 1)], lines[1:]):
+        assert line == " ".join(map(str, tok.encode(text, add_special_tokens=bool(add)))), (kind, text, add)
+
+
+def test_native_encode_unsupported_is_a_clear_error(native_tokenizer_test, tokenizer_jsons, tmp_path):
+    lines = _run_native(native_tokenizer_test, tokenizer_jsons["wordpiece"], [("e", 0, ["6869"]), ("d", 0, [5])],
+                        tmp_path)
+    assert lines[1].startswith("error: ") and "encoding needs the BertNormalizer normalizer (not implemented)" in lines[1]
+    assert not lines[2].startswith("error")  # it still decodes

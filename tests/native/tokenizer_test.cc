@@ -2,10 +2,11 @@
 //
 //   tokenizer_test TOKENIZER_JSON CASES
 //
-// Each line of CASES is "MODE SKIP ID ID ...": MODE d decodes, s streams (StreamDecoder,
-// one put() per id, then flush()); SKIP 1 drops special tokens. Each output line is the
-// result as lowercase hex (stream: the chunks in hex, comma-separated, flush last), or
-// "error: MESSAGE" when the case throws.
+// Each line of CASES is "MODE FLAG ARGS": MODE d decodes the ids ARGS, s streams them
+// (StreamDecoder, one put() per id, then flush()), FLAG 1 dropping special tokens; MODE e
+// encodes the text whose UTF-8 is the hex ARGS, FLAG 1 adding special tokens. Each output
+// line is the result: text as lowercase hex (stream: the chunks in hex, comma-separated,
+// flush last), ids separated by spaces, or "error: MESSAGE" when the case throws.
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -44,9 +45,17 @@ int main(int argc, char** argv) {
       int skip = 0;
       in >> mode >> skip;
       std::vector<int64_t> ids;
-      for (int64_t id; in >> id;) ids.push_back(id);
+      std::string text_hex;
+      if (mode == "e") in >> text_hex;
+      else for (int64_t id; in >> id;) ids.push_back(id);
       try {
-        if (mode == "d") {
+        if (mode == "e") {
+          std::string text;
+          for (size_t i = 0; i + 1 < text_hex.size(); i += 2) text.push_back(char(std::stoi(text_hex.substr(i, 2), nullptr, 16)));
+          std::string out;
+          for (int64_t id : tok.encode(text, skip != 0)) out += (out.empty() ? "" : " ") + std::to_string(id);
+          std::cout << out << "\n";
+        } else if (mode == "d") {
           std::cout << hex(tok.decode(ids, skip != 0)) << "\n";
         } else {
           bluelower::StreamDecoder stream(tok, skip != 0);

@@ -10,8 +10,12 @@
 // string pattern), ByteFallback (<0xNN> tokens), Fuse, Strip, WordPiece, BPEDecoder and
 // Sequence; anything else is a load-time Error naming it.
 //
-// Encoding (text to ids) is not here: see docs at the end of tokenizer.cc for what it
-// needs.
+// Encoding (text to ids) covers byte-level BPE (GPT-2 pre-tokenizer regex, SmolLM2) and
+// SentencePiece-style BPE (Llama 2 normalizer or Metaspace, byte fallback): added tokens,
+// the normalizers Prepend/Replace, the pre-tokenizers ByteLevel/Metaspace/Digits, BPE
+// merges, TemplateProcessing. A tokenizer.json needing anything else (a Split regex as
+// in Llama 3 and Qwen, NFC, Unigram, WordPiece) still loads and decodes; encode() then
+// throws Error naming what is missing (encode_unsupported() says it up front).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -42,7 +46,43 @@ class Tokenizer {
   // The text of `ids`. Throws Error for an id outside [0, vocab_size()).
   std::string decode(const std::vector<int64_t>& ids, bool skip_special = false) const;
 
+  // The ids of `text` (UTF-8), as tokenizers' encode(text, add_special_tokens).ids.
+  std::vector<int64_t> encode(const std::string& text, bool add_special_tokens = true) const;
+  // Empty when encode() works for this tokenizer.json, else what it lacks.
+  const std::string& encode_unsupported() const { return encode_error_; }
+
  private:
+  struct Added {
+    std::string match;  // the content, or its normalized form for "normalized": true
+    int64_t id;
+    bool lstrip, rstrip, normalized;
+  };
+  struct PreStep {
+    enum Kind { ByteLevel, Metaspace, Digits } kind;
+    bool flag = false;   // ByteLevel: add_prefix_space; Metaspace: split; Digits: individual
+    bool regex = true;   // ByteLevel: use_regex
+    std::string replacement;  // Metaspace
+    std::string scheme;       // Metaspace: always, first, never
+  };
+  void setup_encoding(const Json& root, const std::unordered_map<std::string, int64_t>& model_ids,
+                      const std::string& what);
+  void split_added(const std::string& text, bool normalized, std::vector<std::pair<std::string, int64_t>>* out) const;
+  std::string normalize(const std::string& s) const;
+  std::vector<std::string> pre_tokenize(const std::string& piece, bool at_start) const;
+  void bpe(const std::string& word, std::vector<int64_t>* out) const;
+
+  std::vector<Added> added_;
+  std::vector<std::pair<std::string, std::string>> norm_;  // Replace(a -> b); Prepend as ("", b)
+  std::vector<PreStep> pre_;
+  std::unordered_map<std::string, int64_t> model_vocab_;
+  std::unordered_map<uint64_t, std::pair<int64_t, int64_t>> merges_;  // (left, right) -> (rank, merged)
+  int64_t unk_id_ = -1;
+  bool bpe_byte_fallback_ = false, fuse_unk_ = false, ignore_merges_ = false;
+  std::vector<std::vector<int64_t>> template_single_;  // special ids, or empty for the sequence
+  bool post_supported_ = true;
+  std::string post_error_;
+  std::string encode_error_;
+
   struct Step {
     enum Kind { ByteLevel, Metaspace, Replace, ByteFallback, Fuse, Strip, WordPiece, BPEDecoder } kind;
     std::string a, b;       // Metaspace: replacement; Replace: pattern, content; Strip: content;
