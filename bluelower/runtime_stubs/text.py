@@ -19,6 +19,20 @@ placeholder such as ``<image>`` where the image belongs; the image tokens replac
 template without image support (a text-only chat model) gets the plain text message and
 the image goes immediately before the user's text, after the template's role header
 (with no template at all: after the tokenizer's leading special tokens such as BOS).
+
+How a runtime strings them together::
+
+    tok = Tokenizer.from_dir(path)  # or Tokenizer(json_text, bos_token=..., eos_token=...)
+    segments = build_prompt(tok, tok.chat_template, "What is this?", has_image=True,
+                            image_placeholder="<image>")  # [ids, IMAGE, ids]
+    stops = stop_token_ids(tok, eos_token_id=config_eos_ids)
+    out = tok.stream(skip_special_tokens=True)
+    for t in token_stream(first_logits, decode_step, Sampler(0.7, top_p=0.9, seed=0), stops, n):
+        print(out.put(t), end="")
+    print(out.flush())
+
+The native runtime's counterpart is ``native/tokenizer.cc`` (decoding, streaming, and
+encoding for byte-level and SentencePiece-style BPE), tested against this module.
 """
 
 from __future__ import annotations
@@ -26,7 +40,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Callable, Iterable, Iterator, Mapping

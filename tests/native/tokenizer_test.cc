@@ -51,7 +51,8 @@ int main(int argc, char** argv) {
       try {
         if (mode == "e") {
           std::string text;
-          for (size_t i = 0; i + 1 < text_hex.size(); i += 2) text.push_back(char(std::stoi(text_hex.substr(i, 2), nullptr, 16)));
+          for (size_t i = 0; i + 1 < text_hex.size(); i += 2)
+            text.push_back(char(std::stoi(text_hex.substr(i, 2), nullptr, 16)));
           std::string out;
           for (int64_t id : tok.encode(text, skip != 0)) out += (out.empty() ? "" : " ") + std::to_string(id);
           std::cout << out << "\n";

@@ -94,7 +94,9 @@ struct ByteAlphabet {
   uint32_t byte_to_cp[256];
   std::unordered_map<uint32_t, uint8_t> cp_to_byte;
   ByteAlphabet() {
-    auto printable = [](int b) { return (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF); };
+    auto printable = [](int b) {
+      return (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+    };
     uint32_t n = 0;
     for (int b = 0; b < 256; ++b) byte_to_cp[b] = printable(b) ? uint32_t(b) : 256 + n++;
     for (int b = 0; b < 256; ++b) cp_to_byte[byte_to_cp[b]] = uint8_t(b);
