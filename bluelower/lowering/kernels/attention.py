@@ -227,7 +227,13 @@ def fused_attention(
             BH=BH, q_heads=q_heads, rep=rep, Tq=Tq, D=D, S=S, ks=ks, vs=vs, k_prefix=_pfx(k_prefix),
             v_prefix=_pfx(v_prefix), k_batch=k_batch, v_batch=v_batch, scale=scale, causal=causal,
             mask_shape=mask_shape, mask_at=mask_at, has_mask=has_mask, dt=dt, kv_int8=kv_int8)
-    elif kv_int8:
+    else:
+        # INT8 K/V: the dot and the softmax weight of a key times its row's scale (st[3])
+        def key_dot(k, bh, s, dot):
+            return dot * _row_scale(k, k_at, D, bh, s) if kv_int8 else dot
+
+        def v_weight(st, p):
+            return st[3] if kv_int8 else p
 
         @T.prim_func(private=True, check_well_formed=_WELL_FORMED[0])
         def attention(
@@ -241,7 +247,7 @@ def fused_attention(
             T.func_attr({"tir.noalias": True})
             for row in T.parallel(BH * Tq):
                 acc = T.alloc_buffer((D,), "float32", scope="global")
-                st = T.alloc_buffer((4,), "float32", scope="global")  # running max, running sum, dot, v scale
+                st = T.alloc_buffer((4 if kv_int8 else 3,), "float32", scope="global")  # max, sum, dot(, v scale)
                 bh = row // Tq
                 t = row % Tq
                 for d in range(D):
@@ -252,50 +258,15 @@ def fused_attention(
                     st[2] = T.float32(0)
                     for d in range(D):
                         st[2] = st[2] + T.Cast("float32", q[bh, t, d]) * T.Cast("float32", k[k_at(bh, s, d)])
-                    score = scaled_score(st[2] * _row_scale(k, k_at, bh, s, D), mask, t, s)
+                    score = scaled_score(key_dot(k, bh, s, st[2]), mask, t, s)
                     m_new = T.max(st[0], score)
                     corr = T.exp(st[0] - m_new)
                     p = T.exp(score - m_new)
                     st[1] = st[1] * corr + p
-                    st[3] = p * _row_scale(v, v_at, bh, s, D)
+                    if kv_int8:
+                        st[3] = p * _row_scale(v, v_at, D, bh, s)
                     for d in range(D):
-                        acc[d] = acc[d] * corr + st[3] * T.Cast("float32", v[v_at(bh, s, d)])
-                    st[0] = m_new
-                for d in range(D):
-                    out[bh, t, d] = T.Cast(dt, acc[d] / st[1])
-
-    else:
-
-        @T.prim_func(private=True, check_well_formed=_WELL_FORMED[0])
-        def attention(
-            q: T.Buffer((BH, Tq, D), dt),
-            k: T.Buffer(ks, dt),
-            v: T.Buffer(vs, dt),
-            pos: T.Buffer((Tq,), "int64"),
-            mask: T.Buffer(mask_shape, dt),
-            out: T.Buffer((BH, Tq, D), dt),
-        ):
-            T.func_attr({"tir.noalias": True})
-            for row in T.parallel(BH * Tq):
-                acc = T.alloc_buffer((D,), "float32", scope="global")
-                st = T.alloc_buffer((3,), "float32", scope="global")  # running max, running sum, dot
-                bh = row // Tq
-                t = row % Tq
-                for d in range(D):
-                    acc[d] = T.float32(0)
-                st[0] = T.float32(_NEG_BIG)
-                st[1] = T.float32(0)
-                for s in range(n_keys(pos, t)):
-                    st[2] = T.float32(0)
-                    for d in range(D):
-                        st[2] = st[2] + T.Cast("float32", q[bh, t, d]) * T.Cast("float32", k[k_at(bh, s, d)])
-                    score = scaled_score(st[2], mask, t, s)
-                    m_new = T.max(st[0], score)
-                    corr = T.exp(st[0] - m_new)
-                    p = T.exp(score - m_new)
-                    st[1] = st[1] * corr + p
-                    for d in range(D):
-                        acc[d] = acc[d] * corr + p * T.Cast("float32", v[v_at(bh, s, d)])
+                        acc[d] = acc[d] * corr + v_weight(st, p) * T.Cast("float32", v[v_at(bh, s, d)])
                     st[0] = m_new
                 for d in range(D):
                     out[bh, t, d] = T.Cast(dt, acc[d] / st[1])
@@ -464,18 +435,11 @@ def _grouped_attention(*, BH, q_heads, rep, Tq, D, S, ks, vs, k_prefix, v_prefix
     def vv(task, s, d):
         return v_idx(b_of(task), kvh_of(task), s, d)
 
-    def scale_of(buf, idx_fn, b, kvh, s):
-        bits = T.uint32(0)
-        for i in range(KV_SCALE_BYTES):
-            byte = T.Cast("uint32", T.Cast("uint8", buf[idx_fn(b, kvh, s, D + i)]))
-            bits = bits | (byte << T.uint32(8 * i)) if i else byte
-        return T.reinterpret("float32", bits)
-
     def k_mult(k, task, s):
-        return scale_of(k, k_idx, b_of(task), kvh_of(task), s) * T.float32(scale) if kv_int8 else T.float32(scale)
+        return _row_scale(k, k_idx, D, b_of(task), kvh_of(task), s) * T.float32(scale) if kv_int8 else T.float32(scale)
 
     def v_scale(v, task, s):
-        return scale_of(v, v_idx, b_of(task), kvh_of(task), s) if kv_int8 else T.float32(1)
+        return _row_scale(v, v_idx, D, b_of(task), kvh_of(task), s) if kv_int8 else T.float32(1)
 
     def rows(base):  # the R consecutive elements from ``base``: a vector index (a scalar one when R == 1)
         return tirx.Ramp(base, 1, R) if R > 1 else base
@@ -647,11 +611,11 @@ def _with_axis(idx: tuple, axis: int, value) -> tuple:
 # never-written one, too) has scale 0 and dequantizes to 0.
 
 
-def _row_scale(buf, at, bh, s, D):
-    """The float32 scale stored in bytes ``D .. D+3`` of the row ``at(bh, s, .)`` of ``buf``."""
+def _row_scale(buf, at, D, *row):
+    """The float32 scale stored in bytes ``D .. D+3`` of the row ``at(*row, .)`` of ``buf``."""
     bits = T.uint32(0)
     for i in range(KV_SCALE_BYTES):
-        byte = T.Cast("uint32", T.Cast("uint8", buf[at(bh, s, D + i)]))
+        byte = T.Cast("uint32", T.Cast("uint8", buf[at(*row, D + i)]))
         bits = bits | (byte << T.uint32(8 * i)) if i else byte
     return T.reinterpret("float32", bits)
 

@@ -42,9 +42,9 @@ def embedding_gather(kind: str, rows: int, width: int, n_ids: int, group_size: i
     if kind == "int4":
         if group_size <= 0 or group_size % 2 or KP % group_size:
             raise ValueError(f"embedding_gather: width_pad {KP} must be a multiple of an even group size {group_size}")
-        f = _int4(V, K, KP, N, int(group_size), index_dtype)
+        f = _gather(kind, V, K, KP, N, int(group_size), index_dtype)
     elif kind == "int8":
-        f = _int8(V, K, KP, N, index_dtype)
+        f = _gather(kind, V, K, KP, N, 1, index_dtype)
     else:
         raise ValueError(f"embedding_gather: unknown kind {kind!r} (int4 | int8)")
     args = dict(kind=kind, rows=V, width=K, width_pad=KP, n_ids=N, group_size=int(group_size) if kind == "int4" else 0,
@@ -59,47 +59,39 @@ def kernel_name(kind: str, rows: int, width: int, n_ids: int, group_size: int = 
     return f"embedding_gather_{kind}_{n_ids}x{rows}x{width}{suffix}"
 
 
-def _int4(V, K, KP, N, gs, index_dtype):
-    H = KP // 2
-    G = KP // gs
-    KH = K // 2  # full bytes of the output row; an odd width takes the low nibble of one more
+def _int4_element(packed, scales, row, byte, col, gs, high: bool):
+    """``float32(u - 8) * float32(scale)`` of column ``col``, the low or high nibble of ``packed[row, byte]``."""
+    u = packed[row, byte] >> T.uint8(4) if high else packed[row, byte] & T.uint8(15)
+    return T.Cast("float32", T.Cast("int32", u) - 8) * T.Cast("float32", scales[row, col // gs])
+
+
+def _gather(kind, V, K, KP, N, gs, index_dtype):
+    """Both kinds: the id check, then ``out[t] = dequant(row ids[t])`` in the row layout of ``kind``."""
+    int4 = kind == "int4"
+    KH = K // 2  # INT4: full bytes of the output row; an odd width takes the low nibble of one more
+    packed_spec = ((V, KP // 2), "uint8") if int4 else ((V, KP), "int8")
+    scales_spec = ((V, KP // gs), "float16") if int4 else ((V,), "float32")
 
     @T.prim_func(private=True)
     def f(
         ids: T.Buffer((N,), index_dtype),
-        packed: T.Buffer((V, H), "uint8"),
-        scales: T.Buffer((V, G), "float16"),
+        packed: T.Buffer(packed_spec[0], packed_spec[1]),
+        scales: T.Buffer(scales_spec[0], scales_spec[1]),
         out: T.Buffer((N, K), "float32"),
     ):
         T.func_attr({"tir.noalias": True})
         for t in range(N):
             assert 0 <= ids[t] and ids[t] < T.Cast(index_dtype, V), ERROR
-        for t in range(N):
-            for j in range(KH):
-                out[t, 2 * j] = T.Cast("float32", T.Cast("int32", packed[ids[t], j] & T.uint8(15)) - 8) \
-                    * T.Cast("float32", scales[ids[t], (2 * j) // gs])
-                out[t, 2 * j + 1] = T.Cast("float32", T.Cast("int32", packed[ids[t], j] >> T.uint8(4)) - 8) \
-                    * T.Cast("float32", scales[ids[t], (2 * j + 1) // gs])
-            for j in range(K - 2 * KH):  # odd width: the last column
-                out[t, K - 1] = T.Cast("float32", T.Cast("int32", packed[ids[t], KH + j] & T.uint8(15)) - 8) \
-                    * T.Cast("float32", scales[ids[t], (K - 1) // gs])
-
-    return f
-
-
-def _int8(V, K, KP, N, index_dtype):
-    @T.prim_func(private=True)
-    def f(
-        ids: T.Buffer((N,), index_dtype),
-        packed: T.Buffer((V, KP), "int8"),
-        scales: T.Buffer((V,), "float32"),
-        out: T.Buffer((N, K), "float32"),
-    ):
-        T.func_attr({"tir.noalias": True})
-        for t in range(N):
-            assert 0 <= ids[t] and ids[t] < T.Cast(index_dtype, V), ERROR
-        for t in range(N):
-            for k in range(K):
-                out[t, k] = T.Cast("float32", packed[ids[t], k]) * scales[ids[t]]
+        if int4:
+            for t in range(N):
+                for j in range(KH):
+                    out[t, 2 * j] = _int4_element(packed, scales, ids[t], j, 2 * j, gs, False)
+                    out[t, 2 * j + 1] = _int4_element(packed, scales, ids[t], j, 2 * j + 1, gs, True)
+                for j in range(K - 2 * KH):  # odd width: the last column
+                    out[t, K - 1] = _int4_element(packed, scales, ids[t], KH + j, K - 1, gs, False)
+        else:
+            for t in range(N):
+                for k in range(K):
+                    out[t, k] = T.Cast("float32", packed[ids[t], k]) * scales[ids[t]]
 
     return f

@@ -137,6 +137,24 @@ def _finish(func: tirx.PrimFunc, bias: bool, name: str) -> tirx.PrimFunc:
     return func.with_attr("bluelower.kernel", name)
 
 
+def _nibble(byte, high: bool):
+    """The unsigned INT4 code ``u`` in a packed byte: the low nibble holds rows 0..15 of the
+    block, the high nibble rows 16..31."""
+    return T.shift_right(byte, T.uint8(4)) if high else T.bitwise_and(byte, T.uint8(15))
+
+
+def _dequant_int4(scale, byte, high: bool):
+    """float32 ``s * (u - 8)`` of one nibble: the INT4 dequantization, as every kernel computes it."""
+    return T.Cast("float32", scale) * (T.Cast("float32", _nibble(byte, high)) - T.float32(8))
+
+
+def _epilogue(value, n, bias, has_bias: bool, scales=None):
+    """Output element ``n`` before the cast: ``value (* scales[n]) (+ bias[n])``."""
+    if scales is not None:
+        value = value * scales[n]
+    return value + bias[n] if has_bias else value
+
+
 # --------------------------------------------------------------------------------------
 # INT4 group-wise
 # --------------------------------------------------------------------------------------
@@ -181,7 +199,11 @@ def int4_linear(
     elif M == 1:
         f = _int4_gemv_vnni(N, K, group_size, out_dtype, bias)
     else:
-        f = _int4_gemm(M, N, K, group_size, out_dtype, bias, m_tile, layout == "k4")
+        NB, G = N // _R, K // group_size
+        wshape = (NB, K // 4, 4 * _H) if layout == "k4" else (NB, K, _H)
+        dequant = _dequant_int4_k4 if layout == "k4" else _dequant_int4_k1
+        f = _blocked_gemm(M, N, K, group_size, out_dtype, bias, m_tile, (wshape, "uint8"), ((NB, G, _R), "float16"),
+                          dequant, per_row_scales=False)
     return _finish(f, bias, f"int4_linear_{M}x{N}x{K}_g{group_size}_{layout}")
 
 
@@ -217,20 +239,14 @@ def _int4_gemv(N, K, gs, out_dtype, has_bias):
                     if k % 4 == 0:  # one 64-byte line holds 4 k-steps of a block
                         T.evaluate(_prefetch(T.address_of(w[b, g * gs + k + _PF_INT4, 0])))
                     for r in T.vectorized(_H):
-                        accg[r] = accg[r] + x[0, g * gs + k] * T.Cast(
-                            "float32", T.bitwise_and(w[b, g * gs + k, r], T.uint8(15))
-                        )
+                        accg[r] = accg[r] + x[0, g * gs + k] * T.Cast("float32", _nibble(w[b, g * gs + k, r], False))
                     for r in T.vectorized(_H):
                         accg[_H + r] = accg[_H + r] + x[0, g * gs + k] * T.Cast(
-                            "float32", T.shift_right(w[b, g * gs + k, r], T.uint8(4))
-                        )
+                            "float32", _nibble(w[b, g * gs + k, r], True))
                 for r in T.vectorized(_R):
                     acc[r] = acc[r] + T.Cast("float32", s[b, g, r]) * (accg[r] - xs[g])
             for r in T.vectorized(_R):
-                if has_bias:
-                    y[0, b * _R + r] = T.Cast(out_dtype, acc[r] + bias[b * _R + r])
-                else:
-                    y[0, b * _R + r] = T.Cast(out_dtype, acc[r])
+                y[0, b * _R + r] = T.Cast(out_dtype, _epilogue(acc[r], b * _R + r, bias, has_bias))
 
     return f
 
@@ -310,88 +326,93 @@ def _int4_gemv_vnni(N, K, gs, out_dtype, has_bias):
                         T.Cast("float32", hi[r]) - xs[g]
                     )
             for r in T.vectorized(_R):
-                if has_bias:
-                    y[0, b * _R + r] = T.Cast(out_dtype, acc[r] + bias[b * _R + r])
-                else:
-                    y[0, b * _R + r] = T.Cast(out_dtype, acc[r])
+                y[0, b * _R + r] = T.Cast(out_dtype, _epilogue(acc[r], b * _R + r, bias, has_bias))
 
     return f
 
 
-def _int4_gemm(M, N, K, gs, out_dtype, has_bias, MT, k4):
+# --- the blocked GEMM (M > 1) and the dequantization of one K chunk per weight format ---------
+
+
+@T.macro
+def _dequant_int4_k1(wd, w, s, b, g, gs):
+    for k in range(gs):
+        for r in T.vectorized(_H):
+            wd[k, r] = _dequant_int4(s[b, g, r], w[b, g * gs + k, r], False)
+        for r in T.vectorized(_H):
+            wd[k, _H + r] = _dequant_int4(s[b, g, _H + r], w[b, g * gs + k, r], True)
+
+
+@T.macro
+def _dequant_int4_k4(wd, w, s, b, g, gs):
+    for q in range(gs // 4):
+        for j in T.unroll(4):
+            for r in T.vectorized(_H):
+                wd[q * 4 + j, r] = _dequant_int4(s[b, g, r], w[b, g * (gs // 4) + q, r * 4 + j], False)
+            for r in T.vectorized(_H):
+                wd[q * 4 + j, _H + r] = _dequant_int4(s[b, g, _H + r], w[b, g * (gs // 4) + q, r * 4 + j], True)
+
+
+@T.macro
+def _dequant_int8(wd, w, s, b, g, gs):  # per-channel scales: applied once, in the epilogue
+    for k in range(gs):
+        for r in T.vectorized(_R):
+            wd[k, r] = T.Cast("float32", w[b, g * gs + k, r])
+
+
+def _blocked_gemm(M, N, K, KC, out_dtype, has_bias, MT, w_spec, s_spec, dequant, per_row_scales):
+    """The prefill GEMM of the quantized formats: ``parallel`` over 32-row blocks of W; per K
+    chunk of ``KC`` columns ``dequant(wd, w, s, b, chunk, KC)`` (a ``T.macro``) fills the float
+    tile ``wd[KC, 32]`` once and every row of ``x`` reuses it through an ``MT x 32`` register
+    tile. ``w_spec`` / ``s_spec``: (shape, dtype) of the weight and scale parameters; with
+    ``per_row_scales`` the scales are float32 ``[N]``, applied to the accumulators at the end."""
     NB = N // _R
-    G = K // gs
     MO = M // MT
     MREM = M - MO * MT
-    QG = gs // 4
-    wshape = (NB, K // 4, 4 * _H) if k4 else (NB, K, _H)
+    (wshape, wdtype), (sshape, sdtype) = w_spec, s_spec
 
     @T.prim_func(private=True)
     def f(
         x: T.Buffer((M, K), "float32"),
-        w: T.Buffer(wshape, "uint8"),
-        s: T.Buffer((NB, G, _R), "float16"),
+        w: T.Buffer(wshape, wdtype),
+        s: T.Buffer(sshape, sdtype),
         bias: T.Buffer((N,), "float32"),
         y: T.Buffer((M, N), out_dtype),
     ):
         T.func_attr({"tir.noalias": True})
         for b in T.parallel(NB):
             acc = T.decl_buffer((M, _R), "float32")
-            wd = T.decl_buffer((gs, _R), "float32", scope="local")
+            wd = T.decl_buffer((KC, _R), "float32", scope="local")
             tile = T.alloc_buffer((MT, _R), "float32", scope="global")
             for m in range(M):
                 for r in T.vectorized(_R):
                     acc[m, r] = T.float32(0)
-            for g in range(G):
-                # dequantize this block's group once (L1-resident 32 x gs tile)
-                if k4:
-                    for q in range(QG):
-                        for j in T.unroll(4):
-                            for r in T.vectorized(_H):
-                                wd[q * 4 + j, r] = T.Cast("float32", s[b, g, r]) * (
-                                    T.Cast("float32", T.bitwise_and(w[b, g * QG + q, r * 4 + j], T.uint8(15)))
-                                    - T.float32(8)
-                                )
-                            for r in T.vectorized(_H):
-                                wd[q * 4 + j, _H + r] = T.Cast("float32", s[b, g, _H + r]) * (
-                                    T.Cast("float32", T.shift_right(w[b, g * QG + q, r * 4 + j], T.uint8(4)))
-                                    - T.float32(8)
-                                )
-                else:
-                    for k in range(gs):
-                        for r in T.vectorized(_H):
-                            wd[k, r] = T.Cast("float32", s[b, g, r]) * (
-                                T.Cast("float32", T.bitwise_and(w[b, g * gs + k, r], T.uint8(15))) - T.float32(8)
-                            )
-                        for r in T.vectorized(_H):
-                            wd[k, _H + r] = T.Cast("float32", s[b, g, _H + r]) * (
-                                T.Cast("float32", T.shift_right(w[b, g * gs + k, r], T.uint8(4))) - T.float32(8)
-                            )
+            for g in range(K // KC):
+                # dequantize this block's chunk once (L1-resident 32 x KC tile)
+                dequant(wd, w, s, b, g, KC)
                 for mo in range(MO):
                     for mi in T.unroll(MT):
                         for r in T.vectorized(_R):
                             tile[mi, r] = T.float32(0)
-                    for k in range(gs):
+                    for k in range(KC):
                         for mi in T.unroll(MT):
                             for r in T.vectorized(_R):
-                                tile[mi, r] = tile[mi, r] + x[mo * MT + mi, g * gs + k] * wd[k, r]
+                                tile[mi, r] = tile[mi, r] + x[mo * MT + mi, g * KC + k] * wd[k, r]
                     for mi in T.unroll(MT):
                         for r in T.vectorized(_R):
                             acc[mo * MT + mi, r] = acc[mo * MT + mi, r] + tile[mi, r]
                 for mr in range(MREM):
                     for r in T.vectorized(_R):
                         tile[0, r] = T.float32(0)
-                    for k in range(gs):
+                    for k in range(KC):
                         for r in T.vectorized(_R):
-                            tile[0, r] = tile[0, r] + x[MO * MT + mr, g * gs + k] * wd[k, r]
+                            tile[0, r] = tile[0, r] + x[MO * MT + mr, g * KC + k] * wd[k, r]
                     for r in T.vectorized(_R):
                         acc[MO * MT + mr, r] = acc[MO * MT + mr, r] + tile[0, r]
             for m in range(M):
                 for r in T.vectorized(_R):
-                    if has_bias:
-                        y[m, b * _R + r] = T.Cast(out_dtype, acc[m, r] + bias[b * _R + r])
-                    else:
-                        y[m, b * _R + r] = T.Cast(out_dtype, acc[m, r])
+                    y[m, b * _R + r] = T.Cast(out_dtype, _epilogue(acc[m, r], b * _R + r, bias, has_bias,
+                                                                   s if per_row_scales else None))
 
     return f
 
@@ -421,7 +442,8 @@ def int8_linear(
     if M == 1:
         f = _int8_gemv(N, K, out_dtype, bias)
     else:
-        f = _int8_gemm(M, N, K, out_dtype, bias, m_tile)
+        f = _blocked_gemm(M, N, K, _KC, out_dtype, bias, m_tile, ((N // _R, K, _R), "int8"), ((N,), "float32"),
+                          _dequant_int8, per_row_scales=True)
     return _finish(f, bias, f"int8_linear_{M}x{N}x{K}")
 
 
@@ -449,65 +471,7 @@ def _int8_gemv(N, K, out_dtype, has_bias):
                     for r in T.vectorized(_R):
                         acc[r] = acc[r] + x[0, ko * _KC + ki] * T.Cast("float32", w[b, ko * _KC + ki, r])
             for r in T.vectorized(_R):
-                if has_bias:
-                    y[0, b * _R + r] = T.Cast(out_dtype, acc[r] * s[b * _R + r] + bias[b * _R + r])
-                else:
-                    y[0, b * _R + r] = T.Cast(out_dtype, acc[r] * s[b * _R + r])
-
-    return f
-
-
-def _int8_gemm(M, N, K, out_dtype, has_bias, MT):
-    NB = N // _R
-    KO = K // _KC
-    MO = M // MT
-    MREM = M - MO * MT
-
-    @T.prim_func(private=True)
-    def f(
-        x: T.Buffer((M, K), "float32"),
-        w: T.Buffer((NB, K, _R), "int8"),
-        s: T.Buffer((N,), "float32"),
-        bias: T.Buffer((N,), "float32"),
-        y: T.Buffer((M, N), out_dtype),
-    ):
-        T.func_attr({"tir.noalias": True})
-        for b in T.parallel(NB):
-            acc = T.decl_buffer((M, _R), "float32")
-            wd = T.decl_buffer((_KC, _R), "float32", scope="local")
-            tile = T.alloc_buffer((MT, _R), "float32", scope="global")
-            for m in range(M):
-                for r in T.vectorized(_R):
-                    acc[m, r] = T.float32(0)
-            for ko in range(KO):
-                for k in range(_KC):
-                    for r in T.vectorized(_R):
-                        wd[k, r] = T.Cast("float32", w[b, ko * _KC + k, r])
-                for mo in range(MO):
-                    for mi in T.unroll(MT):
-                        for r in T.vectorized(_R):
-                            tile[mi, r] = T.float32(0)
-                    for k in range(_KC):
-                        for mi in T.unroll(MT):
-                            for r in T.vectorized(_R):
-                                tile[mi, r] = tile[mi, r] + x[mo * MT + mi, ko * _KC + k] * wd[k, r]
-                    for mi in T.unroll(MT):
-                        for r in T.vectorized(_R):
-                            acc[mo * MT + mi, r] = acc[mo * MT + mi, r] + tile[mi, r]
-                for mr in range(MREM):
-                    for r in T.vectorized(_R):
-                        tile[0, r] = T.float32(0)
-                    for k in range(_KC):
-                        for r in T.vectorized(_R):
-                            tile[0, r] = tile[0, r] + x[MO * MT + mr, ko * _KC + k] * wd[k, r]
-                    for r in T.vectorized(_R):
-                        acc[MO * MT + mr, r] = acc[MO * MT + mr, r] + tile[0, r]
-            for m in range(M):
-                for r in T.vectorized(_R):
-                    if has_bias:
-                        y[m, b * _R + r] = T.Cast(out_dtype, acc[m, r] * s[b * _R + r] + bias[b * _R + r])
-                    else:
-                        y[m, b * _R + r] = T.Cast(out_dtype, acc[m, r] * s[b * _R + r])
+                y[0, b * _R + r] = T.Cast(out_dtype, _epilogue(acc[r], b * _R + r, bias, has_bias, s))
 
     return f
 
@@ -571,10 +535,7 @@ def _fp32_gemv(N, K, out_dtype, has_bias):
                 tot[i] = T.float32(0)
                 for l in T.unroll(L):
                     tot[i] = tot[i] + acc[i, l]
-                if has_bias:
-                    y[0, nb * RB + i] = T.Cast(out_dtype, tot[i] + bias[nb * RB + i])
-                else:
-                    y[0, nb * RB + i] = T.Cast(out_dtype, tot[i])
+                y[0, nb * RB + i] = T.Cast(out_dtype, _epilogue(tot[i], nb * RB + i, bias, has_bias))
 
     return f
 
@@ -626,11 +587,7 @@ def _fp32_gemm(M, N, K, out_dtype, has_bias):
                     for ni in T.unroll(NT):
                         for l in range(ML):
                             if mo * ML + l < M:
-                                if has_bias:
-                                    y[mo * ML + l, b * _R + ns * NT + ni] = T.Cast(
-                                        out_dtype, acc[ni, l] + bias[b * _R + ns * NT + ni]
-                                    )
-                                else:
-                                    y[mo * ML + l, b * _R + ns * NT + ni] = T.Cast(out_dtype, acc[ni, l])
+                                y[mo * ML + l, b * _R + ns * NT + ni] = T.Cast(
+                                    out_dtype, _epilogue(acc[ni, l], b * _R + ns * NT + ni, bias, has_bias))
 
     return f
