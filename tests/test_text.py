@@ -728,11 +728,30 @@ def _random_texts(seed: int, count: int) -> list[str]:
             for _ in range(count)]
 
 
-@pytest.mark.parametrize("kind", ["bytelevel", "sentencepiece", "metaspace", "smollm2"])
+def _variant(json_text: str, **fields) -> str:
+    data = json.loads(json_text)
+    data.update(fields)
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "sentencepiece", "metaspace", "smollm2", "digits", "prefix_space",
+                                  "metaspace_always"])
 def test_native_encode_matches_python(native_tokenizer_test, tokenizer_jsons, kind, request, tmp_path):
     """The C++ encoder gives the ids of Tokenizer.encode (the tokenizers library)."""
     if kind == "smollm2":
         json_text = request.getfixturevalue("smollm2")[0].json_text
+    elif kind == "digits":  # as SmolLM2's own tokenizer.json: digits one by one, then byte-level
+        json_text = _variant(tokenizer_jsons["bytelevel"], pre_tokenizer={"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]})
+    elif kind == "prefix_space":  # GPT-2 style with a space added before each piece
+        json_text = _variant(tokenizer_jsons["bytelevel"], pre_tokenizer={
+            "type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": False},
+                                                  {"type": "ByteLevel", "add_prefix_space": True,
+                                                   "trim_offsets": True, "use_regex": True}]})
+    elif kind == "metaspace_always":
+        json_text = _variant(tokenizer_jsons["metaspace"], pre_tokenizer={
+            "type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": False})
     else:
         json_text = tokenizer_jsons[kind]
     tok = Tokenizer(json_text)
