@@ -107,7 +107,7 @@ def _print(func) -> str:
 def generic_of(func):
     """The generic kernel a stamped per-layer kernel came from, and the stamp's prefix values."""
     stamp = json.loads(str(func.attrs["bluelower.stamp"]))
-    generic, _ = attention.generic_kernel(stamp["id"])
+    generic, _ = attention.generic_kernel(stamp)
     return generic, stamp["values"]
 
 

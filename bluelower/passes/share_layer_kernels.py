@@ -6,8 +6,11 @@ leading index. They are the same code otherwise, and the build compiled every on
 ~260 near-identical functions for the 3B decoder, most of TVM's build time.
 
 Requires: PrimFuncs from the stamped kernel builders (``lowering/kernels/attention.py``):
-attr ``bluelower.stamp = {"id", "values"}``, with the generic kernel (prefix as trailing
-int32 parameters) built in this process (``attention.generic_kernel``). Others are left alone.
+attr ``bluelower.stamp = {"builder", "args", "values", "id"}``, from which
+``attention.generic_kernel`` rebuilds the generic kernel (prefix as trailing int32
+parameters). Nothing but the IR is needed: a module dumped to TVMScript and re-parsed in
+another process is shared the same way. Others (no stamp, or a stamp the current kernel
+code does not rebuild to its ``id``) are left alone.
 
 Ensures: every ``R.call_tir`` / ``R.call_tir_inplace`` of a stamped kernel calls its generic
 kernel with the prefix constants as ``R.prim_value`` arguments (after the tensor inputs,
@@ -61,7 +64,7 @@ class _Sharer(PyExprMutator):  # pylint: disable=abstract-method
 
         key = (stamp["id"], n_out)
         if key not in self.shared:
-            found = generic_kernel(stamp["id"])
+            found = generic_kernel(stamp)
             if found is None:
                 return None
             func, pvars = found

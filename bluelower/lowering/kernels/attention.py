@@ -54,17 +54,27 @@ _NEG_BIG = -3.4028234663852886e38  # finite "-inf" start for the running max: no
 
 _WELL_FORMED = [True]  # False only while a builder runs with variable prefixes (free vars until made params)
 
-# Every per-layer kernel also records (attr ``bluelower.stamp``) the generic kernel it was
-# specialized from: ``{"id": ..., "values": [prefix constants]}``; the generic one (prefix as
-# trailing int32 parameters) is kept here under that id. ``ShareLayerKernels``
-# (passes/share_layer_kernels.py) calls it with the constants as arguments instead, so the
-# build compiles one kernel per shape, not one per layer.
-_GENERIC_KERNELS: dict = {}
+# Every per-layer kernel also records (attr ``bluelower.stamp``) how to rebuild the generic
+# kernel it was specialized from (prefix as trailing int32 parameters): ``{"builder": name,
+# "args": its keyword arguments with every prefix constant 0, "values": [prefix constants],
+# "id": structural hash of the generic kernel}``. ``ShareLayerKernels``
+# (passes/share_layer_kernels.py) calls the generic kernel with the constants as arguments
+# instead, so the build compiles one kernel per shape, not one per layer. The stamp is all it
+# needs: a module re-parsed from TVMScript in another process shares its kernels the same way.
+_GENERIC_BUILDERS: dict = {}  # builder name -> its memoized generic build (filled at import)
 
 
-def generic_kernel(stamp_id: str):
-    """``(PrimFunc, prefix vars)`` of a ``bluelower.stamp`` id, or None (not built in this process)."""
-    return _GENERIC_KERNELS.get(stamp_id)
+def generic_kernel(stamp):
+    """``(PrimFunc, prefix vars)`` of the generic kernel a ``bluelower.stamp`` (dict or JSON string)
+    describes, rebuilt from the stamp alone (memoized per shape). None when the stamp names no
+    known builder, or the rebuilt kernel is not the stamped one (other kernel code made it)."""
+    if isinstance(stamp, str):
+        stamp = json.loads(stamp)
+    generic = _GENERIC_BUILDERS.get(stamp.get("builder"))
+    if generic is None or not isinstance(stamp.get("args"), dict):
+        return None
+    func, pvars, stamp_id = generic(_frozen_args(stamp["args"]), len(stamp["values"]))
+    return (func, pvars) if stamp_id == stamp.get("id") else None
 
 
 def _pfx(prefix) -> tuple:
@@ -79,6 +89,23 @@ def _freeze(v):
     if isinstance(v, (list, tuple)):
         return tuple(_freeze(x) for x in v)
     return v
+
+
+def _plain(v):
+    """A builder argument as JSON data (ints, floats, bools, strings, None, lists)."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, (bool, str)) or v is None:
+        return v
+    if isinstance(v, (int, np.integer, tirx.IntImm)):
+        return int(v)
+    if isinstance(v, (float, np.floating, tirx.FloatImm)):
+        return float(v)
+    raise TypeError(f"kernel builder argument {v!r} ({type(v).__name__}) cannot be recorded in a stamp")
+
+
+def _frozen_args(args: dict) -> tuple:
+    return tuple(sorted((k, _freeze(v)) for k, v in args.items()))
 
 
 def _stamped_per_prefix(*prefix_args):
@@ -102,8 +129,9 @@ def _stamped_per_prefix(*prefix_args):
             func = tirx.PrimFunc(list(func.params) + pvars, func.body, func.ret_type, func.attrs)
             # the id is the code's: builders called with other but equivalent arguments share it
             stamp_id = f"{tvm_ffi.structural_hash(func.without_attr('bluelower.kernel_args')) & (2**64 - 1):016x}"
-            _GENERIC_KERNELS[stamp_id] = (func, pvars)
             return func, pvars, stamp_id
+
+        _GENERIC_BUILDERS[build.__name__] = generic
 
         @functools.wraps(build)
         def wrapper(**kw):
@@ -114,7 +142,9 @@ def _stamped_per_prefix(*prefix_args):
                     kw[name] = tuple(0 for _ in kw[name])
             if not values:
                 return build(**kw)
-            generic_func, pvars, stamp_id = generic(tuple(sorted((k, _freeze(v)) for k, v in kw.items())), len(values))
+            # as the stamp records them: the stamp must rebuild exactly this generic kernel
+            args = {k: _plain(v) for k, v in kw.items()}
+            generic_func, pvars, stamp_id = generic(_frozen_args(args), len(values))
             func = generic_func.specialize({v: tirx.IntImm("int32", x) for v, x in zip(pvars, values)})
             if "bluelower.kernel_args" in func.attrs:
                 names = {str(v.name): x for v, x in zip(pvars, values)}
@@ -123,7 +153,8 @@ def _stamped_per_prefix(*prefix_args):
                     if isinstance(args.get(key), list):
                         args[key] = [names.get(x, x) if isinstance(x, str) else x for x in args[key]]
                 func = func.with_attr("bluelower.kernel_args", json.dumps(args, sort_keys=True))
-            return func.with_attr("bluelower.stamp", json.dumps({"id": stamp_id, "values": values}))
+            stamp = {"builder": build.__name__, "args": args, "values": values, "id": stamp_id}
+            return func.with_attr("bluelower.stamp", json.dumps(stamp, sort_keys=True))
 
         wrapper.direct = build  # the unstamped builder (tests compare the two)
         return wrapper
