@@ -17,11 +17,13 @@ import itertools
 import json
 import re
 
+import numpy as np
 import pytest
 import tvm_ffi
 
 from bluelower.lowering.kernels import embedding_gather, fp32_linear, int4_linear, int8_linear
 from bluelower.lowering.kernels import attention
+from bluelower.lowering.kernels import quant as Q
 
 
 def _linear_cases():
@@ -471,6 +473,67 @@ def test_generated_code_unchanged(name):
 
 def test_every_case_has_a_golden():
     assert sorted(GOLDEN) == sorted(CASES)
+
+
+# --- the quantizers of the existing formats: packed bytes, scales and dequantized weights ---------
+
+
+def _digest(*arrays) -> str:
+    d = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        d.update(str((a.dtype, a.shape)).encode())
+        d.update(a.tobytes())
+    return d.hexdigest()[:16]
+
+
+def _quantizer_digests() -> dict:
+    rng = np.random.default_rng(7)
+    w = (rng.standard_t(4, size=(96, 256)) * 0.02).astype(np.float32)
+    w[3, 32:64] = 0  # a zero group
+    t = (rng.standard_normal((33, 64)) * 0.1).astype(np.float32)
+    out = {}
+    for gs in (32, 64, 128):
+        for layout in ("k1", "k4"):
+            p, s = Q.quantize_int4_groupwise(w, gs, layout)
+            out[f"int4_g{gs}_{layout}"] = _digest(p, s)
+            out[f"int4_g{gs}_{layout}_dequant"] = _digest(Q.dequantize_int4_groupwise(p, s, gs))
+    p, s = Q.quantize_int8_per_channel(w)
+    out["int8"], out["int8_dequant"] = _digest(p, s), _digest(Q.dequantize_int8_per_channel(p, s))
+    for gs in (16, 32):
+        p, s = Q.quantize_int4_rows(t, gs)
+        out[f"int4_rows_g{gs}"], out[f"int4_rows_g{gs}_dequant"] = _digest(p, s), _digest(Q.dequantize_int4_rows(p, s, gs))
+    p, s = Q.quantize_int8_rows(t)
+    out["int8_rows"], out["int8_rows_dequant"] = _digest(p, s), _digest(Q.dequantize_int8_rows(p, s))
+    return out
+
+
+QUANT_GOLDEN = {  # recorded before the quantizers were extended
+    'int4_g32_k1': '6db76fbdc321a212',
+    'int4_g32_k1_dequant': '67da70d5066c9ef6',
+    'int4_g32_k4': 'eafa333375c552cc',
+    'int4_g32_k4_dequant': '67da70d5066c9ef6',
+    'int4_g64_k1': '3b2736b49539796a',
+    'int4_g64_k1_dequant': 'e5422128f6633290',
+    'int4_g64_k4': 'db4a0b7669c19223',
+    'int4_g64_k4_dequant': 'e5422128f6633290',
+    'int4_g128_k1': '9846da9ae52445d7',
+    'int4_g128_k1_dequant': 'd00749c63fb42fe9',
+    'int4_g128_k4': 'c5d31bbbcc917941',
+    'int4_g128_k4_dequant': 'd00749c63fb42fe9',
+    'int8': 'a176034899172ac8',
+    'int8_dequant': '51e54654d5aa8489',
+    'int4_rows_g16': 'e3e4c5da2cae2690',
+    'int4_rows_g16_dequant': '773aff286c84aa90',
+    'int4_rows_g32': 'e195b3d6f5cd1d48',
+    'int4_rows_g32_dequant': '1457806c134e895b',
+    'int8_rows': '7ec92800e1a3980a',
+    'int8_rows_dequant': '9f04286ba121ebd7',
+}
+
+
+def test_quantizers_unchanged():
+    assert _quantizer_digests() == QUANT_GOLDEN
 
 
 if __name__ == "__main__":
