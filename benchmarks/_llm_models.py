@@ -86,7 +86,7 @@ def config_path(size: str) -> str:
 def weights_path(size: str, seed: int = 0, log=print) -> str:
     """Seeded random fp32 safetensors for the bench config, streamed tensor by tensor
     (bluelower.lowering.frontend.weights.write_safetensors); cached."""
-    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.models import load_config
     from bluelower.lowering.frontend.weights import model_weight_specs, random_weight, write_safetensors
 
     path = os.path.join(size_dir(size), f"weights-seed{seed}.safetensors")
@@ -143,7 +143,7 @@ def gguf_path(size: str, qtype: str = "Q4_0", seed: int = 0, log=print) -> str:
     (Q4_0 or F32), norms F32; minimal dummy SPM vocabulary. Cached."""
     import gguf
 
-    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.models import load_config
     from bluelower.lowering.frontend.weights import WeightSource
 
     path = os.path.join(size_dir(size), f"model-seed{seed}-{qtype}.gguf")  # of weights_path's file

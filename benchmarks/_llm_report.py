@@ -196,6 +196,6 @@ def write_docs(results_dir, root) -> None:
             text = text + "\n" + block + "\n"
     else:
         text = ("# LLM benchmarks: bluelower vs llama.cpp vs PyTorch\n\n"
-                "```\n/work/venv/bin/python benchmarks/llm_bench.py --size 3b\n```\n\n## Results\n\n" + block + "\n")
+                "```\n.venv/bin/python benchmarks/llm_bench.py --size 3b\n```\n\n## Results\n\n" + block + "\n")
     with open(path, "w") as fh:
         fh.write(text)

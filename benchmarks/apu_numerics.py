@@ -2,8 +2,8 @@
 
 Usage::
 
-    /work/venv/bin/python benchmarks/apu_numerics.py                       # tiny, dimensity9300, fp32 + w4a16kv8
-    /work/venv/bin/python benchmarks/apu_numerics.py --modes fp32 --tokens 16 --json out.json
+    .venv/bin/python benchmarks/apu_numerics.py                       # tiny, dimensity9300, fp32 + w4a16kv8
+    .venv/bin/python benchmarks/apu_numerics.py --modes fp32 --tokens 16 --json out.json
 
 For each ``--quant`` mode the model is compiled twice for the SoC's APU on the build
 machine's CPU (``bluelower.targets.soc.with_host_cpu``: the same partitions and precision
@@ -59,7 +59,7 @@ def _metrics(image, ref_image, logits, ref_logits, greedy, ref_tokens) -> dict:
 def evaluate(model: str, soc_name: str, modes, tokens: int, seed: int, work_dir: str) -> dict:
     from bluelower.runtime_stubs.generate import CompiledModel, TorchReference
     from bluelower.lowering.artifacts.compile import CompileRequest, compile_model
-    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.models import load_config
     from bluelower.targets.soc import load_soc, with_host_cpu
 
     soc = with_host_cpu(load_soc(soc_name))

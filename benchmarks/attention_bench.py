@@ -2,8 +2,8 @@
 
 Usage::
 
-    TVM_NUM_THREADS=2 /work/venv/bin/python benchmarks/attention_bench.py                 # all cases
-    TVM_NUM_THREADS=2 /work/venv/bin/python benchmarks/attention_bench.py --cases decode \
+    TVM_NUM_THREADS=2 .venv/bin/python benchmarks/attention_bench.py                 # all cases
+    TVM_NUM_THREADS=2 .venv/bin/python benchmarks/attention_bench.py --cases decode \
         --fills 2048 --kv int8 --schedules grouped
 
 Shape (``--config``, default bluelm-v-3b): ``q [q_heads, T, head_dim]`` (32 x T x 80), the
@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bluelower.lowering.kernels import host_target  # noqa: E402
 from bluelower.lowering.kernels.attention import (KV_SCALE_BYTES, dequantize_kv_rows, fused_attention,  # noqa: E402
                                                   quantize_kv_rows)
-from bluelower.lowering.models.bluelm_v.config import load_config  # noqa: E402
+from bluelower.lowering.models import load_config  # noqa: E402
 
 THREADS = int(os.environ["TVM_NUM_THREADS"])
 

@@ -2,9 +2,9 @@
 
 Usage::
 
-    TVM_NUM_THREADS=2 /work/venv/bin/python benchmarks/decode_fill.py                 # capacity 4096
-    TVM_NUM_THREADS=2 /work/venv/bin/python benchmarks/decode_fill.py --capacity 2048 --repeat 50
-    /work/venv/bin/python benchmarks/decode_fill.py --fused-counts bluelm-v-3b        # pass stats only
+    TVM_NUM_THREADS=2 .venv/bin/python benchmarks/decode_fill.py                 # capacity 4096
+    TVM_NUM_THREADS=2 .venv/bin/python benchmarks/decode_fill.py --capacity 2048 --repeat 50
+    .venv/bin/python benchmarks/decode_fill.py --fused-counts bluelm-v-3b        # pass stats only
 
 The model is ``tiny`` with ``runtime.kv_capacity`` raised to ``--capacity`` (a large cache
 makes the per-step cache traffic visible next to the tiny layers). Two host builds: the
@@ -67,9 +67,9 @@ def fused_counts(model: str) -> dict:
     from tvm import relax
 
     from bluelower.lowering.frontend.importer import import_model
-    from bluelower.lowering.models.bluelm_v.config import load_config
-    from bluelower.passes import pipeline
+    from bluelower.lowering.models import load_config
     from bluelower.passes.fuse_attention import FuseAttention
+    from bluelower.passes.instruments import pass_stats
     from bluelower.passes.plan_kv_cache import PlanKVCache
 
     t0 = time.perf_counter()
@@ -78,11 +78,9 @@ def fused_counts(model: str) -> dict:
     mod = relax.transform.DeadCodeElimination(["encode_image", "embed", "prefill", "decode"])(
         relax.transform.CanonicalizeBindings()(mod))
     for p in (PlanKVCache(), FuseAttention()):
-        stats: dict = {}
-        pipeline._current_stats = stats  # what run_pipeline does around each pass
         t0 = time.perf_counter()
         mod = p(mod)
-        pipeline._current_stats = None
+        stats = dict(pass_stats(mod)[p.info.name])
         stats["seconds"] = round(time.perf_counter() - t0, 1)
         result[p.info.name] = stats
     return result
@@ -108,7 +106,7 @@ def main(argv=None) -> int:
         cfg = _config(args.capacity, tmp)
         for label, disabled in (("in place (default)", ()), ("copying (PlanKVCache off)", ("PlanKVCache",))):
             out = os.path.join(tmp, label.split()[0])
-            compile_model(CompileRequest(model=cfg, out_dir=out, disabled_passes=disabled))
+            compile_model(CompileRequest(model=cfg, out_dir=out, quant="fp32", disabled_passes=disabled))
             times = _time_decode(out, positions, args.repeat)
             rows.append((label, times))
     cache_mb = 2 * 2 * 2 * args.capacity * 16 * 4 / 2**20

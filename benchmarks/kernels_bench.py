@@ -2,8 +2,8 @@
 
 Usage::
 
-    TVM_NUM_THREADS=2 /work/venv/bin/python benchmarks/kernels_bench.py            # all
-    TVM_NUM_THREADS=2 /work/venv/bin/python benchmarks/kernels_bench.py --m 1 \
+    TVM_NUM_THREADS=2 .venv/bin/python benchmarks/kernels_bench.py            # all
+    TVM_NUM_THREADS=2 .venv/bin/python benchmarks/kernels_bench.py --m 1 \
         --shapes 6912x2560 --kernels int4,int8
 
 For each (M, N, K) it reports the median (and min) time of ``--repeat`` runs and the

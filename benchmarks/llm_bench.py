@@ -3,9 +3,9 @@ of the same weights) vs PyTorch eager fp32, same machine, one run.
 
 Usage::
 
-    /work/venv/bin/python benchmarks/llm_bench.py --size 3b            # the whole thing
-    /work/venv/bin/python benchmarks/llm_bench.py --size tiny          # + logits check
-    /work/venv/bin/python benchmarks/llm_bench.py --compile-bench      # compile time/RSS only
+    .venv/bin/python benchmarks/llm_bench.py --size 3b            # the whole thing
+    .venv/bin/python benchmarks/llm_bench.py --size tiny          # + logits check
+    .venv/bin/python benchmarks/llm_bench.py --compile-bench      # compile time/RSS only
 
 What one run does (all large files under ~/.cache/bluelower-bench, never in git):
 
@@ -228,7 +228,7 @@ def _open_engine(engine, args, cfg):
 
 def worker(args) -> None:
     """One engine, one round: print ``RESULT {json}`` on stdout."""
-    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.models import load_config
 
     cfg = load_config(M.config_path(args.size))
     V = cfg.decoder.vocab_size
@@ -382,7 +382,7 @@ def verify(args) -> None:
 
     torch.set_num_threads(THREADS)
     from bluelower.runtime_stubs.generate import TorchReference
-    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.models import load_config
 
     cfg = load_config(M.config_path(args.size))
     ref = _TorchLike(TorchReference(cfg, args.weights), cfg.decoder.hidden_size)
@@ -590,7 +590,7 @@ def med(vals):
 
 
 def main_bench(args) -> dict:
-    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.models import load_config
 
     t_start = time.time()
     cfg = load_config(M.config_path(args.size))

@@ -1,6 +1,6 @@
 """Generate the BlueLM-V-3B memory breakdown tables of docs/memory.md.
 
-    /work/venv/bin/python benchmarks/memory_table.py [--quant w4a16kv8] [--image-grid 2x4] \
+    .venv/bin/python benchmarks/memory_table.py [--quant w4a16kv8] [--image-grid 2x4] \
         [--soc host --soc dimensity9300] [--json OUT.json] [--disable-pass NAME]
 
 Plans on meta tensors (``bluelower inspect memory --model bluelm-v-3b``), no weights, and
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
                 print()
         return 0
     from bluelower.lowering.frontend.importer import import_model
-    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.models import load_config
 
     imported = import_model(load_config(args.model), "torch")  # once: the plan differs by target only
     results = []

@@ -1,6 +1,6 @@
 """Generate docs/predicted-performance.md (+ Gantt PNG and Chrome trace) from the cost model.
 
-    /work/venv/bin/python benchmarks/predict_table.py [--model bluelm-v-3b] [--soc dimensity9300]
+    .venv/bin/python benchmarks/predict_table.py [--model bluelm-v-3b] [--soc dimensity9300]
 
 Every number in the generated page is computed here from the model config, the SoC TOML
 and bluelower.targets.{cost_model,predict,scheduler}; the only literals are the paper's
@@ -18,7 +18,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bluelower.lowering.models.bluelm_v.config import load_config  # noqa: E402
+from bluelower.lowering.models import load_config  # noqa: E402
 from bluelower.targets import cost_model, predict as predict_mod, scheduler  # noqa: E402
 from bluelower.targets.cost_model import cost, units_of  # noqa: E402
 from bluelower.reports.predict import RequestModel, Work, _calls, parse_quant, predict  # noqa: E402

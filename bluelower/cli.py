@@ -14,6 +14,9 @@ import click
 
 from . import __version__, progress
 from .errors import BlueLowerError
+from .lowering.quant.modes import DEFAULT_QUANT, MODES, QUANT_MODES
+
+_QUANT_HELP = "; ".join(f"{m.name} = {m.summary}" for m in MODES.values()) + ". See docs/quantization.md."
 
 
 class _Group(click.Group):
@@ -62,9 +65,7 @@ _MODEL_HELP = "A shipped config (tiny, bluelm-v-3b) or a path to a .json config.
 @click.option("--frontend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
               help="torch.export or ONNX (+ onnxsim) import.")
 @click.option("--soc", default="host", show_default=True, metavar="NAME|PATH.toml", help="Target SoC.")
-@click.option("--quant", type=click.Choice(["fp32", "w8", "w4a16", "w4a16kv8"]), default="w4a16kv8", show_default=True,
-              help="Weights: fp32; w8 = INT8 per channel everywhere; w4a16 = decoder INT4 (group 32) + ViT/projector INT8; "
-                   "w4a16kv8 = w4a16 + INT8 KV cache (per-token, per-head scales). See docs/quantization.md.")
+@click.option("--quant", default=DEFAULT_QUANT, show_default=True, metavar="|".join(QUANT_MODES), help=_QUANT_HELP)
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--dump-ir", type=click.Path(file_okay=False), default=None,
               help="Write the IR as TVMScript after every pass into this directory.")
@@ -206,7 +207,7 @@ def _run_native(build_dir, image, ids, max_new_tokens, check, weights, as_json, 
 @click.option("--model", "model", default="tiny", show_default=True, metavar="NAME|PATH.json", help=_MODEL_HELP)
 @click.option("--soc", default="dimensity9300", show_default=True, metavar="NAME|PATH.toml",
               help="Target SoC (dimensity9300: aarch64 cross build; host: this machine).")
-@click.option("--quant", default="fp32", show_default=True, help="Weight/KV-cache precision.")
+@click.option("--quant", default=DEFAULT_QUANT, show_default=True, metavar="|".join(QUANT_MODES), help=_QUANT_HELP)
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
               help="Hugging Face-style safetensors (default: seeded random weights).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights without --weights.")
@@ -243,7 +244,7 @@ def build_cmd(model, soc, quant, weights, seed, out_dir, tarball, ndk, android_a
 @click.option("--seed", type=int, default=0, show_default=True)
 def init_weights_cmd(model, out_path, seed) -> None:
     """Write seeded random weights in the Hugging Face safetensors layout."""
-    from .lowering.models.bluelm_v.config import load_config
+    from .lowering.models import load_config
     from .lowering.frontend.weights import init_weights
 
     parent = os.path.dirname(os.path.abspath(out_path))
@@ -325,7 +326,8 @@ def targets_show(name_or_path: str, as_json: bool) -> None:
 @click.argument("build_dir", required=False, type=click.Path())
 @click.option("--model", "model", default=None, metavar="NAME|PATH.json", help="Plan without building: " + _MODEL_HELP)
 @click.option("--soc", default="host", show_default=True, metavar="NAME|PATH.toml", help="Target SoC (with --model).")
-@click.option("--quant", default="fp32", show_default=True, help="fp32, w8, w4a16 or w4a16kv8 (with --model).")
+@click.option("--quant", default=DEFAULT_QUANT, show_default=True, metavar="|".join(QUANT_MODES),
+              help="Quant mode of the plan (with --model).")
 @click.option("--image-grid", default=None, metavar="MxN", help="Image grid, e.g. 2x4 = 8 local + 1 global patches.")
 @click.option("--kv-capacity", type=int, default=None, help="KV cache capacity (default: the config's).")
 @click.option("--prefill-chunk", type=int, default=None, help="Prefill chunk (default: the config's).")
@@ -372,7 +374,7 @@ def inspect_schedule_cmd(build_dir, as_json, trace, plot) -> None:
 
 @cli.command("eval-quant")
 @click.option("--model", "models", multiple=True, metavar="NAME|PATH.json", help="Model(s) to evaluate (default: tiny).")
-@click.option("--modes", default="fp32,w8,w4a16,w4a16kv8", show_default=True, help="Comma-separated quant modes.")
+@click.option("--modes", default=",".join(QUANT_MODES), show_default=True, help="Comma-separated quant modes.")
 @click.option("--tokens", type=int, default=64, show_default=True, help="Greedy tokens to compare.")
 @click.option("--group-size", type=int, default=32, show_default=True, help="INT4 group size.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights and the prompt.")

@@ -41,12 +41,29 @@ def tiny_build_onnx(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> str:
-    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.models import load_config
     from bluelower.lowering.frontend.weights import init_weights
 
     path = str(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
     init_weights(load_config("tiny"), path, seed=3)
     return path
+
+
+def run_pipeline_until(cfg, quant: str, stop_after: str = "QuantizeKVCache", soc=None, frontend: str = "torch"):
+    """``cfg`` imported and run through the compile pipeline up to ``stop_after`` (default:
+    the end of the quantization phase, what PartitionForAPU sees)."""
+    import tvm
+
+    from bluelower.lowering.frontend.importer import import_model
+    from bluelower.lowering.models import spec_for
+    from bluelower.passes.pipeline import BuildContext, run_pipeline
+
+    mod, sigs = import_model(cfg, frontend)
+    target = soc.tvm_target() if soc is not None else tvm.target.Target("llvm")
+    ctx = BuildContext(target=target, quant=quant, soc=soc, spec=spec_for(cfg), entry_functions=tuple(sigs),
+                       image_batch=cfg.runtime.image_batch)
+    mod, _stats = run_pipeline(mod, ctx, stop_after=stop_after)
+    return mod, sigs
 
 
 def pytest_configure(config):

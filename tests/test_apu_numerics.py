@@ -14,9 +14,12 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 from bluelower.passes.emulate_apu_numerics import EmulateAPUNumerics
+from bluelower.passes.ir_utils import without_results
 from bluelower.passes.partition_for_apu import PartitionForAPU, apu_partitions
 from bluelower.targets.soc import load_soc, soc_path
-from test_partition import Before, run_pass, write_soc
+from test_partition import Before, partition, run_pass, write_soc
+
+from conftest import run_pipeline_until
 
 
 def h(a):
@@ -36,8 +39,8 @@ def fp16_ulp(x):
 
 def test_partition_output_has_the_apu_rounding_points(tmp_path):
     soc = load_soc(write_soc(tmp_path, "two-op-apu", max_ops=2))
-    part = PartitionForAPU(soc)(Before)
-    emulated, stats = run_pass(EmulateAPUNumerics(soc), part)
+    part = partition(soc)(Before)
+    emulated, stats = run_pass(EmulateAPUNumerics(soc.apu), part)
     assert stats["emulated_partitions"] == 2 and stats["float_dtype"] == "fp16" and stats["accumulate"] == "fp32"
     rng = np.random.default_rng(0)
     x, w1, w2 = (rng.standard_normal(s).astype("float32") for s in ((4, 8), (8, 8), (8, 8)))
@@ -80,8 +83,8 @@ def test_fp16_accumulation_follows_the_soc_file(tmp_path):
     open(path, "w").write(text)
     acc16 = load_soc(path)
     assert acc16.apu.accumulate == "fp16" and acc32.apu.accumulate == "fp32"
-    y32 = run(EmulateAPUNumerics(acc32)(PartitionForAPU(acc32)(LongDot)), x, w)
-    y16 = run(EmulateAPUNumerics(acc16)(PartitionForAPU(acc16)(LongDot)), x, w)
+    y32 = run(EmulateAPUNumerics(acc32.apu)(partition(acc32)(LongDot)), x, w)
+    y16 = run(EmulateAPUNumerics(acc16.apu)(partition(acc16)(LongDot)), x, w)
     ref32 = h(h(x) @ h(w))  # fp32 sums, one rounding at the end (1 ulp: fp32 summation order)
     assert np.all(np.abs(y32 - ref32) <= fp16_ulp(ref32))
     # fp16 sums: every partial sum rounded (sequential, as the legalized loop adds)
@@ -103,14 +106,14 @@ def test_fp32_apu_and_no_apu_get_no_rounding(tmp_path):
     text = text.replace('peak = { int8 = "4 TOPS", fp16 = "2 TFLOPS" }\n', "")
     open(path, "w").write(text)
     soc = load_soc(path)
-    part, _ = run_pass(PartitionForAPU(soc), Before)
+    part, _ = run_pass(partition(soc), Before)
     assert {str(f.attrs["bluelower.apu_dtype"]) for f in apu_partitions(part).values()} == {"fp32"}
-    after, stats = run_pass(EmulateAPUNumerics(soc), part)
-    tvm.ir.assert_structural_equal(after, part)
+    after, stats = run_pass(EmulateAPUNumerics(soc.apu), part)
+    tvm.ir.assert_structural_equal(without_results(after), without_results(part))
     assert stats["emulated_partitions"] == 0 and stats["float_dtype"] == "fp32"
     no_apu = load_soc(write_soc(tmp_path, "no-apu", max_ops=None))
-    after, stats = run_pass(EmulateAPUNumerics(no_apu), Before)
-    tvm.ir.assert_structural_equal(after, Before)
+    after, stats = run_pass(EmulateAPUNumerics(no_apu.apu), Before)
+    tvm.ir.assert_structural_equal(without_results(after), Before)
     assert stats["emulated_partitions"] == 0 and stats["float_dtype"] == "none"
 
 
@@ -120,23 +123,11 @@ def test_fp32_apu_and_no_apu_get_no_rounding(tmp_path):
 def _padded_tiny_w4a16kv8():
     """tiny with a ViT MLP of 120 (not a multiple of 32): QuantizeWeights pads fc1's N and
     slices it back (strided_slice) and pads fc2's K (zeros + concat)."""
-    from bluelower.lowering.frontend.importer import import_model
-    from bluelower.lowering.models.bluelm_v.config import load_config
-    from bluelower.passes import pipeline
+    from bluelower.lowering.models import load_config
 
     cfg = load_config("tiny").replace_runtime(image_batch=4)
     cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, intermediate_size=120))
-    mod, sigs = import_model(cfg, "torch")
-    opts = pipeline.CompileOptions(target=tvm.target.Target("llvm"), quant="w4a16kv8", soc=None, model=cfg,
-                                   entry_functions=tuple(sigs), extra={"group_size": 32})
-    for spec in pipeline.build_pipeline():
-        if spec.phase == "partition/schedule":
-            break
-        p = spec.make(opts)
-        if p is not None:
-            with tvm.transform.PassContext(opt_level=3):
-                mod = p(mod)
-    return mod
+    return run_pipeline_until(cfg, "w4a16kv8")[0]
 
 
 def _ops(func) -> list[str]:
@@ -149,7 +140,7 @@ def test_padded_vit_is_one_apu_partition_on_dimensity9300(tmp_path):
     ops = _ops(mod["encode_image_blocks"])
     assert "relax.strided_slice" in ops and "relax.zeros" in ops  # the padding is there
     # the shipped file lists slice and pad: the whole ViT (2 layers, well under 330 ops) is one graph
-    after, stats = run_pass(PartitionForAPU(load_soc("dimensity9300")), mod)
+    after, stats = run_pass(partition(load_soc("dimensity9300")), mod)
     assert stats["partitions"]["encode_image_blocks"] == 1 and stats["apu_calls"]["encode_image_blocks"] == 1
     assert _ops(after["encode_image_blocks"]) == []  # nothing left on the CPU between APU calls
     kinds = set(after["encode_image_blocks_apu0"].attrs["bluelower.apu_op_kinds"])
@@ -161,7 +152,7 @@ def test_padded_vit_is_one_apu_partition_on_dimensity9300(tmp_path):
     assert "slice =" not in text and "pad =" not in text
     old = tmp_path / "d9300-no-slice.toml"
     old.write_text(text)
-    _, before = run_pass(PartitionForAPU(load_soc(str(old))), mod)
+    _, before = run_pass(partition(load_soc(str(old))), mod)
     assert before["partitions"]["encode_image_blocks"] == 4
 
 

@@ -121,7 +121,7 @@ def test_unknown_model_name(tmp_path):
 
 
 def test_user_config_compiles(tmp_path):
-    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.models import load_config
 
     cfg = load_config("tiny").to_dict()
     cfg["name"] = "user-tiny"
@@ -169,7 +169,7 @@ def test_run_on_missing_or_corrupt_build(tmp_path, tiny_build_torch):
 
 def test_malformed_onnx(tmp_path):
     from bluelower.errors import BlueLowerError
-    from bluelower.lowering.frontend.importer import import_onnx_file
+    from bluelower.lowering.frontend.onnx_import import import_onnx_file
 
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07garbage")
@@ -184,7 +184,7 @@ def test_unsupported_onnx_op_names_op_and_node(tmp_path):
     from onnx import TensorProto, helper
 
     from bluelower.errors import UnsupportedOperatorError
-    from bluelower.lowering.frontend.importer import import_onnx_file
+    from bluelower.lowering.frontend.onnx_import import import_onnx_file
 
     node = helper.make_node("Relu", ["x"], ["y"], name="ok_relu")
     odd = helper.make_node("DFT", ["y"], ["z"], name="my_dft_node")
@@ -200,7 +200,7 @@ def test_unsupported_torch_op_names_op_and_node():
     import torch
 
     from bluelower.errors import UnsupportedOperatorError
-    from bluelower.lowering.frontend.importer import import_torch_program
+    from bluelower.lowering.frontend.torch_export import import_torch_program
 
     class UsesErfinv(torch.nn.Module):
         def forward(self, x):

@@ -15,7 +15,8 @@ from tvm.script import tirx as T
 
 from bluelower.lowering.kernels.attention import (dequantize_kv_rows, fused_attention, kv_cache_write,
                                                   kv_cache_write_int8, quantize_kv_rows)
-from bluelower.passes.quantize_kv_cache import QuantizeKVCache, kv_cache_bytes
+from bluelower.passes.ir_utils import result, without_results
+from bluelower.passes.quantize_kv_cache import QuantizeKVCache
 
 # 2 layers, k/v, 1 KV head, capacity 8, head_dim 4; one new row per step (decode-shaped)
 CACHE, CACHE8 = (2, 2, 1, 8, 4), (2, 2, 1, 8, 8)
@@ -109,10 +110,10 @@ def _before():
 
 
 def test_golden_rewrite():
-    sink = {}
-    after = QuantizeKVCache(sink)(_before())
+    after = QuantizeKVCache()(_before())
+    sink = result(after, "kv_cache")
     expected = _with(Expected, kv_cache_write_int8=_write8(), fused_attention_kv8=_att8())
-    tvm.ir.assert_structural_equal(after, expected)
+    tvm.ir.assert_structural_equal(without_results(after), expected)
     assert sink["shape"] == [2, 2, 1, 8, 8] and sink["dtype"] == "int8" and sink["functions"] == {"main": 0}
     assert sink["bytes_per_token"] == 2 * 2 * 1 * (4 + 4)
 
@@ -138,7 +139,7 @@ def test_other_cache_use_leaves_module_alone():
             return out
 
     mod = _with(Escapes, kv_cache_write=_write())
-    tvm.ir.assert_structural_equal(QuantizeKVCache()(mod), mod)
+    tvm.ir.assert_structural_equal(without_results(QuantizeKVCache()(mod)), mod)
 
 
 def _compile_kernel(func):
@@ -206,11 +207,13 @@ def test_rewritten_module_runs_close_to_fp32():
 
 
 def test_bluelm_v_3b_cache_bytes():
-    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.models import load_config
+    from bluelower.lowering.quant.modes import kv_cache_bytes
 
     cfg = load_config("bluelm-v-3b")
-    kv8, fp32 = kv_cache_bytes(cfg, "w4a16kv8"), kv_cache_bytes(cfg, "fp32")
     d = cfg.decoder
+    kv8, fp32 = (kv_cache_bytes(d.num_layers, d.num_kv_heads, d.head_dim, cfg.runtime.kv_capacity, dtype)
+                 for dtype in ("int8", "float32"))
     assert cfg.runtime.kv_capacity == 2048 and d.head_dim == 80
     assert kv8["bytes"] == 2048 * d.num_layers * 2 * d.num_kv_heads * (80 + 4) == 88_080_384  # 84 MiB
     assert fp32["bytes"] == 335_544_320  # 320 MiB
@@ -218,12 +221,12 @@ def test_bluelm_v_3b_cache_bytes():
 
 
 def test_pass_applies_to_w4a16kv8_only():
-    from bluelower.passes.pipeline import CompileOptions, build_pipeline
+    from bluelower.passes.pipeline import BuildContext, build_pipeline
 
     spec = next(p for p in build_pipeline() if p.name == "QuantizeKVCache")
     for quant in ("fp32", "w8", "w4a16"):
-        assert spec.make(CompileOptions(target=tvm.target.Target("llvm"), quant=quant)) is None
-    assert spec.make(CompileOptions(target=tvm.target.Target("llvm"), quant="w4a16kv8")) is not None
+        assert spec.make(BuildContext(target=tvm.target.Target("llvm"), quant=quant)) is None
+    assert spec.make(BuildContext(target=tvm.target.Target("llvm"), quant="w4a16kv8")) is not None
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +241,7 @@ def tiny_kv8_build(tmp_path_factory):
 def test_tiny_build_int8_cache_generates(tiny_kv8_build):
     from bluelower.reports.eval_quant import check_reference
     from bluelower.runtime_stubs.generate import CompiledModel
-    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.models import load_config
 
     cfg = load_config("tiny")
     manifest = json.load(open(os.path.join(tiny_kv8_build, "manifest.json")))

@@ -53,8 +53,8 @@ def test_fast_frame_capture_parses_the_same_pipeline():
 
     from bluelower.lowering.frontend.importer import import_model
     from bluelower.lowering.kernels.parse_speed import fast_prim_func_frames
-    from bluelower.lowering.models.bluelm_v.config import load_config
-    from bluelower.passes.pipeline import CompileOptions, build_pipeline
+    from bluelower.lowering.models import load_config, spec_for
+    from bluelower.passes.pipeline import BuildContext, resolve
     from bluelower.passes.quantize_weights import _int4_linear, _int8_linear, _embedding_gather
 
     cfg = load_config("tiny")
@@ -63,11 +63,11 @@ def test_fast_frame_capture_parses_the_same_pipeline():
         for cached in (_int4_linear, _int8_linear, _embedding_gather):
             cached.cache_clear()  # parse every kernel again in this mode
         mod, sigs = import_model(cfg, "torch")
-        opts = CompileOptions(target=tvm.target.Target("llvm"), quant="w4a16kv8", model=cfg, entry_functions=tuple(sigs))
-        for spec in build_pipeline():
+        ctx = BuildContext(target=tvm.target.Target("llvm"), quant="w4a16kv8", spec=spec_for(cfg),
+                           entry_functions=tuple(sigs))
+        for spec, p, _why in resolve(ctx):
             if spec.name == "LegalizeOps":
                 break
-            p = spec.make(opts)
             if p is not None:
                 with tvm.transform.PassContext(opt_level=3):
                     if fast:

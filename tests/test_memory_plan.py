@@ -14,7 +14,9 @@ from click.testing import CliRunner
 from tvm import relax
 
 from bluelower.cli import cli
-from bluelower.passes.pipeline import CompileOptions, build_pipeline, pass_names
+from bluelower.passes.ir_utils import result
+from bluelower.passes.pipeline import pass_names
+from conftest import run_pipeline_until
 
 ENTRIES = ("encode_image", "embed", "prefill", "decode")
 DTYPE_SIZE = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
@@ -27,24 +29,11 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def planned_tiny():
     """tiny imported and run through the pipeline up to MemoryPlan: (module, plans)."""
-    from bluelower.lowering.frontend.importer import import_model
-    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.models import load_config
     from bluelower.targets.soc import load_soc
 
-    cfg = load_config("tiny")
-    soc = load_soc("host")
-    mod, sigs = import_model(cfg, "torch")
-    opts = CompileOptions(target=soc.tvm_target(), soc=soc, model=cfg, entry_functions=tuple(sigs))
-    for spec in build_pipeline():
-        p = spec.make(opts)
-        if spec.name == "MemoryPlan":
-            break
-        if p is not None:
-            with tvm.transform.PassContext(opt_level=3):
-                mod = p(mod)
-    with tvm.transform.PassContext(opt_level=3):
-        p(mod)  # planning only: the module is unchanged
-    return mod, opts.extra["memory_plan"]
+    planned, _sigs = run_pipeline_until(load_config("tiny"), "fp32", stop_after="MemoryPlan", soc=load_soc("host"))
+    return planned, result(planned, "memory_plan")  # planning only: the module is what MemoryPlan saw
 
 
 def _liveness(func):
@@ -105,7 +94,7 @@ def chunk_builds(tmp_path_factory):
     out = {}
     for chunk in (16, 256):
         d = str(tmp_path_factory.mktemp(f"chunk{chunk}") / "tiny")
-        compile_model(CompileRequest(model="tiny", out_dir=d, prefill_chunk=chunk))
+        compile_model(CompileRequest(model="tiny", out_dir=d, quant="fp32", prefill_chunk=chunk))
         out[chunk] = d
     return out
 
@@ -124,7 +113,7 @@ def test_prefill_chunk_chunked_equals_one_shot(chunk_builds):
 
 
 def test_prefill_chunk_must_divide_capacity(tmp_path):
-    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.models import load_config
 
     cap = load_config("tiny").runtime.kv_capacity
     bad = next(n for n in range(cap // 2 + 1, cap) if cap % n)
@@ -232,7 +221,7 @@ def test_inspect_memory_errors(tmp_path):
 
 
 def test_weight_bytes_per_quant_mode():
-    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.models import load_config
     from bluelower.reports.memory import kv_cache_bytes, weight_bytes
 
     cfg = load_config("bluelm-v-3b")

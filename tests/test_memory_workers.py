@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from bluelower.reports import memory
 from bluelower.cli import cli
 from bluelower.errors import BlueLowerError
-from bluelower.lowering.models.bluelm_v.config import load_config
+from bluelower.lowering.models import load_config
 
 
 def test_workers_plan_what_one_process_plans(monkeypatch):

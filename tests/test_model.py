@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bluelower.lowering.models.bluelm_v.model import BlueLMV
-from bluelower.lowering.models.bluelm_v.config import load_config
+from bluelower.lowering.models import load_config
 from bluelower.lowering.frontend.weights import load_torch_model
 
 transformers = pytest.importorskip("transformers")
@@ -84,20 +84,22 @@ def test_bluelm_v_3b_traces_on_meta_without_weights():
     """The full-size config exports on meta tensors: no fp32 weights are materialized."""
     import resource
 
-    from bluelower.lowering.frontend.importer import _make_wrapper, build_meta_model
-    from bluelower.lowering.models.bluelm_v import model as bluelm_v
+    from bluelower.lowering.frontend.importer import build_meta_model
+    from bluelower.lowering.frontend.torch_export import make_entry_wrapper
+    from bluelower.lowering.models import spec_for
 
     cfg = load_config("bluelm-v-3b")
     model = build_meta_model(cfg)
     n_params = sum(p.numel() for p in model.language_model.parameters())
     assert 2.5e9 < n_params < 3.0e9  # the 2.7B decoder (assumed dims)
     entry = "decode"
-    names = bluelm_v.entry_param_names(model, entry)
+    spec = spec_for(cfg)
+    names = spec.entry_params([n for n, _ in model.named_parameters()], entry)
     sd = dict(model.named_parameters())
-    inputs = bluelm_v.entry_example_inputs(cfg, entry, device="meta")
+    inputs = spec.entry(entry).example_inputs(cfg, "meta")
     weights = tuple(torch.empty(sd[n].shape, device="meta") for n in names)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    ep = torch.export.export(_make_wrapper(model, entry, bluelm_v.ENTRY_INPUT_NAMES[entry], names), inputs + weights)
+    ep = torch.export.export(make_entry_wrapper(model, entry, spec.entry(entry).inputs, names), inputs + weights)
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert len([n for n in ep.graph.nodes if n.op == "placeholder"]) == len(names) + 3
     assert grown_kib < 2 * 1024 * 1024  # far below the ~11 GB of fp32 decoder weights

@@ -13,10 +13,16 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 from bluelower.cli import cli
+from bluelower.lowering.models.bluelm_v import SPEC
 from bluelower.passes import pipeline
+from bluelower.passes.instruments import pass_stats
+from bluelower.passes.ir_utils import result, without_results
 from bluelower.passes.partition_for_apu import PartitionForAPU, apu_kinds, apu_partitions
+from bluelower.passes.pipeline import request_of
 from bluelower.passes.schedule_operators import ScheduleOperators
 from bluelower.targets.soc import load_soc
+from bluelower.passes.ir_utils import without_results
+from conftest import run_pipeline_until
 
 CPU = """
 name = "{name}"
@@ -69,32 +75,22 @@ def write_soc(tmp_path, name: str, matmul=("int8", "fp16"), max_ops: int | None 
 
 
 def run_pass(p, mod):
-    """Run ``p`` on ``mod``; return ``(mod, stats)``."""
-    stats: dict = {}
-    pipeline._current_stats = stats
-    try:
-        out = p(mod)
-    finally:
-        pipeline._current_stats = None
-    return out, stats
+    """Run ``p`` on ``mod``; return ``(mod, the stats it attached)``."""
+    out = p(mod)
+    return out, pass_stats(out).get(p.info.name, {})
+
+
+def partition(soc):
+    """PartitionForAPU for ``soc`` as a BlueLM-V build configures it."""
+    return PartitionForAPU(soc.apu, cpu_functions=SPEC.cpu_entries)
 
 
 def graph_rewritten(quant: str, image_batch: int = 2):
     """The tiny model after the graph-rewrite and quantization phases (what PartitionForAPU sees)."""
-    from bluelower.lowering.frontend.importer import import_model
-    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.models import load_config
 
     cfg = load_config("tiny").replace_runtime(image_batch=image_batch)
-    mod, sigs = import_model(cfg, "torch")
-    opts = pipeline.CompileOptions(target=tvm.target.Target("llvm"), quant=quant, soc=None, model=cfg,
-                                   entry_functions=tuple(sigs), extra={"group_size": 32})
-    for spec in pipeline.build_pipeline():
-        if spec.phase == "partition/schedule":
-            break
-        p = spec.make(opts)
-        if p is not None:
-            with tvm.transform.PassContext(opt_level=3):
-                mod = p(mod)
+    mod, _sigs = run_pipeline_until(cfg, quant)
     return mod, cfg
 
 
@@ -180,8 +176,8 @@ class Expected:
 
 def test_golden_partitioning(tmp_path):
     soc = load_soc(write_soc(tmp_path, "two-op-apu", max_ops=2))
-    after, stats = run_pass(PartitionForAPU(soc), Before)
-    tvm.ir.assert_structural_equal(after, Expected)
+    after, stats = run_pass(partition(soc), Before)
+    tvm.ir.assert_structural_equal(without_results(after), Expected)
     assert stats["partitions"] == {"main": 2}
     assert stats["apu_ops"] == 4 and stats["cpu_ops"] == 2
 
@@ -190,7 +186,7 @@ def test_golden_partitioning_computes_the_same(tmp_path):
     import numpy as np
 
     soc = load_soc(write_soc(tmp_path, "two-op-apu", max_ops=2))
-    after = PartitionForAPU(soc)(Before)
+    after = partition(soc)(Before)
     rng = np.random.default_rng(0)
     args = [rng.standard_normal(s).astype("float32") for s in ((4, 8), (8, 8), (8, 8))]
     outs = []
@@ -219,10 +215,10 @@ class RMSNorm:
 
 def test_decomposed_rms_norm_is_one_rms_norm_operator(tmp_path):
     with_rms = load_soc(write_soc(tmp_path, "rms", max_ops=10, extra_ops='rms_norm = ["fp16"]'))
-    after, stats = run_pass(PartitionForAPU(with_rms), RMSNorm)
+    after, stats = run_pass(partition(with_rms), RMSNorm)
     assert stats["partitions"] == {"main": 1} and stats["apu_ops"] == 3  # rms_norm, multiply, matmul
     assert sorted(after["main_apu0"].attrs["bluelower.apu_op_kinds"]) == ["matmul", "multiply", "rms_norm"]
-    without, stats = run_pass(PartitionForAPU(load_soc(write_soc(tmp_path, "no-rms", max_ops=10))), RMSNorm)
+    without, stats = run_pass(partition(load_soc(write_soc(tmp_path, "no-rms", max_ops=10))), RMSNorm)
     assert stats["apu_ops"] == 2 and stats["cpu_ops"] == 4  # power, mean, add, rsqrt on the CPU
 
 
@@ -232,8 +228,8 @@ def test_decomposed_rms_norm_is_one_rms_norm_operator(tmp_path):
 def test_partitions_respect_op_support_dtype_and_limit(tmp_path, tiny_fp32):
     mod, _cfg = tiny_fp32
     soc = load_soc(write_soc(tmp_path, "small-apu", max_ops=7))
-    sink: list = []
-    after, stats = run_pass(PartitionForAPU(soc, sink=sink), mod)
+    after, stats = run_pass(partition(soc), mod)
+    sink = result(after, "apu_partitions")
     parts = apu_partitions(after)
     assert parts and len(parts) == len(sink) == sum(stats["partitions"].values())
     assert stats["partitions"]["encode_image_embed"] == 0  # the Conv2D stage stays on the CPU
@@ -255,13 +251,13 @@ def test_apu_without_int4_keeps_int4_kernels_on_the_cpu(tmp_path, tiny_w4a16):
     mod, _cfg = tiny_w4a16
     no_int4 = load_soc(write_soc(tmp_path, "no-int4", matmul=("int8", "fp16"), max_ops=50))
     with_int4 = load_soc(write_soc(tmp_path, "int4", matmul=("int4", "int8", "fp16"), max_ops=50))
-    after, _ = run_pass(PartitionForAPU(no_int4), mod)
+    after, _ = run_pass(partition(no_int4), mod)
     inside = [k for f in apu_partitions(after).values() for k in kernels(f)]
     assert not any(k.startswith("int4_linear") for k in inside)
     assert any(k.startswith("int8_linear") for k in inside)  # the ViT's INT8 linears do go
     outside = kernels(after["decode"])
     assert any(k.startswith("int4_linear") for k in outside)
-    after4, _ = run_pass(PartitionForAPU(with_int4), mod)
+    after4, _ = run_pass(partition(with_int4), mod)
     dtypes = {str(f.attrs["bluelower.apu_dtype"]) for f in apu_partitions(after4).values()}
     assert any(k.startswith("int4_linear") for f in apu_partitions(after4).values() for k in kernels(f))
     assert "int4" in dtypes
@@ -270,8 +266,8 @@ def test_apu_without_int4_keeps_int4_kernels_on_the_cpu(tmp_path, tiny_w4a16):
 def test_no_apu_is_cpu_only(tmp_path, tiny_fp32):
     mod, _cfg = tiny_fp32
     soc = load_soc(write_soc(tmp_path, "cpu-only", max_ops=None))
-    after, stats = run_pass(PartitionForAPU(soc), mod)
-    tvm.ir.assert_structural_equal(after, mod)
+    after, stats = run_pass(partition(soc), mod)
+    tvm.ir.assert_structural_equal(without_results(after), without_results(mod))
     assert stats["apu"] == "none" and stats["apu_ops"] == 0
     assert set(stats["partitions"].values()) == {0}
     assert load_soc("host").apu is None  # the shipped host file: same path
@@ -282,10 +278,9 @@ def test_no_apu_is_cpu_only(tmp_path, tiny_fp32):
 def test_schedule_respects_dependencies_and_one_task_per_unit(tmp_path, tiny_fp32):
     mod, cfg = tiny_fp32
     soc = load_soc(write_soc(tmp_path, "sched-apu", max_ops=12))
-    after = PartitionForAPU(soc)(mod)
-    sink: dict = {}
-    _, stats = run_pass(ScheduleOperators(soc, image_batch=cfg.runtime.image_batch, sink=sink), after)
-    sched = sink["schedule"]
+    after = partition(soc)(mod)
+    scheduled, stats = run_pass(ScheduleOperators(soc, request_of(SPEC), image_batch=cfg.runtime.image_batch), after)
+    sched = result(scheduled, "schedule")
     tasks = {t["name"]: t for t in sched["tasks"]}
     assert sched["makespan_s"] > 0 and stats["makespan_s"] == sched["makespan_s"]
     assert set(sched["phase_seconds"]) == {"image_encode", "prefill", "decode"}
@@ -300,7 +295,7 @@ def test_schedule_respects_dependencies_and_one_task_per_unit(tmp_path, tiny_fp3
     # dependencies: rebuild the graph and check every edge
     from bluelower.passes.schedule_operators import build_operator_graph
 
-    g, _ = build_operator_graph(after, soc, cfg.runtime.image_batch)
+    g, _ = build_operator_graph(after, soc, request_of(SPEC), cfg.runtime.image_batch)
     assert g.number_of_nodes() == len(tasks)
     for a, b in g.edges:
         assert tasks[a]["end_s"] <= tasks[b]["start_s"] + 1e-12, (a, b)

@@ -22,9 +22,16 @@ from bluelower.lowering.kernels import (
 )
 from bluelower.lowering.kernels.embedding import ERROR
 from bluelower.lowering.quant.params import param_producer
-from bluelower.passes.quantize_weights import QuantizeWeights
+from bluelower.passes.instruments import pass_stats
+from bluelower.passes.ir_utils import without_results
+from bluelower.passes.quantize_weights import QuantizeWeights, quantized_params
 
 EMBED = "language_model.model.embed_tokens.weight"
+
+
+def role(name: str) -> str:
+    """Roles of the hand-written modules' tables: the token embedding and a ViT position table."""
+    return "position_embedding" if name.startswith("vision") else "embedding"
 
 
 def _run_kernel(f, *arrays, out_shape):
@@ -134,16 +141,9 @@ def _expected(kind, n_ids, rows, width, ids_shape=None):
 @pytest.mark.parametrize("quant,kind", [("w4a16kv8", "int4"), ("w8", "int8")])
 @pytest.mark.parametrize("ids_shape", [(4,), (1, 4)])
 def test_golden_take_becomes_gather(quant, kind, ids_shape):
-    from bluelower.passes import pipeline
-
-    table = {}
-    stats = {}
-    pipeline._current_stats, saved = stats, pipeline._current_stats
-    try:
-        after = QuantizeWeights(quant, table=table)(_embed_module(4, 64, 64, ids_shape))
-    finally:
-        pipeline._current_stats = saved
-    tvm.ir.assert_structural_equal(after, _expected(kind, 4, 64, 64, ids_shape))
+    after = QuantizeWeights(quant, roles=role)(_embed_module(4, 64, 64, ids_shape))
+    table, stats = quantized_params(after), pass_stats(after)["QuantizeWeights"]
+    tvm.ir.assert_structural_equal(without_results(after), _expected(kind, 4, 64, 64, ids_shape))
     assert {t.quantizer for t in table.values()} == {f"{kind}_rows"}
     assert stats["embedding_tables_quantized"] == 1 and stats[f"{kind}_embedding_lookups"] == 1
     assert stats["embedding_bytes_stored"] < stats["embedding_bytes_fp32"] == 4 * 64 * 64
@@ -159,7 +159,7 @@ def test_table_with_another_use_is_left_alone():
             out = bb.emit_output(relax.op.add(e, relax.op.sum(table, axis=[0])))
         bb.emit_func_output(out)
     before = bb.get()
-    tvm.ir.assert_structural_equal(QuantizeWeights("w4a16")(before), before)
+    tvm.ir.assert_structural_equal(without_results(QuantizeWeights("w4a16", roles=role)(before)), before)
 
 
 @pytest.mark.parametrize("quant", ["w8", "w4a16kv8"])
@@ -168,8 +168,8 @@ def test_rewritten_lookup_runs_and_equals_dequantized_rows(quant):
     w = rng.standard_normal((64, 64)).astype(np.float32)
     pos = rng.standard_normal((64, 64)).astype(np.float32)
     ids = np.array([3, 63, 0, 3], np.int64)
-    table = {}
-    mod = QuantizeWeights(quant, table=table)(_embed_module(4, 64, 64))
+    mod = QuantizeWeights(quant, roles=role)(_embed_module(4, 64, 64))
+    table = quantized_params(mod)
     produce = param_producer({n.replace(".", "_"): t for n, t in table.items()},
                              {"language_model_model_embed_tokens_weight": w, "vision_tower_pos_weight": pos}.__getitem__)
     args = [ids] + [produce(p.name) for p in mod["embed"].params[1:]]
@@ -184,13 +184,12 @@ def test_rewritten_lookup_runs_and_equals_dequantized_rows(quant):
 def test_onnx_import_lookup_is_rewritten():
     """The ONNX frontend's Gather (ids made non-negative by a where) is matched too."""
     from bluelower.lowering.frontend.importer import import_model
-    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.models import load_config, spec_for
 
     cfg = load_config("tiny")
     mod, _ = import_model(cfg, "onnx")
-    table = {}
-    after = QuantizeWeights("w4a16kv8", weight_names={"language_model_model_embed_tokens_weight": EMBED},
-                            table=table)(mod)
+    after = QuantizeWeights("w4a16kv8", roles=spec_for(cfg).weight_role)(mod)
+    table = quantized_params(after)
     for fn in ("embed", "decode"):
         text = after[fn].script(show_meta=False)
         assert "embed_tokens_weight_int4_rows_packed" in text and "embedding_gather_int4" in text, fn
@@ -212,7 +211,7 @@ def tiny_build(tmp_path_factory):
 
 
 def test_build_stores_the_quantized_table_and_memory_counts_it(tiny_build):
-    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.models import load_config
     from bluelower.lowering.frontend.weights import WeightSource
     from bluelower.reports.memory import weight_bytes
 
@@ -275,7 +274,7 @@ def test_out_of_range_prompt_is_one_line_error(tiny_build):
 def test_schedule_cost_reads_only_the_gathered_rows():
     from bluelower.passes.schedule_operators import _read_bytes
 
-    mod = QuantizeWeights("w4a16kv8")(_embed_module(4, 64, 64))
+    mod = QuantizeWeights("w4a16kv8", roles=role)(_embed_module(4, 64, 64))
     func = mod["embed"]
     call = next(b.value for blk in func.body.blocks for b in blk.bindings
                 if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op)

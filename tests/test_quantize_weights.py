@@ -20,7 +20,13 @@ from bluelower.lowering.quant.params import (
     quantized_param_specs,
     weight_bytes_by_part,
 )
-from bluelower.passes.quantize_weights import QuantizeWeights
+from bluelower.passes.ir_utils import without_results
+from bluelower.passes.quantize_weights import QuantizeWeights, quantized_params
+
+
+def role(name: str) -> str:
+    """Roles of the hand-written modules' weights (a ModelSpec gives a real model's)."""
+    return "vision" if name.startswith("vision") else "attention"
 
 # ----------------------------------------------------------------------------- golden
 
@@ -116,12 +122,12 @@ def _with_kernels(mod, kernels: dict):
 
 
 def test_golden_w4a16():
-    table, entry_params = {}, {}
-    after = QuantizeWeights("w4a16", table=table, entry_params=entry_params)(Before)
+    after = QuantizeWeights("w4a16", roles=role)(Before)
+    table = quantized_params(after)
     expected = _with_kernels(Expected, {"int4_linear_4x32x64_g32": int4_linear(4, 32, 64, 32),
                                         "int8_linear_4x64x64": int8_linear(4, 64, 64)})
     relax.analysis.well_formed(expected)  # raises if not
-    tvm.ir.assert_structural_equal(after, expected)
+    tvm.ir.assert_structural_equal(without_results(after), expected)
     assert {n: (t.source, t.quantizer, t.part, t.args) for n, t in table.items()} == {
         "language_model_k_proj_weight.int4_packed": ("language_model_k_proj_weight", "int4_groupwise", 0, {"group_size": 32}),
         "language_model_k_proj_weight.int4_scales": ("language_model_k_proj_weight", "int4_groupwise", 1, {"group_size": 32}),
@@ -131,11 +137,11 @@ def test_golden_w4a16():
 
 
 def test_fp32_mode_changes_nothing():
-    from bluelower.passes.pipeline import CompileOptions
-    from bluelower.passes.quantize_weights import quantize_weights_for
+    from bluelower.passes.pipeline import BuildContext, build_pipeline
 
-    assert quantize_weights_for(CompileOptions(target=tvm.target.Target("llvm"), quant="fp32")) is None
-    tvm.ir.assert_structural_equal(QuantizeWeights("fp32")(Before), Before)
+    spec = next(p for p in build_pipeline() if p.name == "QuantizeWeights")
+    assert spec.make(BuildContext(target=tvm.target.Target("llvm"), quant="fp32")) is None
+    tvm.ir.assert_structural_equal(without_results(QuantizeWeights("fp32")(Before)), Before)
 
 
 def test_weight_with_another_use_is_left_alone():
@@ -164,7 +170,7 @@ def test_weight_with_another_use_is_left_alone():
                 R.output(y, z)
             return (y, z)
 
-    tvm.ir.assert_structural_equal(QuantizeWeights("w4a16")(Tied), Tied)
+    tvm.ir.assert_structural_equal(without_results(QuantizeWeights("w4a16", roles=role)(Tied)), Tied)
 
 
 # ----------------------------------------------------------------------------- numerics
@@ -195,8 +201,8 @@ def test_rewritten_module_matches_numpy_dequantized(quant, m):
     rng = np.random.default_rng(7)
     weights = {n: rng.standard_normal(s).astype(np.float32) for n, s in specs}
     x = rng.standard_normal((m, 96)).astype(np.float32)
-    table, entry_params = {}, {}
-    mod = QuantizeWeights(quant, table=table, entry_params=entry_params)(_linear_module(m, specs))
+    mod = QuantizeWeights(quant, roles=role)(_linear_module(m, specs))
+    table = quantized_params(mod)
     script = mod.script(show_meta=False)
     assert "NT_matmul" not in script  # every linear layer went to a kernel
     params = [p.name for p in mod["main"].params[1:]]
@@ -226,7 +232,7 @@ def test_param_producer_streams_one_weight_at_a_time():
     shapes = {"language_model.a.weight": (64, 64), "language_model.b.weight": (32, 64), "vision_tower.c.weight": (64, 32)}
     transforms, names = {}, ["language_model.norm.weight"]
     for src, (n, k) in shapes.items():
-        for name, _shape, _dtype, t in scheme_params(src, choose_scheme(src, n, k, "w4a16")):
+        for name, _shape, _dtype, t in scheme_params(src, choose_scheme(role(src), n, k, "w4a16")):
             transforms[name] = t
             names.append(name)
 
@@ -258,7 +264,7 @@ def tiny_w4_build(tmp_path_factory):
 
 def test_quantized_build_has_no_fp32_linear_weights(tiny_w4_build):
     from bluelower.lowering.quant.params import linear_weight_names, sanitize
-    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.models import load_config
     from bluelower.lowering.frontend.weights import WeightSource
 
     out, ir = tiny_w4_build
@@ -278,7 +284,7 @@ def test_quantized_build_has_no_fp32_linear_weights(tiny_w4_build):
 
 
 def test_quantized_build_manifest(tiny_w4_build):
-    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.models import load_config
 
     out, _ = tiny_w4_build
     manifest = json.load(open(os.path.join(out, "manifest.json")))
@@ -330,7 +336,7 @@ def test_quantized_build_matches_dequantized_pytorch(tiny_w4_build, tiny_image):
 
 
 def test_bluelm_v_3b_decoder_weights_fit_1_6_gb():
-    from bluelower.lowering.models.bluelm_v.config import load_config
+    from bluelower.lowering.models import load_config
 
     cfg = load_config("bluelm-v-3b")
     parts = weight_bytes_by_part(cfg, "w4a16kv8")
@@ -361,13 +367,11 @@ def test_param_names_attribute_follows_the_new_signature():
     gv = Before.get_global_var("main")
     mod = tvm.IRModule(dict(Before.functions_items()))
     mod.update_func(gv, Before["main"].with_attr("bluelower.param_names", names).with_attr("global_symbol", "main"))
-    entry_params = {}
-    after = QuantizeWeights("w4a16", entry_params=entry_params)(mod)
+    after = QuantizeWeights("w4a16", roles=role)(mod)
     expected = ["language_model.norm.weight", "language_model.k_proj.weight.int4_packed",
                 "language_model.k_proj.weight.int4_scales", "vision_tower.fc.weight.int8_packed",
                 "vision_tower.fc.weight.int8_scales", "vision_tower.fc.bias"]
     assert [str(n) for n in after["main"].attrs["bluelower.param_names"]] == expected
-    assert entry_params == {"main": expected}
 
 
 def test_batched_activation_is_flattened_for_the_kernel():
@@ -379,8 +383,8 @@ def test_batched_activation_is_flattened_for_the_kernel():
         with bb.dataflow():
             y = bb.emit_output(relax.op.matmul(x, relax.op.permute_dims(w), out_dtype="float32"))
         bb.emit_func_output(y)
-    table = {}
-    mod = QuantizeWeights("w8", table=table)(relax.transform.FuseTransposeMatmul()(bb.get()))
+    mod = QuantizeWeights("w8", roles=role)(relax.transform.FuseTransposeMatmul()(bb.get()))
+    table = quantized_params(mod)
     assert "NT_matmul" not in mod.script(show_meta=False)
     rng = np.random.default_rng(3)
     x_np = rng.standard_normal((1, 5, 64)).astype(np.float32)

@@ -20,7 +20,7 @@ from bluelower.targets.scheduler import (
     serial_bound,
     to_chrome_trace,
 )
-from bluelower.lowering.models.bluelm_v.config import load_config
+from bluelower.lowering.models import load_config
 from bluelower.targets.soc import load_soc
 
 UNITS = ["apu", "big", "little"]

@@ -19,7 +19,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from . import pipeline
+from .instruments import with_stats
 
 
 @mutator
@@ -48,5 +48,4 @@ class BoundTakeIndices:  # pylint: disable=too-few-public-methods
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 bounder.builder_.update_func(gv, bounder.visit_expr(func))
-        pipeline.record_stats(bounded=bounder.bounded)
-        return bounder.builder_.get()
+        return with_stats(bounder.builder_.get(), "BoundTakeIndices", bounded=bounder.bounded)

@@ -38,8 +38,9 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .partition_for_apu import APU, _Substitute, activation_dtype, apu_partitions, composites
-from .pipeline import record_stats
+from .instruments import with_stats
+from .ir_utils import Substitute
+from .partition_for_apu import APU, activation_dtype, apu_partitions, composites
 
 #: APU float dtype -> the TVM dtype the host rounds to (None: no rounding).
 ROUND_TO = {"fp16": "float16", "bf16": "bfloat16", "fp32": None}
@@ -107,7 +108,7 @@ def emulate_partition(apu, func: relax.Function) -> tuple[relax.Function, int, s
             entry_bindings.append(relax.VarBinding(r, _round(p, in_dtype)))
             mapping[p] = r
             count += 1
-    sub = _Substitute(mapping)
+    sub = Substitute(mapping)
     blocks = []
     idx = -1
     for bi, blk in enumerate(body.blocks):
@@ -135,13 +136,13 @@ def emulate_partition(apu, func: relax.Function) -> tuple[relax.Function, int, s
 class EmulateAPUNumerics:
     """Round inside every APU partition as the SoC's APU would (see module docstring)."""
 
-    def __init__(self, soc=None):
-        self.apu = getattr(soc, "apu", None)
+    def __init__(self, apu=None):
+        self.apu = apu  # the SoC's Apu description (bluelower.targets.soc), or None
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if self.apu is None:
-            record_stats(emulated_partitions=0, rounded_values=0, float_dtype="none", accumulate="none")
-            return mod
+            return with_stats(mod, "EmulateAPUNumerics", emulated_partitions=0, rounded_values=0, float_dtype="none",
+                              accumulate="none")
         parts = apu_partitions(mod)
         mod = mod.clone()
         emulated, points, dtypes = 0, 0, set()
@@ -154,16 +155,8 @@ class EmulateAPUNumerics:
                 points += count
         if emulated:
             mod = relax.transform.Normalize()(mod)
-        record_stats(emulated_partitions=emulated, rounded_values=points,
-                     float_dtype="/".join(sorted(dtypes)) or "none", accumulate=self.apu.accumulate)
-        return mod
+        return with_stats(mod, "EmulateAPUNumerics", emulated_partitions=emulated, rounded_values=points,
+                          float_dtype="/".join(sorted(dtypes)) or "none", accumulate=self.apu.accumulate)
 
 
-def emulate_apu_numerics(opts) -> "EmulateAPUNumerics | None":
-    """The pass for a build (``CompileOptions``): only SoCs with an APU."""
-    if getattr(opts.soc, "apu", None) is None:
-        return None
-    return EmulateAPUNumerics(opts.soc)
-
-
-__all__ = ["APU", "EmulateAPUNumerics", "emulate_apu_numerics", "emulate_partition"]
+__all__ = ["APU", "EmulateAPUNumerics", "emulate_partition"]

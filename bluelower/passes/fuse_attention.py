@@ -37,103 +37,8 @@ from tvm.ir.expr import Constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..lowering.kernels.attention import fused_attention
-from . import pipeline
-
-
-# --- reading the dataflow graph ---------------------------------------------------------
-
-
-def _shape(expr) -> tuple | None:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    dims = getattr(ty.shape, "values", None)
-    if dims is None:
-        return None
-    try:
-        return tuple(int(d) for d in dims)
-    except TypeError:
-        return None
-
-
-def _dtype(expr) -> str:
-    return str(expr.ty.dtype)
-
-
-class Graph:
-    """``var -> bound value`` of one function, with the small queries the matchers need."""
-
-    def __init__(self, func: relax.Function):
-        self.var2val = relax.analysis.get_var2val(func)
-
-    def value(self, expr):
-        while isinstance(expr, relax.Var) and expr in self.var2val:
-            bound = self.var2val[expr]
-            if isinstance(bound, relax.Var):
-                expr = bound
-                continue
-            return bound
-        return expr
-
-    def call(self, expr, *ops):
-        v = self.value(expr)
-        if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name in ops:
-            return v
-        return None
-
-    def strip(self, expr, leading_reshape: bool = True):
-        """Look through no-op broadcast_to and (optionally) reshapes of leading axes."""
-        while True:
-            c = self.call(expr, "relax.broadcast_to", "relax.reshape")
-            if c is None:
-                return expr
-            src, out = _shape(c.args[0]), _shape(c)
-            if src is None or out is None:
-                return expr
-            if c.op.name == "relax.broadcast_to" and src == out:
-                expr = c.args[0]
-            elif c.op.name == "relax.reshape" and leading_reshape and src[-2:] == out[-2:]:
-                expr = c.args[0]
-            else:
-                return expr
-
-    def static_int(self, expr) -> int | None:
-        """The value of a scalar integer expression computable at compile time (constants,
-        and the ONNX index normalization ``where(i < 0, i + shape[0], i)``)."""
-        if isinstance(expr, tvm.tirx.IntImm):
-            return int(expr.value)
-        v = self.value(expr)
-        if isinstance(v, Constant):
-            data = v.value.numpy()
-            return int(data) if data.size == 1 and data.dtype.kind in "iub" else None
-        if not isinstance(v, relax.Call) or not isinstance(v.op, tvm.ir.Op):
-            return None
-        name = v.op.name
-        if name == "relax.where":
-            c = self.static_int(v.args[0])
-            return None if c is None else self.static_int(v.args[1] if c else v.args[2])
-        if name in ("relax.less", "relax.add"):
-            a, b = self.static_int(v.args[0]), self.static_int(v.args[1])
-            if a is None or b is None:
-                return None
-            return int(a < b) if name == "relax.less" else a + b
-        if name == "relax.take":
-            src = self.call(v.args[0], "relax.shape_to_tensor")
-            i = self.static_int(v.args[1])
-            if src is not None and i is not None:
-                of = self.call(src.args[0], "relax.shape_of")
-                shape = _shape(of.args[0]) if of is not None else None
-                if shape is not None and -len(shape) <= i < len(shape):
-                    return shape[i]
-        return None
-
-    def scalar_float(self, expr) -> float | None:
-        v = self.value(expr)
-        if isinstance(v, Constant):
-            data = v.value.numpy()
-            if data.size == 1 and data.dtype.kind == "f":
-                return float(data.reshape(()))
-        return None
+from .instruments import with_stats
+from .ir_utils import Graph, dtype_of, emit_like, shape_of
 
 
 # --- matching one attention ---------------------------------------------------------------
@@ -147,13 +52,13 @@ class _KVSource:
         self.new_axes = new_axes  # emit permute_dims(root, new_axes) first (a transposed K)
 
     def base_shape(self):
-        shape = _shape(self.root)
+        shape = shape_of(self.root)
         if self.new_axes is not None:
             shape = tuple(shape[a] for a in self.new_axes)
         return shape[len(self.prefix):]
 
     def root_shape(self):
-        shape = _shape(self.root)
+        shape = shape_of(self.root)
         return tuple(shape[a] for a in self.new_axes) if self.new_axes is not None else shape
 
 
@@ -165,11 +70,11 @@ def _trace_kv(g: Graph, expr) -> _KVSource:
     if reshape is not None:
         bcast = g.call(g.strip(reshape.args[0], leading_reshape=False), "relax.broadcast_to")
         expand = g.call(bcast.args[0], "relax.expand_dims") if bcast is not None else None
-        src_shape = _shape(expand.args[0]) if expand is not None else None
+        src_shape = shape_of(expand.args[0]) if expand is not None else None
         axes = [int(a) for a in expand.attrs.axis] if expand is not None else []
         if src_shape is not None and len(axes) == 1 and axes[0] % (len(src_shape) + 1) == len(src_shape) - 2:
             a = len(src_shape) - 2
-            out, b_shape = _shape(reshape), _shape(bcast)
+            out, b_shape = shape_of(reshape), shape_of(bcast)
             if out[-2:] == src_shape[-2:] and b_shape[a] * src_shape[a - 1] == out[-3]:
                 rep = b_shape[a]
                 expr = expand.args[0]
@@ -180,7 +85,7 @@ def _trace_kv(g: Graph, expr) -> _KVSource:
         if take is None or int(take.attrs.axis) != 0:
             break
         i = g.static_int(take.args[1])
-        src_shape, out = _shape(take.args[0]), _shape(take)
+        src_shape, out = shape_of(take.args[0]), shape_of(take)
         if i is None or src_shape is None or out is None or len(src_shape) != len(out) + 1:
             break
         prefix.insert(0, i % src_shape[0])
@@ -198,7 +103,7 @@ def _transposed_source(g: Graph, kt) -> _KVSource:
         if swapped == list(range(len(axes))):
             return _trace_kv(g, perm.args[0])
         return _KVSource(perm.args[0], (), 1, new_axes=swapped)
-    rank = len(_shape(kt))
+    rank = len(shape_of(kt))
     return _KVSource(kt, (), 1, new_axes=list(range(rank - 2)) + [rank - 1, rank - 2])
 
 
@@ -229,7 +134,7 @@ def _query_positions(g: Graph, expr, q_len: int):
     if c is None:
         return None
     src = c.args[0]
-    if _shape(src) == (q_len,) and _shape(c) == (q_len, 1) and _dtype(src).startswith("int"):
+    if shape_of(src) == (q_len,) and shape_of(c) == (q_len, 1) and dtype_of(src).startswith("int"):
         return src
     return None
 
@@ -267,7 +172,7 @@ def match_attention(g: Graph, out_call: relax.Call) -> Attention | None:
         return None
     probs, v_used = out_call.args
     sm = g.call(g.strip(probs), "relax.nn.softmax")
-    if sm is None or int(sm.attrs.axis) not in (-1, len(_shape(sm)) - 1):
+    if sm is None or int(sm.attrs.axis) not in (-1, len(shape_of(sm)) - 1):
         return None
     scores = g.strip(sm.args[0])
     causal_pos = mask = None
@@ -293,7 +198,7 @@ def match_attention(g: Graph, out_call: relax.Call) -> Attention | None:
         return None
     q, kt, scale = qk
     q = g.strip(q, leading_reshape=False)
-    q_shape = _shape(q)
+    q_shape = shape_of(q)
     if q_shape is None or len(q_shape) < 2:
         return None
     q_len, head_dim = q_shape[-2:]
@@ -312,10 +217,10 @@ def match_attention(g: Graph, out_call: relax.Call) -> Attention | None:
     for base in (kb, vb):
         if len(base) == 4 and base[0] not in (1, batch) or len(base) == 3 and batch != 1 and k_src.rep != 1:
             return None
-    out_shape = _shape(out_call)
+    out_shape = shape_of(out_call)
     if out_shape is None or int(np.prod(out_shape)) != rows * q_len * head_dim or out_shape[-2:] != (q_len, head_dim):
         return None
-    if any(_dtype(x) != "float32" for x in (q, out_call)):
+    if any(dtype_of(x) != "float32" for x in (q, out_call)):
         return None
     if masked_where is not None:
         causal_pos = _causal_positions(g, masked_where.args[0], masked, q_len, kv_len)
@@ -323,8 +228,8 @@ def match_attention(g: Graph, out_call: relax.Call) -> Attention | None:
             return None
     mask_shape = None
     if mask is not None:
-        mask_shape = _shape(mask)
-        if mask_shape is None or _dtype(mask) != "float32" or any(d != 1 for d in mask_shape[:-2]):
+        mask_shape = shape_of(mask)
+        if mask_shape is None or dtype_of(mask) != "float32" or any(d != 1 for d in mask_shape[:-2]):
             return None
         if mask_shape[-1] not in (1, kv_len) or len(mask_shape) >= 2 and mask_shape[-2] not in (1, q_len):
             return None
@@ -386,7 +291,7 @@ class _AttentionRewriter(PyExprMutator):  # pylint: disable=abstract-method
             super().visit_var_binding_(binding)
             return
         q = self.visit_expr(att.q)
-        if _shape(att.q) != (att.rows, att.q_len, att.head_dim):
+        if shape_of(att.q) != (att.rows, att.q_len, att.head_dim):
             q = self.builder_.emit(relax.op.reshape(q, (att.rows, att.q_len, att.head_dim)))
         args = [q, self._source(att.k), self._source(att.v)]
         if att.pos is not None:
@@ -397,12 +302,7 @@ class _AttentionRewriter(PyExprMutator):  # pylint: disable=abstract-method
         out = relax.call_tir(self._kernel(att), args, out_ty)
         if tuple(att.out_shape) != (att.rows, att.q_len, att.head_dim):
             out = relax.op.reshape(self.builder_.emit(out), att.out_shape)
-        self.set_var_remap(binding.var, _emit_like(self.builder_, binding.var, out))
-
-
-def _emit_like(builder, var, expr):
-    """Emit ``expr`` as a dataflow var, or as an output when it replaces one."""
-    return builder.emit(expr) if isinstance(var, relax.DataflowVar) else builder.emit_output(expr)
+        self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, out))
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseAttention")
@@ -425,6 +325,5 @@ class FuseAttention:  # pylint: disable=too-few-public-methods
             if rewriter.matches:
                 new_func = relax.analysis.remove_all_unused(rewriter.visit_expr(func))
                 rewriter.builder_.update_func(gv, new_func)
-        pipeline.record_stats(fused=sum(per_function.values()),
-                              per_function={k: v for k, v in sorted(per_function.items()) if v})
-        return rewriter.builder_.get()
+        return with_stats(rewriter.builder_.get(), "FuseAttention", fused=sum(per_function.values()),
+                          per_function={k: v for k, v in sorted(per_function.items()) if v})

@@ -10,8 +10,8 @@ through the function's return value) is allocated as
 ``arena = R.memory.alloc_storage(R.shape([arena_bytes]), ...)`` bound at the top of the
 function. Outputs keep their own allocations. ``StaticPlanBlockMemory`` then finds
 nothing left to plan. The plan (arena bytes, the liveness lower bound, compact offsets) is
-recorded per function in the pass statistics and in ``opts.extra["memory_plan"]``, which
-the compile driver writes to ``manifest.json`` (``memory_plan``).
+recorded per function in the pass statistics and in the module's result ``memory_plan``,
+which the compile driver writes to ``manifest.json`` (``memory_plan``).
 
 Why our own planner rather than reading StaticPlanBlockMemory's result: TVM's planner
 works on *storage tokens*: a freed token is reused whole by a later tensor (growing it if
@@ -39,6 +39,9 @@ from dataclasses import dataclass
 
 import tvm
 from tvm import relax
+
+from .instruments import with_stats
+from .ir_utils import with_result
 
 ALIGN = 64
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
@@ -283,21 +286,18 @@ def effective(plans: dict, name: str, key: str) -> int:
 class MemoryPlan:
     """Plan (and, with ``apply``, allocate) each entry function's intermediates in one arena.
 
-    ``sink``: a dict that receives ``{function: plan}``; ``dtype_bytes``: element-size
-    overrides for planning only (``apply`` must be False then).
+    The plans (``{function: plan}``) are the module's result ``memory_plan``
+    (``ir_utils.result``); ``dtype_bytes``: element-size overrides for planning only
+    (``apply`` must be False then).
     """
 
-    def __init__(self, entries, sink: dict | None = None, apply: bool = False, dtype_bytes: dict | None = None,
-                 compare_tvm: bool = True):
+    def __init__(self, entries, apply: bool = False, dtype_bytes: dict | None = None, compare_tvm: bool = True):
         self.entries = list(entries)
-        self.sink = sink if sink is not None else {}
         self.apply = apply and not dtype_bytes
         self.dtype_bytes = dtype_bytes
         self.compare_tvm = compare_tvm
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        from .pipeline import record_stats
-
         # entry functions, every Relax function they call, and every other public Relax
         # function a runtime calls directly (TileImagePatches' encode_image_embed /
         # encode_image_blocks: the host runtime runs those instead of encode_image)
@@ -305,7 +305,7 @@ class MemoryPlan:
                  if isinstance(f, relax.Function) and (gv.name_hint in self.entries or _is_called(mod, gv)
                                                        or _is_public(f))]
         tvm_bytes = tvm_static_plan_bytes(mod, names) if self.compare_tvm else {}
-        stats = {}
+        stats, plans = {}, {}
         for name in names:
             gv = mod.get_global_var(name)
             if self.apply:
@@ -316,9 +316,8 @@ class MemoryPlan:
             plan["callees"] = _relax_callees(mod, mod[gv])
             if name in tvm_bytes:
                 plan["tvm_static_plan_bytes"], plan["tvm_host_alloc_bytes"] = tvm_bytes[name]
-            self.sink[name] = plan
+            plans[name] = plan
             stats[name] = {k: plan[k] for k in ("arena_bytes", "liveness_lower_bound_bytes", "sum_of_sizes_bytes",
                                                 "outputs_bytes", "num_tensors", "tvm_static_plan_bytes",
                                                 "tvm_host_alloc_bytes") if k in plan}
-        record_stats(functions=stats)
-        return mod
+        return with_stats(with_result(mod, "memory_plan", plans), "MemoryPlan", functions=stats)

@@ -31,7 +31,8 @@ design runs on the CPU, overlapped with the APU's ViT blocks) and SoCs without a
 get no partitions. Identical runs (two decoder layers of the same shapes) share one
 partition function. Stats per entry: ``partitions`` (functions) and ``apu_calls``; in
 total ``apu_ops`` (operators inside APU calls) and ``cpu_ops`` (operators outside).
-``sink`` (a list) receives one descriptor per partition for the manifest.
+The module gets one descriptor per partition as its result ``apu_partitions`` (the manifest's
+``apu_partitions``; ``ir_utils.result``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .pipeline import record_stats
+from .instruments import with_stats
+from .ir_utils import Substitute, is_entry, param_names, with_result
 
 #: Relax operator -> APU operator-kind alternatives (each a tuple of kinds).
 RELAX_OP_KINDS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -99,9 +101,6 @@ FLOAT_TENSOR_DTYPES = ("float32", "float16", "bfloat16")
 #: A run becomes a partition only if it holds one of these kinds: a run of only
 #: elementwise or layout operators is not worth the APU's per-call overhead.
 ANCHOR_KINDS = frozenset({"matmul", "conv2d", "attention", "softmax", "layer_norm", "rms_norm", "gather"})
-
-#: Entry functions pinned to the CPU (BlueLM-V: Conv2D on the CPU, overlapped with the APU).
-CPU_FUNCTIONS = ("encode_image_embed",)
 
 APU = "apu"
 
@@ -182,24 +181,6 @@ def activation_dtype(apu, value, out_ty) -> str | None:
 def _is_free(value) -> bool:
     """Bindings that call nothing (aliases, tuples, constants) join whatever run is open."""
     return not isinstance(value, relax.Call)
-
-
-@relax.expr_functor.mutator
-class _Substitute(relax.PyExprMutator):
-    def __init__(self, mapping):
-        super().__init__()
-        self.mapping = mapping
-
-    def visit_var_(self, op):
-        return self.mapping.get(op, op)
-
-    def visit_dataflow_var_(self, op):
-        return self.mapping.get(op, op)
-
-
-def _param_names(func) -> list[str]:
-    names = func.attrs.get("bluelower.param_names") if func.attrs is not None else None
-    return [str(n) for n in names] if names is not None else []
 
 
 def _consumes(call, var) -> bool:
@@ -296,7 +277,7 @@ class _Partitioner:
         self.apu_ops = 0
         self.reused: dict[str, dict] = {}
         num_input = int(func.attrs["num_input"]) if func.attrs is not None and "num_input" in func.attrs else len(func.params)
-        names = _param_names(func)
+        names = param_names(func)
         self.weight_names = {p: n for p, n in zip(func.params[num_input:], names)}
 
     def rewrite(self) -> relax.Function:
@@ -342,7 +323,7 @@ class _Partitioner:
                     inputs.append(v)
         outputs = [v for v in defined if last_use.get(v, -1) > last_index]
         params = [relax.Var(self.weight_names.get(v, v.name).replace(".", "_"), v.ty) for v in inputs]
-        sub = _Substitute(dict(zip(inputs, params)))
+        sub = Substitute(dict(zip(inputs, params)))
         inner = [relax.VarBinding(b.var, sub.visit_expr(b.value)) for b in run]
         if len(outputs) == 1:
             ret = relax.Var("out", outputs[0].ty)
@@ -383,10 +364,6 @@ class _Partitioner:
                                                  for i, o in enumerate(outputs)]
 
 
-def _is_entry(func) -> bool:
-    return isinstance(func, relax.Function) and func.attrs is not None and "global_symbol" in func.attrs
-
-
 def count_ops(func: relax.Function) -> int:
     """Operator bindings (calls) of a Relax function; aliases and tuples are not operators."""
     body = func.body
@@ -399,19 +376,19 @@ def count_ops(func: relax.Function) -> int:
 class PartitionForAPU:
     """Outline APU-supported operator runs into ``<entry>_apu<k>`` functions (see module docstring)."""
 
-    def __init__(self, soc=None, cpu_functions=CPU_FUNCTIONS, sink: list | None = None):
-        self.apu = getattr(soc, "apu", None)
-        self.cpu_functions = tuple(cpu_functions)
-        self.sink = sink
+    def __init__(self, apu=None, cpu_functions=()):
+        self.apu = apu  # the SoC's Apu description (bluelower.targets.soc), or None: no partitions
+        self.cpu_functions = tuple(cpu_functions)  # entries pinned to the CPU (the ModelSpec's cpu_entries)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        entries = sorted((gv for gv, f in mod.functions.items() if _is_entry(f)), key=lambda gv: gv.name_hint)
+        entries = sorted((gv for gv, f in mod.functions.items() if is_entry(f)), key=lambda gv: gv.name_hint)
         if self.apu is None:
             ops = sum(count_ops(mod[gv]) for gv in entries)
-            record_stats(apu="none", partitions={gv.name_hint: 0 for gv in entries},
-                         apu_calls={gv.name_hint: 0 for gv in entries}, apu_ops=0, cpu_ops=ops)
-            return mod
+            return with_stats(with_result(mod, "apu_partitions", []), "PartitionForAPU", apu="none",
+                              partitions={gv.name_hint: 0 for gv in entries},
+                              apu_calls={gv.name_hint: 0 for gv in entries}, apu_ops=0, cpu_ops=ops)
         bb = relax.BlockBuilder(mod)
+        descs: list = []
         rewritten, partitions, calls, apu_ops, cpu_ops = {}, {}, {}, 0, 0
         for gv in entries:
             func = mod[gv]
@@ -420,7 +397,7 @@ class PartitionForAPU:
                 partitions[gv.name_hint] = 0
                 cpu_ops += total
                 continue
-            p = _Partitioner(bb, self.apu, gv.name_hint, func, self.sink)
+            p = _Partitioner(bb, self.apu, gv.name_hint, func, descs)
             rewritten[gv] = p.rewrite()
             partitions[gv.name_hint] = p.count
             calls[gv.name_hint] = p.calls
@@ -430,13 +407,12 @@ class PartitionForAPU:
         for gv, func in rewritten.items():
             out[gv] = func
         out = relax.transform.Normalize()(out)
-        if self.sink is not None:  # the artifact a vendor NPU compiler takes (docs/apu-partitions.md)
-            for desc in self.sink:
-                if desc["name"] in [gv.name_hint for gv in out.get_global_vars()] and "tvmscript" not in desc:
-                    desc["tvmscript"] = partition_tvmscript(out, desc["name"])
-        record_stats(apu=self.apu.name, max_ops_per_graph=self.apu.max_ops_per_graph, partitions=partitions,
-                     apu_calls=calls, apu_ops=apu_ops, cpu_ops=cpu_ops)
-        return out
+        for desc in descs:  # the artifact a vendor NPU compiler takes (docs/apu-partitions.md)
+            if desc["name"] in [gv.name_hint for gv in out.get_global_vars()] and "tvmscript" not in desc:
+                desc["tvmscript"] = partition_tvmscript(out, desc["name"])
+        out = with_result(out, "apu_partitions", descs)
+        return with_stats(out, "PartitionForAPU", apu=self.apu.name, max_ops_per_graph=self.apu.max_ops_per_graph,
+                          partitions=partitions, apu_calls=calls, apu_ops=apu_ops, cpu_ops=cpu_ops)
 
 
 def apu_partitions(mod: tvm.IRModule) -> dict[str, relax.Function]:
@@ -453,10 +429,3 @@ def partition_tvmscript(mod: tvm.IRModule, name: str) -> str:
         if gv.name_hint in [g.name_hint for g in mod.get_global_vars()]:
             funcs[mod.get_global_var(gv.name_hint)] = mod[gv.name_hint]
     return tvm.IRModule(funcs).script(show_meta=False)
-
-
-def partition_for_apu(opts) -> "PartitionForAPU | None":
-    """The pass for a build (``CompileOptions``): descriptors go to ``opts.extra["apu_partitions"]``."""
-    if opts.soc is None:
-        return None
-    return PartitionForAPU(opts.soc, sink=opts.extra.setdefault("apu_partitions", []))

@@ -31,8 +31,8 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..lowering.kernels.attention import kv_cache_write
-from . import pipeline
-from .fuse_attention import Graph, _emit_like, _shape
+from .instruments import with_stats
+from .ir_utils import Graph, emit_like, shape_of
 
 
 def _layer_writes(g: Graph, func: relax.Function) -> dict:
@@ -47,8 +47,8 @@ def _layer_writes(g: Graph, func: relax.Function) -> dict:
         if take is None or int(take.attrs.axis) != 0 or take.args[0] not in params:
             continue
         i = g.static_int(take.args[1])
-        cache_shape = _shape(take.args[0])
-        if i is None or cache_shape is None or _shape(sc) != cache_shape[1:]:
+        cache_shape = shape_of(take.args[0])
+        if i is None or cache_shape is None or shape_of(sc) != cache_shape[1:]:
             continue
         writes[var] = (take.args[0], i % cache_shape[0], sc)
     return writes
@@ -58,15 +58,15 @@ def _stacked(g: Graph, expr, cache_shape):
     """The layer tensors ``expr`` stacks along a new axis 0 (shape ``cache_shape``), or None."""
     fields = None
     reshape = g.call(expr, "relax.reshape")
-    if reshape is not None and _shape(reshape) == cache_shape:
+    if reshape is not None and shape_of(reshape) == cache_shape:
         cat = g.call(reshape.args[0], "relax.concat")
         if cat is not None and int(cat.attrs.axis) == 0:
             fields = list(_tuple_fields(g, cat.args[0]))
-            if any(_shape(f) != cache_shape[1:] for f in fields):
+            if any(shape_of(f) != cache_shape[1:] for f in fields):
                 return None
             return fields
     cat = g.call(expr, "relax.concat")
-    if cat is not None and int(cat.attrs.axis) == 0 and _shape(cat) == cache_shape:
+    if cat is not None and int(cat.attrs.axis) == 0 and shape_of(cat) == cache_shape:
         fields = []
         for f in _tuple_fields(g, cat.args[0]):
             e = g.call(f, "relax.expand_dims")
@@ -105,16 +105,16 @@ class _CacheRewriter(PyExprMutator):  # pylint: disable=abstract-method
             cache, layer, sc = self.writes[var]
             if self.current is None:
                 self.current = self.visit_expr(cache)
-            cache_shape = _shape(cache)
+            cache_shape = shape_of(cache)
             axis = int(sc.attrs.axis) % len(cache_shape[1:])
             index, update = sc.args[1], sc.args[2]
-            gv = self._kernel(cache_shape, layer, axis, _shape(update), str(update.ty.dtype), str(index.ty.dtype))
+            gv = self._kernel(cache_shape, layer, axis, shape_of(update), str(update.ty.dtype), str(index.ty.dtype))
             self.current = self.builder_.emit(
                 relax.call_tir_inplace(gv, [self.current, self.visit_expr(index), self.visit_expr(update)], [0],
                                        cache.ty)
             )
             layer_view = relax.op.take(self.current, relax.const(layer, "int64"), axis=0)
-            self.set_var_remap(var, _emit_like(self.builder_, var, layer_view))
+            self.set_var_remap(var, emit_like(self.builder_, var, layer_view))
             return
         if var in self.stack_vars:
             current = self.current
@@ -141,7 +141,7 @@ class PlanKVCache:  # pylint: disable=too-few-public-methods
             if len(caches) != 1:
                 continue
             cache = next(iter(caches))
-            cache_shape = _shape(cache)
+            cache_shape = shape_of(cache)
             by_layer = sorted(writes, key=lambda v: writes[v][1])
             stack_vars = set()
             for var in g.var2val:
@@ -160,5 +160,5 @@ class PlanKVCache:  # pylint: disable=too-few-public-methods
             new_func = relax.analysis.remove_all_unused(rewriter.visit_expr(func))
             rewriter.builder_.update_func(gv, new_func)
             per_function[gv.name_hint] = len(writes)
-        pipeline.record_stats(in_place_writes=sum(per_function.values()), per_function=dict(sorted(per_function.items())))
-        return rewriter.builder_.get()
+        return with_stats(rewriter.builder_.get(), "PlanKVCache", in_place_writes=sum(per_function.values()),
+                          per_function=dict(sorted(per_function.items())))

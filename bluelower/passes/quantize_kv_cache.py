@@ -25,7 +25,7 @@ prefill and decode always agree on the cache type.
 
 Stats: ``layers``, ``functions``, ``bytes_per_token`` (all layers, K and V, codes +
 scales), ``fp32_bytes_per_token``, ``cache_bytes``, ``shape``, ``dtype``. The manifest's
-``kv_cache`` is written from what this pass produced (``CompileOptions.extra["kv_cache"]``).
+``kv_cache`` is written from what this pass produced (the module's result ``kv_cache``).
 """
 
 from __future__ import annotations
@@ -37,25 +37,9 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..lowering.kernels.attention import KV_SCALE_BYTES, fused_attention, kv_cache_write_int8
-from . import pipeline
-from .fuse_attention import _emit_like, _shape
-
-LAYOUT = ("int8 [L, 2 (k, v), kv_heads, capacity, head_dim + 4]: per row head_dim symmetric int8 codes "
-          "(clip(round(x / scale), -127, 127)), then the row's float32 scale = max|x| / 127 as 4 little-endian bytes")
-
-
-def _kernel_args(mod, gv) -> dict | None:
-    if not isinstance(gv, relax.GlobalVar) or gv not in mod.functions:
-        return None
-    func = mod[gv]
-    if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs is None or "bluelower.kernel_args" not in func.attrs:
-        return None
-    return json.loads(str(func.attrs["bluelower.kernel_args"]))
-
-
-def _is_op(call, name) -> bool:
-    return isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and call.op.name == name
-
+from ..lowering.quant.modes import KV_INT8_LAYOUT
+from .instruments import with_stats
+from .ir_utils import emit_like, is_op, kernel_args, referenced_global_vars, shape_of, with_result
 
 def _int8_shape(shape) -> tuple:
     return tuple(shape[:-1]) + (shape[-1] + KV_SCALE_BYTES,)
@@ -79,15 +63,15 @@ def _plan_function(mod, func: relax.Function):
     param = None
     for b in bindings:
         v = b.value
-        if _is_op(v, "relax.call_tir_inplace"):
-            args = _kernel_args(mod, v.args[0])
+        if is_op(v, "relax.call_tir_inplace"):
+            args = kernel_args(mod, v.args[0])
             fields = list(v.args[1].fields)
             if args is not None and "cache_shape" in args and fields and fields[0] in func.params:
                 param = fields[0]
                 break
     if param is None:
         return False, None
-    shape = _shape(param)
+    shape = shape_of(param)
     if shape is None or len(shape) != 5 or str(param.ty.dtype) != "float32":
         return None, "the cache parameter is not a static float32 [L, 2, kv_heads, capacity, head_dim] tensor"
     plan = _Plan(param)
@@ -97,8 +81,8 @@ def _plan_function(mod, func: relax.Function):
             {v} & plan.values)
         if not used:
             continue
-        if _is_op(v, "relax.call_tir_inplace"):
-            args = _kernel_args(mod, v.args[0])
+        if is_op(v, "relax.call_tir_inplace"):
+            args = kernel_args(mod, v.args[0])
             fields = list(v.args[1].fields)
             if (args is None or "cache_shape" not in args or not fields[0].same_as(next(iter(used)))
                     or any(f in plan.values for f in fields[1:]) or len(used) != 1
@@ -106,8 +90,8 @@ def _plan_function(mod, func: relax.Function):
                 return None, f"an unexpected in-place call on the cache ({b.var.name})"
             plan.writes[b.var] = args
             plan.values.add(b.var)
-        elif _is_op(v, "relax.call_tir"):
-            args = _kernel_args(mod, v.args[0])
+        elif is_op(v, "relax.call_tir"):
+            args = kernel_args(mod, v.args[0])
             fields = list(v.args[1].fields)
             if (args is None or "k_shape" not in args or len(fields) < 3
                     or any(f in plan.values for i, f in enumerate(fields) if i not in (1, 2))
@@ -155,33 +139,21 @@ class _Rewriter(PyExprMutator):  # pylint: disable=abstract-method
             fields = [self.visit_expr(f) for f in call.args[1].fields]
             gv = self._kernel(plan.writes[var], "write")
             new = relax.call_tir_inplace(gv, fields, [0], fields[0].ty)
-            self.set_var_remap(var, _emit_like(self.builder_, var, new))
+            self.set_var_remap(var, emit_like(self.builder_, var, new))
             return
         if var in plan.attentions:
             call = binding.value
             fields = [self.visit_expr(f) for f in call.args[1].fields]
             gv = self._kernel(plan.attentions[var], "attention")
             new = relax.call_tir(gv, fields, call.ty_args[0])
-            self.set_var_remap(var, _emit_like(self.builder_, var, new))
+            self.set_var_remap(var, emit_like(self.builder_, var, new))
             return
         super().visit_var_binding_(binding)
-
-
-def referenced_global_vars(mod) -> set:
-    """Names of the functions the module's Relax functions refer to."""
-    out = set()
-    for _gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            out.update(g.name_hint for g in relax.analysis.all_global_vars(func))
-    return out
 
 
 @tvm.transform.module_pass(opt_level=0, name="QuantizeKVCache")
 class QuantizeKVCache:  # pylint: disable=too-few-public-methods
     """Store the KV cache as INT8 (see the module docstring)."""
-
-    def __init__(self, sink: dict | None = None):
-        self.sink = sink if sink is not None else {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         plans = {}
@@ -192,13 +164,12 @@ class QuantizeKVCache:  # pylint: disable=too-few-public-methods
             if plan is False:
                 continue
             if plan is None:
-                pipeline.record_stats(converted=0, reason=f"{gv.name_hint}: {reason}")
-                return mod
+                return with_stats(mod, "QuantizeKVCache", converted=0, reason=f"{gv.name_hint}: {reason}")
             plans[gv] = plan
-        shapes = {_shape(p.param) for p in plans.values()}
+        shapes = {shape_of(p.param) for p in plans.values()}
         if not plans or len(shapes) != 1:
-            pipeline.record_stats(converted=0, reason="no KV cache found" if not plans else "functions disagree on the cache shape")
-            return mod
+            return with_stats(mod, "QuantizeKVCache", converted=0,
+                              reason="no KV cache found" if not plans else "functions disagree on the cache shape")
         shape = next(iter(shapes))
         new_shape = _int8_shape(shape)
         new_ty = relax.TensorType(new_shape, "int8")
@@ -222,15 +193,14 @@ class QuantizeKVCache:  # pylint: disable=too-few-public-methods
                 del out[gv]
         L, _two, kv_heads, capacity, head_dim = shape
         bytes_per_token = L * 2 * kv_heads * (head_dim + KV_SCALE_BYTES)
-        info = {"shape": list(new_shape), "dtype": "int8", "layout": LAYOUT, "scale_dtype": "float32",
+        info = {"shape": list(new_shape), "dtype": "int8", "layout": KV_INT8_LAYOUT, "scale_dtype": "float32",
                 "bytes": capacity * bytes_per_token, "bytes_per_token": bytes_per_token,
                 "functions": {gv.name_hint: [i for i, p in enumerate(mod[gv].params) if p.same_as(plans[gv].param)][0]
                               for gv in plans}}
-        self.sink.update(info)
-        pipeline.record_stats(converted=1, layers=L, functions=sorted(gv.name_hint for gv in plans),
-                              bytes_per_token=bytes_per_token, fp32_bytes_per_token=L * 2 * kv_heads * head_dim * 4,
-                              cache_bytes=capacity * bytes_per_token, shape=list(new_shape), dtype="int8")
-        return out
+        out = with_result(out, "kv_cache", info)
+        return with_stats(out, "QuantizeKVCache", converted=1, layers=L, functions=sorted(gv.name_hint for gv in plans),
+                          bytes_per_token=bytes_per_token, fp32_bytes_per_token=L * 2 * kv_heads * head_dim * 4,
+                          cache_bytes=capacity * bytes_per_token, shape=list(new_shape), dtype="int8")
 
 
 def func_binding_callee(func: relax.Function, var) -> str:
@@ -240,11 +210,3 @@ def func_binding_callee(func: relax.Function, var) -> str:
             if b.var.same_as(var):
                 return b.value.args[0].name_hint
     return ""
-
-
-def kv_cache_bytes(cfg, quant: str) -> dict:
-    """The KV cache size for a config and ``--quant`` mode, from shapes only."""
-    d, r = cfg.decoder, cfg.runtime
-    per_row = d.head_dim + KV_SCALE_BYTES if quant == "w4a16kv8" else d.head_dim * 4
-    per_token = d.num_layers * 2 * d.num_kv_heads * per_row
-    return {"bytes_per_token": per_token, "bytes": per_token * r.kv_capacity, "capacity": r.kv_capacity}

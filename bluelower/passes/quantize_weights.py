@@ -49,15 +49,16 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..lowering.kernels import embedding_gather, int4_linear, int8_linear
 from ..lowering.kernels.embedding import kernel_name as embedding_kernel_name
-from ..lowering.quant.params import (DEFAULT_GROUP_SIZE, EmbeddingScheme, choose_embedding_scheme, choose_scheme,
-                                         sanitize, scheme_params)
-from .pipeline import record_stats
+from ..lowering.quant.modes import DEFAULT_GROUP_SIZE
+from ..lowering.quant.params import (EmbeddingScheme, ParamTransform, choose_embedding_scheme, choose_scheme, sanitize,
+                                     scheme_params)
+from .instruments import with_stats
+from .ir_utils import PARAM_NAMES, calls_where, count_var_uses, result, static_shape, with_result
 
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 _TAKE = tvm.ir.Op.get("relax.take")
 _SHAPE_OF = tvm.ir.Op.get("relax.shape_of")
 _OPAQUE = 8  # relay/relax OpPatternKind kOpaque: FuseOps leaves the kernel alone
-_PARAM_NAMES = "bluelower.param_names"  # checkpoint names of the weight parameters, in order
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,18 +85,6 @@ _int8_linear = functools.lru_cache(maxsize=None)(int8_linear)
 _embedding_gather = functools.lru_cache(maxsize=None)(embedding_gather)
 
 
-def _static_shape(expr) -> tuple | None:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None or not isinstance(ty.shape, relax.ShapeExpr):
-        return None
-    dims = []
-    for d in ty.shape.values:
-        if not isinstance(d, tirx.IntImm):
-            return None
-        dims.append(int(d))
-    return tuple(dims)
-
-
 def _is_f32(expr) -> bool:
     return isinstance(expr.ty, relax.TensorType) and str(expr.ty.dtype) == "float32"
 
@@ -104,23 +93,33 @@ def _is_f32(expr) -> bool:
 class QuantizeWeights:
     """Rewrite linear layers over weight parameters into INT4/INT8 kernel calls.
 
-    ``quant``: ``w8`` | ``w4a16`` | ``w4a16kv8`` (``fp32`` changes nothing).
-    ``group_size``: INT4 group size. ``weight_names``: Relax parameter name -> source
-    weight name (defaults to the Relax name). ``table``: dict that receives
-    ``new source-style name -> ParamTransform``; ``entry_params`` receives, per rewritten
-    function, its new parameter list (source-style names).
+    ``quant``: a ``--quant`` mode (``lowering/quant/modes.py``; ``fp32`` changes nothing).
+    ``group_size``: INT4 group size. ``roles``: the role of each weight (source name ->
+    role, a dict or a function: the ModelSpec's ``weight_role``), which the mode maps to a
+    format; without it every linear weight counts as a decoder linear (``mlp``) and every
+    lookup table as the token embedding. ``weight_names``: Relax parameter name -> source
+    weight name, for functions without ``bluelower.param_names`` (defaults to the Relax name).
+
+    The conversion table (new parameter -> source weight, quantizer, args) is the module's
+    result ``quantized_params`` (``ir_utils.result``); each rewritten function's
+    ``bluelower.param_names`` lists its new parameters.
     """
 
-    def __init__(self, quant: str, group_size: int = DEFAULT_GROUP_SIZE, weight_names: dict | None = None,
-                 table: dict | None = None, entry_params: dict | None = None):
+    def __init__(self, quant: str, group_size: int = DEFAULT_GROUP_SIZE, roles=None, weight_names: dict | None = None):
         self.quant = quant
         self.group_size = group_size
+        self.roles = roles
         self.weight_names = weight_names or {}
-        self.table = table if table is not None else {}
-        self.entry_params = entry_params if entry_params is not None else {}
+        self.table = {}
+
+    def _role(self, source: str, default: str) -> str:
+        if self.roles is None:
+            return default
+        return self.roles.get(source, "other") if isinstance(self.roles, dict) else self.roles(source)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         rewriter = _LinearRewriter(mod)
+        self.table = {}
         self._tables_seen = set()  # an embedding table shared by embed and decode is counted once
         stats = {"int4_layers": 0, "int8_layers": 0, "padded_layers": 0, "kept_fp32_layers": 0, "weights_quantized": 0,
                  "embedding_tables_quantized": 0, "int4_embedding_lookups": 0, "int8_embedding_lookups": 0,
@@ -133,13 +132,15 @@ class QuantizeWeights:
                 rewriter.builder_.update_func(gv, new_func)
         out = rewriter.builder_.get()
         out = _drop_unused_private_functions(out)
-        record_stats(**stats)
-        return out
+        if self.table:
+            previous = result(out, "quantized_params", {})
+            out = with_result(out, "quantized_params", {**previous, **{n: t.to_result() for n, t in self.table.items()}})
+        return with_stats(out, "QuantizeWeights", **stats)
 
     def _rewrite_function(self, mod, rewriter, func: relax.Function, stats: dict):
         num_input = int(func.attrs["num_input"])
         weights = list(func.params[num_input:])
-        uses = _count_var_uses(func.body)
+        uses = count_var_uses(func.body)
         linear_uses: dict = {}
         for call in _linear_calls(mod, func.body):
             w = call.args[1].fields[1]
@@ -160,10 +161,11 @@ class QuantizeWeights:
             calls = linear_uses.get(w, [])
             scheme = None
             if calls and len(calls) == uses.get(w, 0):
-                n, k = _static_shape(w)
-                scheme = choose_scheme(source, n, k, self.quant, self.group_size)
+                n, k = static_shape(w)
+                scheme = choose_scheme(self._role(source, "mlp"), n, k, self.quant, self.group_size)
             elif w in lookups and len(lookups[w]) + shape_uses.get(w, 0) == uses.get(w, 0):
-                scheme = choose_embedding_scheme(source, *_static_shape(w), self.quant, self.group_size)
+                scheme = choose_embedding_scheme(self._role(source, "embedding"), *static_shape(w), self.quant,
+                                                 self.group_size)
                 calls = lookups[w] if scheme is not None else []
             if isinstance(scheme, EmbeddingScheme):
                 parts = self._add_params(source, scheme, w, plan, new_params, new_names)
@@ -190,11 +192,9 @@ class QuantizeWeights:
         rewriter.plan = plan
         body = rewriter.visit_expr(func.body)
         rewriter.plan = {}
-        if "global_symbol" in func.attrs:
-            self.entry_params[str(func.attrs["global_symbol"])] = new_names
         out = relax.Function(list(func.params[:num_input]) + new_params, body, func.ret_ty, func.is_pure, func.attrs)
-        if _PARAM_NAMES in func.attrs:  # keep the importers' name table in step with the signature
-            out = out.with_attr(_PARAM_NAMES, new_names)
+        if PARAM_NAMES in func.attrs:  # keep the importers' name table in step with the signature
+            out = out.with_attr(PARAM_NAMES, new_names)
         return out
 
     def _add_params(self, source, scheme, w, plan, new_params, new_names) -> list:
@@ -213,8 +213,8 @@ class QuantizeWeights:
         """Checkpoint names of the weight parameters: the importers' ``bluelower.param_names``
         attribute when present, else the Relax name looked up in ``weight_names`` (also
         under a frontend prefix such as ONNX's ``m_``), else the Relax name itself."""
-        if _PARAM_NAMES in func.attrs and len(func.attrs[_PARAM_NAMES]) == len(weights):
-            return [str(n) for n in func.attrs[_PARAM_NAMES]]
+        if PARAM_NAMES in func.attrs and len(func.attrs[PARAM_NAMES]) == len(weights):
+            return [str(n) for n in func.attrs[PARAM_NAMES]]
         out = []
         for w in weights:
             name = self.weight_names.get(w.name)
@@ -224,41 +224,18 @@ class QuantizeWeights:
         return out
 
 
-def _count_var_uses(body) -> dict:
-    counts: dict = {}
-
-    def visit(node):
-        if isinstance(node, relax.Var):
-            counts[node] = counts.get(node, 0) + 1
-
-    relax.analysis.post_order_visit(body, visit)
-    return counts
-
-
-def _calls_where(body, pred) -> list:
-    """Every ``relax.Call`` in ``body`` (post-order) for which ``pred(call)`` holds."""
-    found = []
-
-    def visit(node):
-        if isinstance(node, relax.Call) and pred(node):
-            found.append(node)
-
-    relax.analysis.post_order_visit(body, visit)
-    return found
-
-
 def _linear_calls(mod, body) -> list:
     """``call_tir(NT_matmul, (x, W))`` calls with 2-D static float32 ``x``, ``W`` a Var."""
-    return _calls_where(body, lambda c: _match_linear(mod, c) is not None)
+    return calls_where(body, lambda c: _match_linear(mod, c) is not None)
 
 
 def _embedding_lookups(body) -> list:
     """``R.take(T, ids, axis=0)`` with ``T`` a 2-D static float32 Var and integer ``ids`` of static shape."""
-    return _calls_where(body, _match_lookup)
+    return calls_where(body, _match_lookup)
 
 
 def _shape_of_calls(body) -> list:
-    return _calls_where(body, lambda c: c.op.same_as(_SHAPE_OF) and isinstance(c.args[0], relax.Var))
+    return calls_where(body, lambda c: c.op.same_as(_SHAPE_OF) and isinstance(c.args[0], relax.Var))
 
 
 def _match_lookup(call: relax.Call) -> bool:
@@ -267,7 +244,7 @@ def _match_lookup(call: relax.Call) -> bool:
     table, ids = call.args
     if not isinstance(table, relax.Var) or not _is_f32(table) or int(call.attrs.axis) != 0:
         return False
-    ts, ids_shape = _static_shape(table), _static_shape(ids)
+    ts, ids_shape = static_shape(table), static_shape(ids)
     return (ts is not None and len(ts) == 2 and ids_shape is not None
             and str(ids.ty.dtype) in ("int32", "int64"))
 
@@ -281,7 +258,7 @@ def _match_linear(mod, call: relax.Call):
     x, w = args.fields
     if not isinstance(w, relax.Var) or not (_is_f32(x) and _is_f32(w)):
         return None
-    xs, ws = _static_shape(x), _static_shape(w)
+    xs, ws = static_shape(x), static_shape(w)
     if xs is None or ws is None or len(xs) < 2 or len(ws) != 2 or xs[-1] != ws[1]:
         return None
     callee = mod[call.args[0]]
@@ -314,7 +291,7 @@ class _LinearRewriter(PyExprMutator):  # pylint: disable=abstract-method
         x, w = matched
         scheme, new_vars = self.plan[w]
         x = self.visit_expr(x)
-        lead = _static_shape(x)[:-1]  # e.g. ONNX keeps [1, 729, K]; the kernels take [M, K]
+        lead = static_shape(x)[:-1]  # e.g. ONNX keeps [1, 729, K]; the kernels take [M, K]
         m = int(np.prod(lead))
         if len(lead) != 1:
             x = self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr([m, scheme.k])))
@@ -340,7 +317,7 @@ class _LinearRewriter(PyExprMutator):  # pylint: disable=abstract-method
         """``take(T, ids, axis=0)`` -> gather kernel over the quantized rows (ids flattened to 1-D)."""
         scheme, new_vars = self.plan[call.args[0]]
         ids = self.visit_expr(call.args[1])
-        ids_shape = _static_shape(ids)
+        ids_shape = static_shape(ids)
         n_ids = int(np.prod(ids_shape)) if ids_shape else 1
         if len(ids_shape) != 1:
             ids = self.builder_.emit(relax.op.reshape(ids, relax.ShapeExpr([n_ids])))
@@ -354,27 +331,13 @@ class _LinearRewriter(PyExprMutator):  # pylint: disable=abstract-method
         return y
 
 
+def quantized_params(mod: tvm.IRModule) -> dict:
+    """``new parameter name -> ParamTransform`` of every weight QuantizeWeights converted in ``mod``."""
+    return {name: ParamTransform.from_result(r) for name, r in result(mod, "quantized_params", {}).items()}
+
+
 def _drop_unused_private_functions(mod: tvm.IRModule) -> tvm.IRModule:
     """Remove the NT_matmul PrimFuncs no call refers to any more (entry functions kept)."""
     entries = [gv.name_hint for gv, f in mod.functions_items()
                if isinstance(f, relax.Function) and "global_symbol" in f.attrs]
     return relax.transform.DeadCodeElimination(entries)(mod)
-
-
-def quantize_weights_for(opts) -> "QuantizeWeights | None":
-    """The pass for a build (None for ``--quant fp32``).
-
-    Reads ``opts.extra["group_size"]`` (default 32); fills ``opts.extra["quantized_params"]``
-    (new name -> ParamTransform) and ``opts.extra["entry_params"]`` (function -> params).
-    """
-    if opts.quant == "fp32":
-        return None
-    names = {}
-    if opts.model is not None:
-        from ..lowering.frontend.weights import model_weight_specs
-
-        names = {sanitize(n): n for n in model_weight_specs(opts.model)}
-    group_size = int(opts.extra.get("group_size", DEFAULT_GROUP_SIZE))
-    return QuantizeWeights(opts.quant, group_size, names,
-                           table=opts.extra.setdefault("quantized_params", {}),
-                           entry_params=opts.extra.setdefault("entry_params", {}))

@@ -32,6 +32,7 @@ Stats: ``tasks``, ``apu_tasks``, ``makespan_s`` and the per-phase seconds.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import networkx as nx
 import tvm
@@ -39,7 +40,8 @@ from tvm import relax
 
 from ..targets.cost_model import APU_UNIT, Work, cost, units_of
 from ..targets.scheduler import add_task, list_schedule
-from .pipeline import record_stats
+from .instruments import with_stats
+from .ir_utils import with_result
 
 _MATMUL_KERNELS = ("NT_matmul", "matmul", "int4_linear", "int8_linear")
 _ATTENTION_KERNELS = ("fused_attention",)
@@ -235,7 +237,19 @@ def _costs(soc, seg) -> dict[str, float]:
     return out
 
 
-def build_operator_graph(mod: tvm.IRModule, soc, image_batch: int, image_grid=DEFAULT_IMAGE_GRID):
+@dataclass(frozen=True)
+class Request:
+    """The entry calls of one request, by phase: ``image_stages`` run one after the other for
+    each patch batch (TileImagePatches' ``<image>_embed`` then ``<image>_blocks``, or the one
+    image entry when the module has no split), then each phase of ``text`` (a name and the
+    entries it calls in order). Entries the module lacks are left out."""
+
+    image_stages: tuple[str, ...] = ()
+    image_entry: str | None = None
+    text: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+def build_operator_graph(mod: tvm.IRModule, soc, request: Request, image_batch: int, image_grid=DEFAULT_IMAGE_GRID):
     """The request's task DAG over the module's segments (see the module docstring)."""
     from ..reports.predict import image_patches
 
@@ -272,24 +286,24 @@ def build_operator_graph(mod: tvm.IRModule, soc, image_batch: int, image_grid=DE
         patches = image_patches(tuple(image_grid))
         batches = math.ceil(patches / image_batch)
         info.update(image_patches=patches, image_batches=batches)
-        split = "encode_image_embed" in names and "encode_image_blocks" in names
+        stages = list(request.image_stages)
+        split = len(stages) == 2 and all(s in names for s in stages)
         prev_embed: list[str] = []
         prev_blocks: list[str] = []
         for k in range(batches):
             if split:
                 # Conv2D of batch k+1 waits only for the Conv2D of batch k: it overlaps blocks k
-                emb = add_call("encode_image_embed", f"encode_image_embed[{k}]", "image_encode", prev_embed)
-                blk = add_call("encode_image_blocks", f"encode_image_blocks[{k}]", "image_encode", emb + prev_blocks)
+                emb = add_call(stages[0], f"{stages[0]}[{k}]", "image_encode", prev_embed)
+                blk = add_call(stages[1], f"{stages[1]}[{k}]", "image_encode", emb + prev_blocks)
                 prev_embed, prev_blocks = emb, blk
-            elif "encode_image" in names:
-                prev_blocks = add_call("encode_image", f"encode_image[{k}]", "image_encode", prev_blocks)
+            elif request.image_entry in names:
+                prev_blocks = add_call(request.image_entry, f"{request.image_entry}[{k}]", "image_encode", prev_blocks)
         ends = prev_blocks
-    if "embed" in names and "prefill" in names:
-        ends = add_call("embed", "embed[prefill]", "prefill", ends)
-        ends = add_call("prefill", "prefill[0]", "prefill", ends)
-    if "embed" in names and "decode" in names:
-        ends = add_call("embed", "embed[decode]", "decode", ends)
-        ends = add_call("decode", "decode[0]", "decode", ends)
+    for phase, calls in request.text:
+        if all(c in names for c in calls):
+            for i, c in enumerate(calls):
+                tag = f"{c}[{phase}]" if i < len(calls) - 1 else f"{c}[0]"
+                ends = add_call(c, tag, phase, ends)
     return g, info
 
 
@@ -297,13 +311,13 @@ def build_operator_graph(mod: tvm.IRModule, soc, image_batch: int, image_grid=DE
 class ScheduleOperators:
     """List-schedule the module's APU partitions and CPU segments (see the module docstring)."""
 
-    def __init__(self, soc, image_batch: int = 1, image_grid=DEFAULT_IMAGE_GRID, sink: dict | None = None):
-        self.soc, self.image_batch, self.image_grid, self.sink = soc, image_batch, image_grid, sink
+    def __init__(self, soc, request: "Request", image_batch: int = 1, image_grid=DEFAULT_IMAGE_GRID):
+        self.soc, self.request, self.image_batch, self.image_grid = soc, request, image_batch, image_grid
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         from ..reports.predict import summarize
 
-        g, info = build_operator_graph(mod, self.soc, self.image_batch, self.image_grid)
+        g, info = build_operator_graph(mod, self.soc, self.request, self.image_batch, self.image_grid)
         units = [u.name for u in units_of(self.soc)]
         sched = list_schedule(g, units=units, title=f"operators on {self.soc.name}",
                               info={**info, "soc": self.soc.name})
@@ -311,17 +325,7 @@ class ScheduleOperators:
         out["summary"] = summarize(sched)
         decode_s = out["summary"]["decode_s"]  # one decode step (several tasks)
         out["summary"]["decode_tokens_per_s"] = 1.0 / decode_s if decode_s > 0 else None
-        if self.sink is not None:
-            self.sink["schedule"] = out
-        record_stats(tasks=len(sched.tasks), apu_tasks=sum(1 for t in sched.tasks if t.unit == APU_UNIT),
-                     makespan_s=sched.makespan_s, phase_seconds=sched.phase_seconds())
-        return mod
-
-
-def schedule_operators(opts) -> "ScheduleOperators | None":
-    """The pass for a build (``CompileOptions``): the schedule goes to ``opts.extra["schedule"]``."""
-    if opts.soc is None:
-        return None
-    batch = opts.model.runtime.image_batch if opts.model is not None else opts.soc.image_batch
-    grid = opts.extra.get("image_grid", DEFAULT_IMAGE_GRID)
-    return ScheduleOperators(opts.soc, image_batch=batch, image_grid=grid, sink=opts.extra)
+        mod = with_result(mod, "schedule", out)
+        return with_stats(mod, "ScheduleOperators", tasks=len(sched.tasks),
+                          apu_tasks=sum(1 for t in sched.tasks if t.unit == APU_UNIT), makespan_s=sched.makespan_s,
+                          phase_seconds=sched.phase_seconds())

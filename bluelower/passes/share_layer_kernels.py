@@ -28,8 +28,8 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from . import pipeline
-from .quantize_kv_cache import referenced_global_vars
+from .instruments import with_stats
+from .ir_utils import referenced_global_vars
 
 _CALLS = ("relax.call_tir", "relax.call_tir_inplace")
 
@@ -102,8 +102,7 @@ class ShareLayerKernels:  # pylint: disable=too-few-public-methods
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         stamped = {gv.name_hint for gv, f in mod.functions_items() if _stamp(f) is not None}
         if not stamped:
-            pipeline.record_stats(shared=0, reason="no per-layer kernels")
-            return mod
+            return with_stats(mod, "ShareLayerKernels", shared=0, reason="no per-layer kernels")
         sharer = _Sharer(mod)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
@@ -115,6 +114,5 @@ class ShareLayerKernels:  # pylint: disable=too-few-public-methods
             if gv.name_hint in stamped and gv.name_hint not in still:
                 del out[gv]
                 removed += 1
-        pipeline.record_stats(per_layer_kernels=len(stamped), shared_kernels=len(sharer.shared),
-                              calls_rewritten=sharer.calls, removed=removed)
-        return out
+        return with_stats(out, "ShareLayerKernels", per_layer_kernels=len(stamped), shared_kernels=len(sharer.shared),
+                          calls_rewritten=sharer.calls, removed=removed)

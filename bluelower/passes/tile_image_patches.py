@@ -4,7 +4,7 @@ BlueLM-V runs the SigLIP patch-embedding Conv2D on a CPU cluster and the transfo
 blocks on the APU, overlapping batch k+1's Conv2D with batch k's blocks. For a scheduler
 to place the two stages on different units they must be separate functions.
 
-Requires: an entry function (default ``encode_image``) whose body is one dataflow block
+Requires: an entry function (the ModelSpec's ``image_entry``) whose body is one dataflow block
 holding exactly one ``relax.nn.conv2d``, whose leading ``num_input`` parameters are run-time
 inputs and the rest weights (named by the ``bluelower.param_names`` attribute); the patch
 batch B is already static in its input shape (the importer traces ``runtime.image_batch``).
@@ -21,14 +21,10 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .pipeline import record_stats
+from .instruments import with_stats
+from .ir_utils import param_names
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
-
-
-def _param_names(func: relax.Function) -> list[str]:
-    names = func.attrs.get("bluelower.param_names") if func.attrs is not None else None
-    return [str(n) for n in names] if names is not None else []
 
 
 def _make_function(params, bindings, ret_var, attrs: dict) -> relax.Function:
@@ -54,11 +50,10 @@ def split_at_conv2d(func: relax.Function, name: str):
     num_input = int(func.attrs["num_input"]) if func.attrs is not None and "num_input" in func.attrs else 1
     if num_input != 1:
         return None
-    names = _param_names(func)
+    names = param_names(func)
     weights = list(func.params[num_input:])
 
     # backward slice of the conv output
-    needed = set()
     slice_idx = []
     wanted = {conv_var}
     for i in range(conv_index, -1, -1):
@@ -102,20 +97,17 @@ def split_at_conv2d(func: relax.Function, name: str):
 class TileImagePatches:
     """Split ``encode_image`` into a Conv2D stage and a transformer-blocks stage."""
 
-    def __init__(self, entry: str = "encode_image"):
-        self.entry = entry
+    def __init__(self, entry: str):
+        self.entry = entry  # the image entry (the ModelSpec's image_entry)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if self.entry not in [gv.name_hint for gv in mod.get_global_vars()]:
-            record_stats(split=0)
-            return mod
+            return with_stats(mod, "TileImagePatches", split=0)
         result = split_at_conv2d(mod[self.entry], self.entry)
         if result is None:
-            record_stats(split=0, reason="no single conv2d with a separable backward slice")
-            return mod
+            return with_stats(mod, "TileImagePatches", split=0, reason="no single conv2d with a separable backward slice")
         embed, blocks, n1, n2 = result
         mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(dict(mod.functions))
         mod[f"{self.entry}_embed"] = embed
         mod[f"{self.entry}_blocks"] = blocks
-        record_stats(split=1, embed_bindings=n1, blocks_bindings=n2)
-        return mod
+        return with_stats(mod, "TileImagePatches", split=1, embed_bindings=n1, blocks_bindings=n2)

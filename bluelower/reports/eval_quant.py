@@ -41,7 +41,7 @@ class DequantizedReference(TorchReference):
         import torch
 
         from ..lowering.models.bluelm_v.model import BlueLMV
-        from ..lowering.models.bluelm_v.config import config_from_dict
+        from ..lowering.models import config_from_dict
         from ..lowering.quant.params import dequantized_state
 
         manifest = read_manifest(build_dir)
@@ -163,7 +163,7 @@ def evaluate(model: str = "tiny", modes=MODES, tokens: int = 64, seed: int = 0, 
     from .. import progress
     from ..runtime_stubs.generate import CompiledModel
     from ..lowering.artifacts.compile import CompileRequest, compile_model
-    from ..lowering.models.bluelm_v.config import load_config
+    from ..lowering.models import load_config
 
     cfg = load_config(model)
     if prompt_ids is None:
@@ -354,7 +354,7 @@ ties), so the greedy prefix is a pessimistic agreement measure.
 
 
 def _sizes_table() -> str:
-    from ..lowering.models.bluelm_v.config import load_config
+    from ..lowering.models import load_config
     from ..lowering.quant.params import weight_bytes_by_part
 
     cfg = load_config("bluelm-v-3b")
@@ -369,7 +369,7 @@ def _sizes_table() -> str:
 
 
 def _kv_sizes_table() -> str:
-    from ..lowering.models.bluelm_v.config import load_config
+    from ..lowering.models import load_config
     from ..passes.quantize_kv_cache import kv_cache_bytes
 
     lines = ["| model | capacity | fp32 cache | INT8 cache (w4a16kv8) | bytes / token fp32 -> INT8 |", "|---|---|---|---|---|"]

@@ -39,10 +39,10 @@ import os
 
 from ..cache import result_dir
 from ..errors import BlueLowerError
+from ..lowering.quant.modes import kv_cache_bytes as modes_kv_cache_bytes
+from ..lowering.quant.modes import quant_mode
 
-QUANT_MODES = ("fp32", "w8", "w4a16", "w4a16kv8")
 PHASES = ("image_encoding", "prefill", "decode")
-GROUP = 32
 # Passes before MemoryPlan that ``inspect_model`` need not run: they return the module
 # unchanged (ScheduleOperators only predicts a schedule for the manifest), so the plan is the
 # same without them.
@@ -50,7 +50,7 @@ PLAN_SKIPPED_PASSES = ("ScheduleOperators",)
 
 
 def act_bytes(quant: str) -> int:
-    return 2 if quant.startswith("w4a16") else 4
+    return quant_mode(quant).act_bytes
 
 
 def plan_dtype_bytes(quant: str) -> dict | None:
@@ -58,65 +58,40 @@ def plan_dtype_bytes(quant: str) -> dict | None:
 
 
 def kv_cache_bytes(cfg, quant: str) -> int:
+    """The cache as the plan counts it: INT8 rows (QuantizeKVCache's layout) or float
+    elements of the planned activation size (``act_bytes``)."""
+    mode = quant_mode(quant)
     d, r = cfg.decoder, cfg.runtime
-    elems = d.num_layers * 2 * d.num_kv_heads * r.kv_capacity * d.head_dim
-    if quant.endswith("kv8"):
-        # QuantizeKVCache's layout: int8 codes + a float32 scale packed at the end of each row
-        return elems + d.num_layers * 2 * d.num_kv_heads * r.kv_capacity * 4
-    return elems * act_bytes(quant)
+    return modes_kv_cache_bytes(d.num_layers, d.num_kv_heads, d.head_dim, r.kv_capacity, mode.kv_cache,
+                                float_bytes=mode.act_bytes)["bytes"]
 
 
-def _formula_linear(n: int, k: int, kind: str) -> int:
-    if kind == "int4":
-        return n * ((k + GROUP - 1) // GROUP * GROUP) // 2 + n * ((k + GROUP - 1) // GROUP) * 2
-    return n * k + 4 * n
-
-
-def _other_weight_bytes(name: str, shape, quant: str) -> int:
+def _other_weight_bytes(shape, quant: str) -> int:
+    """A weight QuantizeWeights keeps (norms, biases, the position embedding): stored fp32,
+    counted at the planned activation size (the APU's 16-bit tensors under ``w4a16*``)."""
     n = 1
     for s in shape:
         n *= int(s)
-    if quant == "fp32":
-        return 4 * n
-    if "embed_tokens" in name and len(shape) == 2:
-        rows, cols = shape
-        if quant.startswith("w4a16"):
-            return _formula_linear(rows, cols, "int4")
-        return _formula_linear(rows, cols, "int8")
-    return (2 if quant.startswith("w4a16") else 4) * n
+    return act_bytes(quant) * n
 
 
 def weight_bytes(cfg, quant: str) -> tuple[dict, str]:
     """``({source weight name: stored bytes}, how)``."""
     from ..lowering.frontend.weights import model_weight_specs
+    from ..lowering.quant.params import nbytes, quantized_param_specs
 
-    if quant not in QUANT_MODES:
-        raise BlueLowerError(f"unknown --quant '{quant}' (valid: {', '.join(QUANT_MODES)})")
+    quant_mode(quant)  # one line for an unknown mode
     specs = model_weight_specs(cfg)
     out = {}
-    try:
-        from ..lowering.quant.params import nbytes, quantized_param_specs
-
-        qspecs, transforms = quantized_param_specs(cfg, quant)
-        how = "QuantizeWeights parameter specs (linear weights, token-embedding table) + assumed storage of the others"
-        for name, (shape, dtype) in qspecs.items():
-            if name in transforms:
-                src = transforms[name].source
-                out[src] = out.get(src, 0) + nbytes(shape, dtype)
-        for name, (shape, _dtype) in specs.items():
-            if name not in out:
-                out[name] = _other_weight_bytes(name, shape, quant)
-        return out, how
-    except ImportError:
-        pass
-    how = "formula (QuantizeWeights not available)"
+    qspecs, transforms = quantized_param_specs(cfg, quant)
+    how = "QuantizeWeights parameter specs (linear weights, token-embedding table) + assumed storage of the others"
+    for name, (shape, dtype) in qspecs.items():
+        if name in transforms:
+            src = transforms[name].source
+            out[src] = out.get(src, 0) + nbytes(shape, dtype)
     for name, (shape, _dtype) in specs.items():
-        is_linear = len(shape) == 2 and "embed" not in name and quant != "fp32"
-        if is_linear:
-            kind = "int4" if quant.startswith("w4") and name.startswith("language_model") else "int8"
-            out[name] = _formula_linear(shape[0], shape[1], kind)
-        else:
-            out[name] = _other_weight_bytes(name, shape, quant)
+        if name not in out:
+            out[name] = _other_weight_bytes(shape, quant)
     return out, how
 
 
@@ -217,9 +192,9 @@ def phase_table(cfg, quant: str, sigs_params: dict, plans: dict, n_patches: int 
     }
 
 
-def manifest_memory_plan(cfg, quant: str, sigs, plans: dict) -> dict:
-    """The manifest's ``memory_plan``: per-function plans (compact offsets) + the phase table."""
-    params = {name: list(sig.params) for name, sig in sigs.items()}
+def manifest_memory_plan(cfg, quant: str, params: dict, plans: dict) -> dict:
+    """The manifest's ``memory_plan``: per-function plans (compact offsets) + the phase table.
+    ``params``: function -> the model weights it reads."""
     table = phase_table(cfg, quant, params, plans)
     table["functions"] = {f: {**{k: v for k, v in p.items() if k != "outputs"}, "outputs": p["outputs"]}
                           for f, p in plans.items()}
@@ -264,10 +239,9 @@ def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid
     """
     from .. import progress
     from ..lowering.artifacts.compile import resolve_soc, with_prefill_chunk
-    from ..lowering.models.bluelm_v.config import load_config
+    from ..lowering.models import load_config
 
-    if quant not in QUANT_MODES:
-        raise BlueLowerError(f"unknown --quant '{quant}' (valid: {', '.join(QUANT_MODES)})")
+    quant_mode(quant)
     cfg = load_config(model)
     jobs = plan_jobs(jobs, cfg)
     if kv_capacity is not None:
@@ -299,13 +273,12 @@ def plan_entries(cfg, soc: str, quant: str, entries=None, disabled=(), imported=
     """Import ``entries`` (default: all) on meta tensors and run the pipeline up to
     MemoryPlan. Returns ``(plans, params)``: the MemoryPlan results per function and each
     entry's weight names."""
-    import tvm
-
     from .. import progress
     from ..lowering.artifacts.compile import resolve_soc
     from ..lowering.frontend.importer import import_model
-    from ..lowering.kernels.parse_speed import fast_prim_func_frames
-    from ..passes.pipeline import CompileOptions, build_pipeline
+    from ..lowering.models import spec_for
+    from ..passes.ir_utils import result
+    from ..passes.pipeline import BuildContext, run_pipeline
 
     soc_obj = resolve_soc(soc)
     if imported is not None:  # (mod, sigs) of an earlier import of the same config
@@ -313,22 +286,11 @@ def plan_entries(cfg, soc: str, quant: str, entries=None, disabled=(), imported=
     else:
         with progress.step("import (meta)"):
             mod, sigs = import_model(cfg, "torch", entries=entries)
-    opts = CompileOptions(target=soc_obj.tvm_target(), quant=quant, soc=soc_obj, model=cfg,
-                          entry_functions=tuple(sigs))
-    opts.extra["plan_dtype_bytes"] = plan_dtype_bytes(quant)
-    opts.extra["plan_only"] = True
-    bar = progress.Progress("plan passes", len(build_pipeline()))
-    for spec in build_pipeline():
-        skip = spec.name in disabled or spec.name in PLAN_SKIPPED_PASSES
-        tvm_pass = None if skip else spec.make(opts)
-        if tvm_pass is not None:
-            with tvm.transform.PassContext(opt_level=3), fast_prim_func_frames():
-                mod = tvm_pass(mod)
-        bar.update(item=spec.name)
-        if spec.name == "MemoryPlan":
-            break
-    bar.close()
-    return opts.extra["memory_plan"], {name: list(sig.params) for name, sig in sigs.items()}
+    ctx = BuildContext(target=soc_obj.tvm_target(), quant=quant, soc=soc_obj, spec=spec_for(cfg),
+                       entry_functions=tuple(sigs), image_batch=cfg.runtime.image_batch,
+                       plan_dtype_bytes=plan_dtype_bytes(quant))
+    mod, _stats = run_pipeline(mod, ctx, disabled=disabled, stop_after="MemoryPlan", skip=PLAN_SKIPPED_PASSES)
+    return result(mod, "memory_plan"), {name: list(sig.params) for name, sig in sigs.items()}
 
 
 # ------------------------------------------------------------------ worker processes
@@ -397,12 +359,12 @@ def _plan_in_workers(cfg, soc: str, quant: str, disabled) -> tuple[dict, dict]:
     from concurrent.futures.process import BrokenProcessPool
 
     from .. import progress
-    from ..lowering.models.bluelm_v import model as bluelm_v
+    from ..lowering.models import spec_for
 
     # one process per entry, even with fewer CPUs: the entries' lengths differ, so
     # time-slicing all of them ends sooner than queueing (2 CPUs: 4 entries in ~1/2 of the
     # sequential time, not ~2/3)
-    order = list(bluelm_v.BlueLMV.ENTRY_FUNCTIONS)
+    order = list(spec_for(cfg).entry_names)
     workers = len(order)
     plans, params = {}, {}
     bar = progress.Progress(f"import + plan ({workers} processes)", len(order))

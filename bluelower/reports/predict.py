@@ -46,7 +46,8 @@ from dataclasses import dataclass
 import networkx as nx
 
 from ..errors import BlueLowerError
-from ..lowering.models.bluelm_v.config import ModelConfig, load_config
+from ..lowering.models import load_config
+from ..lowering.models.bluelm_v.config import ModelConfig
 from ..targets.cost_model import APU_UNIT, Work, candidate_costs, cost, units_of
 from ..targets.scheduler import Schedule, add_task, list_schedule
 from ..targets.soc import SoC, load_soc

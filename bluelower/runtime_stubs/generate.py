@@ -236,7 +236,7 @@ class TorchReference(_Backend):
 def reference_for_build(build_dir_or_manifest: str, weights_path: str | None = None) -> TorchReference:
     """The PyTorch reference matching a build (its config; its weights: the build's own
     ``params.safetensors`` when it holds fp32 weights, else ``weights_path`` or the seed)."""
-    from ..lowering.models.bluelm_v.config import config_from_dict
+    from ..lowering.models import config_from_dict
 
 
     build_dir = build_dir_or_manifest

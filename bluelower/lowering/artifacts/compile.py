@@ -17,15 +17,14 @@ import numpy as np
 
 from ... import __version__, progress
 from ...errors import BlueLowerError
-from ..models.bluelm_v.config import ModelConfig, load_config
+from ..models import load_config, spec_for
+from ..models.bluelm_v.config import ModelConfig
+from ..quant.modes import DEFAULT_GROUP_SIZE, DEFAULT_QUANT, quant_mode
 from ..quant.params import StoredParams, param_producer
 from ..frontend.weights import WeightSource, model_weight_specs, random_weight, write_safetensors
 from .bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, LIBRARY, PARAMS, commit_output, file_sha256, prepare_output,
                      write_manifest)
 
-IMAGE_MEAN = (0.5, 0.5, 0.5)  # SigLIP's normalization
-IMAGE_STD = (0.5, 0.5, 0.5)
-QUANT_MODES = ("fp32", "w8", "w4a16", "w4a16kv8")  # see lowering/quantized_params.py
 
 
 @dataclass
@@ -35,11 +34,11 @@ class CompileRequest:
     frontend: str = "torch"
     soc: str = "host"
     out_dir: str = "build"
-    quant: str = "fp32"
+    quant: str = DEFAULT_QUANT
     dump_ir: str | None = None
     disabled_passes: tuple = ()
     seed: int = 0
-    group_size: int = 32  # INT4 group size (w4a16, w4a16kv8)
+    group_size: int = DEFAULT_GROUP_SIZE  # INT4 group size (w4a16, w4a16kv8)
     prefill_chunk: int | None = None  # default: the config's runtime.prefill_chunk
 
 
@@ -74,11 +73,12 @@ def compile_model(req: CompileRequest) -> dict:
     import tvm
     from tvm import relax
 
-    from ...passes.pipeline import CompileOptions, check_disabled, run_pipeline
-    from ..frontend.importer import import_model, signatures_added_by_passes
+    from ...passes.ir_utils import result, without_results
+    from ...passes.pipeline import BuildContext, check_disabled, run_pipeline
+    from ..frontend.entries import module_signatures
+    from ..frontend.importer import import_model
 
-    if req.quant not in QUANT_MODES:
-        raise BlueLowerError(f"unknown --quant '{req.quant}' (valid: {', '.join(QUANT_MODES)})")
+    quant_mode(req.quant)  # a one-line error for an unknown mode
     check_disabled(req.disabled_passes)
     cfg = load_config(req.model)
     if req.prefill_chunk is not None:
@@ -98,17 +98,19 @@ def compile_model(req: CompileRequest) -> dict:
     try:
         with progress.step("import"):
             mod, sigs = import_model(cfg, req.frontend)  # weights bind at run time, not at import
-        opts = CompileOptions(target=target, quant=req.quant, soc=soc, model=cfg, entry_functions=tuple(sigs),
-                              extra={"group_size": req.group_size})
-        mod, pass_stats = run_pipeline(mod, opts, disabled=req.disabled_passes, dump_ir=req.dump_ir)
-        sigs = {**sigs, **signatures_added_by_passes(mod, sigs)}  # e.g. TileImagePatches' stages
-        kv_cache = _kv_cache_entry(cfg, sigs, opts.extra.get("kv_cache"))  # as the passes left it (QuantizeKVCache)
+        spec = spec_for(cfg)
+        ctx = BuildContext(target=target, quant=req.quant, group_size=req.group_size, soc=soc, spec=spec,
+                           entry_functions=tuple(sigs), image_batch=cfg.runtime.image_batch)
+        mod, pass_stats = run_pipeline(mod, ctx, disabled=req.disabled_passes, dump_ir_dir=req.dump_ir)
+        imported = list(sigs)
+        sigs = module_signatures(mod)  # as the passes left them: packed weights, the INT8 cache, added stages
+        sigs = {**{n: sigs[n] for n in imported}, **{n: s for n, s in sigs.items() if n not in imported}}
         with progress.step("TVM build"):
-            ex = relax.build(mod, target, relax_pipeline=None)
+            ex = relax.build(without_results(mod), target, relax_pipeline=None)
             ex.export_library(os.path.join(tmp, LIBRARY), **_export_kwargs(soc))
 
         # quantized builds: packed params replace linear weights, converted tensor by tensor
-        stored = StoredParams.from_build(sigs, specs, opts.extra)
+        stored = StoredParams.from_build(sigs, specs, result(mod, "quantized_params", {}))
 
         def produce(name: str) -> np.ndarray:
             if source is not None:
@@ -121,16 +123,18 @@ def compile_model(req: CompileRequest) -> dict:
             param_producer(stored.transforms, produce),
             label="write params",
         )
-        manifest = _manifest(cfg, req, soc, target, sigs, pass_stats, source)
-        manifest["kv_cache"] = kv_cache
-        stored.update_manifest(manifest, cfg, req.quant, req.group_size)
-        if "memory_plan" in opts.extra:
+        manifest = _manifest(cfg, spec, req, soc, target, sigs, pass_stats, source)
+        manifest["kv_cache"] = _kv_cache_entry(cfg, sigs, result(mod, "kv_cache"))
+        stored.update_manifest(manifest, req.quant, req.group_size, lambda w: spec.weight_role(w) == "embedding")
+        plans = result(mod, "memory_plan")
+        if plans is not None:
             from ...reports.memory import manifest_memory_plan
 
-            manifest["memory_plan"] = manifest_memory_plan(cfg, req.quant, sigs, opts.extra["memory_plan"])
+            manifest["memory_plan"] = manifest_memory_plan(cfg, req.quant, stored.source_params(), plans)
         for key in ("apu_partitions", "schedule"):  # PartitionForAPU, ScheduleOperators
-            if key in opts.extra:
-                manifest[key] = opts.extra[key]
+            value = result(mod, key)
+            if value is not None:
+                manifest[key] = value
         manifest["files"] = {f: file_sha256(os.path.join(tmp, f)) for f in (LIBRARY, PARAMS)}
         write_manifest(tmp, manifest)
         commit_output(tmp, req.out_dir)
@@ -160,7 +164,7 @@ def _export_kwargs(soc) -> dict:
     return {}
 
 
-def _manifest(cfg: ModelConfig, req: CompileRequest, soc, target, sigs, pass_stats, source) -> dict:
+def _manifest(cfg: ModelConfig, spec, req: CompileRequest, soc, target, sigs, pass_stats, source) -> dict:
     d, r = cfg.decoder, cfg.runtime
     kv_shape = [d.num_layers, 2, d.num_kv_heads, r.kv_capacity, d.head_dim]
     functions = {}
@@ -191,8 +195,8 @@ def _manifest(cfg: ModelConfig, req: CompileRequest, soc, target, sigs, pass_sta
             "image_tokens_per_patch": cfg.image_tokens_per_patch,
             "hidden_size": d.hidden_size,
             "vocab_size": d.vocab_size,
-            "image_mean": list(IMAGE_MEAN),
-            "image_std": list(IMAGE_STD),
+            "image_mean": list(spec.image_mean),
+            "image_std": list(spec.image_std),
         },
         "kv_cache": {"shape": kv_shape, "dtype": "float32"},
         "functions": functions,
@@ -202,13 +206,9 @@ def _manifest(cfg: ModelConfig, req: CompileRequest, soc, target, sigs, pass_sta
 
 def _kv_cache_entry(cfg: ModelConfig, sigs: dict, produced: dict | None) -> dict:
     """The manifest's ``kv_cache``: what the pipeline produced. ``QuantizeKVCache`` reports
-    the INT8 buffer (shape, dtype, layout); the cache inputs of the functions it rewrote are
-    updated to match. Otherwise the cache is the float32 ``kv_cache`` input of ``decode``."""
+    the INT8 buffer (shape, dtype, layout). Otherwise the cache is the float32 ``kv_cache``
+    input of ``decode``."""
     if produced and produced.get("dtype"):
-        for fname, index in produced.get("functions", {}).items():
-            if fname in sigs and index < len(sigs[fname].inputs):
-                sigs[fname].inputs[index] = {**sigs[fname].inputs[index], "shape": list(produced["shape"]),
-                                             "dtype": produced["dtype"]}
         keys = ("shape", "dtype", "layout", "scale_dtype", "bytes", "bytes_per_token")
         return {k: produced[k] for k in keys if k in produced}
     d, r = cfg.decoder, cfg.runtime

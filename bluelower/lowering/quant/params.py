@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from .modes import DEFAULT_GROUP_SIZE, DECODER_ROLES, quant_mode
 from ..kernels import (
     BLOCK_ROWS,
     dequantize_int4_groupwise,
@@ -36,20 +37,8 @@ from ..kernels import (
     quantize_int8_rows,
 )
 
-QUANT_MODES = ("fp32", "w8", "w4a16", "w4a16kv8")
-DEFAULT_QUANT = "w4a16kv8"
-DEFAULT_GROUP_SIZE = 32
-
-# quant mode -> (decoder linear weights, ViT + projector linear weights)
-_SCHEMES = {
-    "fp32": (None, None),
-    "w8": ("int8", "int8"),
-    "w4a16": ("int4", "int8"),
-    "w4a16kv8": ("int4", "int8"),  # the INT8 KV cache is FuseAttention/PlanKVCache's part
-}
 QUANTIZERS = {"int4": "int4_groupwise", "int8": "int8_per_channel"}
 ROW_QUANTIZERS = {"int4": "int4_rows", "int8": "int8_rows"}  # embedding tables (row layout)
-DECODER_PREFIX = "language_model"
 
 
 def sanitize(name: str) -> str:
@@ -96,18 +85,15 @@ class LinearScheme:
                 ("int8_scales", (self.n_pad,), "float32")]
 
 
-def choose_scheme(name: str, n: int, k: int, quant: str, group_size: int = DEFAULT_GROUP_SIZE) -> LinearScheme | None:
-    """The storage of linear weight ``name`` ``[n, k]`` under ``quant``, or None (stays fp32).
+def choose_scheme(role: str, n: int, k: int, quant: str, group_size: int = DEFAULT_GROUP_SIZE) -> LinearScheme | None:
+    """The storage of a linear weight ``[n, k]`` of ``role`` under ``quant``, or None (stays fp32).
 
-    Decoder weights (``language_model.*``, incl. lm_head) get the mode's decoder scheme,
-    everything else (ViT, projector) its vision scheme. Shapes the kernels cannot take
-    directly are zero-padded: N to a multiple of 32 (the output is sliced back), K to a
-    multiple of 32 / the group size (the activation is padded with zeros).
+    The mode gives the role its format (``quant/modes.py``: decoder roles INT4 under
+    ``w4a16*``, vision/projector INT8, ...). Shapes the kernels cannot take directly are
+    zero-padded: N to a multiple of 32 (the output is sliced back), K to a multiple of 32 /
+    the group size (the activation is padded with zeros).
     """
-    if quant not in _SCHEMES:
-        raise ValueError(f"unknown quant mode {quant!r} (valid: {', '.join(QUANT_MODES)})")
-    dec, vis = _SCHEMES[quant]
-    kind = dec if sanitize(name).startswith(DECODER_PREFIX) else vis
+    kind = quant_mode(quant).weight_format(role)
     if kind is None:
         return None
     n_pad = _round_up(n, BLOCK_ROWS)
@@ -147,18 +133,16 @@ class EmbeddingScheme:
         return [("int8_rows_packed", (self.n, self.k_pad), "int8"), ("int8_rows_scales", (self.n,), "float32")]
 
 
-def choose_embedding_scheme(name: str, rows: int, width: int, quant: str,
+def choose_embedding_scheme(role: str, rows: int, width: int, quant: str,
                             group_size: int = DEFAULT_GROUP_SIZE) -> EmbeddingScheme | None:
-    """The storage of embedding table ``name`` under ``quant``, or None (stays fp32).
+    """The storage of an embedding table of ``role`` under ``quant``, or None (stays fp32).
 
-    Only decoder tables (``language_model.*``: the token embedding) are quantized, with the
-    mode's decoder scheme: INT4 + fp16 scale per ``group_size`` (``w4a16*``), INT8 + fp32
-    scale per row (``w8``). Vision tables (position embedding) stay fp32, like ``fp32``."""
-    if quant not in _SCHEMES:
-        raise ValueError(f"unknown quant mode {quant!r} (valid: {', '.join(QUANT_MODES)})")
-    if not sanitize(name).startswith(DECODER_PREFIX):
+    Token-embedding tables (role ``embedding``) get the mode's decoder format: INT4 + fp16
+    scale per ``group_size`` (``w4a16*``), INT8 + fp32 scale per row (``w8``). Other tables
+    (the ViT's position embedding) stay fp32."""
+    if role != "embedding":
         return None
-    kind = _SCHEMES[quant][0]
+    kind = quant_mode(quant).weight_format(role)
     if kind is None:
         return None
     if kind == "int4":
@@ -180,7 +164,16 @@ class ParamTransform:
     dtype: str = ""
 
     def to_json(self) -> list:
+        """The manifest's ``quantization.params`` entry."""
         return [self.source, self.quantizer, dict(self.args)]
+
+    def to_result(self) -> list:
+        """The form QuantizeWeights attaches to the module (``quantized_params``)."""
+        return [self.source, self.quantizer, self.part, dict(self.args), list(self.shape), self.dtype]
+
+    @classmethod
+    def from_result(cls, r: list) -> "ParamTransform":
+        return cls(r[0], r[1], int(r[2]), dict(r[3]), tuple(int(x) for x in r[4]), str(r[5]))
 
 
 def scheme_params(source: str, scheme: "LinearScheme | EmbeddingScheme") -> list[tuple[str, tuple, str, ParamTransform]]:
@@ -340,15 +333,17 @@ def quantized_param_specs(cfg, quant: str, group_size: int = DEFAULT_GROUP_SIZE)
     what QuantizeWeights finds in the IR.
     """
     from ..frontend.weights import model_weight_specs
+    from ..models import spec_for
 
     specs = model_weight_specs(cfg)
+    role = spec_for(cfg).weight_role
     linear, embedding = _module_weight_shapes(cfg)
     out, transforms = {}, {}
     for name, (shape, dtype) in specs.items():
         if name in linear:
-            scheme = choose_scheme(name, *linear[name], quant, group_size)
+            scheme = choose_scheme(role(name), *linear[name], quant, group_size)
         elif name in embedding:
-            scheme = choose_embedding_scheme(name, *embedding[name], quant, group_size)
+            scheme = choose_embedding_scheme(role(name), *embedding[name], quant, group_size)
         else:
             scheme = None
         if scheme is None:
@@ -368,24 +363,20 @@ def weight_bytes_by_part(cfg, quant: str, group_size: int = DEFAULT_GROUP_SIZE) 
     """Stored bytes: decoder linear weights (incl. lm_head), decoder embedding table,
     other decoder weights (norms), vision tower, projector; plus bits per decoder linear
     weight. From shapes only."""
+    from ..models import spec_for
+
     specs, transforms = quantized_param_specs(cfg, quant, group_size)
     linear = linear_weight_names(cfg)
+    role = spec_for(cfg).weight_role
+    part_of_role = {"embedding": "decoder_embedding", "vision": "vision", "position_embedding": "vision",
+                    "projector": "projector"}
     parts = {"decoder_linear": 0, "decoder_embedding": 0, "decoder_other": 0, "vision": 0, "projector": 0}
     for name, (shape, dtype) in specs.items():
         source = transforms[name].source if name in transforms else name
-        if source.startswith("language_model"):
-            if source in linear:
-                key = "decoder_linear"
-            elif "embed_tokens" in source:
-                key = "decoder_embedding"
-            else:
-                key = "decoder_other"
-        elif source.startswith("vision_tower"):
-            key = "vision"
-        else:
-            key = "projector"
+        r = role(source)
+        key = "decoder_linear" if r in DECODER_ROLES and source in linear else part_of_role.get(r, "decoder_other")
         parts[key] += nbytes(shape, dtype)
-    n_dec = sum(n * k for name, (n, k) in linear.items() if name.startswith("language_model"))
+    n_dec = sum(n * k for name, (n, k) in linear.items() if role(name) in DECODER_ROLES)
     parts["decoder_linear_weights"] = n_dec
     parts["decoder_linear_bits_per_weight"] = 8.0 * parts["decoder_linear"] / n_dec
     parts["total"] = sum(parts[k] for k in ("decoder_linear", "decoder_embedding", "decoder_other", "vision", "projector"))
@@ -393,16 +384,17 @@ def weight_bytes_by_part(cfg, quant: str, group_size: int = DEFAULT_GROUP_SIZE) 
 
 
 def weights_bytes_per_call(function: str, params: list, specs: dict, gathered_rows: dict,
-                           transforms: dict | None = None) -> int:
+                           transforms: dict | None = None, is_table: Callable[[str], bool] = lambda _name: False) -> int:
     """Bytes of weights one call of ``function`` reads: every parameter once, except
     embedding tables (fp32, or their quantized rows and row scales), which are gathered
-    (``gathered_rows[function]`` rows)."""
+    (``gathered_rows[function]`` rows). ``is_table(source name)`` says which weights are the
+    gathered tables."""
     transforms = transforms or {}
     total = 0
     for name in params:
         shape, dtype = specs[name]
         source = transforms[name].source if name in transforms else name
-        if source.endswith("embed_tokens.weight") and function in gathered_rows:
+        if is_table(source) and function in gathered_rows:
             total += min(gathered_rows[function], shape[0]) * nbytes(shape[1:], dtype)
         else:
             total += nbytes(shape, dtype)
@@ -422,11 +414,11 @@ class StoredParams:
     source_shapes: dict  # quantized source weight -> [N, K]
 
     @classmethod
-    def from_build(cls, sigs: dict, weight_specs: dict, extra: dict) -> "StoredParams":
-        """From the import signatures and what QuantizeWeights left in ``CompileOptions.extra``."""
-        transforms = dict(extra.get("quantized_params", {}))
-        rewritten = extra.get("entry_params", {})
-        entry_params = {f: list(rewritten.get(f, sig.params)) for f, sig in sigs.items()}
+    def from_build(cls, sigs: dict, weight_specs: dict, table: dict) -> "StoredParams":
+        """From the entry signatures after the passes (their ``params`` are the functions'
+        ``bluelower.param_names``) and QuantizeWeights' ``quantized_params`` result."""
+        transforms = {name: ParamTransform.from_result(r) for name, r in table.items()}
+        entry_params = {f: list(sig.params) for f, sig in sigs.items()}
         specs, source_shapes = {}, {}
         for f, names in entry_params.items():
             for name in names:
@@ -442,12 +434,22 @@ class StoredParams:
         used = {n for names in entry_params.values() for n in names}
         return cls(entry_params, specs, {n: t for n, t in transforms.items() if n in used}, source_shapes)
 
+    def source_params(self) -> dict:
+        """function -> the model weights it reads (a quantized weight's source once)."""
+        out = {}
+        for f, names in self.entry_params.items():
+            sources = [self.transforms[n].source if n in self.transforms else n for n in names]
+            out[f] = list(dict.fromkeys(sources))
+        return out
+
     def safetensors_specs(self) -> list:
         return [(name, shape, dtype) for name, (shape, dtype) in sorted(self.specs.items())]
 
-    def update_manifest(self, manifest: dict, cfg, quant: str, group_size: int) -> None:
+    def update_manifest(self, manifest: dict, quant: str, group_size: int, is_table: Callable[[str], bool]) -> None:
         """``functions.<f>.params`` (the stored names), ``functions.<f>.weights_bytes_per_call``
-        and the ``quantization`` section (mode, group size, transform table, byte counts)."""
+        and the ``quantization`` section (mode, group size, transform table, byte counts).
+        ``is_table(source name)``: the token-embedding tables, of which a call reads only the
+        gathered rows."""
         gathered = {}
         for fname, fn in manifest["functions"].items():
             for inp in fn.get("inputs", []):
@@ -457,7 +459,7 @@ class StoredParams:
             fn["params"] = list(self.entry_params.get(fname, fn["params"]))
             if all(p in self.specs for p in fn["params"]):
                 fn["weights_bytes_per_call"] = weights_bytes_per_call(fname, fn["params"], self.specs, gathered,
-                                                                      self.transforms)
+                                                                      self.transforms, is_table)
         kinds = sorted({t.quantizer for t in self.transforms.values()})
         manifest["quant"] = quant
         manifest["quantization"] = {

@@ -1,10 +1,10 @@
-"""Model configurations: JSON files validated into frozen dataclasses.
+"""BlueLM-V model configurations: JSON files validated into frozen dataclasses.
 
 A config names the three parts of a BlueLM-V-style model (vision tower, projector,
 decoder) and the runtime shapes the compiler fixes (KV-cache capacity, prefill chunk,
 image batch). Shipped configs live in ``configs/``; ``--model PATH.json`` takes a user's
-own. Unknown keys, missing keys and wrong types are a :class:`BlueLowerError` naming the
-file and the key.
+own (``lowering.models.load_config`` reads both). Unknown keys, missing keys and wrong types are a
+:class:`BlueLowerError` naming the file and the key.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from ....errors import BlueLowerError
 
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")  # the shipped configs (the registry lists them)
 
 
 @dataclass(frozen=True)
@@ -176,29 +176,3 @@ def config_from_dict(data: Any, source: str = "config") -> ModelConfig:
     cfg = ModelConfig(name=name, notes=tuple(notes), **sections)
     cfg.validate(source)
     return cfg
-
-
-def builtin_configs() -> list[str]:
-    return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))
-
-
-def load_config(name_or_path: str) -> ModelConfig:
-    """Load a shipped config by name (``tiny``, ``bluelm-v-3b``) or a user's JSON file."""
-    if name_or_path in builtin_configs():
-        path = os.path.join(CONFIG_DIR, name_or_path + ".json")
-    elif name_or_path.endswith(".json") or os.path.sep in name_or_path:
-        path = name_or_path
-    else:
-        raise BlueLowerError(
-            f"unknown model '{name_or_path}': use one of {', '.join(builtin_configs())} or a path to a .json config"
-        )
-    if not os.path.isfile(path):
-        raise BlueLowerError(f"model config not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise BlueLowerError(f"{path}: malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BlueLowerError(f"{path}: cannot read: {exc}") from None
-    return config_from_dict(data, path)

@@ -278,9 +278,8 @@ class LlamaForCausalLM(nn.Module):
 
 
 class BlueLMV(nn.Module):
-    """The whole model; each entry method is one compiled function."""
-
-    ENTRY_FUNCTIONS = ("encode_image", "embed", "prefill", "decode")
+    """The whole model; each entry method is one compiled function (the family's ModelSpec,
+    ``bluelm_v/__init__.py``, lists them with the weights each reads)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -326,24 +325,6 @@ class BlueLMV(nn.Module):
         return torch.zeros(self.kv_cache_shape(), dtype=torch.float32, device=device)
 
 
-# Which parameters each entry reads (prefixes of state-dict names).
-ENTRY_PARAM_PREFIXES = {
-    "encode_image": ("vision_tower.", "multi_modal_projector."),
-    "embed": ("language_model.model.embed_tokens.",),
-    "prefill": ("language_model.",),
-    "decode": ("language_model.",),
-}
-ENTRY_PARAM_EXCLUDE = {"prefill": ("language_model.model.embed_tokens.",)}
-
-
-def entry_param_names(model: nn.Module, entry: str) -> list[str]:
-    names = []
-    for name, _ in model.named_parameters():
-        if name.startswith(ENTRY_PARAM_PREFIXES[entry]) and not name.startswith(ENTRY_PARAM_EXCLUDE.get(entry, ())):
-            names.append(name)
-    return names
-
-
 def entry_example_inputs(cfg: ModelConfig, entry: str, device="cpu") -> tuple:
     """Example (shape-defining) inputs of one entry function."""
     d, r, v = cfg.decoder, cfg.runtime, cfg.vision
@@ -361,11 +342,3 @@ def entry_example_inputs(cfg: ModelConfig, entry: str, device="cpu") -> tuple:
     if entry == "decode":
         return (one(), cache, one())
     raise KeyError(entry)
-
-
-ENTRY_INPUT_NAMES = {
-    "encode_image": ("pixel_values",),
-    "embed": ("token_ids",),
-    "prefill": ("embeddings", "kv_cache", "start_pos", "num_valid"),
-    "decode": ("token", "kv_cache", "position"),
-}
