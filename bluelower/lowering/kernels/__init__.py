@@ -1,27 +1,47 @@
-"""The compiler's own CPU kernels for linear layers (INT4 / INT8 / FP32).
+"""The compiler's own CPU kernels for linear layers (INT4 / INT8 / FP32) and embeddings.
 
-* :mod:`.quant` -- numpy quantizers that produce the packed weight layouts.
+* :mod:`.quant` -- numpy quantizers and packers that produce the packed weight layouts
+  (symmetric and asymmetric group-wise INT4, per-channel and group-wise INT8, row layouts
+  for embedding tables; GGUF Q4_0 / Q4_1 / Q8_0 codes repack without rounding).
 * :mod:`.linear` -- TIR PrimFunc builders that read those layouts (GEMV for decode,
   tiled GEMM for prefill), ready for ``R.call_tir`` in a Relax module.
+* :mod:`.embedding` -- the gather kernel over the row layouts.
 
 See ``docs/kernels.md`` for layouts, schedules and measured bandwidth.
 """
 
 from .quant import (
     BLOCK_ROWS,
+    SEARCH_SHRINK,
+    dequantize_int4_asym,
+    dequantize_int4_asym_rows,
     dequantize_int4_groupwise,
     dequantize_int4_rows,
+    dequantize_int8_groupwise,
+    dequantize_int8_groupwise_rows,
     dequantize_int8_per_channel,
     dequantize_int8_rows,
     int4_k1_to_k4,
     int4_k4_to_k1,
     int4_layout,
+    pack_int4_asym,
+    pack_int4_asym_rows,
+    pack_int4_groupwise,
+    pack_int4_rows,
+    pack_int8_groupwise,
+    pack_int8_groupwise_rows,
     packed_nbytes,
+    q4_0_as_asym,
+    quantize_int4_asym,
+    quantize_int4_asym_rows,
     quantize_int4_groupwise,
     quantize_int4_rows,
+    quantize_int8_groupwise,
+    quantize_int8_groupwise_rows,
     quantize_int8_per_channel,
     quantize_int8_rows,
     unpack_int4_codes,
+    unpack_int4_nibbles,
 )
 from .embedding import embedding_gather
 from .linear import AARCH64_TARGET, DEFAULT_M_TILE, fp32_linear, host_target, int4_linear, int8_linear
@@ -30,19 +50,41 @@ __all__ = [
     "BLOCK_ROWS",
     "AARCH64_TARGET",
     "DEFAULT_M_TILE",
+    "SEARCH_SHRINK",
+    # INT4 symmetric (GGUF Q4_0)
     "quantize_int4_groupwise",
+    "pack_int4_groupwise",
     "dequantize_int4_groupwise",
     "unpack_int4_codes",
+    "unpack_int4_nibbles",
     "int4_k1_to_k4",
     "int4_k4_to_k1",
     "int4_layout",
+    # INT4 asymmetric (GGUF Q4_1)
+    "quantize_int4_asym",
+    "pack_int4_asym",
+    "dequantize_int4_asym",
+    "q4_0_as_asym",
+    # INT8 per channel and group-wise (GGUF Q8_0)
     "quantize_int8_per_channel",
     "dequantize_int8_per_channel",
+    "quantize_int8_groupwise",
+    "pack_int8_groupwise",
+    "dequantize_int8_groupwise",
     "packed_nbytes",
+    # row layouts (embedding tables)
     "quantize_int4_rows",
+    "pack_int4_rows",
     "dequantize_int4_rows",
+    "quantize_int4_asym_rows",
+    "pack_int4_asym_rows",
+    "dequantize_int4_asym_rows",
     "quantize_int8_rows",
     "dequantize_int8_rows",
+    "quantize_int8_groupwise_rows",
+    "pack_int8_groupwise_rows",
+    "dequantize_int8_groupwise_rows",
+    # kernels
     "embedding_gather",
     "int4_linear",
     "int8_linear",

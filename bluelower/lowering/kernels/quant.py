@@ -4,7 +4,11 @@ Everything here works on one weight tensor at a time, so a converter can stream 
 checkpoint tensor by tensor and never hold more than one fp32 weight in memory.
 
 Weights arrive in PyTorch ``nn.Linear`` layout ``W[N, K]`` (out_features x in_features)
-and the kernels compute ``y = x @ W^T``.
+and the kernels compute ``y = x @ W^T``. Each format has three entry points: a quantizer
+(float32 weight -> stored tensors), a packer (integer codes and float16 scales, e.g. the
+bits of a GGUF file, -> the same stored tensors, nothing rounded) and a dequantizer
+(stored tensors -> the float32 weight the kernels compute with, bit for bit where a
+kernel materializes it).
 
 Packed layouts (the kernels in :mod:`bluelower.lowering.kernels.linear` read exactly
 these; see ``docs/kernels.md``):
@@ -27,10 +31,41 @@ INT4, group-wise symmetric, ``R = BLOCK_ROWS = 32`` output rows per block::
   ``x[k]`` and FMAs into 32 row accumulators, reading the weights as one contiguous
   stream per block (no horizontal reduction, no gathers).
 
+  ``w = s * (u - 8)``. GGUF ``Q4_0`` (``w = d * (q - 8)``, ``d`` float16 per 32 values
+  along K) is this format with ``group_size = 32``: ``u = q``, ``s = d``
+  (:func:`pack_int4_groupwise`), bit for bit.
+
+INT4, group-wise asymmetric (GGUF ``Q4_1``'s rule), same ``packed`` layouts (k1 / k4)
+holding ``u`` itself::
+
+    packed : uint8   [N // 32, K, 16] or [N // 32, K // 4, 64]   (u in [0, 15])
+    scales : float16 [N // 32, K // group_size, 32]              (s)
+    mins   : float16 [N // 32, K // group_size, 32]              (m)
+        w = s * u + m
+
+  ``Q4_1`` (``w = d * q + m``) packs as ``u = q, s = d, m = m``; ``Q4_0`` also fits
+  (``m = -8 d``, exact in float16 for ``|d| <= 8188``) and then dequantizes to the same
+  float32 values as the symmetric format: ``s * u`` is exact in float32 (11 x 4 bits),
+  and so is ``s * u - 8 s`` (a zero of a negative ``d`` is +0 here, -0 there). Storage: 4 bits per weight + 32 bits per group (5 bits per
+  weight for ``group_size=32``, like ``Q4_1``).
+
 INT8, per output channel symmetric::
 
     packed : int8    [N // 32, K, 32]      packed[b, k, r] = q(b*32 + r, k)
     scales : float32 [N]
+
+INT8, group-wise symmetric (GGUF ``Q8_0``'s rule)::
+
+    packed : int8    [N // 32, K, 32]                  (q, as per channel)
+    scales : float16 [N // 32, K // group_size, 32]    (s, as INT4)
+        w = s * q
+
+  ``Q8_0`` (``w = d * q``, q int8, ``d`` float16 per 32) packs as ``q = q, s = d`` with
+  ``group_size = 32``. Storage: 8.5 bits per weight for ``group_size=32``.
+
+Every dequantization is float32 arithmetic on the widened float16 values: ``s * u``
+and ``s * q`` are exact (at most 11 + 8 significant bits), so ``s * (u - 8)``, ``s * q``
+are exact and ``s * u + m`` is rounded once (a fused multiply-add gives the same value).
 
 Quantization rules (exact):
 
@@ -40,8 +75,30 @@ Quantization rules (exact):
   are in [-7, 7]; the clip to [-8, 7] only guards against float16 rounding. A group of
   zeros gets ``s = 0`` and ``q = 0``. Dequantized ``w' = s16 * q``; the error per
   element is at most ``s16 / 2`` (plus the float16 rounding of ``s``, relative 2^-11).
-* INT8: per row ``s = max|w| / 127`` (float32), ``q = clip(rint(w / s), -127, 127)``,
-  ``w' = s * q``; error at most ``s / 2``.
+* INT4 asymmetric: per (row, group) ``m = min w`` rounded to float16 first, then
+  ``s = (max w - m16) / 15`` rounded to float16, ``u = clip(rint((w - m16) / s16), 0, 15)``.
+  Error per element at most ``max(s16 / 2, |min w - m16|)`` (the second term, at most
+  ``2^-11 |min w|``, only when the min's float16 rounding exceeds half a step), plus the
+  float32 rounding of ``s16 * u + m16`` (relative 2^-24). A constant group gets ``s = 0``
+  (``w' = m16``).
+* INT8 per channel: per row ``s = max|w| / 127`` (float32),
+  ``q = clip(rint(w / s), -127, 127)``, ``w' = s * q``; error at most ``s / 2``.
+* INT8 group-wise: per (row, group) ``s = max|w| / 127`` rounded to float16,
+  ``q = clip(rint(w / s16), -127, 127)``; error at most ``s16 / 2``.
+
+Scale search (``search=True`` on the INT4 quantizers): the min/max rules above spend
+code range on a group's extremes. With the search, each group tries its range shrunk by
+the factors of :data:`SEARCH_SHRINK` (1.0, 0.975, ..., 0.6) and keeps the candidate with
+the least squared error ``sum (w - w')^2``, computed with the float16-rounded scale
+(and min) that is stored; ties keep the earlier candidate, so factor 1.0 (the plain rule)
+wins them and the search is never worse than the plain rule. Symmetric: ``s = f *
+max|w| / 7`` (codes clipped to [-8, 7]). Asymmetric: the range ``[lo, hi]`` is shrunk
+from the top (``hi = max - (1 - f) * range``), from the bottom (``lo = min + (1 - f) *
+range``) and from both ends (``(1 - f) / 2`` each), then ``m = lo`` and ``s = (hi -
+m16) / 15`` as above. Elements outside the shrunk range are clipped, so the per-element
+bounds above no longer hold. On heavy-tailed (Student-t, 4 dof) 2560 x 2560 weights the
+search lowers the squared error by 18 % (symmetric) / 16 % (asymmetric) at 12x / 23x the
+plain quantizer's time (0.09 / 0.3 s per million weights on the 2-core x86 host).
 """
 
 from __future__ import annotations
@@ -51,7 +108,11 @@ import numpy as np
 BLOCK_ROWS = 32
 """Output rows per packed block (the kernels' vector width along N)."""
 
+SEARCH_SHRINK = tuple(1.0 - 0.025 * i for i in range(17))
+"""Range shrink factors the INT4 scale search tries per group (1.0 first: the plain rule)."""
+
 _HALF = BLOCK_ROWS // 2
+_ROWS_AT_ONCE = 1 << 21  # elements per block of rows: float temporaries of ~8 MB, not 4x the weight
 
 
 def _check_weight(w: np.ndarray, group_size: int | None = None) -> np.ndarray:
@@ -67,24 +128,100 @@ def _check_weight(w: np.ndarray, group_size: int | None = None) -> np.ndarray:
     return np.ascontiguousarray(w, dtype=np.float32)
 
 
-def _int4_codes(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _row_blocks(n: int, k: int):
+    # in blocks of rows: the float temporaries stay ~8 MB, not 4x the weight (the 3B model's
+    # 1 GB embedding table and lm_head are converted while other tensors are in flight)
+    rows = max(1, _ROWS_AT_ONCE // max(k, 1))
+    return range(0, n, rows), rows
+
+
+def _inverse(s32: np.ndarray) -> np.ndarray:
+    return np.divide(np.float32(1.0), s32, out=np.zeros_like(s32), where=s32 != 0)
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    """float32 -> the float16 value that is stored -> float32."""
+    return x.astype(np.float16).astype(np.float32)
+
+
+def _check_finite(s16: np.ndarray, what: str) -> None:
+    if not np.isfinite(s16).all():
+        raise ValueError(f"{what} overflow float16 (a weight group beyond +-65504 * the code range)")
+
+
+def _sym_codes(wg: np.ndarray, s32: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    t = wg * _inverse(s32)[:, :, None]
+    np.rint(t, out=t)
+    np.clip(t, lo, hi, out=t)
+    return t
+
+
+def _int4_codes(w: np.ndarray, group_size: int, search: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The INT4 rule on float32 ``w[N, K]``: codes ``q`` int8 ``[N, K]`` and float16 scales ``[N, K // gs]``."""
     n, k = w.shape
     q = np.empty((n, k), np.int8)
     s16 = np.empty((n, k // group_size), np.float16)
-    # in blocks of rows: the float temporaries stay ~8 MB, not 4x the weight (the 3B model's
-    # 1 GB embedding table and lm_head are converted while other tensors are in flight)
-    rows = max(1, (1 << 21) // max(k, 1))
-    for r0 in range(0, n, rows):
+    starts, rows = _row_blocks(n, k)
+    for r0 in starts:
         wg = w[r0:r0 + rows].reshape(-1, k // group_size, group_size)
-        s16[r0:r0 + rows] = np.abs(wg).max(axis=2) / np.float32(7.0)
+        amax = np.abs(wg).max(axis=2)
+        s16[r0:r0 + rows] = amax / np.float32(7.0)
         s32 = s16[r0:r0 + rows].astype(np.float32)
-        inv = np.divide(np.float32(1.0), s32, out=np.zeros_like(s32), where=s32 != 0)
-        t = wg * inv[:, :, None]
-        np.rint(t, out=t)
-        np.clip(t, -8, 7, out=t)
+        t = _sym_codes(wg, s32, -8, 7)
+        if search:
+            best = ((wg - t * s32[:, :, None]) ** 2).sum(axis=2)
+            for f in SEARCH_SHRINK[1:]:
+                c32 = _f16(amax * np.float32(f / 7.0))
+                c = _sym_codes(wg, c32, -8, 7)
+                err = ((wg - c * c32[:, :, None]) ** 2).sum(axis=2)
+                better = err < best
+                best = np.where(better, err, best)
+                s32 = np.where(better, c32, s32)
+                t = np.where(better[:, :, None], c, t)
+            s16[r0:r0 + rows] = s32
         q[r0:r0 + rows] = t.reshape(-1, k)
+    _check_finite(s16, "INT4 scales")
     return q, s16
+
+
+def _asym_candidate(wg, lo, hi):
+    """(codes, s32, m32, squared error) of the asymmetric rule for the range [lo, hi] per group."""
+    m32 = _f16(lo)
+    s32 = _f16((hi - m32) / np.float32(15.0))
+    u = (wg - m32[:, :, None]) * _inverse(s32)[:, :, None]
+    np.rint(u, out=u)
+    np.clip(u, 0, 15, out=u)
+    err = ((wg - (u * s32[:, :, None] + m32[:, :, None])) ** 2).sum(axis=2)
+    return u, s32, m32, err
+
+
+def _int4_asym_codes(w: np.ndarray, group_size: int, search: bool = False):
+    """The asymmetric INT4 rule on float32 ``w[N, K]``: codes ``u`` uint8 ``[N, K]`` in [0, 15]
+    and float16 scales and mins ``[N, K // gs]``."""
+    n, k = w.shape
+    u = np.empty((n, k), np.uint8)
+    s16 = np.empty((n, k // group_size), np.float16)
+    m16 = np.empty((n, k // group_size), np.float16)
+    starts, rows = _row_blocks(n, k)
+    for r0 in starts:
+        wg = w[r0:r0 + rows].reshape(-1, k // group_size, group_size)
+        mn, mx = wg.min(axis=2), wg.max(axis=2)
+        c, s32, m32, best = _asym_candidate(wg, mn, mx)
+        if search:
+            span = mx - mn
+            for f in SEARCH_SHRINK[1:]:
+                cut = np.float32(1.0 - f) * span
+                for lo, hi in ((mn, mx - cut), (mn + cut, mx), (mn + cut / 2, mx - cut / 2)):
+                    c2, s2, m2, err = _asym_candidate(wg, lo, hi)
+                    better = err < best
+                    best = np.where(better, err, best)
+                    s32, m32 = np.where(better, s2, s32), np.where(better, m2, m32)
+                    c = np.where(better[:, :, None], c2, c)
+        u[r0:r0 + rows] = c.reshape(-1, k)
+        s16[r0:r0 + rows], m16[r0:r0 + rows] = s32, m32
+    _check_finite(s16, "INT4 scales")
+    _check_finite(m16, "INT4 mins")
+    return u, s16, m16
 
 
 def _int8_codes(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,8 +233,141 @@ def _int8_codes(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, s
 
 
+def _int8_group_codes(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The group-wise INT8 rule on float32 ``w[N, K]``: codes int8 ``[N, K]``, float16 scales ``[N, K // gs]``."""
+    n, k = w.shape
+    q = np.empty((n, k), np.int8)
+    s16 = np.empty((n, k // group_size), np.float16)
+    starts, rows = _row_blocks(n, k)
+    for r0 in starts:
+        wg = w[r0:r0 + rows].reshape(-1, k // group_size, group_size)
+        s16[r0:r0 + rows] = np.abs(wg).max(axis=2) / np.float32(127.0)
+        q[r0:r0 + rows] = _sym_codes(wg, s16[r0:r0 + rows].astype(np.float32), -127, 127).reshape(-1, k)
+    _check_finite(s16, "INT8 scales")
+    return q, s16
+
+
+# ------------------------------------------------------------------ packing (codes -> layouts)
+
+
+def _check_codes(codes, dtype, lo: int, hi: int, group_size: int, rows_layout: bool = False) -> np.ndarray:
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise ValueError(f"codes must be 2-D [N, K], got shape {codes.shape}")
+    if codes.dtype != dtype:
+        raise ValueError(f"codes must be {np.dtype(dtype).name}, got {codes.dtype}")
+    n, k = codes.shape
+    if not rows_layout and n % BLOCK_ROWS != 0:
+        raise ValueError(f"N (out_features) = {n} must be a multiple of {BLOCK_ROWS}")
+    if group_size <= 0 or k % group_size != 0:
+        raise ValueError(f"K = {k} must be a multiple of group_size = {group_size}")
+    if codes.size and (codes.min() < lo or codes.max() > hi):
+        raise ValueError(f"codes must lie in [{lo}, {hi}], got [{codes.min()}, {codes.max()}]")
+    return np.ascontiguousarray(codes)
+
+
+def _check_group_values(values, codes: np.ndarray, group_size: int, what: str) -> np.ndarray:
+    """Per-(row, group) float16 values [N, K // gs], taken as they are (a float32 array would
+    have to be rounded: not the file's bits)."""
+    values = np.asarray(values)
+    n, k = codes.shape
+    if values.dtype != np.float16:
+        raise ValueError(f"{what} must be float16 (the stored values), got {values.dtype}")
+    if values.shape != (n, k // group_size):
+        raise ValueError(f"{what} shape {values.shape} must be [N, K // group_size] = {(n, k // group_size)}")
+    return np.ascontiguousarray(values)
+
+
+def _blocked(per_row: np.ndarray) -> np.ndarray:
+    """[N, X] -> [N // 32, X, 32]: the blocked layout of codes (X = K) and scales (X = groups)."""
+    n, x = per_row.shape
+    return np.ascontiguousarray(per_row.reshape(n // BLOCK_ROWS, BLOCK_ROWS, x).transpose(0, 2, 1))
+
+
+def _unblocked(blocked: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_blocked`."""
+    nb, x, r = blocked.shape
+    return np.ascontiguousarray(blocked.transpose(0, 2, 1).reshape(nb * r, x))
+
+
+def _nibbles_blocked(u: np.ndarray, layout: str) -> np.ndarray:
+    """Unsigned codes ``u[N, K]`` (0..15) -> packed uint8 in layout ``k1`` or ``k4``."""
+    b = _blocked(u.astype(np.uint8, copy=False))  # [NB, K, 32]
+    packed = np.ascontiguousarray(b[:, :, :_HALF] | (b[:, :, _HALF:] << 4))
+    return int4_k1_to_k4(packed) if layout == "k4" else packed
+
+
+def _check_layout(layout: str, group_size: int) -> None:
+    if layout not in ("k1", "k4"):
+        raise ValueError(f"layout must be 'k1' or 'k4', got {layout!r}")
+    if layout == "k4" and group_size % 4 != 0:
+        raise ValueError(f"layout 'k4' needs group_size % 4 == 0, got {group_size}")
+
+
+def pack_int4_groupwise(codes: np.ndarray, scales: np.ndarray, layout: str = "k1") -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric INT4 from its codes: ``codes`` uint8 ``[N, K]`` in 0..15 (``u = q + 8``; GGUF
+    Q4_0's ``q`` as stored), ``scales`` float16 ``[N, K // group_size]`` (the group size is
+    ``K // scales.shape[1]``). Returns ``(packed, scales)`` as :func:`quantize_int4_groupwise`;
+    ``w = s * (u - 8)``, nothing rounded."""
+    scales = np.asarray(scales)
+    gs = _group_size_of(codes, scales)
+    _check_layout(layout, gs)
+    codes = _check_codes(codes, np.uint8, 0, 15, gs)
+    return _nibbles_blocked(codes, layout), _blocked(_check_group_values(scales, codes, gs, "scales"))
+
+
+def pack_int4_asym(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray,
+                   layout: str = "k1") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric INT4 from its codes: ``codes`` uint8 ``[N, K]`` in 0..15, ``scales`` and
+    ``mins`` float16 ``[N, K // group_size]`` (GGUF Q4_1's ``q``, ``d``, ``m`` as stored).
+    Returns ``(packed, scales, mins)``: packed uint8 in ``layout`` (as the symmetric format),
+    scales and mins float16 ``[N // 32, K // gs, 32]``; ``w = s * u + m``, nothing rounded."""
+    scales = np.asarray(scales)
+    gs = _group_size_of(codes, scales)
+    _check_layout(layout, gs)
+    codes = _check_codes(codes, np.uint8, 0, 15, gs)
+    return (_nibbles_blocked(codes, layout), _blocked(_check_group_values(scales, codes, gs, "scales")),
+            _blocked(_check_group_values(mins, codes, gs, "mins")))
+
+
+def pack_int8_groupwise(codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group-wise INT8 from its codes: ``codes`` int8 ``[N, K]`` (any of -128..127), ``scales``
+    float16 ``[N, K // group_size]`` (GGUF Q8_0's ``q``, ``d`` as stored). Returns ``(packed
+    int8 [N // 32, K, 32], scales float16 [N // 32, K // gs, 32])``; ``w = s * q``."""
+    scales = np.asarray(scales)
+    gs = _group_size_of(codes, scales)
+    codes = _check_codes(codes, np.int8, -128, 127, gs)
+    return _blocked(codes), _blocked(_check_group_values(scales, codes, gs, "scales"))
+
+
+def q4_0_as_asym(codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GGUF Q4_0 ``(codes, d)`` as the asymmetric format's ``(codes, scales, mins)``:
+    ``m = -8 d`` (exact in float16); the asymmetric kernels then compute exactly the
+    symmetric ones' weights. Raises ``ValueError`` if some ``|d| > 8188`` (``-8 d`` overflows)."""
+    d = np.asarray(scales)
+    if d.dtype != np.float16:
+        raise ValueError(f"scales must be float16 (the stored values), got {d.dtype}")
+    with np.errstate(over="ignore"):
+        m = (d * np.float16(-8)).astype(np.float16)
+    if not np.isfinite(m[np.isfinite(d)]).all():
+        raise ValueError("Q4_0 scale too large for an exact float16 min (|d| > 8188)")
+    return np.asarray(codes), d, m
+
+
+def _group_size_of(codes, scales) -> int:
+    codes = np.asarray(codes)
+    scales = np.asarray(scales)
+    if codes.ndim != 2 or scales.ndim != 2 or scales.shape[0] != codes.shape[0] or scales.shape[1] == 0 \
+            or codes.shape[1] % scales.shape[1]:
+        raise ValueError(f"codes {codes.shape} and scales {scales.shape} must be [N, K] and [N, K // group_size]")
+    return codes.shape[1] // scales.shape[1]
+
+
+# ------------------------------------------------------------------ the quantizers (float -> layouts)
+
+
 def quantize_int4_groupwise(
-    w: np.ndarray, group_size: int = 32, layout: str = "k1"
+    w: np.ndarray, group_size: int = 32, layout: str = "k1", search: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Quantize ``w[N, K]`` (float) to symmetric group-wise INT4 in a blocked layout.
 
@@ -110,25 +380,36 @@ def quantize_int4_groupwise(
       byte ``[b, kq, 4*r + j]`` = rows ``b*32+r`` / ``b*32+16+r`` at column ``4*kq + j``
       (each 32-bit lane holds 4 consecutive k of one row, as ``vpdpbusd`` wants).
 
-    Storage: 4 bits per weight + 16 bits per group (4.5 bits/weight for
-    ``group_size=32``). Raises ``ValueError`` if ``N % 32 != 0``, ``K % group_size != 0``
-    or (``k4``) ``group_size % 4 != 0``.
+    ``search=True``: the error-minimizing scale search (module docstring). Storage: 4 bits
+    per weight + 16 bits per group (4.5 bits/weight for ``group_size=32``). Raises
+    ``ValueError`` if ``N % 32 != 0``, ``K % group_size != 0`` or (``k4``)
+    ``group_size % 4 != 0``.
     """
-    if layout not in ("k1", "k4"):
-        raise ValueError(f"layout must be 'k1' or 'k4', got {layout!r}")
-    if layout == "k4" and group_size % 4 != 0:
-        raise ValueError(f"layout 'k4' needs group_size % 4 == 0, got {group_size}")
+    _check_layout(layout, group_size)
     w = _check_weight(w, group_size)
-    n, k = w.shape
-    g = k // group_size
-    q, s16 = _int4_codes(w, group_size)
-    u = (q + 8).astype(np.uint8)  # [N, K] in [0, 15]
-    u = u.reshape(n // BLOCK_ROWS, BLOCK_ROWS, k).transpose(0, 2, 1)  # [NB, K, 32]
-    packed = (u[:, :, :_HALF] | (u[:, :, _HALF:] << 4)).astype(np.uint8)
-    scales = s16.reshape(n // BLOCK_ROWS, BLOCK_ROWS, g).transpose(0, 2, 1)  # [NB, G, 32]
-    if layout == "k4":
-        packed = int4_k1_to_k4(packed)
-    return np.ascontiguousarray(packed), np.ascontiguousarray(scales)
+    q, s16 = _int4_codes(w, group_size, search)
+    return _nibbles_blocked((q + 8).astype(np.uint8), layout), _blocked(s16)
+
+
+def quantize_int4_asym(
+    w: np.ndarray, group_size: int = 32, layout: str = "k1", search: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantize ``w[N, K]`` to asymmetric group-wise INT4 (module docstring): ``(packed,
+    scales, mins)`` in the layouts of :func:`pack_int4_asym`. ``search=True``: the
+    error-minimizing range search. Same ``ValueError`` cases as :func:`quantize_int4_groupwise`."""
+    _check_layout(layout, group_size)
+    w = _check_weight(w, group_size)
+    u, s16, m16 = _int4_asym_codes(w, group_size, search)
+    return _nibbles_blocked(u, layout), _blocked(s16), _blocked(m16)
+
+
+def quantize_int8_groupwise(w: np.ndarray, group_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize ``w[N, K]`` to group-wise INT8 (``Q8_0``'s rule): ``(packed int8 [N//32, K, 32],
+    scales float16 [N//32, K//group_size, 32])``. Raises ``ValueError`` if ``N % 32 != 0``
+    or ``K % group_size != 0``."""
+    w = _check_weight(w, group_size)
+    q, s16 = _int8_group_codes(w, group_size)
+    return _blocked(q), _blocked(s16)
 
 
 def int4_k1_to_k4(packed: np.ndarray) -> np.ndarray:
@@ -159,29 +440,44 @@ def int4_layout(packed: np.ndarray) -> str:
     raise ValueError(f"not a packed INT4 weight: shape {shape}")
 
 
-def unpack_int4_codes(packed: np.ndarray) -> np.ndarray:
-    """Return the signed INT4 codes ``q[N, K]`` (int8, in [-8, 7]) of a packed tensor (either layout)."""
+def unpack_int4_nibbles(packed: np.ndarray) -> np.ndarray:
+    """The unsigned INT4 codes ``u[N, K]`` (uint8, in [0, 15]) of a packed tensor (either layout)."""
     if int4_layout(packed) == "k4":
         packed = int4_k4_to_k1(packed)
     packed = np.asarray(packed, dtype=np.uint8)
-    nb, k, half = packed.shape
-    lo = (packed & 0x0F).astype(np.int8) - 8
-    hi = (packed >> 4).astype(np.int8) - 8
-    u = np.concatenate([lo, hi], axis=2)  # [NB, K, 32]
-    return np.ascontiguousarray(u.transpose(0, 2, 1).reshape(nb * BLOCK_ROWS, k))
+    return _unblocked(np.concatenate([packed & 0x0F, packed >> 4], axis=2))  # [NB, K, 32] -> [N, K]
+
+
+def unpack_int4_codes(packed: np.ndarray) -> np.ndarray:
+    """Return the signed INT4 codes ``q[N, K]`` (int8, in [-8, 7]) of a packed tensor (either layout)."""
+    return unpack_int4_nibbles(packed).astype(np.int8) - np.int8(8)
+
+
+def _group_values(blocked: np.ndarray, n: int, g: int, what: str, packed_shape) -> np.ndarray:
+    """Blocked per-group values ``[N // 32, G, 32]`` -> float32 ``[N, G]``."""
+    blocked = np.asarray(blocked)
+    if blocked.shape != (n // BLOCK_ROWS, g, BLOCK_ROWS):
+        raise ValueError(f"{what} shape {blocked.shape} does not match packed weight {packed_shape} "
+                         f"with {g} groups per row")
+    return _unblocked(blocked).astype(np.float32)
 
 
 def dequantize_int4_groupwise(packed: np.ndarray, scales: np.ndarray, group_size: int = 32) -> np.ndarray:
     """Reference dequantization: ``(packed, scales)`` -> float32 ``W'[N, K]``."""
     q = unpack_int4_codes(packed).astype(np.float32)
     n, k = q.shape
-    scales = np.asarray(scales)
+    s = _group_values(scales, n, k // group_size, "scales", np.shape(packed))
+    return (q.reshape(n, k // group_size, group_size) * s[:, :, None]).reshape(n, k)
+
+
+def dequantize_int4_asym(packed: np.ndarray, scales: np.ndarray, mins: np.ndarray, group_size: int = 32) -> np.ndarray:
+    """Reference dequantization of the asymmetric format: float32 ``W'[N, K] = s * u + m``."""
+    u = unpack_int4_nibbles(packed).astype(np.float32)
+    n, k = u.shape
     g = k // group_size
-    if scales.shape != (n // BLOCK_ROWS, g, BLOCK_ROWS):
-        raise ValueError(f"scales shape {scales.shape} does not match packed weight {packed.shape} "
-                         f"with group_size={group_size}")
-    s = scales.astype(np.float32).transpose(0, 2, 1).reshape(n, g)
-    return (q.reshape(n, g, group_size) * s[:, :, None]).reshape(n, k)
+    s = _group_values(scales, n, g, "scales", np.shape(packed))
+    m = _group_values(mins, n, g, "mins", np.shape(packed))
+    return (u.reshape(n, g, group_size) * s[:, :, None] + m[:, :, None]).reshape(n, k)
 
 
 def quantize_int8_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -191,21 +487,27 @@ def quantize_int8_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ``packed[b, k, r] = q[b*32 + r, k]``; ``scales`` float32 ``[N]``.
     Raises ``ValueError`` if ``N % 32 != 0``.
     """
-    w = _check_weight(w)
-    n, k = w.shape
-    q, s = _int8_codes(w)
-    packed = q.reshape(n // BLOCK_ROWS, BLOCK_ROWS, k).transpose(0, 2, 1)
-    return np.ascontiguousarray(packed), s
+    q, s = _int8_codes(_check_weight(w))
+    return _blocked(q), s
 
 
 def dequantize_int8_per_channel(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """Reference dequantization: ``(packed int8 [N//32, K, 32], scales [N])`` -> float32 ``W'[N, K]``."""
     packed = np.asarray(packed)
-    nb, k, r = packed.shape
-    if r != BLOCK_ROWS:
+    if packed.ndim != 3 or packed.shape[2] != BLOCK_ROWS:
         raise ValueError(f"packed INT8 weight must have shape [N//32, K, 32], got {packed.shape}")
-    q = packed.transpose(0, 2, 1).reshape(nb * BLOCK_ROWS, k).astype(np.float32)
-    return q * np.asarray(scales, dtype=np.float32)[:, None]
+    return _unblocked(packed).astype(np.float32) * np.asarray(scales, dtype=np.float32)[:, None]
+
+
+def dequantize_int8_groupwise(packed: np.ndarray, scales: np.ndarray, group_size: int = 32) -> np.ndarray:
+    """Reference dequantization of group-wise INT8: float32 ``W'[N, K] = s * q``."""
+    packed = np.asarray(packed)
+    if packed.ndim != 3 or packed.shape[2] != BLOCK_ROWS:
+        raise ValueError(f"packed INT8 weight must have shape [N//32, K, 32], got {packed.shape}")
+    q = _unblocked(packed).astype(np.float32)
+    n, k = q.shape
+    s = _group_values(scales, n, k // group_size, "scales", packed.shape)
+    return (q.reshape(n, k // group_size, group_size) * s[:, :, None]).reshape(n, k)
 
 
 # ------------------------------------------------------------------ row layouts (embedding tables)
@@ -215,9 +517,12 @@ def dequantize_int8_per_channel(packed: np.ndarray, scales: np.ndarray) -> np.nd
 #
 #   INT4 rows: packed uint8 [N, K // 2], byte [n, j] = u(n, 2j) | (u(n, 2j + 1) << 4), u = q + 8;
 #              scales float16 [N, K // group_size]
+#   INT4 asymmetric rows: packed as INT4 rows holding u itself; scales and mins float16
+#              [N, K // group_size]; w = s * u + m
 #   INT8 rows: packed int8 [N, K] = q;  scales float32 [N]  (per row)
+#   INT8 group-wise rows: packed int8 [N, K] = q;  scales float16 [N, K // group_size]
 #
-# N (the vocabulary) needs no padding; K must be a multiple of the group size (INT4).
+# N (the vocabulary) needs no padding; K must be a multiple of the group size (and even, INT4).
 
 
 def _check_rows(w: np.ndarray, group_size: int | None = None) -> np.ndarray:
@@ -229,31 +534,81 @@ def _check_rows(w: np.ndarray, group_size: int | None = None) -> np.ndarray:
     return np.ascontiguousarray(w, dtype=np.float32)
 
 
-def quantize_int4_rows(w: np.ndarray, group_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def _nibbles_rows(u: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray((u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8))
+
+
+def _unpack_nibbles_rows(packed: np.ndarray) -> np.ndarray:
+    """uint8 ``[N, K // 2]`` -> float32 unsigned codes ``[N, K]``."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    n, half = packed.shape
+    u = np.empty((n, 2 * half), np.float32)
+    u[:, 0::2] = packed & 0x0F
+    u[:, 1::2] = packed >> 4
+    return u
+
+
+def _row_group_values(values: np.ndarray, n: int, g: int, what: str, packed_shape) -> np.ndarray:
+    values = np.asarray(values)
+    if values.shape != (n, g):
+        raise ValueError(f"{what} shape {values.shape} does not match the rows {packed_shape} with {g} groups per row")
+    return values.astype(np.float32)
+
+
+def quantize_int4_rows(w: np.ndarray, group_size: int = 32, search: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Quantize a table ``w[N, K]`` to INT4 row layout: ``(packed uint8 [N, K//2], scales float16 [N, K//gs])``.
 
     Same codes and scales as :func:`quantize_int4_groupwise` (4.5 bits per element for gs 32)."""
     w = _check_rows(w, group_size)
-    q, s16 = _int4_codes(w, group_size)
-    u = (q + 8).astype(np.uint8)
-    packed = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
-    return np.ascontiguousarray(packed), np.ascontiguousarray(s16)
+    q, s16 = _int4_codes(w, group_size, search)
+    return _nibbles_rows((q + 8).astype(np.uint8)), np.ascontiguousarray(s16)
+
+
+def pack_int4_rows(codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """INT4 rows from codes (uint8 ``[N, K]`` in 0..15, ``u = q + 8``) and float16 scales ``[N, K // gs]``."""
+    scales = np.asarray(scales)
+    gs = _group_size_of(codes, scales)
+    codes = _check_codes(codes, np.uint8, 0, 15, _even(gs), rows_layout=True)
+    return _nibbles_rows(codes), _check_group_values(scales, codes, gs, "scales")
 
 
 def dequantize_int4_rows(packed: np.ndarray, scales: np.ndarray, group_size: int = 32) -> np.ndarray:
     """Reference dequantization of :func:`quantize_int4_rows`: float32 ``[N, K]``."""
-    packed = np.asarray(packed, dtype=np.uint8)
-    n, half = packed.shape
-    k = 2 * half
-    scales = np.asarray(scales)
-    if scales.shape != (n, k // group_size):
-        raise ValueError(f"scales shape {scales.shape} does not match INT4 rows {packed.shape} "
-                         f"with group_size={group_size}")
-    q = np.empty((n, k), np.float32)
-    q[:, 0::2] = (packed & 0x0F).astype(np.float32) - 8
-    q[:, 1::2] = (packed >> 4).astype(np.float32) - 8
-    s = scales.astype(np.float32)
+    q = _unpack_nibbles_rows(packed) - np.float32(8)
+    n, k = q.shape
+    s = _row_group_values(scales, n, k // group_size, "scales", np.shape(packed))
     return (q.reshape(n, k // group_size, group_size) * s[:, :, None]).reshape(n, k)
+
+
+def quantize_int4_asym_rows(w: np.ndarray, group_size: int = 32,
+                            search: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantize a table ``w[N, K]`` to asymmetric INT4 rows: ``(packed uint8 [N, K//2], scales
+    float16 [N, K//gs], mins float16 [N, K//gs])``, the rule of :func:`quantize_int4_asym`."""
+    w = _check_rows(w, group_size)
+    u, s16, m16 = _int4_asym_codes(w, group_size, search)
+    return _nibbles_rows(u), np.ascontiguousarray(s16), np.ascontiguousarray(m16)
+
+
+def pack_int4_asym_rows(codes: np.ndarray, scales: np.ndarray,
+                        mins: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric INT4 rows from codes (uint8 ``[N, K]`` in 0..15) and float16 scales and
+    mins ``[N, K // gs]`` (GGUF Q4_1 as stored)."""
+    scales = np.asarray(scales)
+    gs = _group_size_of(codes, scales)
+    codes = _check_codes(codes, np.uint8, 0, 15, _even(gs), rows_layout=True)
+    return (_nibbles_rows(codes), _check_group_values(scales, codes, gs, "scales"),
+            _check_group_values(mins, codes, gs, "mins"))
+
+
+def dequantize_int4_asym_rows(packed: np.ndarray, scales: np.ndarray, mins: np.ndarray,
+                              group_size: int = 32) -> np.ndarray:
+    """Reference dequantization of asymmetric INT4 rows: float32 ``[N, K] = s * u + m``."""
+    u = _unpack_nibbles_rows(packed)
+    n, k = u.shape
+    g = k // group_size
+    s = _row_group_values(scales, n, g, "scales", np.shape(packed))
+    m = _row_group_values(mins, n, g, "mins", np.shape(packed))
+    return (u.reshape(n, g, group_size) * s[:, :, None] + m[:, :, None]).reshape(n, k)
 
 
 def quantize_int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -268,6 +623,38 @@ def dequantize_int8_rows(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return np.asarray(packed).astype(np.float32) * np.asarray(scales, dtype=np.float32)[:, None]
 
 
-def packed_nbytes(packed: np.ndarray, scales: np.ndarray) -> int:
-    """Bytes a kernel must read for one weight: packed codes plus scales."""
-    return int(np.asarray(packed).nbytes + np.asarray(scales).nbytes)
+def quantize_int8_groupwise_rows(w: np.ndarray, group_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize a table ``w[N, K]`` to group-wise INT8 rows: ``(codes int8 [N, K], scales float16
+    [N, K//gs])``, the rule of :func:`quantize_int8_groupwise`."""
+    w = _check_rows(w)
+    if group_size <= 0 or w.shape[1] % group_size:
+        raise ValueError(f"width {w.shape[1]} must be a multiple of group_size = {group_size}")
+    q, s16 = _int8_group_codes(w, group_size)
+    return q, s16
+
+
+def pack_int8_groupwise_rows(codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group-wise INT8 rows from codes (int8 ``[N, K]``) and float16 scales ``[N, K // gs]`` (GGUF Q8_0 as stored)."""
+    scales = np.asarray(scales)
+    gs = _group_size_of(codes, scales)
+    codes = _check_codes(codes, np.int8, -128, 127, gs, rows_layout=True)
+    return codes, _check_group_values(scales, codes, gs, "scales")
+
+
+def dequantize_int8_groupwise_rows(packed: np.ndarray, scales: np.ndarray, group_size: int = 32) -> np.ndarray:
+    """Reference dequantization of group-wise INT8 rows: float32 ``[N, K] = s * q``."""
+    q = np.asarray(packed).astype(np.float32)
+    n, k = q.shape
+    s = _row_group_values(scales, n, k // group_size, "scales", np.shape(packed))
+    return (q.reshape(n, k // group_size, group_size) * s[:, :, None]).reshape(n, k)
+
+
+def _even(group_size: int) -> int:
+    if group_size % 2:
+        raise ValueError(f"INT4 rows need an even group_size, got {group_size}")
+    return group_size
+
+
+def packed_nbytes(*tensors: np.ndarray) -> int:
+    """Bytes a kernel must read for one weight: packed codes plus scales (plus mins)."""
+    return int(sum(np.asarray(t).nbytes for t in tensors))
