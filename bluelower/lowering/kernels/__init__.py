@@ -43,7 +43,7 @@ from .quant import (
     unpack_int4_codes,
     unpack_int4_nibbles,
 )
-from .embedding import embedding_gather
+from .embedding import KINDS as EMBEDDING_KINDS, embedding_gather
 from .linear import AARCH64_TARGET, DEFAULT_M_TILE, fp32_linear, host_target, int4_linear, int8_linear
 
 __all__ = [
@@ -85,6 +85,7 @@ __all__ = [
     "pack_int8_groupwise_rows",
     "dequantize_int8_groupwise_rows",
     # kernels
+    "EMBEDDING_KINDS",
     "embedding_gather",
     "int4_linear",
     "int8_linear",

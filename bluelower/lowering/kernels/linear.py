@@ -127,12 +127,12 @@ def _check_m_tile(m_tile: int) -> None:
         raise ValueError(f"m_tile must be an int in [1, 7], got {m_tile!r}")
 
 
-def _finish(func: tirx.PrimFunc, bias: bool, name: str) -> tirx.PrimFunc:
-    """Drop the unused bias parameter (kernels are written with it) and tag the function."""
-    if not bias:
-        params = [p for p in func.params if not (isinstance(p, tirx.Buffer) and p.name == "bias")]
-        if len(params) != len(func.params) - 1:
-            params = [p for p in func.params if getattr(p, "name", "") != "bias"]
+def _finish(func: tirx.PrimFunc, name: str, *, bias: bool, mins: bool = False) -> tirx.PrimFunc:
+    """Drop the optional parameters a variant does not use (kernels are written with all of
+    them: ``bias``, the asymmetric INT4 ``mn``) and tag the function."""
+    unused = {p for p, used in (("bias", bias), ("mn", mins)) if not used}
+    params = [p for p in func.params if getattr(p, "name", "") not in unused]
+    if len(params) != len(func.params):
         func = tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
     return func.with_attr("bluelower.kernel", name)
 
@@ -143,9 +143,18 @@ def _nibble(byte, high: bool):
     return T.shift_right(byte, T.uint8(4)) if high else T.bitwise_and(byte, T.uint8(15))
 
 
-def _dequant_int4(scale, byte, high: bool):
-    """float32 ``s * (u - 8)`` of one nibble: the INT4 dequantization, as every kernel computes it."""
-    return T.Cast("float32", scale) * (T.Cast("float32", _nibble(byte, high)) - T.float32(8))
+def _dequant_int4(scale, byte, high: bool, mn=None):
+    """float32 weight of one nibble, as every kernel computes it: ``s * (u - 8)``, or with the
+    group's min ``mn`` (asymmetric) ``s * u + m``."""
+    u = T.Cast("float32", _nibble(byte, high))
+    if mn is None:
+        return T.Cast("float32", scale) * (u - T.float32(8))
+    return T.Cast("float32", scale) * u + T.Cast("float32", mn)
+
+
+def _group_value(buf, b, g, r):
+    """``buf[b, g, r]``, or None without the buffer (a macro's optional per-group input)."""
+    return None if buf is None else buf[b, g, r]
 
 
 def _epilogue(value, n, bias, has_bias: bool, scales=None):
@@ -156,7 +165,7 @@ def _epilogue(value, n, bias, has_bias: bool, scales=None):
 
 
 # --------------------------------------------------------------------------------------
-# INT4 group-wise
+# INT4 group-wise (symmetric and asymmetric)
 # --------------------------------------------------------------------------------------
 
 
@@ -170,23 +179,27 @@ def int4_linear(
     bias: bool = False,
     m_tile: int = DEFAULT_M_TILE,
     layout: str = "k1",
+    asym: bool = False,
 ) -> tirx.PrimFunc:
     """``y[M, N] = x[M, K] @ dequant(W)^T (+ bias)`` with INT4 group-wise weights.
 
     Parameters (in call order): ``x`` float32 ``[M, K]``, ``packed`` uint8
     (``layout="k1"``: ``[N//32, K, 16]``; ``"k4"``: ``[N//32, K//4, 64]``, see
     :func:`~bluelower.lowering.kernels.quant.quantize_int4_groupwise`), ``scales``
-    float16 ``[N//32, K//group_size, 32]``, optional ``bias`` float32 ``[N]``, output
+    float16 ``[N//32, K//group_size, 32]``, with ``asym`` ``mins`` float16
+    ``[N//32, K//group_size, 32]``, optional ``bias`` float32 ``[N]``, output
     ``y`` ``out_dtype`` ``[M, N]``. Dequantization happens in registers inside the
     reduction loop. ``M == 1`` selects the GEMV schedule, ``M > 1`` the tiled GEMM.
+    Symmetric ``w = s * (u - 8)``; ``asym``: ``w = s * u + m``
+    (:func:`~bluelower.lowering.kernels.quant.quantize_int4_asym`, GGUF Q4_1).
 
     ``layout="k1"`` kernels are portable (x86, aarch64). With ``layout="k4"`` the GEMV
     (``M == 1``) quantizes ``x`` to int8 per group (``sx = max|x_g| / 127``, round half
     away from zero) and uses AVX512-VNNI ``vpdpbusd``: about 1.7x the float GEMV's
     per-core throughput, with the extra error of 8-bit activations (like llama.cpp's
-    q8_0 activations); it needs an x86 target with ``avx512vnni``. The ``k4`` GEMM
-    (``M > 1``) is the float GEMM reading the ``k4`` layout, so one weight copy serves
-    prefill and decode.
+    q8_0 activations); it needs an x86 target with ``avx512vnni``. (Asymmetric: the min
+    term ``m * sum(x_g)`` uses the float ``x``.) The ``k4`` GEMM (``M > 1``) is the float
+    GEMM reading the ``k4`` layout, so one weight copy serves prefill and decode.
     """
     _check(M, N, K, out_dtype, group_size if group_size > 0 else 1, "int4_linear")
     if group_size <= 0 or group_size % 4 != 0:
@@ -195,38 +208,57 @@ def int4_linear(
         raise ValueError(f"int4_linear: layout must be 'k1' or 'k4', got {layout!r}")
     _check_m_tile(m_tile)
     if M == 1 and layout == "k1":
-        f = _int4_gemv(N, K, group_size, out_dtype, bias)
+        f = _groupwise_gemv(N, K, group_size, out_dtype, bias, "int4_asym" if asym else "int4")
     elif M == 1:
-        f = _int4_gemv_vnni(N, K, group_size, out_dtype, bias)
+        f = _int4_gemv_vnni(N, K, group_size, out_dtype, bias, asym)
     else:
         NB, G = N // _R, K // group_size
         wshape = (NB, K // 4, 4 * _H) if layout == "k4" else (NB, K, _H)
         dequant = _dequant_int4_k4 if layout == "k4" else _dequant_int4_k1
         f = _blocked_gemm(M, N, K, group_size, out_dtype, bias, m_tile, (wshape, "uint8"), ((NB, G, _R), "float16"),
-                          dequant, per_row_scales=False)
-    return _finish(f, bias, f"int4_linear_{M}x{N}x{K}_g{group_size}_{layout}")
+                          dequant, per_row_scales=False, asym=asym)
+    name = f"int4_linear_{M}x{N}x{K}_g{group_size}_{layout}" + ("_asym" if asym else "")
+    return _finish(f, name, bias=bias, mins=asym)
 
 
-def _int4_gemv(N, K, gs, out_dtype, has_bias):
+def _groupwise_gemv(N, K, gs, out_dtype, has_bias, fmt):
+    """The decode GEMV of the group-wise formats read along K (``fmt``: ``"int4"``,
+    ``"int4_asym"`` in layout k1, or ``"int8"``): per block and group, ``x * code`` summed
+    into 32 float lanes (``accg``), then folded into the accumulators once per group:
+    ``s * (accg - 8 * sum(x_g))`` (INT4, the zero point of the unsigned codes),
+    ``s * accg + m * sum(x_g)`` (asymmetric) or ``s * accg`` (INT8)."""
     NB = N // _R
     G = K // gs
+    int4, asym = fmt != "int8", fmt == "int4_asym"
+    wshape, wdtype = ((NB, K, _H), "uint8") if int4 else ((NB, K, _R), "int8")
+    step = _H if int4 else _R  # bytes of a block per k
+    per_line = 64 // step  # k-steps per 64-byte line
+    ahead = PREFETCH_BYTES // step
+
+    def group_term(s_, accg_, mn_, xs_):
+        if asym:
+            return T.Cast("float32", s_) * accg_ + T.Cast("float32", mn_) * xs_
+        return T.Cast("float32", s_) * (accg_ - xs_) if int4 else T.Cast("float32", s_) * accg_
 
     @T.prim_func(private=True)
     def f(
         x: T.Buffer((1, K), "float32"),
-        w: T.Buffer((NB, K, _H), "uint8"),
+        w: T.Buffer(wshape, wdtype),
         s: T.Buffer((NB, G, _R), "float16"),
+        mn: T.Buffer((NB, G, _R), "float16"),
         bias: T.Buffer((N,), "float32"),
         y: T.Buffer((1, N), out_dtype),
     ):
         T.func_attr({"tir.noalias": True})
-        # 8 * sum of x over each group: the zero point of the unsigned codes.
-        xs = T.alloc_buffer((G,), "float32")
-        for g in range(G):
-            xs[g] = T.float32(0)
-            for k in range(gs):
-                xs[g] = xs[g] + x[0, g * gs + k]
-            xs[g] = xs[g] * T.float32(8)
+        if int4:
+            # sum of x over each group (symmetric: times 8, the zero point of the unsigned codes)
+            xs = T.alloc_buffer((G,), "float32")
+            for g in range(G):
+                xs[g] = T.float32(0)
+                for k in range(gs):
+                    xs[g] = xs[g] + x[0, g * gs + k]
+                if not asym:
+                    xs[g] = xs[g] * T.float32(8)
         for b in T.parallel(NB):
             acc = T.alloc_buffer((_R,), "float32", scope="global")
             accg = T.alloc_buffer((_R,), "float32", scope="global")
@@ -236,15 +268,19 @@ def _int4_gemv(N, K, gs, out_dtype, has_bias):
                 for r in T.vectorized(_R):
                     accg[r] = T.float32(0)
                 for k in T.unroll(gs):
-                    if k % 4 == 0:  # one 64-byte line holds 4 k-steps of a block
-                        T.evaluate(_prefetch(T.address_of(w[b, g * gs + k + _PF_INT4, 0])))
-                    for r in T.vectorized(_H):
-                        accg[r] = accg[r] + x[0, g * gs + k] * T.Cast("float32", _nibble(w[b, g * gs + k, r], False))
-                    for r in T.vectorized(_H):
-                        accg[_H + r] = accg[_H + r] + x[0, g * gs + k] * T.Cast(
-                            "float32", _nibble(w[b, g * gs + k, r], True))
+                    if k % per_line == 0:
+                        T.evaluate(_prefetch(T.address_of(w[b, g * gs + k + ahead, 0])))
+                    if int4:
+                        for r in T.vectorized(_H):
+                            accg[r] = accg[r] + x[0, g * gs + k] * T.Cast("float32", _nibble(w[b, g * gs + k, r], False))
+                        for r in T.vectorized(_H):
+                            accg[_H + r] = accg[_H + r] + x[0, g * gs + k] * T.Cast(
+                                "float32", _nibble(w[b, g * gs + k, r], True))
+                    else:
+                        for r in T.vectorized(_R):
+                            accg[r] = accg[r] + x[0, g * gs + k] * T.Cast("float32", w[b, g * gs + k, r])
                 for r in T.vectorized(_R):
-                    acc[r] = acc[r] + T.Cast("float32", s[b, g, r]) * (accg[r] - xs[g])
+                    acc[r] = acc[r] + group_term(s[b, g, r], accg[r], mn[b, g, r], xs[g] if int4 else None)
             for r in T.vectorized(_R):
                 y[0, b * _R + r] = T.Cast(out_dtype, _epilogue(acc[r], b * _R + r, bias, has_bias))
 
@@ -264,22 +300,29 @@ def _vpdpbusd(acc, a_u8x64, b_i32):
     )
 
 
-def _int4_gemv_vnni(N, K, gs, out_dtype, has_bias):
+def _int4_gemv_vnni(N, K, gs, out_dtype, has_bias, asym):
     NB = N // _R
     G = K // gs
     QG = gs // 4
     KQ = K // 4
+
+    def group_term(s_, sx_, dot, mn_, xs_):
+        if asym:
+            return T.Cast("float32", s_) * sx_ * T.Cast("float32", dot) + T.Cast("float32", mn_) * xs_
+        return T.Cast("float32", s_) * sx_ * (T.Cast("float32", dot) - xs_)
 
     @T.prim_func(private=True)
     def f(
         x: T.Buffer((1, K), "float32"),
         w: T.Buffer((NB, KQ, 4 * _H), "uint8"),
         s: T.Buffer((NB, G, _R), "float16"),
+        mn: T.Buffer((NB, G, _R), "float16"),
         bias: T.Buffer((N,), "float32"),
         y: T.Buffer((1, N), out_dtype),
     ):
         T.func_attr({"tir.noalias": True})
-        # x -> int8 per group (scale sx), plus 8 * sum(xq) per group (zero point of u = q + 8)
+        # x -> int8 per group (scale sx), plus per group 8 * sum(xq) (symmetric: the zero point
+        # of u = q + 8, in units of sx) or sum(x) (asymmetric: what the min multiplies)
         xq = T.alloc_buffer((K,), "int8")
         sx = T.alloc_buffer((G,), "float32")
         xs = T.alloc_buffer((G,), "float32")
@@ -291,8 +334,9 @@ def _int4_gemv_vnni(N, K, gs, out_dtype, has_bias):
             xs[g] = T.float32(0)
             for k in range(gs):
                 xq[g * gs + k] = T.Cast("int8", T.round(x[0, g * gs + k] / T.max(sx[g], T.float32(1e-30))))
-                xs[g] = xs[g] + T.Cast("float32", xq[g * gs + k])
-            xs[g] = xs[g] * T.float32(8)
+                xs[g] = xs[g] + (x[0, g * gs + k] if asym else T.Cast("float32", xq[g * gs + k]))
+            if not asym:
+                xs[g] = xs[g] * T.float32(8)
         for b in T.parallel(NB):
             acc = T.alloc_buffer((_R,), "float32", scope="global")
             lo = T.alloc_buffer((_H,), "int32", scope="global")
@@ -320,11 +364,9 @@ def _int4_gemv_vnni(N, K, gs, out_dtype, has_bias):
                         T.reinterpret("int32", xq[T.ramp(g * gs + q * 4, 1, 4)]),
                     )
                 for r in T.vectorized(_H):
-                    acc[r] = acc[r] + T.Cast("float32", s[b, g, r]) * sx[g] * (T.Cast("float32", lo[r]) - xs[g])
+                    acc[r] = acc[r] + group_term(s[b, g, r], sx[g], lo[r], mn[b, g, r], xs[g])
                 for r in T.vectorized(_H):
-                    acc[_H + r] = acc[_H + r] + T.Cast("float32", s[b, g, _H + r]) * sx[g] * (
-                        T.Cast("float32", hi[r]) - xs[g]
-                    )
+                    acc[_H + r] = acc[_H + r] + group_term(s[b, g, _H + r], sx[g], hi[r], mn[b, g, _H + r], xs[g])
             for r in T.vectorized(_R):
                 y[0, b * _R + r] = T.Cast(out_dtype, _epilogue(acc[r], b * _R + r, bias, has_bias))
 
@@ -332,40 +374,53 @@ def _int4_gemv_vnni(N, K, gs, out_dtype, has_bias):
 
 
 # --- the blocked GEMM (M > 1) and the dequantization of one K chunk per weight format ---------
+#
+# Every dequant macro takes (wd, w, s, mn, b, g, gs): the float tile, the weight, scales, mins
+# (None but for the asymmetric INT4 format), the block, the chunk and its width.
 
 
 @T.macro
-def _dequant_int4_k1(wd, w, s, b, g, gs):
+def _dequant_int4_k1(wd, w, s, mn, b, g, gs):
     for k in range(gs):
         for r in T.vectorized(_H):
-            wd[k, r] = _dequant_int4(s[b, g, r], w[b, g * gs + k, r], False)
+            wd[k, r] = _dequant_int4(s[b, g, r], w[b, g * gs + k, r], False, _group_value(mn, b, g, r))
         for r in T.vectorized(_H):
-            wd[k, _H + r] = _dequant_int4(s[b, g, _H + r], w[b, g * gs + k, r], True)
+            wd[k, _H + r] = _dequant_int4(s[b, g, _H + r], w[b, g * gs + k, r], True, _group_value(mn, b, g, _H + r))
 
 
 @T.macro
-def _dequant_int4_k4(wd, w, s, b, g, gs):
+def _dequant_int4_k4(wd, w, s, mn, b, g, gs):
     for q in range(gs // 4):
         for j in T.unroll(4):
             for r in T.vectorized(_H):
-                wd[q * 4 + j, r] = _dequant_int4(s[b, g, r], w[b, g * (gs // 4) + q, r * 4 + j], False)
+                wd[q * 4 + j, r] = _dequant_int4(s[b, g, r], w[b, g * (gs // 4) + q, r * 4 + j], False,
+                                                 _group_value(mn, b, g, r))
             for r in T.vectorized(_H):
-                wd[q * 4 + j, _H + r] = _dequant_int4(s[b, g, _H + r], w[b, g * (gs // 4) + q, r * 4 + j], True)
+                wd[q * 4 + j, _H + r] = _dequant_int4(s[b, g, _H + r], w[b, g * (gs // 4) + q, r * 4 + j], True,
+                                                      _group_value(mn, b, g, _H + r))
 
 
 @T.macro
-def _dequant_int8(wd, w, s, b, g, gs):  # per-channel scales: applied once, in the epilogue
+def _dequant_int8(wd, w, s, mn, b, g, gs):  # per-channel scales: applied once, in the epilogue
     for k in range(gs):
         for r in T.vectorized(_R):
             wd[k, r] = T.Cast("float32", w[b, g * gs + k, r])
 
 
-def _blocked_gemm(M, N, K, KC, out_dtype, has_bias, MT, w_spec, s_spec, dequant, per_row_scales):
+@T.macro
+def _dequant_int8_groupwise(wd, w, s, mn, b, g, gs):
+    for k in range(gs):
+        for r in T.vectorized(_R):
+            wd[k, r] = T.Cast("float32", s[b, g, r]) * T.Cast("float32", w[b, g * gs + k, r])
+
+
+def _blocked_gemm(M, N, K, KC, out_dtype, has_bias, MT, w_spec, s_spec, dequant, per_row_scales, asym=False):
     """The prefill GEMM of the quantized formats: ``parallel`` over 32-row blocks of W; per K
-    chunk of ``KC`` columns ``dequant(wd, w, s, b, chunk, KC)`` (a ``T.macro``) fills the float
-    tile ``wd[KC, 32]`` once and every row of ``x`` reuses it through an ``MT x 32`` register
-    tile. ``w_spec`` / ``s_spec``: (shape, dtype) of the weight and scale parameters; with
-    ``per_row_scales`` the scales are float32 ``[N]``, applied to the accumulators at the end."""
+    chunk of ``KC`` columns ``dequant(wd, w, s, mn, b, chunk, KC)`` (a ``T.macro``) fills the
+    float tile ``wd[KC, 32]`` once and every row of ``x`` reuses it through an ``MT x 32``
+    register tile. ``w_spec`` / ``s_spec``: (shape, dtype) of the weight and scale parameters;
+    with ``per_row_scales`` the scales are float32 ``[N]``, applied to the accumulators at the
+    end; ``asym``: the ``mn`` parameter (float16, the scales' shape) is the groups' mins."""
     NB = N // _R
     MO = M // MT
     MREM = M - MO * MT
@@ -376,6 +431,7 @@ def _blocked_gemm(M, N, K, KC, out_dtype, has_bias, MT, w_spec, s_spec, dequant,
         x: T.Buffer((M, K), "float32"),
         w: T.Buffer(wshape, wdtype),
         s: T.Buffer(sshape, sdtype),
+        mn: T.Buffer(sshape, "float16"),
         bias: T.Buffer((N,), "float32"),
         y: T.Buffer((M, N), out_dtype),
     ):
@@ -389,7 +445,7 @@ def _blocked_gemm(M, N, K, KC, out_dtype, has_bias, MT, w_spec, s_spec, dequant,
                     acc[m, r] = T.float32(0)
             for g in range(K // KC):
                 # dequantize this block's chunk once (L1-resident 32 x KC tile)
-                dequant(wd, w, s, b, g, KC)
+                dequant(wd, w, s, mn if asym else None, b, g, KC)
                 for mo in range(MO):
                     for mi in T.unroll(MT):
                         for r in T.vectorized(_R):
@@ -418,7 +474,7 @@ def _blocked_gemm(M, N, K, KC, out_dtype, has_bias, MT, w_spec, s_spec, dequant,
 
 
 # --------------------------------------------------------------------------------------
-# INT8 per-channel
+# INT8 per-channel and group-wise
 # --------------------------------------------------------------------------------------
 
 
@@ -430,21 +486,34 @@ def int8_linear(
     out_dtype: str = "float32",
     bias: bool = False,
     m_tile: int = DEFAULT_M_TILE,
+    group_size: int | None = None,
 ) -> tirx.PrimFunc:
-    """``y[M, N] = x[M, K] @ dequant(W)^T (+ bias)`` with INT8 per-channel weights.
+    """``y[M, N] = x[M, K] @ dequant(W)^T (+ bias)`` with INT8 weights.
 
     Parameters (in call order): ``x`` float32 ``[M, K]``, ``packed`` int8
-    ``[N//32, K, 32]``, ``scales`` float32 ``[N]``, optional ``bias`` float32 ``[N]``,
-    output ``y`` ``out_dtype`` ``[M, N]``. Requires ``N % 32 == 0`` and ``K % 32 == 0``.
+    ``[N//32, K, 32]``, ``scales``, optional ``bias`` float32 ``[N]``, output ``y``
+    ``out_dtype`` ``[M, N]``. ``group_size=None``: per-channel, ``scales`` float32 ``[N]``,
+    ``K % 32 == 0``. ``group_size`` (a positive multiple of 4 dividing K; GGUF Q8_0: 32):
+    group-wise, ``scales`` float16 ``[N//32, K//group_size, 32]``
+    (:func:`~bluelower.lowering.kernels.quant.quantize_int8_groupwise`). ``N % 32 == 0``.
     """
-    _check(M, N, K, out_dtype, _KC, "int8_linear")
+    if group_size is not None and (not isinstance(group_size, int) or group_size <= 0 or group_size % 4):
+        raise ValueError(f"int8_linear: group_size must be None or a positive multiple of 4, got {group_size!r}")
+    _check(M, N, K, out_dtype, _KC if group_size is None else group_size, "int8_linear")
     _check_m_tile(m_tile)
-    if M == 1:
+    NB = N // _R
+    if group_size is None and M == 1:
         f = _int8_gemv(N, K, out_dtype, bias)
-    else:
-        f = _blocked_gemm(M, N, K, _KC, out_dtype, bias, m_tile, ((N // _R, K, _R), "int8"), ((N,), "float32"),
+    elif group_size is None:
+        f = _blocked_gemm(M, N, K, _KC, out_dtype, bias, m_tile, ((NB, K, _R), "int8"), ((N,), "float32"),
                           _dequant_int8, per_row_scales=True)
-    return _finish(f, bias, f"int8_linear_{M}x{N}x{K}")
+    elif M == 1:
+        f = _groupwise_gemv(N, K, group_size, out_dtype, bias, "int8")
+    else:
+        f = _blocked_gemm(M, N, K, group_size, out_dtype, bias, m_tile, ((NB, K, _R), "int8"),
+                          ((NB, K // group_size, _R), "float16"), _dequant_int8_groupwise, per_row_scales=False)
+    return _finish(f, f"int8_linear_{M}x{N}x{K}" + ("" if group_size is None else f"_g{group_size}"), bias=bias)
+
 
 
 def _int8_gemv(N, K, out_dtype, has_bias):
@@ -504,7 +573,7 @@ def fp32_linear(
         f = _fp32_gemv(N, K, out_dtype, bias)
     else:
         f = _fp32_gemm(M, N, K, out_dtype, bias)
-    return _finish(f, bias, f"fp32_linear_{M}x{N}x{K}")
+    return _finish(f, f"fp32_linear_{M}x{N}x{K}", bias=bias)
 
 
 def _fp32_gemv(N, K, out_dtype, has_bias):
