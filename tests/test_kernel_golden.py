@@ -99,7 +99,21 @@ def _embedding_cases():
     return out
 
 
-CASES = {**_linear_cases(), **_attention_cases(), **_embedding_cases()}
+def _format_cases():
+    """The GGUF-carrying formats' kernels (recorded when they were added)."""
+    out = {}
+    for M, layout, bias in itertools.product((1, 2, 9), ("k1", "k4"), (False, True)):
+        out[f"int4asym_{M}x64x256_g32_{layout}_b{int(bias)}"] = (int4_linear, (M, 64, 256, 32, "float32", bias, 4, layout,
+                                                                              True))
+    for M, gs, bias in itertools.product((1, 2, 9), (32, 64), (False, True)):
+        out[f"int8g_{M}x64x256_g{gs}_b{int(bias)}"] = (int8_linear, (M, 64, 256, "float32", bias, 4, gs))
+    for kind, width, pad in (("int4_asym", 64, None), ("int4_asym", 63, 64), ("int8_groupwise", 64, None),
+                             ("int8_groupwise", 63, 64)):
+        out[f"emb_{kind}_3x50x{width}_p{pad}"] = (embedding_gather, (kind, 50, width, 3, 32, pad, "int64"))
+    return out
+
+
+CASES = {**_linear_cases(), **_attention_cases(), **_embedding_cases(), **_format_cases()}
 
 
 def _print(func) -> str:
@@ -122,7 +136,7 @@ def fingerprint(name: str) -> str:
     return _print(func)
 
 
-GOLDEN = {  # recorded at ba2c15e, before the refactor
+GOLDEN = {  # recorded at ba2c15e, before the refactor (the int4asym_/int8g_/new emb_ cases when added)
     'att_batch1_grouped_kv80': '725810f611dbb5b6:7aed9d03850021b1',
     'att_batch1_grouped_kv81': '697a1d628e047d91:4e165cc42d358318',
     'att_batch1_rowwise_kv80': 'c729e5a029d6ec2e:420d0cdf6e1db7a6',
@@ -451,6 +465,34 @@ GOLDEN = {  # recorded at ba2c15e, before the refactor
     'kvw_2x2x1x16_float16_int32_ax2': '0074ed8f41b9eb10:356c90fa150c1109 30c10b1c76b69c86:aef606c256f8f554 [0]',
     'kvw_2x2x3x16_float32_int64_ax2': 'e01fca0e35dd92e6:fd8ac5fb3bb13add ca3213dd90b0d5fc:e3dd20588190b024 [1]',
     'kvw_2x5x16_float32_int64_ax1': '078abee13487b50f:5752ffa8af367732',
+    'emb_int4_asym_3x50x63_p64': 'dd1fa40dd0b1723d:177a51825fbffe27',
+    'emb_int4_asym_3x50x64_pNone': 'c6ee6df46cc83eea:14ab9a0bc951f387',
+    'emb_int8_groupwise_3x50x63_p64': '1d6df70efe81e2d1:6de86afc21ef5539',
+    'emb_int8_groupwise_3x50x64_pNone': '806327accdfe3315:fe28dc67b7cc5d1a',
+    'int4asym_1x64x256_g32_k1_b0': '27273406f2cd7cce:23e55f173a32e9a5',
+    'int4asym_1x64x256_g32_k1_b1': 'e5d94008ee7eb89f:5d71524c7ed5c152',
+    'int4asym_1x64x256_g32_k4_b0': '6afd9fea1bdf4d4e:5641e067a1b0077d',
+    'int4asym_1x64x256_g32_k4_b1': 'c9bc65229da5ee75:acd91191b4b8d017',
+    'int4asym_2x64x256_g32_k1_b0': '5af3445efdab8a9f:16bf2d99cad5ac22',
+    'int4asym_2x64x256_g32_k1_b1': 'c132c951b739208d:5b7fb7c9430c30ac',
+    'int4asym_2x64x256_g32_k4_b0': 'd9e5c4a77f1f1c57:495340bd12ddcd17',
+    'int4asym_2x64x256_g32_k4_b1': '1c49df10e2b4fffa:6cb5cd8cb06c625e',
+    'int4asym_9x64x256_g32_k1_b0': 'ef689424a1a49596:eb114abe1d739279',
+    'int4asym_9x64x256_g32_k1_b1': 'c35004b56554b4e5:93496e716582cc5c',
+    'int4asym_9x64x256_g32_k4_b0': 'f7f2bef097090c0a:3cd71d64c3e41d3a',
+    'int4asym_9x64x256_g32_k4_b1': '1c699e3f6df40bb8:6f253adcdf19f52e',
+    'int8g_1x64x256_g32_b0': 'e4cd79cc43fe50ef:888f7267b2c07b5a',
+    'int8g_1x64x256_g32_b1': '5bbd5dbdcfcdac0c:82a15735ffcaa107',
+    'int8g_1x64x256_g64_b0': '0e0e04c1f2025060:e0e2b4ccf5f5855f',
+    'int8g_1x64x256_g64_b1': 'c2e9fb3ad9fc10ef:41ee8a618a43e57c',
+    'int8g_2x64x256_g32_b0': '3a1240ab238b0e36:0fb523d97a04e3cd',
+    'int8g_2x64x256_g32_b1': 'd5af97cb4c8b16aa:1cbc436cb164d0dc',
+    'int8g_2x64x256_g64_b0': 'd1814fd985924f12:c711096d34773d1b',
+    'int8g_2x64x256_g64_b1': 'eeead5a7e33cbba5:c967d98a2ff7d781',
+    'int8g_9x64x256_g32_b0': '0fd9050e8ddc41d4:9b747cb20580b958',
+    'int8g_9x64x256_g32_b1': '4b2c031b89fdb8ff:38d9bc63062af817',
+    'int8g_9x64x256_g64_b0': '3946c6c7d9930ba5:8aa927eaf411bb7d',
+    'int8g_9x64x256_g64_b1': '242bb8610e0234f6:a7dcba6c82bcf676',
 }
 
 

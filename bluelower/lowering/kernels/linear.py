@@ -3,7 +3,7 @@
 Every builder returns a ``tvm.tirx.PrimFunc`` *without* a global symbol (a private
 function) in destination-passing style: inputs first, the output buffer last. Add it to a
 Relax module with ``gv = bb.add_func(func, "int4_linear_1x2560x2560")`` and call it with
-``relax.call_tir(gv, (x, packed, scales[, bias]), R.Tensor((M, N), out_dtype))`` (in
+``relax.call_tir(gv, (x, packed, scales[, mins][, bias]), R.Tensor((M, N), out_dtype))`` (in
 TVM 0.27 the third argument is positional ``out_ty``; there is no ``out_sinfo=`` keyword). To build it alone, give it a symbol:
 ``tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target)``.
 
@@ -13,8 +13,11 @@ accumulate in float32; ``out_dtype`` may be ``"float32"`` or ``"float16"``.
 Weight layouts are the ones produced by :mod:`bluelower.lowering.kernels.quant`:
 
 * INT4: ``packed`` uint8 ``[N//32, K, 16]`` (layout ``k1``) or ``[N//32, K//4, 64]``
-  (layout ``k4``) + ``scales`` float16 ``[N//32, K//gs, 32]``.
-* INT8: ``packed`` int8 ``[N//32, K, 32]`` + ``scales`` float32 ``[N]``.
+  (layout ``k4``) + ``scales`` float16 ``[N//32, K//gs, 32]``; asymmetric
+  (``int4_linear(asym=True)``, GGUF Q4_1's rule ``w = s * u + m``) + ``mins`` float16
+  ``[N//32, K//gs, 32]``.
+* INT8: ``packed`` int8 ``[N//32, K, 32]`` + ``scales`` float32 ``[N]`` (per channel) or
+  float16 ``[N//32, K//gs, 32]`` (``int8_linear(group_size=gs)``, GGUF Q8_0's rule).
 * FP32: ``W`` float32 ``[N, K]`` (PyTorch layout, never transposed in memory).
 
 Schedules (see docs/kernels.md for the measurements):
@@ -25,23 +28,25 @@ Schedules (see docs/kernels.md for the measurements):
   (vectorized over output rows, so no horizontal reduction), with a software prefetch
   ``PREFETCH_BYTES`` ahead in the block's stream. INT4 sums ``x * u`` per
   group with the unsigned code ``u = q + 8`` and applies ``s * (acc - 8 * sum(x_group))``
-  once per group, so the inner loop is convert + FMA only.
+  once per group, so the inner loop is convert + FMA only; the asymmetric format applies
+  ``s * acc + m * sum(x_group)``, group-wise INT8 ``s * acc``.
 * ``M == 1`` INT4 layout ``k4`` (x86 AVX512-VNNI only): ``x`` quantized to int8 per
   group in the prologue; per 4 k-steps one 64-byte load, AND/shift and two ``vpdpbusd``
-  into 2 x 16 int32 lanes; int32 -> float once per group.
+  into 2 x 16 int32 lanes; int32 -> float once per group (asymmetric: plus
+  ``m * sum(x_group)`` on the float ``x``).
 * ``M == 1`` FP32: vectorized along K (16 lanes) for 4 rows at a time, horizontal
   reduction at the end; weights read row-contiguously.
-* ``M > 1`` (prefill GEMM), INT4/INT8: ``parallel`` over 32-row blocks of W; per 32-wide
-  K chunk the block's weights are dequantized once into a 32 x 32 float tile in L1 and
-  reused by all M rows through an ``m_tile x 32`` register tile, so each weight is read
-  from memory once per call, not once per row.
+* ``M > 1`` (prefill GEMM), INT4/INT8: ``parallel`` over 32-row blocks of W; per K chunk
+  (a group; 32 wide for per-channel INT8) the block's weights are dequantized once into a
+  chunk x 32 float tile in L1 and reused by all M rows through an ``m_tile x 32``
+  register tile, so each weight is read from memory once per call, not once per row.
 * ``M > 1`` FP32: ``x`` is copied to a K-major ``xT`` once; ``parallel`` over 32-row
   blocks of W with an ``8 (rows of W) x 16 (rows of x)`` register tile, W broadcast along
   its rows (never transposed).
 
-Divisibility: ``N % 32 == 0`` for every kernel; INT4 ``K % group_size == 0`` and
-``group_size % 4 == 0``; INT8/FP32 ``K % 32 == 0``; ``1 <= m_tile <= 7``. Violations
-raise ``ValueError``. Any ``M >= 1``.
+Divisibility: ``N % 32 == 0`` for every kernel; INT4 and group-wise INT8
+``K % group_size == 0`` and ``group_size % 4 == 0``; per-channel INT8 and FP32
+``K % 32 == 0``; ``1 <= m_tile <= 7``. Violations raise ``ValueError``. Any ``M >= 1``.
 """
 
 from __future__ import annotations

@@ -156,8 +156,9 @@ def _sym_codes(wg: np.ndarray, s32: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return t
 
 
-def _int4_codes(w: np.ndarray, group_size: int, search: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """The INT4 rule on float32 ``w[N, K]``: codes ``q`` int8 ``[N, K]`` and float16 scales ``[N, K // gs]``."""
+def _symmetric_codes(w: np.ndarray, group_size: int, qmax: int, qmin: int, search: bool = False):
+    """The symmetric group-wise rule on float32 ``w[N, K]`` (INT4: ``qmax = 7, qmin = -8``; INT8:
+    127, -127): codes int8 ``[N, K]`` and float16 scales ``[N, K // gs]``, ``s = max|w| / qmax``."""
     n, k = w.shape
     q = np.empty((n, k), np.int8)
     s16 = np.empty((n, k // group_size), np.float16)
@@ -165,14 +166,14 @@ def _int4_codes(w: np.ndarray, group_size: int, search: bool = False) -> tuple[n
     for r0 in starts:
         wg = w[r0:r0 + rows].reshape(-1, k // group_size, group_size)
         amax = np.abs(wg).max(axis=2)
-        s16[r0:r0 + rows] = amax / np.float32(7.0)
+        s16[r0:r0 + rows] = amax / np.float32(qmax)
         s32 = s16[r0:r0 + rows].astype(np.float32)
-        t = _sym_codes(wg, s32, -8, 7)
+        t = _sym_codes(wg, s32, qmin, qmax)
         if search:
             best = ((wg - t * s32[:, :, None]) ** 2).sum(axis=2)
             for f in SEARCH_SHRINK[1:]:
-                c32 = _f16(amax * np.float32(f / 7.0))
-                c = _sym_codes(wg, c32, -8, 7)
+                c32 = _f16(amax * np.float32(f / qmax))
+                c = _sym_codes(wg, c32, qmin, qmax)
                 err = ((wg - c * c32[:, :, None]) ** 2).sum(axis=2)
                 better = err < best
                 best = np.where(better, err, best)
@@ -180,8 +181,13 @@ def _int4_codes(w: np.ndarray, group_size: int, search: bool = False) -> tuple[n
                 t = np.where(better[:, :, None], c, t)
             s16[r0:r0 + rows] = s32
         q[r0:r0 + rows] = t.reshape(-1, k)
-    _check_finite(s16, "INT4 scales")
+    _check_finite(s16, "scales")
     return q, s16
+
+
+def _int4_codes(w: np.ndarray, group_size: int, search: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The INT4 rule on float32 ``w[N, K]``: codes ``q`` int8 ``[N, K]`` and float16 scales ``[N, K // gs]``."""
+    return _symmetric_codes(w, group_size, 7, -8, search)
 
 
 def _asym_candidate(wg, lo, hi):
@@ -235,16 +241,7 @@ def _int8_codes(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _int8_group_codes(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
     """The group-wise INT8 rule on float32 ``w[N, K]``: codes int8 ``[N, K]``, float16 scales ``[N, K // gs]``."""
-    n, k = w.shape
-    q = np.empty((n, k), np.int8)
-    s16 = np.empty((n, k // group_size), np.float16)
-    starts, rows = _row_blocks(n, k)
-    for r0 in starts:
-        wg = w[r0:r0 + rows].reshape(-1, k // group_size, group_size)
-        s16[r0:r0 + rows] = np.abs(wg).max(axis=2) / np.float32(127.0)
-        q[r0:r0 + rows] = _sym_codes(wg, s16[r0:r0 + rows].astype(np.float32), -127, 127).reshape(-1, k)
-    _check_finite(s16, "INT8 scales")
-    return q, s16
+    return _symmetric_codes(w, group_size, 127, -127)
 
 
 # ------------------------------------------------------------------ packing (codes -> layouts)
@@ -453,6 +450,13 @@ def unpack_int4_codes(packed: np.ndarray) -> np.ndarray:
     return unpack_int4_nibbles(packed).astype(np.int8) - np.int8(8)
 
 
+def _apply_groups(codes: np.ndarray, group_size: int, scales: np.ndarray, mins: np.ndarray | None = None):
+    """float32 ``codes[N, K] * s (+ m)`` with ``scales`` / ``mins`` float32 ``[N, K // gs]``."""
+    n, k = codes.shape
+    w = codes.reshape(n, k // group_size, group_size) * scales[:, :, None]
+    return (w if mins is None else w + mins[:, :, None]).reshape(n, k)
+
+
 def _group_values(blocked: np.ndarray, n: int, g: int, what: str, packed_shape) -> np.ndarray:
     """Blocked per-group values ``[N // 32, G, 32]`` -> float32 ``[N, G]``."""
     blocked = np.asarray(blocked)
@@ -466,8 +470,7 @@ def dequantize_int4_groupwise(packed: np.ndarray, scales: np.ndarray, group_size
     """Reference dequantization: ``(packed, scales)`` -> float32 ``W'[N, K]``."""
     q = unpack_int4_codes(packed).astype(np.float32)
     n, k = q.shape
-    s = _group_values(scales, n, k // group_size, "scales", np.shape(packed))
-    return (q.reshape(n, k // group_size, group_size) * s[:, :, None]).reshape(n, k)
+    return _apply_groups(q, group_size, _group_values(scales, n, k // group_size, "scales", np.shape(packed)))
 
 
 def dequantize_int4_asym(packed: np.ndarray, scales: np.ndarray, mins: np.ndarray, group_size: int = 32) -> np.ndarray:
@@ -475,9 +478,8 @@ def dequantize_int4_asym(packed: np.ndarray, scales: np.ndarray, mins: np.ndarra
     u = unpack_int4_nibbles(packed).astype(np.float32)
     n, k = u.shape
     g = k // group_size
-    s = _group_values(scales, n, g, "scales", np.shape(packed))
-    m = _group_values(mins, n, g, "mins", np.shape(packed))
-    return (u.reshape(n, g, group_size) * s[:, :, None] + m[:, :, None]).reshape(n, k)
+    return _apply_groups(u, group_size, _group_values(scales, n, g, "scales", np.shape(packed)),
+                         _group_values(mins, n, g, "mins", np.shape(packed)))
 
 
 def quantize_int8_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -506,8 +508,7 @@ def dequantize_int8_groupwise(packed: np.ndarray, scales: np.ndarray, group_size
         raise ValueError(f"packed INT8 weight must have shape [N//32, K, 32], got {packed.shape}")
     q = _unblocked(packed).astype(np.float32)
     n, k = q.shape
-    s = _group_values(scales, n, k // group_size, "scales", packed.shape)
-    return (q.reshape(n, k // group_size, group_size) * s[:, :, None]).reshape(n, k)
+    return _apply_groups(q, group_size, _group_values(scales, n, k // group_size, "scales", packed.shape))
 
 
 # ------------------------------------------------------------------ row layouts (embedding tables)
@@ -576,8 +577,7 @@ def dequantize_int4_rows(packed: np.ndarray, scales: np.ndarray, group_size: int
     """Reference dequantization of :func:`quantize_int4_rows`: float32 ``[N, K]``."""
     q = _unpack_nibbles_rows(packed) - np.float32(8)
     n, k = q.shape
-    s = _row_group_values(scales, n, k // group_size, "scales", np.shape(packed))
-    return (q.reshape(n, k // group_size, group_size) * s[:, :, None]).reshape(n, k)
+    return _apply_groups(q, group_size, _row_group_values(scales, n, k // group_size, "scales", np.shape(packed)))
 
 
 def quantize_int4_asym_rows(w: np.ndarray, group_size: int = 32,
@@ -606,9 +606,8 @@ def dequantize_int4_asym_rows(packed: np.ndarray, scales: np.ndarray, mins: np.n
     u = _unpack_nibbles_rows(packed)
     n, k = u.shape
     g = k // group_size
-    s = _row_group_values(scales, n, g, "scales", np.shape(packed))
-    m = _row_group_values(mins, n, g, "mins", np.shape(packed))
-    return (u.reshape(n, g, group_size) * s[:, :, None] + m[:, :, None]).reshape(n, k)
+    return _apply_groups(u, group_size, _row_group_values(scales, n, g, "scales", np.shape(packed)),
+                         _row_group_values(mins, n, g, "mins", np.shape(packed)))
 
 
 def quantize_int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -645,8 +644,7 @@ def dequantize_int8_groupwise_rows(packed: np.ndarray, scales: np.ndarray, group
     """Reference dequantization of group-wise INT8 rows: float32 ``[N, K] = s * q``."""
     q = np.asarray(packed).astype(np.float32)
     n, k = q.shape
-    s = _row_group_values(scales, n, k // group_size, "scales", np.shape(packed))
-    return (q.reshape(n, k // group_size, group_size) * s[:, :, None]).reshape(n, k)
+    return _apply_groups(q, group_size, _row_group_values(scales, n, k // group_size, "scales", np.shape(packed)))
 
 
 def _even(group_size: int) -> int:
