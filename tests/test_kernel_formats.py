@@ -166,6 +166,26 @@ def test_asym_quantizer_error_bound(group_size):
     assert _bits_equal(dequantize_int4_asym_rows(pr, sr, mr, group_size), wd)
 
 
+@pytest.mark.parametrize("magnitude", [1e-3, 1e-5, 1e-7])
+def test_error_bounds_with_subnormal_float16_scales(magnitude):
+    """Scales below float16's normal range: the bounds plus ``qmax * 2^-25``."""
+    w = (np.random.default_rng(11).standard_normal((N, K)) * magnitude).astype(np.float32)
+    g = K // 32
+    packed, scales, mins = quantize_int4_asym(w, 32)
+    wd = dequantize_int4_asym(packed, scales, mins, 32)
+    s = Q._unblocked(scales).astype(np.float32)  # pylint: disable=protected-access
+    m = Q._unblocked(mins).astype(np.float32)  # pylint: disable=protected-access
+    lo = w.reshape(N, g, 32).min(axis=2)
+    bound = (np.maximum(s / 2, np.abs(lo - m)) + 15 * 2.0 ** -25)[:, :, None] + np.abs(wd.reshape(N, g, 32)) * 2.0 ** -24
+    assert (np.abs(w - wd).reshape(N, g, 32) <= bound * (1 + 1e-6)).all()
+    for quantize, dequantize, qmax in ((quantize_int4_groupwise, dequantize_int4_groupwise, 7),
+                                       (quantize_int8_groupwise, dequantize_int8_groupwise, 127)):
+        packed, scales = quantize(w, 32)
+        s = Q._unblocked(scales).astype(np.float32)  # pylint: disable=protected-access
+        err = np.abs(w - dequantize(packed, scales, 32)).reshape(N, g, 32)
+        assert (err <= (s[:, :, None] / 2 + qmax * 2.0 ** -25) * (1 + 1e-6)).all()
+
+
 def test_int8_groupwise_quantizer_error_bound():
     w = _weights(7)
     packed, scales = quantize_int8_groupwise(w, 32)

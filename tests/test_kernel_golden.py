@@ -2,12 +2,14 @@
 
 The fingerprints were recorded before the kernels were refactored (shared builders instead
 of near-copies): a refactor must leave every generated function structurally identical
-(``tvm_ffi.structural_hash``) and print the same TVMScript (sha256 of ``func.script()``).
-A per-layer (stamped) kernel is fingerprinted without its ``bluelower.stamp`` attr, beside
-the generic kernel it was stamped from and the stamp's prefix values.
+(``tvm_ffi.structural_hash``) and print the same TVMScript (sha256 of ``func.script()``;
+``RENAMED`` lists the cases that print one loop variable under another name). A per-layer
+(stamped) kernel is fingerprinted without its ``bluelower.stamp`` attr, beside the generic
+kernel it was stamped from and the stamp's prefix values. ``QUANT_GOLDEN`` holds the same
+for the existing quantizers' output bytes.
 
-Regenerate (only for an intended change of the generated code):
-``python tests/test_kernel_golden.py > /tmp/golden.txt`` and paste the table.
+Regenerate (only for an intended change of the generated code): run this file with
+``python`` and paste the table it prints.
 """
 
 from __future__ import annotations

@@ -46,8 +46,9 @@ holding ``u`` itself::
   ``Q4_1`` (``w = d * q + m``) packs as ``u = q, s = d, m = m``; ``Q4_0`` also fits
   (``m = -8 d``, exact in float16 for ``|d| <= 8188``) and then dequantizes to the same
   float32 values as the symmetric format: ``s * u`` is exact in float32 (11 x 4 bits),
-  and so is ``s * u - 8 s`` (a zero of a negative ``d`` is +0 here, -0 there). Storage: 4 bits per weight + 32 bits per group (5 bits per
-  weight for ``group_size=32``, like ``Q4_1``).
+  and so is ``s * u - 8 s`` (a zero of a negative ``d`` is +0 here, -0 there).
+  Storage: 4 bits per weight + 32 bits per group (5 bits per weight for
+  ``group_size=32``, like ``Q4_1``).
 
 INT8, per output channel symmetric::
 
@@ -63,9 +64,9 @@ INT8, group-wise symmetric (GGUF ``Q8_0``'s rule)::
   ``Q8_0`` (``w = d * q``, q int8, ``d`` float16 per 32) packs as ``q = q, s = d`` with
   ``group_size = 32``. Storage: 8.5 bits per weight for ``group_size=32``.
 
-Every dequantization is float32 arithmetic on the widened float16 values: ``s * u``
-and ``s * q`` are exact (at most 11 + 8 significant bits), so ``s * (u - 8)``, ``s * q``
-are exact and ``s * u + m`` is rounded once (a fused multiply-add gives the same value).
+Every dequantization is float32 arithmetic on the widened float16 values: ``s * u``,
+``s * q`` and ``s * (u - 8)`` are exact (at most 11 + 8 significant bits) and
+``s * u + m`` is rounded once (a fused multiply-add gives the same value).
 
 Quantization rules (exact):
 
@@ -85,6 +86,10 @@ Quantization rules (exact):
   ``q = clip(rint(w / s), -127, 127)``, ``w' = s * q``; error at most ``s / 2``.
 * INT8 group-wise: per (row, group) ``s = max|w| / 127`` rounded to float16,
   ``q = clip(rint(w / s16), -127, 127)``; error at most ``s16 / 2``.
+
+The float16 bounds assume scales in float16's normal range (``s >= 2^-14``, e.g. INT4
+groups with ``max|w| >= 4.3e-4``); a smaller scale is rounded to the subnormal spacing
+2^-24, which adds at most ``qmax * 2^-25`` (``qmax`` = 7, 15, 127) to the error.
 
 Scale search (``search=True`` on the INT4 quantizers): the min/max rules above spend
 code range on a group's extremes. With the search, each group tries its range shrunk by
