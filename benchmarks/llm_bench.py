@@ -514,19 +514,18 @@ def timed_child(cmd: list[str], env=None, timeout=None) -> dict:
 
 def compile_build(size: str, weights: str, quant_wanted: str) -> dict:
     """Compile the bench config (quant fallback), timed in a subprocess."""
-    from bluelower.errors import BlueLowerError  # noqa: F401
-    from bluelower.lowering.artifacts import compile as B
+    from bluelower.lowering.quant.modes import QUANT_MODES
 
-    modes = list(getattr(B, "QUANT_MODES", ("fp32",)))
+    modes = list(QUANT_MODES)
     quant = quant_wanted if quant_wanted in modes else ("w4a16" if "w4a16" in modes else "fp32")
     soc = M.host_soc_path()
     info = {"quant_requested": quant_wanted, "quant_used": quant, "quant_modes_available": modes,
             "soc": os.path.basename(soc)}
     # keyed by the weights file and the compiler's sources: a cached build of other weights
     # or of an older bluelower is never measured
-    from bluelower.reports.memory import _sources_digest
+    from bluelower.reports.memory import sources_digest
 
-    tag = f"{os.path.basename(weights).removesuffix('.safetensors')}-{_sources_digest()[:12]}"
+    tag = f"{os.path.basename(weights).removesuffix('.safetensors')}-{sources_digest()[:12]}"
     out = os.path.join(M.size_dir(size), f"build-{quant}-{os.path.basename(soc).removesuffix('.toml')}-{tag}")
     info["build_dir"] = out
     if os.path.isfile(os.path.join(out, "manifest.json")):

@@ -7,14 +7,13 @@ a non-zero exit; no traceback.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import click
 
-from . import __version__, progress
+from . import __version__, api, progress
 from .errors import BlueLowerError
-from .lowering.quant.modes import DEFAULT_QUANT, MODES, QUANT_MODES
+from .lowering.quant.modes import DEFAULT_GROUP_SIZE, DEFAULT_QUANT, MODES, QUANT_MODES
 
 _QUANT_HELP = "; ".join(f"{m.name} = {m.summary}" for m in MODES.values()) + ". See docs/quantization.md."
 
@@ -75,11 +74,8 @@ _MODEL_HELP = "A shipped config (tiny, bluelm-v-3b) or a path to a .json config.
               help="Rows per prefill call (default: the config's runtime.prefill_chunk); must divide the KV capacity.")
 def compile_cmd(model, weights, frontend, soc, quant, out_dir, dump_ir, disabled, seed, prefill_chunk) -> None:
     """Compile a model for a SoC into an output directory (library, params, manifest)."""
-    from .lowering.artifacts.compile import CompileRequest, compile_model
-
-    compile_model(CompileRequest(model=model, weights=weights, frontend=frontend, soc=soc, out_dir=out_dir,
-                                 quant=quant, dump_ir=dump_ir, disabled_passes=tuple(disabled), seed=seed,
-                                 prefill_chunk=prefill_chunk))
+    api.compile(model, out_dir, soc=soc, quant=quant, weights=weights, frontend=frontend, dump_ir=dump_ir,
+                disable_passes=disabled, seed=seed, prefill_chunk=prefill_chunk)
 
 
 def _parse_prompt_ids(text: str) -> list[int]:
@@ -101,104 +97,23 @@ def _parse_prompt_ids(text: str) -> list[int]:
 @click.option("--weights", default=None, help="fp32 weights for --check (default: the build's own; a quantized build is checked against PyTorch with its dequantized weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print {\"tokens\": [...], ...} as JSON.")
 @click.option("--native", is_flag=True, help="Run the bundle's own bluelower-run binary (qemu-aarch64 for aarch64).")
-@click.option("--policy", type=click.Choice(["relaxed", "anyres", "internvl", "none"]), default=None,
+@click.option("--policy", type=click.Choice(api.POLICIES), default=None,
               help="Dynamic-resolution grid policy [default: relaxed; none = one squashed patch; "
                    "--native supports relaxed and none].")
 @click.option("--max-patches", type=int, default=None,
               help="Largest grid m*n [default: the SoC's max_patches from the manifest, else 9].")
 def run_cmd(build_dir, image, prompt_ids, max_new_tokens, check, weights, as_json, native, policy, max_patches) -> None:
     """Generate tokens greedily from a compiled build: image tokens, then the prompt."""
-    from .runtime_stubs.generate import CompiledModel, generate
-
-    ids = _parse_prompt_ids(prompt_ids)
-    if native:
-        if policy not in (None, "none", "relaxed"):
-            raise BlueLowerError("--native implements --policy relaxed and none only")
-        _run_native(build_dir, image, ids, max_new_tokens, check, weights, as_json, policy or "relaxed", max_patches)
-        return
-    compiled = CompiledModel(build_dir)
-    patches, grid = _image_patches(compiled.manifest, image, policy or "relaxed", max_patches)
-    result = generate(compiled, patches, ids, max_new_tokens)
-    out = result.to_json()
-    if grid is not None:
-        out["grid"] = list(grid)
-        out["patches"] = int(patches.shape[0])
-    mismatch = False
-    if check:
-        from .reports.eval_quant import check_reference
-
-        reference = check_reference(build_dir, weights)
-        ref = generate(reference, patches, ids, max_new_tokens)
-        out["reference_tokens"] = ref.tokens
-        out["match"] = ref.tokens == result.tokens
-        mismatch = not out["match"]
-    if as_json:
-        echo_json(out)
-    else:
-        click.echo("tokens: " + " ".join(str(t) for t in result.tokens))
-        if check:
-            click.echo("reference: " + " ".join(str(t) for t in out["reference_tokens"]))
-            click.echo("check: " + ("tokens match PyTorch" if not mismatch else "MISMATCH against PyTorch"))
-    if mismatch:
-        click.echo("error: generated tokens differ from the PyTorch reference", err=True)
-        sys.exit(4)
-
-
-def _image_patches(manifest: dict, image, policy: str, max_patches):
-    """Preprocess ``image`` for a build: ``(patches [k, 3, S, S] or None, grid or None)``."""
-    from .runtime_stubs.image import load_image, preprocess_image, select_grid
-
-    if image is None:
-        return None, None
-    rt = manifest["runtime"]
-    img = load_image(image)
-    grid = None
-    if policy != "none":
-        limit = max_patches if max_patches is not None else int(rt.get("max_patches", 9))
-        if limit < 1:
-            raise BlueLowerError(f"--max-patches must be at least 1, got {limit}")
-        height, width = img.shape[:2]
-        grid = select_grid(width, height, policy=policy, max_patches=limit, image_size=rt["image_size"])
-    patches = preprocess_image(img, grid=grid, image_size=rt["image_size"],
-                               mean=tuple(rt["image_mean"]), std=tuple(rt["image_std"]))
-    return patches, grid
-
-
-def _run_native(build_dir, image, ids, max_new_tokens, check, weights, as_json, policy="relaxed",
-                max_patches=None) -> None:
-    """``run --native``: the bundle's binary prints the tokens; --check compares them."""
-    from .lowering.artifacts.device import run_native
-
-    extra = ("--policy", policy) + (("--max-patches", str(max_patches)) if max_patches is not None else ())
-    proc = run_native(build_dir, image, ",".join(str(i) for i in ids), max_new_tokens, as_json=True, extra=extra)
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or [f"native runtime exited with status {proc.returncode}"]
-        click.echo(lines[-1] if lines[-1].startswith("error:") else f"error: {lines[-1]}", err=True)
-        sys.exit(proc.returncode if proc.returncode > 0 else 1)
-    try:
-        out = json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        raise BlueLowerError(f"native runtime printed no JSON: {proc.stdout.strip()[:200]}") from None
-    mismatch = False
-    if check:
-        from .reports.eval_quant import check_reference
-        from .lowering.artifacts.bundle import read_manifest
-        from .runtime_stubs.generate import generate
-
-        patches, _grid = _image_patches(read_manifest(build_dir), image, policy, max_patches)
-
-        ref = generate(check_reference(build_dir, weights), patches, ids, max_new_tokens)
-        out["reference_tokens"] = ref.tokens
-        out["match"] = ref.tokens == out["tokens"]
-        mismatch = not out["match"]
+    out = api.run(build_dir, image=image, prompt_ids=_parse_prompt_ids(prompt_ids), max_new_tokens=max_new_tokens,
+                  check=check, weights=weights, native=native, policy=policy, max_patches=max_patches)
     if as_json:
         echo_json(out)
     else:
         click.echo("tokens: " + " ".join(str(t) for t in out["tokens"]))
         if check:
             click.echo("reference: " + " ".join(str(t) for t in out["reference_tokens"]))
-            click.echo("check: " + ("tokens match PyTorch" if not mismatch else "MISMATCH against PyTorch"))
-    if mismatch:
+            click.echo("check: " + ("tokens match PyTorch" if out["match"] else "MISMATCH against PyTorch"))
+    if check and not out["match"]:
         click.echo("error: generated tokens differ from the PyTorch reference", err=True)
         sys.exit(4)
 
@@ -225,11 +140,8 @@ def _run_native(build_dir, image, ids, max_new_tokens, check, weights, as_json, 
 def build_cmd(model, soc, quant, weights, seed, out_dir, tarball, ndk, android_api, tvm_runtime_dir, tvm_source,
               as_json) -> None:
     """Build a device bundle: model library, weights, native runtime + TVM runtime libs, tarball."""
-    from .lowering.artifacts.device import build_bundle
-
-    info = build_bundle(model=model, soc=soc, out_dir=out_dir, quant=quant, weights=weights, seed=seed,
-                        tarball=tarball, ndk=ndk, android_api=android_api, tvm_runtime_dir=tvm_runtime_dir,
-                        tvm_source=tvm_source)
+    info = api.bundle(model, out_dir, soc=soc, quant=quant, weights=weights, seed=seed, tarball=tarball, ndk=ndk,
+                      android_api=android_api, tvm_runtime_dir=tvm_runtime_dir, tvm_source=tvm_source)
     if as_json:
         echo_json({k: v for k, v in info.items()})
     else:
@@ -244,14 +156,7 @@ def build_cmd(model, soc, quant, weights, seed, out_dir, tarball, ndk, android_a
 @click.option("--seed", type=int, default=0, show_default=True)
 def init_weights_cmd(model, out_path, seed) -> None:
     """Write seeded random weights in the Hugging Face safetensors layout."""
-    from .lowering.models import load_config
-    from .lowering.frontend.weights import init_weights
-
-    parent = os.path.dirname(os.path.abspath(out_path))
-    if not os.path.isdir(parent):
-        raise BlueLowerError(f"output directory does not exist: {parent}")
-    init_weights(load_config(model), out_path, seed)
-    progress.log(f"wrote {out_path}")
+    progress.log(f"wrote {api.init_weights(model, out_path, seed)}")
 
 
 @cli.command("passes")
@@ -281,9 +186,7 @@ def passes_cmd() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect_image_cmd(img, size, policy, max_patches, as_json) -> None:
     """Grid, patches and image tokens for IMG (PNG/JPEG/.npy) or --size WxH."""
-    from .runtime_stubs.image import inspect_image
-
-    info = inspect_image(path=img, size=size, policy=policy, max_patches=max_patches)
+    info = api.inspect_image(path=img, size=size, policy=policy, max_patches=max_patches)
     if as_json:
         echo_json(info)
         return
@@ -339,13 +242,8 @@ def inspect_memory_cmd(build_dir, model, soc, quant, image_grid, kv_capacity, pr
     """Peak memory per phase (weights + KV cache + activation arena) of a build or, with --model, of a plan."""
     from .reports import memory
 
-    if (build_dir is None) == (model is None):
-        raise BlueLowerError("give either a BUILD_DIR or --model NAME (not both)")
-    if build_dir is not None:
-        info = memory.inspect_build(build_dir)
-    else:
-        info = memory.inspect_model(model, soc=soc, quant=quant, image_grid=image_grid, kv_capacity=kv_capacity,
-                                    prefill_chunk=prefill_chunk, jobs=jobs)
+    info = api.inspect_memory(build_dir, model=model, soc=soc, quant=quant, image_grid=image_grid,
+                              kv_capacity=kv_capacity, prefill_chunk=prefill_chunk, jobs=jobs)
     if as_json:
         echo_json(info)
     else:
@@ -361,11 +259,7 @@ def inspect_schedule_cmd(build_dir, as_json, trace, plot) -> None:
     """Predicted schedule of a build's APU partitions and CPU segments (per phase, per unit, per task)."""
     from .reports import schedule as schedule_report
 
-    info = schedule_report.inspect_schedule(build_dir)
-    if trace:
-        schedule_report.write_trace(build_dir, trace)
-    if plot:
-        schedule_report.write_plot(build_dir, plot)
+    info = api.inspect_schedule(build_dir, trace=trace, plot=plot)
     if as_json:
         echo_json(info)
     else:
@@ -376,7 +270,7 @@ def inspect_schedule_cmd(build_dir, as_json, trace, plot) -> None:
 @click.option("--model", "models", multiple=True, metavar="NAME|PATH.json", help="Model(s) to evaluate (default: tiny).")
 @click.option("--modes", default=",".join(QUANT_MODES), show_default=True, help="Comma-separated quant modes.")
 @click.option("--tokens", type=int, default=64, show_default=True, help="Greedy tokens to compare.")
-@click.option("--group-size", type=int, default=32, show_default=True, help="INT4 group size.")
+@click.option("--group-size", type=int, default=DEFAULT_GROUP_SIZE, show_default=True, help="INT4 group size.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights and the prompt.")
 @click.option("--disable-pass", "disabled", multiple=True, metavar="NAME", help="Skip a pass (repeatable).")
 @click.option("--write-doc", default=None, type=click.Path(dir_okay=False), help="Write the report as Markdown (docs/quantization.md).")
@@ -385,11 +279,9 @@ def eval_quant_cmd(models, modes, tokens, group_size, seed, disabled, write_doc,
     """Accuracy of each --quant mode against the fp32 PyTorch reference (image tokens, logits, tokens)."""
     from .reports import eval_quant
 
-    reports = [eval_quant.evaluate(m, modes=tuple(x.strip() for x in modes.split(",") if x.strip()), tokens=tokens,
-                                   seed=seed, group_size=group_size, disabled_passes=tuple(disabled))
-               for m in (models or ("tiny",))]
-    if write_doc:
-        eval_quant.write_doc(write_doc, reports)
+    reports = api.eval_quant(models or ("tiny",), modes=[x.strip() for x in modes.split(",") if x.strip()],
+                             tokens=tokens, seed=seed, group_size=group_size, disable_passes=disabled,
+                             write_doc=write_doc)
     if as_json:
         echo_json(reports if len(reports) > 1 else reports[0])
     else:

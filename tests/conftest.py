@@ -21,22 +21,35 @@ def tiny_image(tmp_path_factory) -> str:
     return str(path)
 
 
-def _compile(tmp_path_factory, frontend: str) -> str:
-    from bluelower.lowering.artifacts.compile import CompileRequest, compile_model
+@pytest.fixture(scope="session")
+def build_tiny(tmp_path_factory):
+    """``build_tiny(quant, soc="host", frontend="torch", disable=())`` -> ``(build dir, IR dump
+    dir)``: each configuration of the tiny model compiled once per test session, with
+    ``--dump-ir``, and shared by every test that reads it (tests must not modify it)."""
+    from bluelower import api
 
-    out = str(tmp_path_factory.mktemp(f"build_{frontend}") / "tiny")
-    compile_model(CompileRequest(model="tiny", frontend=frontend, out_dir=out, quant="fp32"))
-    return out
+    builds: dict = {}
+
+    def get(quant: str = "w4a16kv8", soc: str = "host", frontend: str = "torch", disable=()) -> tuple[str, str]:
+        key = (quant, soc, frontend, tuple(disable))
+        if key not in builds:
+            root = tmp_path_factory.mktemp(f"tiny-{quant}-{frontend}")
+            out, ir = str(root / "build"), str(root / "ir")
+            api.compile("tiny", out, soc=soc, quant=quant, frontend=frontend, dump_ir=ir, disable_passes=disable)
+            builds[key] = (out, ir)
+        return builds[key]
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def tiny_build_torch(tmp_path_factory) -> str:
-    return _compile(tmp_path_factory, "torch")
+def tiny_build_torch(build_tiny) -> str:
+    return build_tiny("fp32", frontend="torch")[0]
 
 
 @pytest.fixture(scope="session")
-def tiny_build_onnx(tmp_path_factory) -> str:
-    return _compile(tmp_path_factory, "onnx")
+def tiny_build_onnx(build_tiny) -> str:
+    return build_tiny("fp32", frontend="onnx")[0]
 
 
 @pytest.fixture(scope="session")

@@ -58,7 +58,7 @@ def test_manifest_records_entries_and_hashes(tiny_build_torch):
     import json
     import os
 
-    from bluelower.lowering.frontend.weights import file_sha256
+    from bluelower.files import file_sha256
 
     with open(os.path.join(tiny_build_torch, "manifest.json")) as fh:
         manifest = json.load(fh)

@@ -230,12 +230,8 @@ def test_pass_applies_to_w4a16kv8_only():
 
 
 @pytest.fixture(scope="module")
-def tiny_kv8_build(tmp_path_factory):
-    from bluelower.lowering.artifacts.compile import CompileRequest, compile_model
-
-    out = str(tmp_path_factory.mktemp("kv8") / "tiny-w4a16kv8")
-    compile_model(CompileRequest(model="tiny", out_dir=out, quant="w4a16kv8"))
-    return out
+def tiny_kv8_build(build_tiny):
+    return build_tiny("w4a16kv8")[0]
 
 
 def test_tiny_build_int8_cache_generates(tiny_kv8_build):

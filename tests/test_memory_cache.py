@@ -27,7 +27,7 @@ def test_second_call_is_served_from_the_cache(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="imported although"):
         memory.inspect_model("tiny", soc="host", quant="w8")
     # a source change is another key too
-    monkeypatch.setattr(memory, "_sources_digest", lambda: "edited")
+    monkeypatch.setattr(memory, "sources_digest", lambda: "edited")
     with pytest.raises(AssertionError, match="imported although"):
         memory.inspect_model("tiny", soc="host", quant="w4a16kv8")
 

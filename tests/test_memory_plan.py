@@ -222,7 +222,7 @@ def test_inspect_memory_errors(tmp_path):
 
 def test_weight_bytes_per_quant_mode():
     from bluelower.lowering.models import load_config
-    from bluelower.reports.memory import kv_cache_bytes, weight_bytes
+    from bluelower.lowering.artifacts.memory_table import kv_cache_bytes, weight_bytes
 
     cfg = load_config("bluelm-v-3b")
     fp32 = sum(weight_bytes(cfg, "fp32")[0].values())

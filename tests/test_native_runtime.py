@@ -35,7 +35,8 @@ def _have_aarch64() -> str | None:
 
 
 def _build(soc: str, out: str) -> dict:
-    cmd = [sys.executable, "-m", "bluelower.cli", "-q", "build", "--model", "tiny", "--soc", soc, "-o", out, "--json"]
+    cmd = [sys.executable, "-m", "bluelower.cli", "-q", "build", "--model", "tiny", "--quant", "fp32", "--soc", soc, "-o",
+           out, "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
@@ -62,8 +63,8 @@ def _device(tmp_path_factory, image_npy):
     cmd, env = device.native_command(info["bundle"], args)
     env["TVM_NUM_THREADS"] = "1"  # leave a core to the builds running alongside
     qemu = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    again = subprocess.Popen([sys.executable, "-m", "bluelower.cli", "-q", "build", "--model", "tiny", "--soc",
-                              "dimensity9300", "-o", str(base / "again"), "--json"],
+    again = subprocess.Popen([sys.executable, "-m", "bluelower.cli", "-q", "build", "--model", "tiny", "--quant", "fp32",
+                              "--soc", "dimensity9300", "-o", str(base / "again"), "--json"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     jobs = {"info": info, "qemu": qemu, "again": again}
     yield jobs

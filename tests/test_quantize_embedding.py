@@ -201,19 +201,14 @@ def test_onnx_import_lookup_is_rewritten():
 
 
 @pytest.fixture(scope="module")
-def tiny_build(tmp_path_factory):
-    from bluelower.lowering.artifacts.compile import CompileRequest, compile_model
-
-    out = str(tmp_path_factory.mktemp("emb") / "tiny")
-    ir = str(tmp_path_factory.mktemp("embir"))
-    compile_model(CompileRequest(model="tiny", out_dir=out, quant="w4a16kv8", dump_ir=ir))
-    return out, ir
+def tiny_build(build_tiny):
+    return build_tiny("w4a16kv8")
 
 
 def test_build_stores_the_quantized_table_and_memory_counts_it(tiny_build):
     from bluelower.lowering.models import load_config
     from bluelower.lowering.frontend.weights import WeightSource
-    from bluelower.reports.memory import weight_bytes
+    from bluelower.lowering.artifacts.memory_table import weight_bytes
 
     out, _ = tiny_build
     manifest = json.load(open(os.path.join(out, "manifest.json")))

@@ -253,13 +253,8 @@ def test_param_producer_streams_one_weight_at_a_time():
 
 
 @pytest.fixture(scope="module")
-def tiny_w4_build(tmp_path_factory):
-    from bluelower.lowering.artifacts.compile import CompileRequest, compile_model
-
-    out = str(tmp_path_factory.mktemp("w4") / "tiny")
-    ir = str(tmp_path_factory.mktemp("w4ir"))
-    compile_model(CompileRequest(model="tiny", out_dir=out, quant="w4a16kv8", dump_ir=ir))
-    return out, ir
+def tiny_w4_build(build_tiny):
+    return build_tiny("w4a16kv8")
 
 
 def test_quantized_build_has_no_fp32_linear_weights(tiny_w4_build):

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from bluelower.errors import BlueLowerError
-from bluelower.reports.predict import build_request_graph, image_patches, parse_quant, predict
+from bluelower.reports.predict import build_request_graph, parse_quant, predict
+from bluelower.runtime_stubs.image import patch_count
 from bluelower.targets.scheduler import (
     Schedule,
     add_task,
@@ -189,4 +190,4 @@ def test_prediction_errors(cfg, d9300):
     with pytest.raises(BlueLowerError, match="image alone"):
         predict(cfg, d9300, image_grid=(4, 4), prompt_tokens=512)
     with pytest.raises(BlueLowerError):
-        image_patches((0, 2))
+        patch_count((0, 2))

@@ -39,7 +39,8 @@ import tvm
 from tvm import relax
 
 from ..targets.cost_model import APU_UNIT, Work, cost, units_of
-from ..targets.scheduler import add_task, list_schedule
+from ..runtime_stubs.image import patch_count
+from ..targets.scheduler import add_task, list_schedule, summarize
 from .instruments import with_stats
 from .ir_utils import with_result
 
@@ -251,8 +252,6 @@ class Request:
 
 def build_operator_graph(mod: tvm.IRModule, soc, request: Request, image_batch: int, image_grid=DEFAULT_IMAGE_GRID):
     """The request's task DAG over the module's segments (see the module docstring)."""
-    from ..reports.predict import image_patches
-
     names = {gv.name_hint for gv in mod.get_global_vars()}
     g = nx.DiGraph()
     info = {"image_grid": list(image_grid) if image_grid else None, "image_batch": image_batch, "calls": {}}
@@ -283,7 +282,7 @@ def build_operator_graph(mod: tvm.IRModule, soc, request: Request, image_batch: 
 
     ends: list[str] = []
     if image_grid:
-        patches = image_patches(tuple(image_grid))
+        patches = patch_count(tuple(image_grid)).total_patches
         batches = math.ceil(patches / image_batch)
         info.update(image_patches=patches, image_batches=batches)
         stages = list(request.image_stages)
@@ -315,8 +314,6 @@ class ScheduleOperators:
         self.soc, self.request, self.image_batch, self.image_grid = soc, request, image_batch, image_grid
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        from ..reports.predict import summarize
-
         g, info = build_operator_graph(mod, self.soc, self.request, self.image_batch, self.image_grid)
         units = [u.name for u in units_of(self.soc)]
         sched = list_schedule(g, units=units, title=f"operators on {self.soc.name}",

@@ -49,7 +49,8 @@ from ..errors import BlueLowerError
 from ..lowering.models import load_config
 from ..lowering.models.bluelm_v.config import ModelConfig
 from ..targets.cost_model import APU_UNIT, Work, candidate_costs, cost, units_of
-from ..targets.scheduler import Schedule, add_task, list_schedule
+from ..runtime_stubs.image import patch_count
+from ..targets.scheduler import Schedule, add_task, list_schedule, summarize
 from ..targets.soc import SoC, load_soc
 
 #: Operators in one SigLIP encoder layer as the APU sees them (biases folded into matmuls).
@@ -170,14 +171,6 @@ def _costs(work: Work, n_ops: int, soc: SoC, only: list[str] | None = None) -> d
     return out
 
 
-def image_patches(image_grid: tuple[int, int]) -> int:
-    """Local patches m*n plus one global thumbnail when there is more than one local patch."""
-    m, n = image_grid
-    if m < 1 or n < 1:
-        raise BlueLowerError(f"image grid must be positive, got {m}:{n}")
-    return m * n + (1 if m * n > 1 else 0)
-
-
 def build_request_graph(config: ModelConfig, soc: SoC, image_grid: tuple[int, int] | None = (2, 4),
                         prompt_tokens: int = 2048, decode_tokens: int = 64, quant: str = "w4a16kv8",
                         image_batch: int | None = None, prefill_chunk: int | None = None,
@@ -194,7 +187,7 @@ def build_request_graph(config: ModelConfig, soc: SoC, image_grid: tuple[int, in
         raise BlueLowerError(f"need prompt_tokens >= 1 and decode_tokens >= 0, got {prompt_tokens}, {decode_tokens}")
     if prompt_tokens > cap:
         raise BlueLowerError(f"prompt of {prompt_tokens} tokens exceeds the KV-cache capacity {cap}")
-    patches = image_patches(image_grid) if image_grid else 0
+    patches = patch_count(image_grid).total_patches if image_grid else 0
     image_tokens = patches * rm.patch_tokens
     if image_tokens > prompt_tokens:
         raise BlueLowerError(f"the {image_grid[0]}:{image_grid[1]} image alone is {image_tokens} tokens, "
@@ -261,23 +254,4 @@ def predict(config: ModelConfig | str, soc: SoC | str, image_grid: tuple[int, in
     return sched
 
 
-def summarize(schedule: Schedule) -> dict:
-    """Headline numbers: image encode seconds, prefill seconds, decode tokens/s, makespan."""
-    ph = schedule.phase_seconds()
-    n_dec = sum(1 for t in schedule.tasks if t.phase == "decode")
-    dec_s = ph.get("decode", 0.0)
-    units_used = {}
-    for t in schedule.tasks:
-        units_used.setdefault(t.phase, set()).add(t.unit)
-    return {
-        "image_encode_s": ph.get("image_encode", 0.0),
-        "prefill_s": ph.get("prefill", 0.0),
-        "decode_s": dec_s,
-        "decode_tokens_per_s": (n_dec / dec_s) if dec_s > 0 else None,
-        "makespan_s": schedule.makespan_s,
-        "units_per_phase": {k: sorted(v) for k, v in units_used.items()},
-    }
-
-
-__all__ = ["predict", "build_request_graph", "summarize", "parse_quant", "Quant", "RequestModel",
-           "image_patches", "APU_UNIT"]
+__all__ = ["predict", "build_request_graph", "parse_quant", "Quant", "RequestModel", "APU_UNIT"]

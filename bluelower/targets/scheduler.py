@@ -288,3 +288,21 @@ def plot_gantt(schedule: Schedule, path_png: str, title: str | None = None) -> s
     fig.savefig(path_png)
     plt.close(fig)
     return path_png
+
+
+def summarize(schedule: Schedule) -> dict:
+    """Headline numbers: image encode seconds, prefill seconds, decode tokens/s, makespan."""
+    ph = schedule.phase_seconds()
+    n_dec = sum(1 for t in schedule.tasks if t.phase == "decode")
+    dec_s = ph.get("decode", 0.0)
+    units_used = {}
+    for t in schedule.tasks:
+        units_used.setdefault(t.phase, set()).add(t.unit)
+    return {
+        "image_encode_s": ph.get("image_encode", 0.0),
+        "prefill_s": ph.get("prefill", 0.0),
+        "decode_s": dec_s,
+        "decode_tokens_per_s": (n_dec / dec_s) if dec_s > 0 else None,
+        "makespan_s": schedule.makespan_s,
+        "units_per_phase": {k: sorted(v) for k, v in units_used.items()},
+    }

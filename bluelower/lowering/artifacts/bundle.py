@@ -14,13 +14,13 @@ read and write builds through it (docs/bundle-format.md).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 
 from ...errors import BlueLowerError
+from ...files import file_sha256  # noqa: F401  (part of the bundle API: the manifest's hashes)
 
 BUNDLE_FORMAT = "bluelower-bundle"
 BUNDLE_FORMAT_VERSION = 1
@@ -29,14 +29,6 @@ LIBRARY = "model.so"
 PARAMS = "params.safetensors"
 RUNTIME_BINARY = "bin/bluelower-run"
 RUNTIME_LIBS = ("libtvm_runtime.so", "libtvm_ffi.so")
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(build_dir: str) -> dict:

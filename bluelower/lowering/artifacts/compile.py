@@ -128,7 +128,7 @@ def compile_model(req: CompileRequest) -> dict:
         stored.update_manifest(manifest, req.quant, req.group_size, lambda w: spec.weight_role(w) == "embedding")
         plans = result(mod, "memory_plan")
         if plans is not None:
-            from ...reports.memory import manifest_memory_plan
+            from .memory_table import manifest_memory_plan
 
             manifest["memory_plan"] = manifest_memory_plan(cfg, req.quant, stored.source_params(), plans)
         for key in ("apu_partitions", "schedule"):  # PartitionForAPU, ScheduleOperators

@@ -26,7 +26,7 @@ import numpy as np
 
 from ... import cache
 from ...errors import BlueLowerError
-from .weights import file_sha256
+from ...files import file_sha256
 
 GGUF_MAGIC = b"GGUF"
 QUANT_GROUP_SIZE = 32  # elements per block in Q4_0 / Q4_1 / Q8_0

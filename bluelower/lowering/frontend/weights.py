@@ -19,6 +19,7 @@ import numpy as np
 
 from ... import progress
 from ...errors import BlueLowerError
+from ...files import file_sha256
 
 _ST_DTYPES = {
     "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8", "uint8": "U8",
@@ -150,14 +151,6 @@ class WeightSource:
 
     def sha256(self) -> str:
         return file_sha256(self.path)
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_weight_specs(cfg) -> dict:

@@ -5,8 +5,9 @@ class and shipped configs, its PyTorch module, the entry functions it compiles (
 inputs, example inputs and the weights each reads), the role of every weight (what
 ``--quant`` decides precision by), which entries stay on the CPU, the image entry
 TileImagePatches splits, and the image normalization. No pass names a family's functions
-or parameters; adding a family is one folder under ``lowering/models/`` and one
-:func:`register` call (docs/contributing.md, "Add a model family").
+or parameters; adding a family is one folder under ``lowering/models/`` (its ``SPEC``) and
+one line in :data:`SHIPPED_FAMILIES` (docs/contributing.md, "Add a model family"); code
+outside bluelower adds its own with :func:`register`.
 
 Entry functions follow the bundle's calling convention (docs/bundle-format.md): ``embed``,
 ``prefill`` and ``decode`` for every language model, ``encode_image`` for models with a vision
@@ -15,59 +16,17 @@ tower. A spec lists the ones its family compiles.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ...errors import BlueLowerError
+from .spec import EntrySpec, ModelSpec  # noqa: F401  (re-exported: the registry's vocabulary)
 
-
-@dataclass(frozen=True)
-class EntrySpec:
-    """One compiled entry function: ``module.<name>(*inputs)`` with the weights it reads."""
-
-    name: str
-    inputs: tuple[str, ...]  # input names, in call order (the Relax function's leading parameters)
-    example_inputs: Callable[[Any, str], tuple]  # (config, device) -> shape-defining tensors
-    reads: Callable[[str], bool]  # weight name -> whether this entry reads it
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    family: str
-    description: str
-    config_from_dict: Callable[[Any, str], Any]  # (parsed JSON, source name) -> config
-    config_dir: str  # shipped configs: <config_dir>/<name>.json
-    build_module: Callable[[Any], Any]  # config -> torch.nn.Module (call under torch.device("meta") to trace)
-    entries: tuple[EntrySpec, ...]
-    weight_role: Callable[[str], str]  # weight name -> role (lowering/quant/modes.py ROLES)
-    kv_cache_shape: Callable[[Any], tuple]  # config -> [L, 2, kv_heads, capacity, head_dim]
-    image_entry: str | None = None  # the entry TileImagePatches splits at its patch-embedding Conv2D
-    cpu_entries: tuple[str, ...] = ()  # entries (incl. ones passes add) that never go to the APU
-    image_mean: tuple = (0.5, 0.5, 0.5)
-    image_std: tuple = (0.5, 0.5, 0.5)
-    notes: tuple = field(default=())
-
-    def entry(self, name: str) -> EntrySpec:
-        for e in self.entries:
-            if e.name == name:
-                return e
-        raise KeyError(f"{self.family} has no entry function {name!r} (has {', '.join(self.entry_names)})")
-
-    @property
-    def entry_names(self) -> tuple[str, ...]:
-        return tuple(e.name for e in self.entries)
-
-    def entry_params(self, names, entry: str) -> list[str]:
-        """The weights (of ``names``, in order) that ``entry`` reads."""
-        reads = self.entry(entry).reads
-        return [n for n in names if reads(n)]
-
-    def builtin_configs(self) -> list[str]:
-        if not os.path.isdir(self.config_dir):
-            return []
-        return sorted(f[:-5] for f in os.listdir(self.config_dir) if f.endswith(".json"))
+# the shipped families: name -> the module whose SPEC describes it (imported on first use;
+# importing a family does not import torch)
+SHIPPED_FAMILIES = {"bluelm_v": "bluelower.lowering.models.bluelm_v"}
 
 
 _FAMILIES: dict[str, ModelSpec] = {}
@@ -81,8 +40,9 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 
 def _load_families() -> None:
-    # each family registers itself on import; importing a family does not import torch
-    from . import bluelm_v  # noqa: F401
+    for family, module in SHIPPED_FAMILIES.items():
+        if family not in _FAMILIES:
+            register(importlib.import_module(module).SPEC)
 
 
 def families() -> dict[str, ModelSpec]:

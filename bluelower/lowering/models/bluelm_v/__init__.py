@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from ..registry import EntrySpec, ModelSpec, register
+from ..spec import EntrySpec, ModelSpec
 from .config import config_from_dict
 
 
@@ -73,7 +73,7 @@ def kv_cache_shape(cfg) -> tuple:
     return (d.num_layers, 2, d.num_kv_heads, r.kv_capacity, d.head_dim)
 
 
-SPEC = register(ModelSpec(
+SPEC = ModelSpec(
     family="bluelm_v",
     description="BlueLM-V: SigLIP ViT + 2x2 token downsampler/MLP projector + LLaMA-style decoder",
     config_from_dict=config_from_dict,
@@ -89,4 +89,4 @@ SPEC = register(ModelSpec(
     cpu_entries=("encode_image_embed",),
     image_mean=(0.5, 0.5, 0.5),  # SigLIP's normalization
     image_std=(0.5, 0.5, 0.5),
-))
+)

@@ -149,7 +149,7 @@ def config_from_dict(data: Any, source: str = "config") -> ModelConfig:
     """Validate a parsed JSON object into a :class:`ModelConfig`."""
     if not isinstance(data, dict):
         raise BlueLowerError(f"{source}: the top level must be a JSON object")
-    allowed = {"name", "notes", *(_SECTIONS)}
+    allowed = {"family", "name", "notes", *(_SECTIONS)}  # family: the registry's key (always bluelm_v here)
     for key in data:
         if key not in allowed:
             raise BlueLowerError(f"{source}: unknown key '{key}' (valid keys: {', '.join(sorted(allowed))})")
