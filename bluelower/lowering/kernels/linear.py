@@ -89,8 +89,7 @@ otherwise keeps too few cache misses in flight). Prefetching past the end of a b
 harmless (``llvm.prefetch`` never faults).
 """
 
-_PF_INT4 = PREFETCH_BYTES // _H  # in k-steps (16 bytes per k)
-_PF_INT8 = PREFETCH_BYTES // _R  # in k-steps (32 bytes per k)
+_PF_INT8 = PREFETCH_BYTES // _R  # in k-steps (32 bytes per k) for the per-channel INT8 GEMV
 _PF_K4 = PREFETCH_BYTES // 64  # in k-quads (64 bytes per 4 k) for the INT4 "k4" layout
 
 
@@ -237,8 +236,8 @@ def _groupwise_gemv(N, K, gs, out_dtype, has_bias, fmt):
     int4, asym = fmt != "int8", fmt == "int4_asym"
     wshape, wdtype = ((NB, K, _H), "uint8") if int4 else ((NB, K, _R), "int8")
     step = _H if int4 else _R  # bytes of a block per k
-    per_line = 64 // step  # k-steps per 64-byte line
-    ahead = PREFETCH_BYTES // step
+    per_line = 64 // step  # k-steps per 64-byte line: one prefetch each
+    ahead = PREFETCH_BYTES // step  # the prefetch distance in k-steps
 
     def group_term(s_, accg_, mn_, xs_):
         if asym:
