@@ -34,9 +34,9 @@ import numpy as np
 
 
 def _config(capacity: int, directory: str) -> str:
-    from bluelower.lowering.models.bluelm_v.config import CONFIG_DIR
+    from bluelower.lowering.models.bluelm_v import SPEC
 
-    with open(os.path.join(CONFIG_DIR, "tiny.json"), encoding="utf-8") as fh:
+    with open(os.path.join(SPEC.config_dir, "tiny.json"), encoding="utf-8") as fh:
         data = json.load(fh)
     data["name"] = f"tiny-c{capacity}"
     data["runtime"]["kv_capacity"] = capacity

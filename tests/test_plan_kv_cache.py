@@ -181,10 +181,10 @@ def kv2048_decode():
 
     from bluelower.lowering.frontend.importer import import_model
     from bluelower.lowering.models import spec_for
-    from bluelower.lowering.models.bluelm_v.config import CONFIG_DIR, config_from_dict
+    from bluelower.lowering.models.bluelm_v import SPEC, config_from_dict
     from bluelower.passes.pipeline import BuildContext, run_pipeline
 
-    with open(os.path.join(CONFIG_DIR, "tiny.json"), encoding="utf-8") as fh:
+    with open(os.path.join(SPEC.config_dir, "tiny.json"), encoding="utf-8") as fh:
         data = json.load(fh)
     data["name"] = "tiny-kv2048"
     data["decoder"].update(num_layers=2, hidden_size=128, num_heads=16, num_kv_heads=8, head_dim=16)

@@ -47,7 +47,7 @@ import networkx as nx
 
 from ..errors import BlueLowerError
 from ..lowering.models import load_config
-from ..lowering.models.bluelm_v.config import ModelConfig
+from ..lowering.models.config import ModelConfig
 from ..targets.cost_model import APU_UNIT, Work, candidate_costs, cost, units_of
 from ..runtime_stubs.image import patch_count
 from ..targets.scheduler import Schedule, add_task, list_schedule, summarize

@@ -18,7 +18,7 @@ import numpy as np
 from ... import __version__, progress
 from ...errors import BlueLowerError
 from ..models import load_config, spec_for
-from ..models.bluelm_v.config import ModelConfig
+from ..models.config import ModelConfig
 from ..quant.modes import DEFAULT_GROUP_SIZE, DEFAULT_QUANT, quant_mode
 from ..quant.params import StoredParams, param_producer
 from ..frontend.weights import WeightSource, model_weight_specs, random_weight, write_safetensors

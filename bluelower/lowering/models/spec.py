@@ -32,6 +32,13 @@ class ModelSpec:
     cpu_entries: tuple[str, ...] = ()  # entries (incl. ones passes add) that never go to the APU
     image_mean: tuple = (0.5, 0.5, 0.5)
     image_std: tuple = (0.5, 0.5, 0.5)
+    # Hugging Face checkpoints: the config.json "architectures" this family reads, how a
+    # config.json becomes a bluelower config ((hf config dict, name, runtime overrides) ->
+    # config), and the checkpoint tensor name -> module weight name map (None: the module
+    # uses the checkpoint's names; a name mapped to None is not a weight of the module)
+    hf_architectures: tuple = ()
+    from_hf_config: Callable[..., Any] | None = None
+    checkpoint_name: Callable[[str], str | None] | None = None
     notes: tuple = field(default=())
 
     def entry(self, name: str) -> EntrySpec:

@@ -1,7 +1,7 @@
 """BlueLM-V: a SigLIP ViT, a 2x2 token downsampler + MLP projector, a LLaMA-style decoder.
 
-``model.py`` is the PyTorch module (Hugging Face parameter names), ``config.py`` its config
-schema, ``configs/`` the shipped configs (``tiny``, ``mid``, ``bluelm-v-3b``). This file is the
+``model.py`` is the PyTorch module (Hugging Face parameter names), ``configs/`` the shipped
+configs (``tiny``, ``mid``, ``bluelm-v-3b``; the schema is ``lowering/models/config.py``). This file is the
 family's :class:`~bluelower.lowering.models.registry.ModelSpec`; importing it does not import
 torch.
 """
@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import os
 
+from ..config import config_from_dict as _config_from_dict
 from ..spec import EntrySpec, ModelSpec
-from .config import config_from_dict
+
+
+def config_from_dict(data, source: str = "config"):
+    return _config_from_dict(data, source, required=("vision", "projector", "decoder"), family="bluelm_v")
 
 
 def _build(cfg):

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DecoderConfig, ModelConfig, ProjectorConfig, VisionConfig
+from ..config import DecoderConfig, ModelConfig, ProjectorConfig, VisionConfig
 
 # ----------------------------------------------------------------------------- vision
 
