@@ -58,9 +58,12 @@ _MODEL_HELP = "A shipped config (tiny, bluelm-v-3b) or a path to a .json config.
 
 
 @cli.command("compile")
-@click.option("--model", "model", default="tiny", show_default=True, metavar="NAME|PATH.json", help=_MODEL_HELP)
+@click.option("--model", "model", default=None, metavar="NAME|PATH.json", help=_MODEL_HELP + " [default: tiny]")
+@click.option("--hf", "hf", default=None, metavar="DIR",
+              help="A Hugging Face model directory (config.json, safetensors shards, tokenizer) instead of --model.")
+@click.option("--gguf", "gguf", default=None, metavar="FILE", help="A llama.cpp GGUF file instead of --model.")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
-              help="Hugging Face-style safetensors (default: seeded random weights).")
+              help="With --model: safetensors in the model's weight names (default: seeded random weights).")
 @click.option("--frontend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
               help="torch.export or ONNX (+ onnxsim) import.")
 @click.option("--soc", default="host", show_default=True, metavar="NAME|PATH.toml", help="Target SoC.")
@@ -72,10 +75,17 @@ _MODEL_HELP = "A shipped config (tiny, bluelm-v-3b) or a path to a .json config.
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights without --weights.")
 @click.option("--prefill-chunk", type=int, default=None, metavar="N",
               help="Rows per prefill call (default: the config's runtime.prefill_chunk); must divide the KV capacity.")
-def compile_cmd(model, weights, frontend, soc, quant, out_dir, dump_ir, disabled, seed, prefill_chunk) -> None:
+@click.option("--kv-capacity", type=int, default=None, metavar="N",
+              help="KV-cache capacity in tokens (default: the config's; a checkpoint: 2048 or its context length).")
+def compile_cmd(model, hf, gguf, weights, frontend, soc, quant, out_dir, dump_ir, disabled, seed, prefill_chunk,
+                kv_capacity) -> None:
     """Compile a model for a SoC into an output directory (library, params, manifest)."""
-    api.compile(model, out_dir, soc=soc, quant=quant, weights=weights, frontend=frontend, dump_ir=dump_ir,
-                disable_passes=disabled, seed=seed, prefill_chunk=prefill_chunk)
+    sources = [x for x in (model, hf, gguf) if x is not None]
+    if len(sources) > 1:
+        raise BlueLowerError("give one of --model, --hf, --gguf")
+    api.compile(model or "tiny", out_dir, checkpoint=hf or gguf, soc=soc, quant=quant, weights=weights,
+                frontend=frontend, dump_ir=dump_ir, disable_passes=disabled, seed=seed, prefill_chunk=prefill_chunk,
+                kv_capacity=kv_capacity)
 
 
 def _parse_prompt_ids(text: str) -> list[int]:
@@ -91,8 +101,14 @@ def _parse_prompt_ids(text: str) -> list[int]:
 @cli.command("run")
 @click.argument("build_dir", type=click.Path())
 @click.option("--image", default=None, help="PNG/JPEG or .npy [H, W, 3] image.")
-@click.option("--prompt-ids", default="", help="Comma-separated prompt token ids, e.g. 1,2,3.")
+@click.option("--prompt", default=None, help="Prompt text, in the checkpoint's chat template (builds with a tokenizer).")
+@click.option("--system", default=None, help="A system message for --prompt.")
+@click.option("--prompt-ids", default="", help="Comma-separated prompt token ids, e.g. 1,2,3 (instead of --prompt).")
 @click.option("--max-new-tokens", type=int, default=16, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the k most likely tokens (0: all).")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling threshold.")
+@click.option("--seed", type=int, default=None, help="Seed of the sampler (reproducible sampling).")
 @click.option("--check", is_flag=True, help="Also run the PyTorch reference; exit 4 on any token mismatch.")
 @click.option("--weights", default=None, help="fp32 weights for --check (default: the build's own; a quantized build is checked against PyTorch with its dequantized weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print {\"tokens\": [...], ...} as JSON.")
@@ -102,14 +118,29 @@ def _parse_prompt_ids(text: str) -> list[int]:
                    "--native supports relaxed and none].")
 @click.option("--max-patches", type=int, default=None,
               help="Largest grid m*n [default: the SoC's max_patches from the manifest, else 9].")
-def run_cmd(build_dir, image, prompt_ids, max_new_tokens, check, weights, as_json, native, policy, max_patches) -> None:
-    """Generate tokens greedily from a compiled build: image tokens, then the prompt."""
-    out = api.run(build_dir, image=image, prompt_ids=_parse_prompt_ids(prompt_ids), max_new_tokens=max_new_tokens,
-                  check=check, weights=weights, native=native, policy=policy, max_patches=max_patches)
+def run_cmd(build_dir, image, prompt, system, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, check,
+            weights, as_json, native, policy, max_patches) -> None:
+    """Generate from a compiled build: the image and the prompt, then new tokens until EOS.
+
+    With --prompt the text streams to stdout as it is generated (greedy unless --temperature)."""
+    streamed = []
+
+    def on_text(piece: str) -> None:
+        streamed.append(piece)
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+
+    out = api.run(build_dir, image=image, prompt=prompt, system=system, prompt_ids=_parse_prompt_ids(prompt_ids),
+                  max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                  check=check, weights=weights, native=native, policy=policy, max_patches=max_patches,
+                  on_text=None if as_json or prompt is None else on_text)
     if as_json:
         echo_json(out)
     else:
-        click.echo("tokens: " + " ".join(str(t) for t in out["tokens"]))
+        if streamed:
+            click.echo("")
+        else:
+            click.echo("tokens: " + " ".join(str(t) for t in out["tokens"]))
         if check:
             click.echo("reference: " + " ".join(str(t) for t in out["reference_tokens"]))
             click.echo("check: " + ("tokens match PyTorch" if out["match"] else "MISMATCH against PyTorch"))

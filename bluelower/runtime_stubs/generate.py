@@ -9,7 +9,6 @@ compiled artifact against PyTorch token for token.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import numpy as np
 
 from ..errors import BlueLowerError
 from ..lowering.artifacts.bundle import LIBRARY, PARAMS, read_manifest, verify_files
+from ..lowering.models import spec_for
 
 
 @dataclass
@@ -44,6 +44,7 @@ class _Backend:
     capacity: int
     image_batch: int
     eos: int
+    stop_ids: frozenset
 
     def encode_batch(self, patches: np.ndarray) -> np.ndarray: ...
     def embed_chunk(self, ids: np.ndarray) -> np.ndarray: ...
@@ -52,25 +53,49 @@ class _Backend:
     def decode_step(self, token: int, position: int) -> np.ndarray: ...
 
 
-def generate(backend: _Backend, patches: np.ndarray | None, prompt_ids, max_new_tokens: int) -> GenerationResult:
-    """Greedy generation; ``patches`` [k, 3, S, S] float32 (normalized) or None."""
+IMAGE = "image"  # the image's place among prompt segments (runtime_stubs/text.py's IMAGE works too)
+
+
+def _segments(patches, prompt) -> list:
+    """Prompt segments: id lists and one image marker. Plain ids mean image first, then ids."""
+    prompt = list(prompt)
+    if any(not isinstance(p, (int, np.integer)) for p in prompt):  # already segments
+        segs = [p if not isinstance(p, (list, tuple, np.ndarray)) else [int(x) for x in p] for p in prompt]
+        has_image = any(not isinstance(p, list) for p in segs)
+        if patches is not None and not has_image:
+            segs = [IMAGE] + segs
+        if patches is None:
+            segs = [p for p in segs if isinstance(p, list)]
+        return segs
+    return ([IMAGE] if patches is not None else []) + ([[int(x) for x in prompt]] if prompt else [])
+
+
+def generate(backend: _Backend, patches: np.ndarray | None, prompt, max_new_tokens: int, sampler=None,
+             on_token=None) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` tokens, stopping at the backend's stop ids.
+
+    ``patches`` [k, 3, S, S] float32 (normalized) or None. ``prompt``: token ids (the image
+    goes first) or segments, lists of ids and one image marker where the image's rows go
+    (``text.build_prompt``). ``sampler``: ``text.Sampler`` (default greedy). ``on_token(id)``
+    is called with each new token as it is produced (streaming)."""
     timings = {"image_encode": 0.0, "embed": 0.0, "prefill": 0.0, "decode": 0.0}
-    prompt_ids = np.asarray(list(prompt_ids), dtype=np.int64)
     if max_new_tokens < 1:
         raise BlueLowerError("--max-new-tokens must be at least 1")
-    if prompt_ids.size and (prompt_ids.min() < 0 or prompt_ids.max() >= backend.vocab_size):
+    segs = _segments(patches, prompt)
+    ids_all = [i for p in segs if isinstance(p, list) for i in p]
+    if ids_all and (min(ids_all) < 0 or max(ids_all) >= backend.vocab_size):
         raise BlueLowerError(f"prompt ids must be in [0, {backend.vocab_size})")
     n_image = 0 if patches is None else patches.shape[0] * backend.tokens_per_patch
-    n = n_image + prompt_ids.size
+    n = n_image + len(ids_all)
     if n == 0:
         raise BlueLowerError("nothing to generate from: no image and an empty prompt")
     if n + max_new_tokens > backend.capacity:
         raise BlueLowerError(
-            f"prompt of {n} rows ({n_image} image tokens + {prompt_ids.size} prompt ids) plus "
+            f"prompt of {n} rows ({n_image} image tokens + {len(ids_all)} prompt ids) plus "
             f"{max_new_tokens} new tokens exceeds the KV cache capacity of {backend.capacity}"
         )
-    rows = []
     t0 = time.perf_counter()
+    image_rows = []
     if patches is not None:
         b = backend.image_batch
         for i in range(0, patches.shape[0], b):
@@ -79,15 +104,21 @@ def generate(backend: _Backend, patches: np.ndarray | None, prompt_ids, max_new_
             if valid < b:
                 batch = np.concatenate([batch, np.zeros((b - valid,) + batch.shape[1:], np.float32)])
             out = backend.encode_batch(np.ascontiguousarray(batch, dtype=np.float32))
-            rows.append(out[:valid].reshape(-1, out.shape[-1]))
+            image_rows.append(out[:valid].reshape(-1, out.shape[-1]))
     t1 = time.perf_counter()
     c = backend.chunk
-    for i in range(0, prompt_ids.size, c):
-        ids = prompt_ids[i : i + c]
-        valid = ids.size
-        padded = np.zeros(c, np.int64)
-        padded[:valid] = ids
-        rows.append(backend.embed_chunk(padded)[:valid])
+    rows = []
+    for seg in segs:
+        if not isinstance(seg, list):
+            rows.extend(image_rows)
+            continue
+        seg_ids = np.asarray(seg, dtype=np.int64)
+        for i in range(0, seg_ids.size, c):
+            ids = seg_ids[i : i + c]
+            valid = ids.size
+            padded = np.zeros(c, np.int64)
+            padded[:valid] = ids
+            rows.append(backend.embed_chunk(padded)[:valid])
     t2 = time.perf_counter()
     seq = np.concatenate(rows).astype(np.float32)
     backend.reset_cache()
@@ -100,17 +131,41 @@ def generate(backend: _Backend, patches: np.ndarray | None, prompt_ids, max_new_
         logits = backend.prefill_chunk(np.ascontiguousarray(chunk), start, valid)
     t3 = time.perf_counter()
     first_logits = np.array(logits, copy=True)
-    tokens = [int(np.argmax(logits[0]))]
+    pick = (lambda lg: int(np.argmax(lg[0]))) if sampler is None else (lambda lg: int(sampler.sample(lg[0])))
+    stop = getattr(backend, "stop_ids", None) or frozenset([backend.eos])
+    tokens = [pick(logits)]
+    if on_token is not None:
+        on_token(tokens[-1])
     position = n
-    while len(tokens) < max_new_tokens and tokens[-1] != backend.eos:
+    while len(tokens) < max_new_tokens and tokens[-1] not in stop:
         logits = backend.decode_step(tokens[-1], position)
         position += 1
-        tokens.append(int(np.argmax(logits[0])))
+        tokens.append(pick(logits))
+        if on_token is not None:
+            on_token(tokens[-1])
     t4 = time.perf_counter()
     timings.update(image_encode=t1 - t0, embed=t2 - t1, prefill=t3 - t2, decode=t4 - t3)
     if len(tokens) > 1:
         timings["decode_tokens_per_s"] = (len(tokens) - 1) / max(t4 - t3, 1e-9)
     return GenerationResult(tokens, timings, prompt_rows=n, image_tokens=n_image, first_logits=first_logits)
+
+
+def load_tokenizer(build_dir: str, manifest: dict):
+    """The build's tokenizer (``runtime_stubs/text.py``), or None for a build without one."""
+    info = manifest.get("tokenizer")
+    if not info:
+        return None
+    from .text import Tokenizer
+
+    path = os.path.join(build_dir, info.get("file", "tokenizer.json"))
+    if not os.path.isfile(path):
+        raise BlueLowerError(f"{build_dir}: missing file {info.get('file', 'tokenizer.json')}")
+    vocab = manifest.get("runtime", {})
+    tok = Tokenizer(path, bos_token=info.get("bos_token"), eos_token=info.get("eos_token"),
+                    chat_template=info.get("chat_template"))
+    if tok.vocab_size > int(vocab.get("vocab_size", tok.vocab_size)):
+        raise BlueLowerError(f"{build_dir}: the tokenizer has {tok.vocab_size} tokens, the model {vocab['vocab_size']}")
+    return tok
 
 
 # --------------------------------------------------------------------- compiled build
@@ -131,6 +186,7 @@ class CompiledModel(_Backend):
         rt = manifest["runtime"]
         self.chunk, self.capacity = rt["prefill_chunk"], rt["kv_capacity"]
         self.image_batch, self.eos = rt["image_batch"], rt["eos_token_id"]
+        self.stop_ids = frozenset([rt["eos_token_id"], *rt.get("stop_token_ids", [])])
         self.tokens_per_patch, self.vocab_size = rt["image_tokens_per_patch"], rt["vocab_size"]
         self.image_size = rt["image_size"]
         lib = tvm.runtime.load_module(os.path.join(build_dir, LIBRARY))
@@ -206,6 +262,7 @@ class TorchReference(_Backend):
         self.model = load_torch_model(cfg, WeightSource(weights_path) if weights_path else None, seed)
         r = cfg.runtime
         self.chunk, self.capacity, self.image_batch, self.eos = r.prefill_chunk, r.kv_capacity, r.image_batch, r.eos_token_id
+        self.stop_ids = frozenset(cfg.stop_ids)
         self.tokens_per_patch, self.vocab_size = cfg.image_tokens_per_patch, cfg.decoder.vocab_size
         self.kv = None
 
@@ -218,7 +275,7 @@ class TorchReference(_Backend):
             return self.model.embed(self.torch.from_numpy(ids)).numpy()
 
     def reset_cache(self):
-        self.kv = self.model.new_kv_cache()
+        self.kv = self.torch.zeros(spec_for(self.cfg).kv_cache_shape(self.cfg), dtype=self.torch.float32)
 
     def prefill_chunk(self, rows, start, num_valid):
         t = self.torch

@@ -491,6 +491,24 @@ def build_prompt(tokenizer: Tokenizer, template: str | None, user_text: str, has
                       _encode_text(tokenizer, rendered[cut:], first=False)])
 
 
+def chat_prompt_parts(tokenizer: Tokenizer, template: str, system: str | None = None) -> dict | None:
+    """One user turn of ``template`` as text around the user's message: ``prefix + text +
+    suffix`` is what :func:`build_prompt` renders for a text-only prompt, so a runtime without
+    a Jinja engine (the native one) can form the prompt and encode it (without extra special
+    tokens). None when the template does not write the message once, verbatim."""
+    mark = "\U000f0003"
+    messages = ([] if system is None else [{"role": "system", "content": system}]) + [{"role": "user", "content": mark}]
+    try:
+        rendered = render_chat(template, messages, add_generation_prompt=True, bos_token=tokenizer.bos_token,
+                               eos_token=tokenizer.eos_token)
+    except ChatTemplateError:
+        return None
+    if rendered.count(mark) != 1:
+        return None
+    prefix, suffix = rendered.split(mark)
+    return {"prefix": prefix, "suffix": suffix}
+
+
 def _encode_text(tokenizer: Tokenizer, text: str, first: bool) -> list[int]:
     if not text:
         return []

@@ -27,6 +27,7 @@ BUNDLE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 PARAMS = "params.safetensors"
+TOKENIZER = "tokenizer.json"  # the checkpoint's tokenizer (builds from --hf / --gguf)
 RUNTIME_BINARY = "bin/bluelower-run"
 RUNTIME_LIBS = ("libtvm_runtime.so", "libtvm_ffi.so")
 

@@ -17,20 +17,21 @@ import numpy as np
 
 from ... import __version__, progress
 from ...errors import BlueLowerError
-from ..models import load_config, spec_for
+from ..models import spec_for
 from ..models.config import ModelConfig
 from ..quant.modes import DEFAULT_GROUP_SIZE, DEFAULT_QUANT, quant_mode
 from ..quant.params import StoredParams, param_producer
-from ..frontend.weights import WeightSource, model_weight_specs, random_weight, write_safetensors
-from .bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, LIBRARY, PARAMS, commit_output, file_sha256, prepare_output,
-                     write_manifest)
+from ..frontend.weights import model_weight_specs, random_weight, write_safetensors
+from .bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, LIBRARY, PARAMS, TOKENIZER, commit_output, file_sha256,
+                     prepare_output, write_manifest)
 
 
 
 @dataclass
 class CompileRequest:
-    model: str = "tiny"
-    weights: str | None = None
+    model: object = "tiny"  # a shipped config name, a JSON path or a config object
+    weights: str | None = None  # safetensors in the module's own weight names (with ``model``)
+    checkpoint: str | None = None  # a Hugging Face directory or a GGUF file (instead of ``model``)
     frontend: str = "torch"
     soc: str = "host"
     out_dir: str = "build"
@@ -40,6 +41,7 @@ class CompileRequest:
     seed: int = 0
     group_size: int = DEFAULT_GROUP_SIZE  # INT4 group size (w4a16, w4a16kv8)
     prefill_chunk: int | None = None  # default: the config's runtime.prefill_chunk
+    kv_capacity: int | None = None  # default: the config's runtime.kv_capacity
 
 
 def resolve_soc(name_or_path: str):
@@ -80,18 +82,14 @@ def compile_model(req: CompileRequest) -> dict:
 
     quant_mode(req.quant)  # a one-line error for an unknown mode
     check_disabled(req.disabled_passes)
-    cfg = load_config(req.model)
-    if req.prefill_chunk is not None:
-        cfg = with_prefill_chunk(cfg, req.prefill_chunk)
+    model = model_source(req)
+    cfg = with_runtime(model.cfg, kv_capacity=req.kv_capacity, prefill_chunk=req.prefill_chunk)
     soc = resolve_soc(req.soc)
-    if getattr(soc, "apu", None) is not None and soc.image_batch != cfg.runtime.image_batch:
-        # the APU's preferred patch batch (TileImagePatches compiles encode_image for it)
+    if getattr(soc, "apu", None) is not None and cfg.vision is not None and soc.image_batch != cfg.runtime.image_batch:
+        # the APU's preferred patch batch (TileImagePatches compiles the image entry for it)
         cfg = cfg.replace_runtime(image_batch=soc.image_batch)
     specs = model_weight_specs(cfg)
-    source = None
-    if req.weights:
-        source = WeightSource(req.weights)
-        source.check_against(specs)
+    source = model.weights
     target = soc.tvm_target()
 
     tmp = prepare_output(req.out_dir)
@@ -123,7 +121,11 @@ def compile_model(req: CompileRequest) -> dict:
             param_producer(stored.transforms, produce),
             label="write params",
         )
+        files = [LIBRARY, PARAMS]
         manifest = _manifest(cfg, spec, req, soc, target, sigs, pass_stats, source)
+        if model.tokenizer is not None:
+            manifest["tokenizer"] = _write_tokenizer(tmp, model.tokenizer)
+            files.append(TOKENIZER)
         manifest["kv_cache"] = _kv_cache_entry(cfg, sigs, result(mod, "kv_cache"))
         stored.update_manifest(manifest, req.quant, req.group_size, lambda w: spec.weight_role(w) == "embedding")
         plans = result(mod, "memory_plan")
@@ -135,7 +137,7 @@ def compile_model(req: CompileRequest) -> dict:
             value = result(mod, key)
             if value is not None:
                 manifest[key] = value
-        manifest["files"] = {f: file_sha256(os.path.join(tmp, f)) for f in (LIBRARY, PARAMS)}
+        manifest["files"] = {f: file_sha256(os.path.join(tmp, f)) for f in files}
         write_manifest(tmp, manifest)
         commit_output(tmp, req.out_dir)
     except BaseException:
@@ -145,23 +147,71 @@ def compile_model(req: CompileRequest) -> dict:
     return manifest
 
 
+def model_source(req: CompileRequest):
+    """The request's config, weights and tokenizer (``frontend/sources.py``)."""
+    from ..frontend.sources import checkpoint_source, config_source
+
+    if req.checkpoint is not None:
+        if req.weights:
+            raise BlueLowerError("--weights goes with --model; a checkpoint (--hf / --gguf) carries its own weights")
+        return checkpoint_source(req.checkpoint, kv_capacity=req.kv_capacity, prefill_chunk=req.prefill_chunk)
+    return config_source(req.model, req.weights)
+
+
+def with_runtime(cfg: ModelConfig, kv_capacity: int | None = None, prefill_chunk: int | None = None) -> ModelConfig:
+    """``cfg`` compiled for another KV-cache capacity / prefill chunk (``--kv-capacity``,
+    ``--prefill-chunk``): the chunk must divide the capacity."""
+    for flag, value in (("--kv-capacity", kv_capacity), ("--prefill-chunk", prefill_chunk)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise BlueLowerError(f"{flag} must be a positive integer, got {value}")
+    cap = kv_capacity if kv_capacity is not None else cfg.runtime.kv_capacity
+    chunk = prefill_chunk if prefill_chunk is not None else cfg.runtime.prefill_chunk
+    if cap % chunk != 0:
+        which = "--prefill-chunk" if prefill_chunk is not None else "the config's prefill chunk"
+        raise BlueLowerError(f"{which} {chunk} must be a positive divisor of the KV cache capacity {cap}")
+    if (cap, chunk) == (cfg.runtime.kv_capacity, cfg.runtime.prefill_chunk):
+        return cfg
+    return cfg.replace_runtime(kv_capacity=cap, prefill_chunk=chunk)
+
+
 def with_prefill_chunk(cfg: ModelConfig, chunk: int) -> ModelConfig:
     """``cfg`` compiled for another prefill chunk (``compile --prefill-chunk N``)."""
-    cap = cfg.runtime.kv_capacity
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 or cap % chunk != 0:
-        raise BlueLowerError(f"--prefill-chunk {chunk} must be a positive divisor of the KV cache capacity {cap}")
-    return cfg.replace_runtime(prefill_chunk=chunk)
+    return with_runtime(cfg, prefill_chunk=chunk)
+
+
+def _write_tokenizer(build_dir: str, info) -> dict:
+    """``tokenizer.json`` into the build and the manifest's ``tokenizer`` section, with the
+    chat template's single-turn prompt split around the user's text (``chat_prompt``: what a
+    runtime without Jinja, the native one, wraps a prompt in)."""
+    from ...runtime_stubs.text import Tokenizer, chat_prompt_parts
+
+    with open(os.path.join(build_dir, TOKENIZER), "w", encoding="utf-8") as fh:
+        fh.write(info.json_text)
+    out = info.manifest()
+    plain = Tokenizer(info.json_text)
+    out["bos_token"] = plain.id_to_token(info.bos_token_id) if info.bos_token_id is not None else None
+    out["eos_token"] = plain.id_to_token(info.eos_token_ids[0]) if info.eos_token_ids else None
+    tok = Tokenizer(info.json_text, bos_token=out["bos_token"], eos_token=out["eos_token"],
+                    chat_template=info.chat_template)
+    out["chat_prompt"] = chat_prompt_parts(tok, info.chat_template) if info.chat_template else None
+    return out
+
+
+# model.so without debug sections: the DWARF TVM emits records the kernels' source lines,
+# so a comment moved in a kernel file would change the library; linked with -S its bytes
+# depend on the code alone (and it is smaller)
+LINK_OPTIONS = ("-Wl,-S",)
 
 
 def _export_kwargs(soc) -> dict:
     fcompile = getattr(soc, "fcompile", None)
     if callable(fcompile):
-        return {"fcompile": fcompile()}
+        return {"fcompile": fcompile(), "options": list(LINK_OPTIONS)}
     if not getattr(soc, "is_host", False) and str(getattr(soc, "triple", "")).startswith("aarch64"):
         from .toolchains.gnu import cross_fcompile  # aarch64-linux-gnu-g++, clear error if missing
 
-        return {"fcompile": cross_fcompile(soc.triple)}
-    return {}
+        return {"fcompile": cross_fcompile(soc.triple), "options": list(LINK_OPTIONS)}
+    return {"options": list(LINK_OPTIONS)}
 
 
 def _manifest(cfg: ModelConfig, spec, req: CompileRequest, soc, target, sigs, pass_stats, source) -> dict:
@@ -182,7 +232,8 @@ def _manifest(cfg: ModelConfig, spec, req: CompileRequest, soc, target, sigs, pa
         "inputs": {
             "config_sha256": _config_sha(cfg),
             "weights_sha256": source.sha256() if source is not None else None,
-            "weights_path": os.path.abspath(req.weights) if req.weights else None,
+            "weights_path": os.path.abspath(source.path) if source is not None else None,
+            "checkpoint": req.checkpoint is not None,
             "seed": req.seed,
         },
         "runtime": {
@@ -191,7 +242,10 @@ def _manifest(cfg: ModelConfig, spec, req: CompileRequest, soc, target, sigs, pa
             "image_batch": r.image_batch,
             "max_patches": int(getattr(soc, "max_patches", 9)),
             "eos_token_id": r.eos_token_id,
-            "image_size": cfg.vision.image_size,
+            "stop_token_ids": list(r.stop_token_ids),
+            "bos_token_id": r.bos_token_id,
+            "image_token_id": r.image_token_id,
+            "image_size": cfg.vision.image_size if cfg.vision is not None else None,
             "image_tokens_per_patch": cfg.image_tokens_per_patch,
             "hidden_size": d.hidden_size,
             "vocab_size": d.vocab_size,

@@ -1,0 +1,223 @@
+"""The Python API: what ``cli.py`` and the tests call.
+
+* :func:`compile` a model for a SoC into a build directory (library, parameters, manifest);
+* :func:`bundle` a device bundle (build + native runtime + TVM runtime libraries + tarball);
+* :func:`run` a build (host Relax VM or the bundle's native binary), optionally checked
+  against the PyTorch reference;
+* :func:`init_weights`, :func:`inspect_image`, :func:`inspect_memory`,
+  :func:`inspect_schedule`, :func:`eval_quant`: the other commands.
+
+Every user error is a :class:`~bluelower.errors.BlueLowerError` (one line, an exit code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .errors import BlueLowerError
+from .lowering.quant.modes import DEFAULT_GROUP_SIZE, DEFAULT_QUANT
+
+POLICIES = ("relaxed", "anyres", "internvl", "none")
+
+
+def compile(model="tiny", output: str = "build", *, checkpoint: str | None = None, soc: str = "host",  # noqa: A001
+            quant: str = DEFAULT_QUANT, weights: str | None = None, frontend: str = "torch", dump_ir: str | None = None,
+            disable_passes=(), seed: int = 0, group_size: int = DEFAULT_GROUP_SIZE, prefill_chunk: int | None = None,
+            kv_capacity: int | None = None) -> dict:
+    """Compile ``model`` (a shipped config name, a JSON path or a config object; or
+    ``checkpoint``: a Hugging Face directory or a GGUF file) for ``soc`` into ``output``;
+    return the manifest."""
+    from .lowering.artifacts.compile import CompileRequest, compile_model
+
+    return compile_model(CompileRequest(model=model, weights=weights, checkpoint=checkpoint, frontend=frontend, soc=soc,
+                                        out_dir=output, quant=quant, dump_ir=dump_ir,
+                                        disabled_passes=tuple(disable_passes), seed=seed, group_size=group_size,
+                                        prefill_chunk=prefill_chunk, kv_capacity=kv_capacity))
+
+
+def bundle(model="tiny", output: str = "dist", *, soc: str = "dimensity9300", quant: str = DEFAULT_QUANT,
+           weights: str | None = None, seed: int = 0, tarball: str | None = None, ndk: str | None = None,
+           android_api: int | None = None, tvm_runtime_dir: str | None = None, tvm_source: str | None = None) -> dict:
+    """A device bundle in ``output`` and its reproducible tarball; return a summary (paths,
+    tarball SHA-256, architecture, files)."""
+    from .lowering.artifacts.device import build_bundle
+
+    return build_bundle(model=model, soc=soc, out_dir=output, quant=quant, weights=weights, seed=seed, tarball=tarball,
+                        ndk=ndk, android_api=android_api, tvm_runtime_dir=tvm_runtime_dir, tvm_source=tvm_source)
+
+
+def image_patches(manifest: dict, image, policy: str = "relaxed", max_patches: int | None = None):
+    """Preprocess ``image`` (a path) for a build: ``(patches [k, 3, S, S] or None, grid or None)``."""
+    from .runtime_stubs.image import load_image, preprocess_image, select_grid
+
+    if image is None:
+        return None, None
+    if policy not in POLICIES:
+        raise BlueLowerError(f"unknown --policy '{policy}' (valid: {', '.join(POLICIES)})")
+    rt = manifest["runtime"]
+    img = load_image(image)
+    grid = None
+    if policy != "none":
+        limit = max_patches if max_patches is not None else int(rt.get("max_patches", 9))
+        if limit < 1:
+            raise BlueLowerError(f"--max-patches must be at least 1, got {limit}")
+        height, width = img.shape[:2]
+        grid = select_grid(width, height, policy=policy, max_patches=limit, image_size=rt["image_size"])
+    patches = preprocess_image(img, grid=grid, image_size=rt["image_size"],
+                               mean=tuple(rt["image_mean"]), std=tuple(rt["image_std"]))
+    return patches, grid
+
+
+def run(build_dir: str, *, image: str | None = None, prompt: str | None = None, prompt_ids=(), system: str | None = None,
+        max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+        check: bool = False, weights: str | None = None, native: bool = False, policy: str | None = None,
+        max_patches: int | None = None, on_text=None) -> dict:
+    """Generate from a build: the image's tokens and the prompt, then new tokens until a stop id.
+
+    ``prompt``: text, wrapped in the checkpoint's chat template (``system``: an optional system
+    message) and tokenized with the build's tokenizer; the image's rows go where the template
+    puts the image (docs/compile-your-own-model.md). ``prompt_ids``: token ids instead (the
+    image first). Greedy unless ``temperature`` > 0 (then ``top_k`` / ``top_p``, reproducible
+    with ``seed``). ``on_text(chunk)`` receives the decoded text as it is generated.
+
+    Returns ``{"tokens", ...}`` (+ ``"text"`` with a tokenizer; the host runtime's timings and
+    prompt rows, or what the native binary printed). With ``check`` the PyTorch reference of
+    the build (its dequantized weights for a quantized build) generates from the same inputs:
+    ``reference_tokens`` and ``match`` are added."""
+    from .lowering.artifacts.bundle import read_manifest
+    from .runtime_stubs.generate import CompiledModel, generate, load_tokenizer
+    from .runtime_stubs.text import Sampler, build_prompt
+
+    policy = policy or "relaxed"
+    manifest = read_manifest(build_dir)
+    tokenizer = load_tokenizer(build_dir, manifest)
+    if prompt is not None and prompt_ids:
+        raise BlueLowerError("give --prompt or --prompt-ids, not both")
+    if prompt is not None:
+        if tokenizer is None:
+            raise BlueLowerError(f"{build_dir} has no tokenizer (compiled from a config, not a checkpoint): "
+                                 "give --prompt-ids")
+        info = manifest.get("tokenizer") or {}
+        segments = build_prompt(tokenizer, info.get("chat_template"), prompt, has_image=image is not None,
+                                image_placeholder=info.get("image_token"), system=system)
+    else:
+        segments = [int(i) for i in prompt_ids]
+
+    def sampler():
+        return None if temperature == 0 and top_k == 0 and top_p == 1.0 else Sampler(temperature, top_k, top_p, seed)
+
+    stream = tokenizer.stream(skip_special_tokens=True) if tokenizer is not None and on_text is not None else None
+
+    def on_token(tok):
+        if stream is not None:
+            piece = stream.put(tok)
+            if piece:
+                on_text(piece)
+
+    if native:
+        if policy not in ("none", "relaxed"):
+            raise BlueLowerError("--native implements --policy relaxed and none only")
+        ids = segments if all(isinstance(x, int) for x in segments) else None
+        if ids is None:
+            raise BlueLowerError("--native with --image and a chat prompt is not supported yet: give --prompt-ids")
+        out = _run_native(build_dir, image, ids, max_new_tokens, policy, max_patches)
+        patches = image_patches(manifest, image, policy, max_patches)[0] if check else None
+    else:
+        compiled = CompiledModel(build_dir)
+        patches, grid = image_patches(compiled.manifest, image, policy, max_patches)
+        out = generate(compiled, patches, segments, max_new_tokens, sampler=sampler(), on_token=on_token).to_json()
+        if grid is not None:
+            out["grid"] = list(grid)
+            out["patches"] = int(patches.shape[0])
+    if stream is not None:
+        rest = stream.flush()
+        if rest:
+            on_text(rest)
+    if tokenizer is not None:
+        out["text"] = tokenizer.decode(out["tokens"], skip_special_tokens=True)
+    if check:
+        from .reports.eval_quant import check_reference
+
+        ref = generate(check_reference(build_dir, weights), patches, segments, max_new_tokens, sampler=sampler())
+        out["reference_tokens"] = ref.tokens
+        out["match"] = ref.tokens == out["tokens"]
+    return out
+
+
+class NativeRuntimeError(BlueLowerError):
+    """The native runtime refused its input or failed; ``exit_code`` is its own."""
+
+
+def _run_native(build_dir, image, ids, max_new_tokens, policy, max_patches) -> dict:
+    from .lowering.artifacts.device import run_native
+
+    extra = ("--policy", policy) + (("--max-patches", str(max_patches)) if max_patches is not None else ())
+    proc = run_native(build_dir, image, ",".join(str(i) for i in ids), max_new_tokens, as_json=True, extra=extra)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"native runtime exited with status {proc.returncode}"]
+        last = lines[-1][len("error: "):] if lines[-1].startswith("error: ") else lines[-1]
+        err = NativeRuntimeError(last)
+        err.exit_code = proc.returncode if proc.returncode > 0 else 1
+        raise err
+    try:
+        return json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise BlueLowerError(f"native runtime printed no JSON: {proc.stdout.strip()[:200]}") from None
+
+
+def init_weights(model="tiny", output: str = "weights.safetensors", seed: int = 0) -> str:
+    """Seeded random weights for ``model`` in the Hugging Face safetensors layout."""
+    from .lowering.frontend.weights import init_weights as write
+    from .lowering.models import load_config
+
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        raise BlueLowerError(f"output directory does not exist: {parent}")
+    write(load_config(model), output, seed)
+    return output
+
+
+def inspect_image(path: str | None = None, size: str | None = None, policy: str = "relaxed", max_patches: int = 9) -> dict:
+    from .runtime_stubs.image import inspect_image as inspect
+
+    return inspect(path=path, size=size, policy=policy, max_patches=max_patches)
+
+
+def inspect_memory(build_dir: str | None = None, *, model=None, soc: str = "host", quant: str = DEFAULT_QUANT,
+                   image_grid: str | None = None, kv_capacity: int | None = None, prefill_chunk: int | None = None,
+                   jobs: int | None = None) -> dict:
+    """Peak memory per phase of a build, or (``model``) of a plan without building."""
+    from .reports import memory
+
+    if (build_dir is None) == (model is None):
+        raise BlueLowerError("give either a BUILD_DIR or --model NAME (not both)")
+    if build_dir is not None:
+        return memory.inspect_build(build_dir)
+    return memory.inspect_model(model, soc=soc, quant=quant, image_grid=image_grid, kv_capacity=kv_capacity,
+                                prefill_chunk=prefill_chunk, jobs=jobs)
+
+
+def inspect_schedule(build_dir: str, trace: str | None = None, plot: str | None = None) -> dict:
+    """A build's predicted schedule; optionally written as a Chrome trace and a Gantt chart."""
+    from .reports import schedule
+
+    info = schedule.inspect_schedule(build_dir)
+    if trace:
+        schedule.write_trace(build_dir, trace)
+    if plot:
+        schedule.write_plot(build_dir, plot)
+    return info
+
+
+def eval_quant(models=("tiny",), modes=None, tokens: int = 64, seed: int = 0, group_size: int = DEFAULT_GROUP_SIZE,
+               disable_passes=(), write_doc: str | None = None) -> list:
+    """Accuracy of each quant mode against the fp32 PyTorch reference, per model."""
+    from .lowering.quant.modes import QUANT_MODES
+    from .reports import eval_quant as ev
+
+    reports = [ev.evaluate(m, modes=tuple(modes or QUANT_MODES), tokens=tokens, seed=seed, group_size=group_size,
+                           disabled_passes=tuple(disable_passes)) for m in models]
+    if write_doc:
+        ev.write_doc(write_doc, reports)
+    return reports

@@ -1,0 +1,145 @@
+"""Where a compile's model comes from: its config, its weights and its tokenizer.
+
+* ``--model NAME|PATH.json`` (+ ``--weights W.safetensors`` in the module's own names, or
+  seeded random weights): bluelower's configs;
+* ``--hf DIR``: a Hugging Face directory (``config.json``, one or many safetensors shards in
+  fp32/fp16/bf16, tokenizer files);
+* ``--gguf FILE``: a llama.cpp GGUF file (F32/F16/Q8_0/Q4_0/Q4_1 tensors, LLaMA-family
+  metadata, its own vocabulary and chat template).
+
+For a checkpoint the family is the one whose ModelSpec lists the config's architecture,
+the config is the family's ``from_hf_config``, and weights are streamed tensor by tensor
+through the family's ``checkpoint_name`` map; a missing, extra or misshaped tensor is one
+error naming it, before anything is traced.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...errors import BlueLowerError
+from ..models import registry
+
+
+@dataclass
+class TokenizerInfo:
+    """What a build ships of the checkpoint's tokenizer (``tokenizer.json`` + the manifest)."""
+
+    json_text: str
+    chat_template: str | None
+    bos_token_id: int | None
+    eos_token_ids: list
+    image_token: str | None = None  # the placeholder the chat template writes for an image
+
+    def manifest(self) -> dict:
+        return {"file": "tokenizer.json", "chat_template": self.chat_template, "bos_token_id": self.bos_token_id,
+                "eos_token_ids": list(self.eos_token_ids), "image_token": self.image_token}
+
+
+class CheckpointWeights:
+    """A checkpoint's tensors under the module's weight names (``spec.checkpoint_name``)."""
+
+    def __init__(self, ckpt, spec, expected: dict):
+        self.ckpt, self.path = ckpt, ckpt.path
+        rename = spec.checkpoint_name or (lambda n: n)
+        self.source_of: dict = {}
+        extra = []
+        for name in ckpt.names():
+            ours = rename(name)
+            if ours is None:
+                continue
+            if ours not in expected:
+                extra.append(name)
+                continue
+            self.source_of[ours] = name
+        if extra:
+            more = f" (and {len(extra) - 3} more)" if len(extra) > 3 else ""
+            raise BlueLowerError(f"{ckpt.path}: tensor(s) {', '.join(extra[:3])}{more} are not weights of a "
+                                 f"{spec.family} model with this config")
+        missing = sorted(set(expected) - set(self.source_of))
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise BlueLowerError(f"{ckpt.path}: missing weight(s) {', '.join(missing[:3])}{more}")
+        for ours, (shape, _dtype) in expected.items():
+            got = tuple(ckpt.shape(self.source_of[ours]))
+            if got != tuple(shape):
+                raise BlueLowerError(f"{ckpt.path}: tensor '{self.source_of[ours]}' has shape {list(got)}, "
+                                     f"the model expects {list(shape)}")
+
+    def read(self, name: str) -> np.ndarray:
+        return self.ckpt.read(self.source_of[name])
+
+    def read_quantized(self, name: str):
+        return self.ckpt.read_quantized(self.source_of[name])
+
+    def source_dtype(self, name: str) -> str:
+        return self.ckpt.source_dtype(self.source_of[name])
+
+    def sha256(self) -> str:
+        return self.ckpt.sha256()
+
+
+@dataclass
+class ModelSource:
+    cfg: object
+    weights: object | None  # .read(name) -> array, .sha256(), .path; None: seeded random weights
+    tokenizer: TokenizerInfo | None = None
+    checkpoint_kind: str | None = None  # "hf" | "gguf" | None
+
+
+def _family_of(hf: dict, path: str):
+    archs = hf.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
+    by_arch = {a: spec for spec in registry.families().values() for a in spec.hf_architectures}
+    for arch in archs:
+        if arch in by_arch:
+            return by_arch[arch]
+    known = ", ".join(sorted(by_arch)) or "none"
+    raise BlueLowerError(f"{path}: unknown architecture {archs or hf.get('model_type', '?')} "
+                         f"(supported: {known})")
+
+
+def checkpoint_source(path: str, name: str | None = None, **runtime) -> ModelSource:
+    """The model in a Hugging Face directory or a GGUF file. ``runtime``: overrides of the
+    compiled shapes (``kv_capacity``, ``prefill_chunk``, ``image_batch``)."""
+    from .checkpoints import GGUFCheckpoint, open_checkpoint
+    from .weights import model_weight_specs
+
+    ckpt = open_checkpoint(path)
+    spec = _family_of(ckpt.config, path)
+    label = name or os.path.basename(os.path.normpath(path)).removesuffix(".gguf")
+    overrides = {k: v for k, v in runtime.items() if v is not None}
+    cfg = spec.from_hf_config(ckpt.config, label, **overrides)
+    weights = CheckpointWeights(ckpt, spec, model_weight_specs(cfg))
+    tokenizer = None
+    text = ckpt.tokenizer_json()
+    if text is not None:
+        special = ckpt.special_tokens
+        tokenizer = TokenizerInfo(text, ckpt.chat_template, special.get("bos_token_id"),
+                                  list(special.get("eos_token_ids") or []),
+                                  image_token=getattr(spec, "image_token", None))
+        # every EOS the checkpoint names ends generation (chat models: the end-of-turn token)
+        known = set(cfg.stop_ids)
+        more = [i for i in tokenizer.eos_token_ids if i not in known and 0 <= i < cfg.decoder.vocab_size]
+        if more:
+            cfg = cfg.replace_runtime(stop_token_ids=tuple(cfg.runtime.stop_token_ids) + tuple(more))
+    kind = "gguf" if isinstance(ckpt, GGUFCheckpoint) else "hf"
+    return ModelSource(cfg, weights, tokenizer, kind)
+
+
+def config_source(model, weights: str | None = None) -> ModelSource:
+    """A bluelower config (shipped name, JSON path or config object) and optional weights in
+    the module's own names."""
+    from ..models import load_config
+    from .weights import WeightSource, model_weight_specs
+
+    cfg = load_config(model)
+    source = None
+    if weights:
+        source = WeightSource(weights)
+        source.check_against(model_weight_specs(cfg))
+    return ModelSource(cfg, source)
