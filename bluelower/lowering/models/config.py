@@ -4,8 +4,10 @@ dataclasses, one schema for every family.
 A config names the parts a model has (``vision`` tower, ``projector`` between the two,
 ``decoder``) and the runtime shapes the compiler fixes (KV-cache capacity, prefill chunk,
 image batch, the token ids generation needs). Its ``family`` (default ``bluelm_v``) picks the
-PyTorch module and the parts that must be present (the family's ModelSpec:
-``required_sections``); a text-only family has no ``vision`` / ``projector``. Shipped configs
+PyTorch module and the parts that must be present (the ``required`` sections the family's
+``config_from_dict`` passes): a text-only family has no ``vision`` / ``projector``, a vision
+tower alone (``siglip``) no ``decoder`` (then ``decoder`` is None and the runtime's token ids
+are not checked against a vocabulary). Shipped configs
 live in each family's ``configs/``; ``--model PATH.json`` takes a user's own
 (``lowering.models.load_config``). Unknown keys, wrong types and out-of-range values are a
 :class:`BlueLowerError` naming the file and the key.
@@ -22,6 +24,9 @@ from ...errors import BlueLowerError
 
 PROJECTOR_KINDS = ("downsample_mlp", "pixel_shuffle")
 ROPE_TYPES = ("default", "llama3", "linear")
+# the numbers each rope_type reads (transformers' modeling_rope_utils)
+ROPE_KEYS = {"linear": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,7 @@ class ModelConfig:
     family: str = "bluelm_v"
     vision: VisionConfig | None = field(default_factory=VisionConfig)
     projector: ProjectorConfig | None = field(default_factory=ProjectorConfig)
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    decoder: DecoderConfig | None = field(default_factory=DecoderConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     notes: tuple = ()
 
@@ -160,13 +165,19 @@ class ModelConfig:
             if p.kind == "pixel_shuffle":
                 need(v.grid % p.downsample_factor == 0,
                      f"projector.downsample_factor {p.downsample_factor} does not divide the {v.grid}x{v.grid} token grid")
+        need(r.kv_capacity % r.prefill_chunk == 0,
+             f"runtime.kv_capacity {r.kv_capacity} must be a multiple of runtime.prefill_chunk {r.prefill_chunk}")
+        if d is None:  # a vision tower alone: no vocabulary to check token ids against
+            return
         need(d.num_heads % d.num_kv_heads == 0, f"decoder.num_heads {d.num_heads} is not a multiple of num_kv_heads {d.num_kv_heads}")
         need(d.head_dim % 2 == 0, f"decoder.head_dim {d.head_dim} must be even for RoPE")
         if d.rope_scaling is not None:
             rt = d.rope_scaling.get("rope_type", d.rope_scaling.get("type", "default"))
             need(rt in ROPE_TYPES, f"decoder.rope_scaling.rope_type '{rt}' is not supported (supported: {', '.join(ROPE_TYPES)})")
-        need(r.kv_capacity % r.prefill_chunk == 0,
-             f"runtime.kv_capacity {r.kv_capacity} must be a multiple of runtime.prefill_chunk {r.prefill_chunk}")
+            for key in ROPE_KEYS.get(rt, ()):
+                val = d.rope_scaling.get(key)
+                need(isinstance(val, (int, float)) and not isinstance(val, bool) and val > 0,
+                     f"decoder.rope_scaling.{key} must be a positive number for rope_type '{rt}', got {json.dumps(val)}")
         for key in ("eos_token_id", "bos_token_id", "image_token_id"):
             tok = getattr(r, key)
             need(tok is None or 0 <= tok < d.vocab_size, f"runtime.{key} {tok} is outside the vocabulary")
@@ -227,7 +238,7 @@ def config_from_dict(data: Any, source: str = "config", required: tuple = ("visi
     sections: dict = {}
     for sec_name, cls in _SECTIONS.items():
         raw = data.get(sec_name)
-        if sec_name in ("vision", "projector") and sec_name not in required:
+        if sec_name != "runtime" and sec_name not in required:
             if raw is not None:
                 raise BlueLowerError(f"{source}: family '{family}' has no '{sec_name}' section")
             sections[sec_name] = None

@@ -26,7 +26,13 @@ from .spec import EntrySpec, ModelSpec  # noqa: F401  (re-exported: the registry
 
 # the shipped families: name -> the module whose SPEC describes it (imported on first use;
 # importing a family does not import torch)
-SHIPPED_FAMILIES = {"bluelm_v": "bluelower.lowering.models.bluelm_v"}
+SHIPPED_FAMILIES = {
+    "bluelm_v": "bluelower.lowering.models.bluelm_v",
+    "llama": "bluelower.lowering.models.llama",
+    "qwen2": "bluelower.lowering.models.qwen2",
+    "siglip": "bluelower.lowering.models.siglip",
+    "idefics3": "bluelower.lowering.models.idefics3",
+}
 
 
 _FAMILIES: dict[str, ModelSpec] = {}

@@ -16,6 +16,9 @@ class EntrySpec:
     inputs: tuple[str, ...]  # input names, in call order (the Relax function's leading parameters)
     example_inputs: Callable[[Any, str], tuple]  # (config, device) -> shape-defining tensors
     reads: Callable[[str], bool]  # weight name -> whether this entry reads it
+    # used instead of ``reads`` when set: (weight name, every weight name of the module) ->
+    # whether this entry reads it (a tied lm_head reads the token table: no lm_head.weight)
+    reads_among: Callable[[str, frozenset], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -27,18 +30,19 @@ class ModelSpec:
     build_module: Callable[[Any], Any]  # config -> torch.nn.Module (call under torch.device("meta") to trace)
     entries: tuple[EntrySpec, ...]
     weight_role: Callable[[str], str]  # weight name -> role (lowering/quant/modes.py ROLES)
-    kv_cache_shape: Callable[[Any], tuple]  # config -> [L, 2, kv_heads, capacity, head_dim]
+    kv_cache_shape: Callable[[Any], tuple | None]  # config -> [L, 2, kv_heads, capacity, head_dim] (None: no decoder)
     image_entry: str | None = None  # the entry TileImagePatches splits at its patch-embedding Conv2D
     cpu_entries: tuple[str, ...] = ()  # entries (incl. ones passes add) that never go to the APU
     image_mean: tuple = (0.5, 0.5, 0.5)
     image_std: tuple = (0.5, 0.5, 0.5)
     # Hugging Face checkpoints: the config.json "architectures" this family reads, how a
     # config.json becomes a bluelower config ((hf config dict, name, runtime overrides) ->
-    # config), and the checkpoint tensor name -> module weight name map (None: the module
-    # uses the checkpoint's names; a name mapped to None is not a weight of the module)
+    # config), and the checkpoint tensor name -> module weight name map ((name, config) ->
+    # name; the config says whether lm_head is tied. None: the module uses the checkpoint's
+    # names; a name mapped to None is not a weight of the module)
     hf_architectures: tuple = ()
     from_hf_config: Callable[..., Any] | None = None
-    checkpoint_name: Callable[[str], str | None] | None = None
+    checkpoint_name: Callable[..., str | None] | None = None
     notes: tuple = field(default=())
 
     def entry(self, name: str) -> EntrySpec:
@@ -53,8 +57,12 @@ class ModelSpec:
 
     def entry_params(self, names, entry: str) -> list[str]:
         """The weights (of ``names``, in order) that ``entry`` reads."""
-        reads = self.entry(entry).reads
-        return [n for n in names if reads(n)]
+        spec = self.entry(entry)
+        names = list(names)
+        if spec.reads_among is not None:
+            every = frozenset(names)
+            return [n for n in names if spec.reads_among(n, every)]
+        return [n for n in names if spec.reads(n)]
 
     def builtin_configs(self) -> list[str]:
         if not os.path.isdir(self.config_dir):
