@@ -215,7 +215,7 @@ def test_rewritten_module_matches_numpy_dequantized(quant, m):
         t = next(t for t in table.values() if t.source == name)
         assert t.quantizer == ("int4_groupwise" if quant != "w8" and name.startswith("language") else "int8_per_channel")
         packed, scales = quantize_weight(weights[name], t.quantizer, t.args)
-        w_ref = dequantize_weight(packed, scales, t.quantizer, t.args, (n, k))
+        w_ref = dequantize_weight((packed, scales), t.quantizer, t.args, (n, k))
         ref = x[:, :k] @ w_ref.T
         got = out[i].numpy()
         assert got.shape == (m, n)
@@ -388,6 +388,6 @@ def test_batched_activation_is_flattened_for_the_kernel():
     packed, scales = quantize_weight(w_np, t.quantizer, t.args)
     vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
     got = vm["main"](*[tvm.runtime.tensor(a) for a in (x_np, packed, scales)]).numpy()
-    ref = x_np @ dequantize_weight(packed, scales, t.quantizer, t.args, (48, 64)).T
+    ref = x_np @ dequantize_weight((packed, scales), t.quantizer, t.args, (48, 64)).T
     assert got.shape == (1, 5, 48)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

@@ -49,6 +49,7 @@ class BuildContext:
     entry_functions: tuple = ()
     image_batch: int = 1  # the compiled patch batch of the image entry
     plan_dtype_bytes: dict | None = None  # MemoryPlan: element-size overrides (planning only)
+    weight_formats: object = None  # QuantizeWeights: the per-weight format decision (quant.params.format_policy)
     image_grid: tuple | None = None  # ScheduleOperators: the image of the predicted request (default 2:4)
 
 
@@ -110,7 +111,7 @@ def _quantize_weights(ctx: BuildContext):
     from .quantize_weights import QuantizeWeights
 
     roles = getattr(ctx.spec, "weight_role", None)
-    return QuantizeWeights(ctx.quant, ctx.group_size, roles=roles)
+    return QuantizeWeights(ctx.quant, ctx.group_size, roles=roles, formats=ctx.weight_formats)
 
 
 def _quantize_kv_cache(ctx: BuildContext):

@@ -50,8 +50,8 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from ..lowering.kernels import embedding_gather, int4_linear, int8_linear
 from ..lowering.kernels.embedding import kernel_name as embedding_kernel_name
 from ..lowering.quant.modes import DEFAULT_GROUP_SIZE
-from ..lowering.quant.params import (EmbeddingScheme, ParamTransform, choose_embedding_scheme, choose_scheme, sanitize,
-                                     scheme_params)
+from ..lowering.quant.params import (EmbeddingScheme, ParamTransform, choose_embedding_scheme, choose_scheme,
+                                     embedding_scheme, linear_scheme, sanitize, scheme_params)
 from .instruments import with_stats
 from .ir_utils import PARAM_NAMES, calls_where, count_var_uses, result, static_shape, with_result
 
@@ -105,12 +105,30 @@ class QuantizeWeights:
     ``bluelower.param_names`` lists its new parameters.
     """
 
-    def __init__(self, quant: str, group_size: int = DEFAULT_GROUP_SIZE, roles=None, weight_names: dict | None = None):
+    def __init__(self, quant: str, group_size: int = DEFAULT_GROUP_SIZE, roles=None, weight_names: dict | None = None,
+                 formats=None):
         self.quant = quant
         self.group_size = group_size
         self.roles = roles
         self.weight_names = weight_names or {}
+        # formats(source, role, shape, use) -> FormatChoice | None, use "linear" | "table": the
+        # per-weight decision (rules, a checkpoint's own quantized bits); default: the mode's
+        self.formats = formats
         self.table = {}
+
+    def _linear_scheme(self, source: str, role: str, n: int, k: int):
+        if self.formats is None:
+            return choose_scheme(role, n, k, self.quant, self.group_size)
+        choice = self.formats(source, role, (n, k), "linear")
+        return None if choice is None else linear_scheme(choice.kind, n, k, choice.group_size, choice.carry,
+                                                         choice.search)
+
+    def _table_scheme(self, source: str, role: str, rows: int, width: int):
+        if self.formats is None:
+            return choose_embedding_scheme(role, rows, width, self.quant, self.group_size)
+        choice = self.formats(source, role, (rows, width), "table")
+        return None if choice is None else embedding_scheme(choice.kind, rows, width, choice.group_size, choice.carry,
+                                                            choice.search)
 
     def _role(self, source: str, default: str) -> str:
         if self.roles is None:
@@ -159,34 +177,38 @@ class QuantizeWeights:
         new_params, new_names = [], []
         for w, source in zip(weights, sources):
             calls = linear_uses.get(w, [])
-            scheme = None
-            if calls and len(calls) == uses.get(w, 0):
-                n, k = static_shape(w)
-                scheme = choose_scheme(self._role(source, "mlp"), n, k, self.quant, self.group_size)
-            elif w in lookups and len(lookups[w]) + shape_uses.get(w, 0) == uses.get(w, 0):
-                scheme = choose_embedding_scheme(self._role(source, "embedding"), *static_shape(w), self.quant,
-                                                 self.group_size)
-                calls = lookups[w] if scheme is not None else []
-            if isinstance(scheme, EmbeddingScheme):
-                parts = self._add_params(source, scheme, w, plan, new_params, new_names)
-                stats[f"{scheme.kind}_embedding_lookups"] += len(calls)
-                if source not in self._tables_seen:
-                    self._tables_seen.add(source)
-                    stats["embedding_tables_quantized"] += 1
-                    stats["embedding_bytes_fp32"] += 4 * scheme.n * scheme.k
-                    stats["embedding_bytes_stored"] += sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
-                                                           for _, shape, dtype, _ in parts)
-                continue
-            if scheme is None:
+            looked_up = lookups.get(w, [])
+            n_uses = uses.get(w, 0)
+            # a weight is converted only if every use is a linear layer or a lookup; both (a tied
+            # lm_head / token embedding) get both layouts
+            if not (calls or looked_up) or len(calls) + len(looked_up) + shape_uses.get(w, 0) != n_uses:
                 stats["kept_fp32_layers"] += len(calls)
                 new_params.append(w)
                 new_names.append(source)
                 continue
-            self._add_params(source, scheme, w, plan, new_params, new_names)
-            stats["weights_quantized"] += 1
-            stats[f"{scheme.kind}_layers"] += len(calls)
-            if (scheme.n_pad, scheme.k_pad) != (scheme.n, scheme.k):
-                stats["padded_layers"] += len(calls)
+            shape = static_shape(w)
+            table = self._table_scheme(source, self._role(source, "embedding"), *shape) if looked_up else None
+            linear = self._linear_scheme(source, self._role(source, "mlp"), *shape) if calls else None
+            if (looked_up and table is None) or (calls and linear is None):
+                stats["kept_fp32_layers"] += len(calls)
+                new_params.append(w)
+                new_names.append(source)
+                continue
+            schemes = [s for s in (table, linear) if s is not None]
+            self._add_params(source, schemes, w, plan, new_params, new_names)
+            if table is not None:
+                stats[f"{table.kind}_embedding_lookups"] = stats.get(f"{table.kind}_embedding_lookups", 0) + len(looked_up)
+                if source not in self._tables_seen:
+                    self._tables_seen.add(source)
+                    stats["embedding_tables_quantized"] += 1
+                    stats["embedding_bytes_fp32"] += 4 * table.n * table.k
+                    stats["embedding_bytes_stored"] += sum(int(np.prod(shp)) * np.dtype(dt).itemsize
+                                                           for _, shp, dt in table.part_specs())
+            if linear is not None:
+                stats["weights_quantized"] += 1
+                stats[f"{linear.kind}_layers"] = stats.get(f"{linear.kind}_layers", 0) + len(calls)
+                if (linear.n_pad, linear.k_pad) != (linear.n, linear.k):
+                    stats["padded_layers"] += len(calls)
         if not plan:
             return None
         rewriter.plan = plan
@@ -197,17 +219,20 @@ class QuantizeWeights:
             out = out.with_attr(PARAM_NAMES, new_names)
         return out
 
-    def _add_params(self, source, scheme, w, plan, new_params, new_names) -> list:
-        """The quantized parameters replacing weight ``w`` (checkpoint name ``source``):
-        new Relax vars in the signature, their conversions in ``self.table``; returns the parts."""
-        parts = scheme_params(source, scheme)
-        new_vars = [relax.Var(sanitize(name), relax.TensorType(shape, dtype)) for name, shape, dtype, _ in parts]
-        for name, _shape, _dtype, transform in parts:
-            self.table[name] = transform
-        plan[w] = (scheme, new_vars)
-        new_params.extend(new_vars)
-        new_names.extend(name for name, *_ in parts)
-        return parts
+    def _add_params(self, source, schemes, w, plan, new_params, new_names) -> None:
+        """The quantized parameters replacing weight ``w`` (checkpoint name ``source``), one set
+        per scheme (a lookup table's rows, a linear layer's blocks): new Relax vars in the
+        signature, their conversions in ``self.table``; ``plan[w]`` maps "table" / "linear" to
+        ``(scheme, vars)``."""
+        plan[w] = {}
+        for scheme in schemes:
+            parts = scheme_params(source, scheme)
+            new_vars = [relax.Var(sanitize(name), relax.TensorType(shape, dtype)) for name, shape, dtype, _ in parts]
+            for name, _shape, _dtype, transform in parts:
+                self.table[name] = transform
+            plan[w]["table" if isinstance(scheme, EmbeddingScheme) else "linear"] = (scheme, new_vars)
+            new_params.extend(new_vars)
+            new_names.extend(name for name, *_ in parts)
 
     def _source_names(self, func: relax.Function, weights: list) -> list:
         """Checkpoint names of the weight parameters: the importers' ``bluelower.param_names``
@@ -279,17 +304,17 @@ class _LinearRewriter(PyExprMutator):  # pylint: disable=abstract-method
         self.plan = {}
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # pylint: disable=arguments-renamed
-        if self.plan and _match_lookup(call) and call.args[0] in self.plan:
+        if self.plan and _match_lookup(call) and "table" in self.plan.get(call.args[0], {}):
             return self._lookup(call)
-        if (self.plan and call.op.same_as(_SHAPE_OF) and call.args[0] in self.plan
-                and isinstance(self.plan[call.args[0]][0], EmbeddingScheme)):  # static: the table's shape
-            scheme = self.plan[call.args[0]][0]
+        if (self.plan and call.op.same_as(_SHAPE_OF)
+                and "table" in self.plan.get(call.args[0], {})):  # static: the table's shape
+            scheme = self.plan[call.args[0]]["table"][0]
             return relax.ShapeExpr([scheme.n, scheme.k])
         matched = _match_linear(self.mod, call) if self.plan else None
-        if matched is None or matched[1] not in self.plan:
+        if matched is None or "linear" not in self.plan.get(matched[1], {}):
             return super().visit_call_(call)
         x, w = matched
-        scheme, new_vars = self.plan[w]
+        scheme, new_vars = self.plan[w]["linear"]
         x = self.visit_expr(x)
         lead = static_shape(x)[:-1]  # e.g. ONNX keeps [1, 729, K]; the kernels take [M, K]
         m = int(np.prod(lead))
@@ -298,9 +323,16 @@ class _LinearRewriter(PyExprMutator):  # pylint: disable=abstract-method
         if scheme.k_pad != scheme.k:
             zeros = relax.op.zeros(relax.ShapeExpr([m, scheme.k_pad - scheme.k]), "float32")
             x = self.builder_.emit(relax.op.concat([x, zeros], axis=1))
+        g = scheme.group_size
         if scheme.kind == "int4":
-            kernel = _int4_linear(m, scheme.n_pad, scheme.k_pad, scheme.group_size)
-            name = f"int4_linear_{m}x{scheme.n_pad}x{scheme.k_pad}_g{scheme.group_size}"
+            kernel = _int4_linear(m, scheme.n_pad, scheme.k_pad, g)
+            name = f"int4_linear_{m}x{scheme.n_pad}x{scheme.k_pad}_g{g}"
+        elif scheme.kind == "int4_asym":
+            kernel = _int4_linear(m, scheme.n_pad, scheme.k_pad, g, asym=True)
+            name = f"int4_linear_{m}x{scheme.n_pad}x{scheme.k_pad}_g{g}_asym"
+        elif scheme.kind == "int8_group":
+            kernel = _int8_linear(m, scheme.n_pad, scheme.k_pad, group_size=g)
+            name = f"int8_linear_{m}x{scheme.n_pad}x{scheme.k_pad}_g{g}"
         else:
             kernel = _int8_linear(m, scheme.n_pad, scheme.k_pad)
             name = f"int8_linear_{m}x{scheme.n_pad}x{scheme.k_pad}"
@@ -315,16 +347,16 @@ class _LinearRewriter(PyExprMutator):  # pylint: disable=abstract-method
 
     def _lookup(self, call: relax.Call) -> relax.Expr:
         """``take(T, ids, axis=0)`` -> gather kernel over the quantized rows (ids flattened to 1-D)."""
-        scheme, new_vars = self.plan[call.args[0]]
+        scheme, new_vars = self.plan[call.args[0]]["table"]
         ids = self.visit_expr(call.args[1])
         ids_shape = static_shape(ids)
         n_ids = int(np.prod(ids_shape)) if ids_shape else 1
         if len(ids_shape) != 1:
             ids = self.builder_.emit(relax.op.reshape(ids, relax.ShapeExpr([n_ids])))
         dtype = str(ids.ty.dtype)
-        kernel = _embedding_gather(scheme.kind, scheme.n, scheme.k, n_ids, scheme.group_size or 32, scheme.k_pad, dtype)
-        gv = self.builder_.add_func(kernel, embedding_kernel_name(scheme.kind, scheme.n, scheme.k, n_ids,
-                                                                 scheme.group_size))
+        kind = scheme.format.gather_kind
+        kernel = _embedding_gather(kind, scheme.n, scheme.k, n_ids, scheme.group_size or 32, scheme.k_pad, dtype)
+        gv = self.builder_.add_func(kernel, embedding_kernel_name(kind, scheme.n, scheme.k, n_ids, scheme.group_size))
         y = relax.call_tir(gv, relax.Tuple([ids, *new_vars]), relax.TensorType((n_ids, scheme.k), "float32"))
         if len(ids_shape) != 1:
             y = relax.op.reshape(self.builder_.emit(y), relax.ShapeExpr([*ids_shape, scheme.k]))

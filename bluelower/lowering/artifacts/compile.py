@@ -20,7 +20,7 @@ from ...errors import BlueLowerError
 from ..models import spec_for
 from ..models.config import ModelConfig
 from ..quant.modes import DEFAULT_GROUP_SIZE, DEFAULT_QUANT, quant_mode
-from ..quant.params import StoredParams, param_producer
+from ..quant.params import StoredParams, format_policy, param_producer
 from ..frontend.weights import model_weight_specs, random_weight, write_safetensors
 from .bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, LIBRARY, PARAMS, TOKENIZER, commit_output, file_sha256,
                      prepare_output, write_manifest)
@@ -97,8 +97,9 @@ def compile_model(req: CompileRequest) -> dict:
         with progress.step("import"):
             mod, sigs = import_model(cfg, req.frontend)  # weights bind at run time, not at import
         spec = spec_for(cfg)
+        formats = format_policy(req.quant, req.group_size, getattr(source, "source_dtype", None))
         ctx = BuildContext(target=target, quant=req.quant, group_size=req.group_size, soc=soc, spec=spec,
-                           entry_functions=tuple(sigs), image_batch=cfg.runtime.image_batch)
+                           entry_functions=tuple(sigs), image_batch=cfg.runtime.image_batch, weight_formats=formats)
         mod, pass_stats = run_pipeline(mod, ctx, disabled=req.disabled_passes, dump_ir_dir=req.dump_ir)
         imported = list(sigs)
         sigs = module_signatures(mod)  # as the passes left them: packed weights, the INT8 cache, added stages
@@ -118,7 +119,7 @@ def compile_model(req: CompileRequest) -> dict:
         write_safetensors(
             os.path.join(tmp, PARAMS),
             stored.safetensors_specs(),
-            param_producer(stored.transforms, produce),
+            param_producer(stored.transforms, produce, getattr(source, "read_quantized", None)),
             label="write params",
         )
         files = [LIBRARY, PARAMS]

@@ -27,18 +27,57 @@ import numpy as np
 from .modes import DEFAULT_GROUP_SIZE, DECODER_ROLES, quant_mode
 from ..kernels import (
     BLOCK_ROWS,
+    dequantize_int4_asym,
+    dequantize_int4_asym_rows,
     dequantize_int4_groupwise,
     dequantize_int4_rows,
+    dequantize_int8_groupwise,
+    dequantize_int8_groupwise_rows,
     dequantize_int8_per_channel,
     dequantize_int8_rows,
+    pack_int4_asym,
+    pack_int4_asym_rows,
+    pack_int4_groupwise,
+    pack_int4_rows,
+    pack_int8_groupwise,
+    pack_int8_groupwise_rows,
+    quantize_int4_asym,
+    quantize_int4_asym_rows,
     quantize_int4_groupwise,
     quantize_int4_rows,
+    quantize_int8_groupwise,
+    quantize_int8_groupwise_rows,
     quantize_int8_per_channel,
     quantize_int8_rows,
 )
 
-QUANTIZERS = {"int4": "int4_groupwise", "int8": "int8_per_channel"}
-ROW_QUANTIZERS = {"int4": "int4_rows", "int8": "int8_rows"}  # embedding tables (row layout)
+
+
+@dataclass(frozen=True)
+class StorageFormat:
+    """One way to store a quantized weight (``lowering/kernels/quant.py`` has the layouts):
+    its linear-layer quantizer, its embedding-row quantizer and gather kind, and its parts."""
+
+    kind: str
+    linear_quantizer: str
+    row_quantizer: str
+    gather_kind: str
+    grouped: bool  # per (row, group along K) scales: K padded to the group size
+    with_mins: bool  # a third part: the groups' minimums (asymmetric)
+    parts: tuple = ("packed", "scales")
+
+
+#: kind -> format. ``int4``: symmetric group-wise (GGUF Q4_0's rule); ``int4_asym``: scale +
+#: min per group (Q4_1's); ``int8``: per output channel; ``int8_group``: per group (Q8_0's).
+FORMATS = {
+    "int4": StorageFormat("int4", "int4_groupwise", "int4_rows", "int4", True, False),
+    "int4_asym": StorageFormat("int4_asym", "int4_asym_groupwise", "int4_asym_rows", "int4_asym", True, True,
+                               ("packed", "scales", "mins")),
+    "int8": StorageFormat("int8", "int8_per_channel", "int8_rows", "int8", False, False),
+    "int8_group": StorageFormat("int8_group", "int8_groupwise", "int8_groupwise_rows", "int8_groupwise", True, False),
+}
+#: a GGUF tensor type -> the format that stores its bits unchanged (group 32)
+GGUF_FORMATS = {"q4_0": "int4", "q4_1": "int4_asym", "q8_0": "int8_group"}
 
 
 def sanitize(name: str) -> str:
@@ -52,104 +91,167 @@ def _round_up(v: int, m: int) -> int:
 
 @dataclass(frozen=True)
 class LinearScheme:
-    """How one ``W[N, K]`` linear weight is stored: kind ``int4``/``int8`` and padded shape."""
+    """How one ``W[N, K]`` linear weight is stored: a format kind and the padded shape."""
 
     kind: str
     n: int
     k: int
     n_pad: int
     k_pad: int
-    group_size: int = 0  # int4 only
+    group_size: int = 0  # grouped kinds only
+    carry: str | None = None  # "q4_0" | "q4_1" | "q8_0": the checkpoint's own bits, packed, not re-quantized
+    search: bool = False  # INT4 from fp weights: the error-minimizing scale/clip search
+
+    @property
+    def format(self) -> StorageFormat:
+        return FORMATS[self.kind]
 
     @property
     def quantizer(self) -> str:
-        return QUANTIZERS[self.kind]
+        return self.format.linear_quantizer
 
     def args(self) -> dict:
         out = {}
-        if self.kind == "int4":
+        if self.format.grouped:
             out["group_size"] = self.group_size
         if self.n_pad != self.n:
             out["pad_n"] = self.n_pad
         if self.k_pad != self.k:
             out["pad_k"] = self.k_pad
+        if self.carry:
+            out["carry"] = self.carry
+        if self.search:
+            out["search"] = True
         return out
 
     def part_specs(self) -> list[tuple[str, tuple, str]]:
         """``[(suffix, shape, dtype)]`` of the packed tensors, in kernel argument order."""
-        nb = self.n_pad // BLOCK_ROWS
-        if self.kind == "int4":
-            return [("int4_packed", (nb, self.k_pad, BLOCK_ROWS // 2), "uint8"),
-                    ("int4_scales", (nb, self.k_pad // self.group_size, BLOCK_ROWS), "float16")]
-        return [("int8_packed", (nb, self.k_pad, BLOCK_ROWS), "int8"),
-                ("int8_scales", (self.n_pad,), "float32")]
+        nb, kind = self.n_pad // BLOCK_ROWS, self.kind
+        groups = (nb, self.k_pad // self.group_size, BLOCK_ROWS) if self.format.grouped else None
+        if kind.startswith("int4"):
+            out = [(f"{kind}_packed", (nb, self.k_pad, BLOCK_ROWS // 2), "uint8"), (f"{kind}_scales", groups, "float16")]
+            return out + ([(f"{kind}_mins", groups, "float16")] if self.format.with_mins else [])
+        scales = (f"{kind}_scales", groups, "float16") if groups else (f"{kind}_scales", (self.n_pad,), "float32")
+        return [(f"{kind}_packed", (nb, self.k_pad, BLOCK_ROWS), "int8"), scales]
+
+
+@dataclass(frozen=True)
+class FormatChoice:
+    """The decision for one weight: its format, group size, and whether its bits come from the
+    checkpoint (``carry``: a GGUF type) or are quantized here (``search``: INT4 scale search)."""
+
+    kind: str
+    group_size: int = DEFAULT_GROUP_SIZE
+    carry: str | None = None
+    search: bool = False
+
+
+def format_policy(quant: str, group_size: int = DEFAULT_GROUP_SIZE, source_dtype=None, search: bool = False):
+    """The per-weight format decision QuantizeWeights takes (``formats=``): the mode's format
+    for the weight's role (None: the role stays fp32 in this mode); a tensor the checkpoint
+    already stores quantized (``source_dtype(name)`` a GGUF type: Q4_0, Q4_1, Q8_0) keeps its
+    own bits in the format that holds them unchanged (:data:`GGUF_FORMATS`), whatever the
+    mode's format (a 4-bit tensor cannot gain precision)."""
+    mode = quant_mode(quant)
+
+    def choose(source: str, role: str, shape: tuple, use: str) -> FormatChoice | None:
+        if use == "table" and role != "embedding":
+            return None
+        kind = mode.weight_format(role)
+        if kind is None:
+            return None
+        native = (source_dtype(source) or "").lower() if source_dtype is not None else ""
+        if native in GGUF_FORMATS and shape[-1] % 32 == 0:
+            return FormatChoice(GGUF_FORMATS[native], 32, carry=native)
+        return FormatChoice(kind, group_size, search=search and kind.startswith("int4"))
+
+    return choose
+
+
+def _check_kind(kind: str, group_size: int) -> None:
+    if kind not in FORMATS:
+        raise ValueError(f"unknown weight format {kind!r} (valid: {', '.join(FORMATS)})")
+    if FORMATS[kind].grouped and (group_size <= 0 or group_size % 4 != 0):
+        raise ValueError(f"group size must be a positive multiple of 4, got {group_size}")
+
+
+def linear_scheme(kind: str, n: int, k: int, group_size: int = DEFAULT_GROUP_SIZE, carry: str | None = None,
+                  search: bool = False) -> LinearScheme:
+    """The storage of a linear weight ``[n, k]`` in format ``kind``. Shapes the kernels cannot
+    take directly are zero-padded: N to a multiple of 32 (the output is sliced back), K to a
+    multiple of 32 / the group size (the activation is padded with zeros)."""
+    _check_kind(kind, group_size)
+    grouped = FORMATS[kind].grouped
+    k_pad = _round_up(k, group_size) if grouped else _round_up(k, 32)
+    return LinearScheme(kind, n, k, _round_up(n, BLOCK_ROWS), k_pad, group_size if grouped else 0, carry, search)
 
 
 def choose_scheme(role: str, n: int, k: int, quant: str, group_size: int = DEFAULT_GROUP_SIZE) -> LinearScheme | None:
-    """The storage of a linear weight ``[n, k]`` of ``role`` under ``quant``, or None (stays fp32).
-
-    The mode gives the role its format (``quant/modes.py``: decoder roles INT4 under
-    ``w4a16*``, vision/projector INT8, ...). Shapes the kernels cannot take directly are
-    zero-padded: N to a multiple of 32 (the output is sliced back), K to a multiple of 32 /
-    the group size (the activation is padded with zeros).
-    """
+    """The storage of a linear weight ``[n, k]`` of ``role`` under ``quant``, or None (stays
+    fp32): the mode gives the role its format (``quant/modes.py``)."""
     kind = quant_mode(quant).weight_format(role)
-    if kind is None:
-        return None
-    n_pad = _round_up(n, BLOCK_ROWS)
-    if kind == "int4":
-        if group_size <= 0 or group_size % 4 != 0:
-            raise ValueError(f"group size must be a positive multiple of 4, got {group_size}")
-        k_pad = _round_up(k, group_size)
-        return LinearScheme("int4", n, k, n_pad, k_pad, group_size)
-    return LinearScheme("int8", n, k, n_pad, _round_up(k, 32))
+    return None if kind is None else linear_scheme(kind, n, k, group_size)
 
 
 @dataclass(frozen=True)
 class EmbeddingScheme:
-    """How a ``[rows, width]`` embedding table is stored: row layout (``quantize_int4_rows`` /
-    ``quantize_int8_rows``), the width zero-padded to the group size (INT4)."""
+    """How a ``[rows, width]`` embedding table is stored: the row layout of a format (a
+    lookup dequantizes only the rows it gathers), the width zero-padded to the group size."""
 
     kind: str
     n: int  # rows (vocabulary)
     k: int  # width (hidden size)
     k_pad: int
-    group_size: int = 0  # int4 only
+    group_size: int = 0  # grouped kinds only
+    carry: str | None = None
+    search: bool = False
+
+    @property
+    def format(self) -> StorageFormat:
+        return FORMATS[self.kind]
 
     @property
     def quantizer(self) -> str:
-        return ROW_QUANTIZERS[self.kind]
+        return self.format.row_quantizer
 
     def args(self) -> dict:
-        out = {"group_size": self.group_size} if self.kind == "int4" else {}
+        out = {"group_size": self.group_size} if self.format.grouped else {}
         if self.k_pad != self.k:
             out["pad_k"] = self.k_pad
+        if self.carry:
+            out["carry"] = self.carry
+        if self.search:
+            out["search"] = True
         return out
 
     def part_specs(self) -> list[tuple[str, tuple, str]]:
-        if self.kind == "int4":
-            return [("int4_rows_packed", (self.n, self.k_pad // 2), "uint8"),
-                    ("int4_rows_scales", (self.n, self.k_pad // self.group_size), "float16")]
-        return [("int8_rows_packed", (self.n, self.k_pad), "int8"), ("int8_rows_scales", (self.n,), "float32")]
+        kind, n = self.kind, self.n
+        groups = (n, self.k_pad // self.group_size) if self.format.grouped else None
+        if kind.startswith("int4"):
+            out = [(f"{kind}_rows_packed", (n, self.k_pad // 2), "uint8"), (f"{kind}_rows_scales", groups, "float16")]
+            return out + ([(f"{kind}_rows_mins", groups, "float16")] if self.format.with_mins else [])
+        scales = (f"{kind}_rows_scales", groups, "float16") if groups else (f"{kind}_rows_scales", (n,), "float32")
+        return [(f"{kind}_rows_packed", (n, self.k_pad), "int8"), scales]
+
+
+def embedding_scheme(kind: str, rows: int, width: int, group_size: int = DEFAULT_GROUP_SIZE,
+                     carry: str | None = None, search: bool = False) -> EmbeddingScheme:
+    _check_kind(kind, group_size)
+    grouped = FORMATS[kind].grouped
+    k_pad = _round_up(width, group_size) if grouped else width
+    return EmbeddingScheme(kind, rows, width, k_pad, group_size if grouped else 0, carry, search)
 
 
 def choose_embedding_scheme(role: str, rows: int, width: int, quant: str,
                             group_size: int = DEFAULT_GROUP_SIZE) -> EmbeddingScheme | None:
     """The storage of an embedding table of ``role`` under ``quant``, or None (stays fp32).
 
-    Token-embedding tables (role ``embedding``) get the mode's decoder format: INT4 + fp16
-    scale per ``group_size`` (``w4a16*``), INT8 + fp32 scale per row (``w8``). Other tables
+    Token-embedding tables (role ``embedding``) get the mode's decoder format; other tables
     (the ViT's position embedding) stay fp32."""
     if role != "embedding":
         return None
     kind = quant_mode(quant).weight_format(role)
-    if kind is None:
-        return None
-    if kind == "int4":
-        if group_size <= 0 or group_size % 4 != 0:
-            raise ValueError(f"group size must be a positive multiple of 4, got {group_size}")
-        return EmbeddingScheme("int4", rows, width, _round_up(width, group_size), group_size)
-    return EmbeddingScheme("int8", rows, width, width)
+    return None if kind is None else embedding_scheme(kind, rows, width, group_size)
 
 
 @dataclass(frozen=True)
@@ -185,67 +287,116 @@ def scheme_params(source: str, scheme: "LinearScheme | EmbeddingScheme") -> list
 # ------------------------------------------------------------------ conversion
 
 
-def quantize_weight(w: np.ndarray, quantizer: str, args: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Pad (if asked) and quantize one fp32 weight ``[N, K]``; return ``(packed, scales)``."""
+_QUANTIZE = {
+    "int4_groupwise": lambda w, a: quantize_int4_groupwise(w, int(a["group_size"]), search=bool(a.get("search"))),
+    "int4_asym_groupwise": lambda w, a: quantize_int4_asym(w, int(a["group_size"]), search=bool(a.get("search"))),
+    "int8_per_channel": lambda w, a: quantize_int8_per_channel(w),
+    "int8_groupwise": lambda w, a: quantize_int8_groupwise(w, int(a["group_size"])),
+    "int4_rows": lambda w, a: quantize_int4_rows(w, int(a["group_size"]), search=bool(a.get("search"))),
+    "int4_asym_rows": lambda w, a: quantize_int4_asym_rows(w, int(a["group_size"]), search=bool(a.get("search"))),
+    "int8_rows": lambda w, a: quantize_int8_rows(w),
+    "int8_groupwise_rows": lambda w, a: quantize_int8_groupwise_rows(w, int(a["group_size"])),
+}
+_PACK = {  # quantizer -> packer of (codes, scales[, mins]) in the row-major [N, K] / [N, K/g] form
+    "int4_groupwise": pack_int4_groupwise,
+    "int4_asym_groupwise": pack_int4_asym,
+    "int8_groupwise": pack_int8_groupwise,
+    "int4_rows": pack_int4_rows,
+    "int4_asym_rows": pack_int4_asym_rows,
+    "int8_groupwise_rows": pack_int8_groupwise_rows,
+}
+_DEQUANTIZE = {
+    "int4_groupwise": lambda p, a: dequantize_int4_groupwise(p[0], p[1], int(a["group_size"])),
+    "int4_asym_groupwise": lambda p, a: dequantize_int4_asym(p[0], p[1], p[2], int(a["group_size"])),
+    "int8_per_channel": lambda p, a: dequantize_int8_per_channel(p[0], p[1]),
+    "int8_groupwise": lambda p, a: dequantize_int8_groupwise(p[0], p[1], int(a["group_size"])),
+    "int4_rows": lambda p, a: dequantize_int4_rows(p[0], p[1], int(a["group_size"])),
+    "int4_asym_rows": lambda p, a: dequantize_int4_asym_rows(p[0], p[1], p[2], int(a["group_size"])),
+    "int8_rows": lambda p, a: dequantize_int8_rows(p[0], p[1]),
+    "int8_groupwise_rows": lambda p, a: dequantize_int8_groupwise_rows(p[0], p[1], int(a["group_size"])),
+}
+QUANTIZERS = tuple(_QUANTIZE)
+
+
+def _padded(a: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    if a.shape == (rows, cols):
+        return a
+    out = np.zeros((rows, cols), a.dtype)
+    out[: a.shape[0], : a.shape[1]] = a
+    return out
+
+
+def quantize_weight(w: np.ndarray, quantizer: str, args: dict) -> tuple:
+    """Pad (if asked) and quantize one fp32 weight ``[N, K]``; return its parts
+    (``packed, scales[, mins]``)."""
     n, k = w.shape
-    n_pad, k_pad = int(args.get("pad_n", n)), int(args.get("pad_k", k))
-    if (n_pad, k_pad) != (n, k):
-        padded = np.zeros((n_pad, k_pad), np.float32)
-        padded[:n, :k] = w
-        w = padded
-    if quantizer == "int4_groupwise":
-        return quantize_int4_groupwise(w, int(args["group_size"]))
-    if quantizer == "int8_per_channel":
-        return quantize_int8_per_channel(w)
-    if quantizer == "int4_rows":
-        return quantize_int4_rows(w, int(args["group_size"]))
-    if quantizer == "int8_rows":
-        return quantize_int8_rows(w)
-    raise ValueError(f"unknown quantizer {quantizer!r}")
-
-
-def dequantize_weight(packed: np.ndarray, scales: np.ndarray, quantizer: str, args: dict, shape: tuple) -> np.ndarray:
-    """The fp32 ``[N, K]`` weight the kernel computes with (padding removed)."""
-    if quantizer == "int4_groupwise":
-        w = dequantize_int4_groupwise(packed, scales, int(args["group_size"]))
-    elif quantizer == "int8_per_channel":
-        w = dequantize_int8_per_channel(packed, scales)
-    elif quantizer == "int4_rows":
-        w = dequantize_int4_rows(packed, scales, int(args["group_size"]))
-    elif quantizer == "int8_rows":
-        w = dequantize_int8_rows(packed, scales)
-    else:
+    w = _padded(w, int(args.get("pad_n", n)), int(args.get("pad_k", k)))
+    if quantizer not in _QUANTIZE:
         raise ValueError(f"unknown quantizer {quantizer!r}")
+    return tuple(_QUANTIZE[quantizer](w, args))
+
+
+def pack_quantized(q, quantizer: str, args: dict) -> tuple:
+    """A checkpoint's own quantized tensor (``frontend.checkpoints.QuantizedTensor``: codes,
+    float16 scales and mins per group of 32 along K) packed for the kernels, bit for bit, with
+    zero rows/columns of padding (they dequantize to 0)."""
+    if quantizer not in _PACK:
+        raise ValueError(f"{quantizer} cannot carry a checkpoint's quantized bits")
+    n, k = q.shape
+    rows, cols = int(args.get("pad_n", n)), int(args.get("pad_k", k))
+    g = int(args["group_size"])
+    if q.group_size != g or cols % g:
+        raise ValueError(f"a {q.kind} tensor has groups of {q.group_size}, the format {g}")
+    parts = [_padded(q.codes, rows, cols), _padded(q.scales, rows, cols // g)]
+    if quantizer.startswith("int4_asym"):
+        parts.append(_padded(q.mins, rows, cols // g))
+    return tuple(_PACK[quantizer](*parts))
+
+
+def dequantize_weight(parts, quantizer: str, args: dict, shape: tuple) -> np.ndarray:
+    """The fp32 ``[N, K]`` weight the kernel computes with (padding removed)."""
+    if quantizer not in _DEQUANTIZE:
+        raise ValueError(f"unknown quantizer {quantizer!r}")
+    w = _DEQUANTIZE[quantizer](tuple(parts), args)
     n, k = shape
     return np.ascontiguousarray(w[:n, :k])
 
 
-def param_producer(transforms: dict, read_fp32: Callable[[str], np.ndarray]) -> Callable[[str], np.ndarray]:
+def param_producer(transforms: dict, read_fp32: Callable[[str], np.ndarray],
+                   read_quantized: Callable[[str], object] | None = None) -> Callable[[str], np.ndarray]:
     """``produce(name)`` for ``write_safetensors``: fp32 params are read as they are,
     quantized ones converted from their source weight, once per source weight (its parts,
     packed codes and scales, may be asked for from two threads at once: the first converts,
-    the other waits; the pair is dropped when every part has been handed out)."""
+    the others wait; the parts are dropped when every one has been handed out). A transform
+    with ``carry`` packs ``read_quantized(source)``, the checkpoint's own bits."""
     import threading
     from concurrent.futures import Future
 
     lock = threading.Lock()
-    pending: dict = {}  # source -> [Future of (packed, scales), parts not yet handed out]
+    pending: dict = {}  # (source, quantizer) -> [Future of the parts, parts not yet handed out]
     parts_of: dict = {}
+
+    def key(t: ParamTransform) -> tuple:  # a tied weight has two conversions (lookup rows, linear blocks)
+        return (t.source, t.quantizer)
+
     for t in transforms.values():
-        parts_of[t.source] = parts_of.get(t.source, 0) + 1
+        parts_of[key(t)] = parts_of.get(key(t), 0) + 1
 
     def produce(name: str) -> np.ndarray:
         t = transforms.get(name)
         if t is None:
             return read_fp32(name)
         with lock:
-            entry = pending.get(t.source)
+            entry = pending.get(key(t))
             owner = entry is None
             if owner:
-                entry = pending[t.source] = [Future(), parts_of[t.source]]
+                entry = pending[key(t)] = [Future(), parts_of[key(t)]]
         if owner:
             try:
-                entry[0].set_result(quantize_weight(read_fp32(t.source), t.quantizer, t.args))
+                if t.args.get("carry"):
+                    entry[0].set_result(pack_quantized(read_quantized(t.source), t.quantizer, t.args))
+                else:
+                    entry[0].set_result(quantize_weight(read_fp32(t.source), t.quantizer, t.args))
             except BaseException as exc:
                 entry[0].set_exception(exc)
                 raise
@@ -253,11 +404,14 @@ def param_producer(transforms: dict, read_fp32: Callable[[str], np.ndarray]) -> 
         with lock:
             entry[1] -= 1
             if entry[1] <= 0:
-                pending.pop(t.source, None)
+                pending.pop(key(t), None)
         return out
 
-    produce.work_key = lambda name: transforms[name].source if name in transforms else name
+    produce.work_key = lambda name: key(transforms[name]) if name in transforms else name
     return produce
+
+
+_PART_OF_SUFFIX = {"packed": 0, "scales": 1, "mins": 2}
 
 
 def dequantized_state(params_path: str, manifest: dict) -> dict:
@@ -272,15 +426,15 @@ def dequantized_state(params_path: str, manifest: dict) -> dict:
     out = {}
     by_source: dict = {}
     for new, (source, quantizer, args) in table.items():
-        by_source.setdefault(source, [None, None, quantizer, args])
-        part = 0 if new.endswith("_packed") else 1
-        by_source[source][part] = new
+        entry = by_source.setdefault(source, [{}, quantizer, args])
+        entry[0][_PART_OF_SUFFIX[new.rsplit("_", 1)[-1]]] = new
     for name in src.names():
         if name in table:
             continue
         out[name] = src.read(name).astype(np.float32)
-    for source, (pk, sc, quantizer, args) in by_source.items():
-        out[source] = dequantize_weight(src.read(pk), src.read(sc), quantizer, args, tuple(shapes[source]))
+    for source, (parts, quantizer, args) in by_source.items():
+        arrays = [src.read(parts[i]) for i in sorted(parts)]
+        out[source] = dequantize_weight(arrays, quantizer, args, tuple(shapes[source]))
     return out
 
 
