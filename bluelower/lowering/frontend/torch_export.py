@@ -13,7 +13,7 @@ from torch import nn
 
 from ...errors import BlueLowerError
 from .entries import entry_signature, finish_function, helper_functions, quiet_tracing, sanitize
-from .op_support import check_torch_ops
+from .op_support import check_torch_ops, decompose_for_translator
 
 
 def make_entry_wrapper(model: nn.Module, entry: str, input_names, weight_names) -> nn.Module:
@@ -64,9 +64,11 @@ def import_torch_program(ep, what: str = "the model"):
     from .converters import torch_custom_converters
 
     custom = torch_custom_converters()
+    with quiet_tracing():
+        ep = decompose_for_translator(ep)  # what the translator converts, decomposed once
     check_torch_ops(ep, custom, what)
     with quiet_tracing():
-        return from_exported_program(ep, custom_convert_map=custom or None)
+        return from_exported_program(ep, custom_convert_map=custom or None, run_ep_decomposition=False)
 
 
 def import_torch_entry(spec, model, cfg, entry: str) -> tuple:
