@@ -40,8 +40,7 @@ class DequantizedReference(TorchReference):
     def __init__(self, build_dir: str):
         import torch
 
-        from ..lowering.models.bluelm_v.model import BlueLMV
-        from ..lowering.models import config_from_dict
+        from ..lowering.models import config_from_dict, spec_for
         from ..lowering.quant.params import dequantized_state
 
         manifest = read_manifest(build_dir)
@@ -49,7 +48,7 @@ class DequantizedReference(TorchReference):
         state = {n: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
                  for n, a in dequantized_state(os.path.join(build_dir, PARAMS), manifest).items()}
         with torch.device("meta"):
-            model = BlueLMV(cfg)
+            model = spec_for(cfg).build_module(cfg)
         model.load_state_dict(state, assign=True)
         self.torch = torch
         self.cfg = cfg
@@ -57,6 +56,7 @@ class DequantizedReference(TorchReference):
         r = cfg.runtime
         self.chunk, self.capacity, self.image_batch, self.eos = r.prefill_chunk, r.kv_capacity, r.image_batch, r.eos_token_id
         self.tokens_per_patch, self.vocab_size = cfg.image_tokens_per_patch, cfg.decoder.vocab_size
+        self.stop_ids = frozenset(cfg.stop_ids)
         self.kv = None
         if manifest.get("kv_cache", {}).get("dtype") == "int8":
             _emulate_int8_kv_cache(model)

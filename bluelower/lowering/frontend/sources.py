@@ -42,9 +42,9 @@ class TokenizerInfo:
 class CheckpointWeights:
     """A checkpoint's tensors under the module's weight names (``spec.checkpoint_name``)."""
 
-    def __init__(self, ckpt, spec, expected: dict):
+    def __init__(self, ckpt, spec, cfg, expected: dict):
         self.ckpt, self.path = ckpt, ckpt.path
-        rename = spec.checkpoint_name or (lambda n: n)
+        rename = (lambda n: spec.checkpoint_name(n, cfg)) if spec.checkpoint_name else (lambda n: n)
         self.source_of: dict = {}
         extra = []
         for name in ckpt.names():
@@ -114,7 +114,7 @@ def checkpoint_source(path: str, name: str | None = None, **runtime) -> ModelSou
     label = name or os.path.basename(os.path.normpath(path)).removesuffix(".gguf")
     overrides = {k: v for k, v in runtime.items() if v is not None}
     cfg = spec.from_hf_config(ckpt.config, label, **overrides)
-    weights = CheckpointWeights(ckpt, spec, model_weight_specs(cfg))
+    weights = CheckpointWeights(ckpt, spec, cfg, model_weight_specs(cfg))
     tokenizer = None
     text = ckpt.tokenizer_json()
     if text is not None:

@@ -424,15 +424,18 @@ def dequantized_state(params_path: str, manifest: dict) -> dict:
     table = manifest.get("quantization", {}).get("params", {})
     shapes = manifest.get("quantization", {}).get("source_shapes", {})
     out = {}
-    by_source: dict = {}
+    by_conversion: dict = {}  # (source, quantizer) -> [parts, args]: a tied weight has two
     for new, (source, quantizer, args) in table.items():
-        entry = by_source.setdefault(source, [{}, quantizer, args])
+        entry = by_conversion.setdefault((source, quantizer), [{}, args])
         entry[0][_PART_OF_SUFFIX[new.rsplit("_", 1)[-1]]] = new
     for name in src.names():
         if name in table:
             continue
         out[name] = src.read(name).astype(np.float32)
-    for source, (parts, quantizer, args) in by_source.items():
+    # the linear layout first: a tied lm_head's values (its lookup rows hold the same codes)
+    for (source, quantizer), (parts, args) in sorted(by_conversion.items(), key=lambda kv: kv[0][1].endswith("_rows")):
+        if source in out:
+            continue
         arrays = [src.read(parts[i]) for i in sorted(parts)]
         out[source] = dequantize_weight(arrays, quantizer, args, tuple(shapes[source]))
     return out
