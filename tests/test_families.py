@@ -440,3 +440,30 @@ def test_tiny_config_imports_on_meta(name):
         func = mod[entry]
         assert int(func.attrs["num_input"]) == len(sig.inputs)
         assert len(func.params) == len(sig.inputs) + len(sig.params)
+
+
+# -------------------------------------------------------------------- bluelm_v, HF layout
+
+
+def test_bluelm_v_checkpoint_in_its_own_names_loads(tiny_weights):
+    """A BlueLM-V safetensors in its HF-style names (``vision_tower.vision_model.*``,
+    ``multi_modal_projector.*``, ``language_model.model.*``) loads by name, and those names are
+    SiglipVisionModel's / LlamaForCausalLM's under the two prefixes."""
+    from bluelower.lowering.frontend.weights import WeightSource, load_torch_model, model_weight_specs
+
+    cfg = load_config("tiny")
+    source = WeightSource(tiny_weights)
+    source.check_against(model_weight_specs(cfg))
+    model = load_torch_model(cfg, source)
+    name = "language_model.model.layers.1.self_attn.k_proj.weight"
+    assert torch.equal(model.state_dict()[name], torch.from_numpy(source.read(name)))
+    names = set(source.names())
+    assert all(n.startswith(("vision_tower.vision_model.", "multi_modal_projector.", "language_model.model.",
+                             "language_model.lm_head.")) for n in names)
+    llama_names = {n for n, _ in our_module(registry.get("llama"), registry.get("llama").from_hf_config(
+        transformers.LlamaConfig(vocab_size=cfg.decoder.vocab_size, hidden_size=cfg.decoder.hidden_size,
+                                 intermediate_size=cfg.decoder.intermediate_size,
+                                 num_hidden_layers=cfg.decoder.num_layers, num_attention_heads=cfg.decoder.num_heads,
+                                 num_key_value_heads=cfg.decoder.num_kv_heads, head_dim=cfg.decoder.head_dim).to_dict(),
+        "l")).named_parameters()}
+    assert {n.removeprefix("language_model.") for n in names if n.startswith("language_model.")} == llama_names

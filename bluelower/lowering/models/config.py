@@ -89,7 +89,7 @@ class DecoderConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False  # lm_head is the token-embedding table (stored once)
-    attention_bias: bool = False  # q/k/v projections with a bias (Qwen2)
+    attention_bias: bool = False  # q/k/v projections with a bias (Qwen2; family llama: o_proj too, as HF Llama)
     rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...} or None
 
 

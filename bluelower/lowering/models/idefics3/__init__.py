@@ -77,9 +77,9 @@ def from_hf_config(hf: dict, name: str, **runtime):
     tower = vision_section(vision, name, "vision_config.")
     grid = tower["image_size"] // tower["patch_size"]
     if grid > 0 and not full_image_position_ids_are_arange(grid):
-        refuse(name, f"vision_config image_size {tower['image_size']} / patch_size {tower['patch_size']}: transformers' "
-                     f"position ids of a full {grid}x{grid} image are not 0..{grid * grid - 1} (its float32 "
-                     "bucketing repeats some), which the module does not compute")
+        refuse(name, f"vision_config image_size {tower['image_size']} / patch_size {tower['patch_size']}: "
+                     f"transformers' position ids of a full {grid}x{grid} image are not 0..{grid * grid - 1} "
+                     "(its float32 bucketing repeats some), which the module does not compute")
     ids = {key: text.get(key) if text.get(key) is not None else hf.get(key) for key in ("eos_token_id", "bos_token_id")}
     runtime = {"image_token_id": hf.get("image_token_id", DEFAULT_IMAGE_TOKEN_ID), **runtime}
     data = {"family": FAMILY, "name": name, "vision": tower,

@@ -34,15 +34,19 @@ def shown(value) -> str:
 
 def check_architecture(hf: dict, name: str, architectures: tuple, model_types: tuple) -> None:
     """``architectures`` (a saved config.json) or else ``model_type`` (``to_dict()`` of a
-    config built in Python has ``architectures: null``) must be one this family reads."""
+    config built in Python has ``architectures: null``) must be one this family reads, and
+    the checkpoint must not be a pre-quantized one."""
     archs = hf.get("architectures")
+    if isinstance(archs, str):
+        archs = [archs]
     if archs:
         if not any(a in architectures for a in archs):
             refuse(name, f"architectures {shown(archs)} is not {' or '.join(architectures)}")
     elif hf.get("model_type") not in model_types:
         refuse(name, f"model_type {shown(hf.get('model_type'))} is not {' or '.join(model_types)}")
-    if hf.get("quantization_config"):
-        method = hf["quantization_config"].get("quant_method", "?") if isinstance(hf["quantization_config"], dict) else "?"
+    quantization = hf.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
         refuse(name, f"quantization_config (quant_method {shown(method)}) is not supported: use an unquantized "
                      "checkpoint (bluelower quantizes with --quant)")
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DecoderConfig, ModelConfig
+from . import kv_cache_shape
 
 
 class RMSNorm(nn.Module):
@@ -221,11 +222,6 @@ class LlamaForCausalLM(CausalLMEntries):
 
     def logits(self, hidden):
         return lm_logits(hidden, self.lm_head, self.model.embed_tokens)
-
-
-def kv_cache_shape(cfg: ModelConfig) -> tuple:
-    d, r = cfg.decoder, cfg.runtime
-    return (d.num_layers, 2, d.num_kv_heads, r.kv_capacity, d.head_dim)
 
 
 def text_example_inputs(cfg: ModelConfig, entry: str, device="cpu") -> tuple:
