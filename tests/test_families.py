@@ -65,8 +65,7 @@ def load_by_checkpoint_name(spec, cfg, module, hf_state: dict) -> None:
 
 
 def our_module(spec, cfg):
-    module = spec.build_module(cfg).eval()
-    return module
+    return spec.build_module(cfg).eval()
 
 
 # ----------------------------------------------------------------------------- text
