@@ -200,7 +200,7 @@ class CompiledModel(_Backend):
                 if p not in cache:
                     cache[p] = tvm.runtime.tensor(params.read(p), self.dev)
             self.params[fname] = [cache[p] for p in fn["params"]]
-        self.kv_spec = manifest["kv_cache"]
+        self.kv_spec = manifest.get("kv_cache")  # None: a model without a decoder
         self.kv = None
 
     def _call(self, name, *inputs):
@@ -213,19 +213,28 @@ class CompiledModel(_Backend):
             return out[0]
         return out
 
-    def encode_batch(self, patches):
-        """One patch batch; through the TileImagePatches stages (Conv2D, then blocks) when
-        the build has them, as a scheduler would run them, else the one-call function."""
+    def encode_outputs(self, patches) -> list:
+        """Every output of the image entry for one patch batch (a SigLIP tower with its head:
+        the tokens and the pooled vector); through the TileImagePatches stages (Conv2D, then
+        blocks) when the build has them, as a scheduler would run them."""
         if "encode_image_embed" in self.params and "encode_image_blocks" in self.params:
-            return self.encode_batch_split(patches)
-        return self._call("encode_image", patches).numpy()
+            out = self._call("encode_image_blocks", self._call("encode_image_embed", patches))
+        else:
+            out = self._call("encode_image", patches)
+        return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
+
+    def encode_batch(self, patches):
+        """The image tokens of one patch batch (the image entry's first output)."""
+        return self.encode_outputs(patches)[0]
 
     def encode_batch_split(self, patches):
         embeddings = self._call("encode_image_embed", patches)
-        return self._call("encode_image_blocks", embeddings).numpy()
+        out = self._call("encode_image_blocks", embeddings)
+        return (out if hasattr(out, "numpy") else out[0]).numpy()
 
     def encode_batch_unsplit(self, patches):
-        return self._call("encode_image", patches).numpy()
+        out = self._call("encode_image", patches)
+        return (out if hasattr(out, "numpy") else out[0]).numpy()
 
     def embed_chunk(self, ids):
         return self._call("embed", ids).numpy()

@@ -217,7 +217,6 @@ def _export_kwargs(soc) -> dict:
 
 def _manifest(cfg: ModelConfig, spec, req: CompileRequest, soc, target, sigs, pass_stats, source) -> dict:
     d, r = cfg.decoder, cfg.runtime
-    kv_shape = [d.num_layers, 2, d.num_kv_heads, r.kv_capacity, d.head_dim]
     functions = {}
     for name, sig in sigs.items():
         functions[name] = sig.to_dict()
@@ -248,12 +247,11 @@ def _manifest(cfg: ModelConfig, spec, req: CompileRequest, soc, target, sigs, pa
             "image_token_id": r.image_token_id,
             "image_size": cfg.vision.image_size if cfg.vision is not None else None,
             "image_tokens_per_patch": cfg.image_tokens_per_patch,
-            "hidden_size": d.hidden_size,
-            "vocab_size": d.vocab_size,
+            "hidden_size": d.hidden_size if d is not None else None,
+            "vocab_size": d.vocab_size if d is not None else None,
             "image_mean": list(spec.image_mean),
             "image_std": list(spec.image_std),
         },
-        "kv_cache": {"shape": kv_shape, "dtype": "float32"},
         "functions": functions,
         "passes": pass_stats,
     }
@@ -262,12 +260,14 @@ def _manifest(cfg: ModelConfig, spec, req: CompileRequest, soc, target, sigs, pa
 def _kv_cache_entry(cfg: ModelConfig, sigs: dict, produced: dict | None) -> dict:
     """The manifest's ``kv_cache``: what the pipeline produced. ``QuantizeKVCache`` reports
     the INT8 buffer (shape, dtype, layout). Otherwise the cache is the float32 ``kv_cache``
-    input of ``decode``."""
+    input of ``decode``; None for a model without a decoder."""
     if produced and produced.get("dtype"):
         keys = ("shape", "dtype", "layout", "scale_dtype", "bytes", "bytes_per_token")
         return {k: produced[k] for k in keys if k in produced}
-    d, r = cfg.decoder, cfg.runtime
-    shape = [d.num_layers, 2, d.num_kv_heads, r.kv_capacity, d.head_dim]
+    shape = spec_for(cfg).kv_cache_shape(cfg)
+    if shape is None:
+        return None
+    shape = list(shape)
     dtype = "float32"
     for inp in getattr(sigs.get("decode"), "inputs", []):
         if inp.get("name") == "kv_cache":

@@ -53,6 +53,8 @@ def kv_cache_bytes(cfg, quant: str) -> int:
     elements of the planned activation size (``act_bytes``)."""
     mode = quant_mode(quant)
     d, r = cfg.decoder, cfg.runtime
+    if d is None:
+        return 0
     return modes_kv_cache_bytes(d.num_layers, d.num_kv_heads, d.head_dim, r.kv_capacity, mode.kv_cache,
                                 float_bytes=mode.act_bytes)["bytes"]
 
@@ -113,7 +115,7 @@ def phase_table(cfg, quant: str, sigs_params: dict, plans: dict, n_patches: int 
         dec_names |= set(sigs_params.get(fn, []))
     decoder_w = sum(wbytes[p] for p in dec_names)
     kv = kv_cache_bytes(cfg, quant)
-    kv_elems = [d.num_layers, 2, d.num_kv_heads, r.kv_capacity, d.head_dim]
+    kv_elems = [d.num_layers, 2, d.num_kv_heads, r.kv_capacity, d.head_dim] if d is not None else None
 
     def outputs(fn: str) -> tuple[int, int]:
         """(non-cache outputs, cache copies)."""
@@ -126,7 +128,8 @@ def phase_table(cfg, quant: str, sigs_params: dict, plans: dict, n_patches: int 
         return other, copy
 
     n_patches = n_patches if n_patches is not None else r.image_batch
-    image_tokens = n_patches * cfg.image_tokens_per_patch * d.hidden_size * ab
+    width = d.hidden_size if d is not None else (cfg.vision.hidden_size if cfg.vision is not None else 0)
+    image_tokens = n_patches * cfg.image_tokens_per_patch * width * ab
     phases = []
 
     def add(name, weights, kv_b, fns, held, note, sequence=False):
@@ -136,6 +139,8 @@ def phase_table(cfg, quant: str, sigs_params: dict, plans: dict, n_patches: int 
         from ...passes.memory_plan import effective
 
         fns = [f for f in fns if f in plans]
+        if not fns:  # a phase the model has no function for (text-only: no image encoding)
+            return
         arena = lb = out_b = copy_b = tvm_b = host_b = 0
         prev_out = prev_out_host = 0
         for f in fns:

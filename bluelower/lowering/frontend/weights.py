@@ -220,13 +220,13 @@ def load_torch_model(cfg, weights: "WeightSource | None", seed: int = 0):
     """
     import torch
 
-    from ..models.bluelm_v.model import BlueLMV
+    from ..models import spec_for
 
     specs = model_weight_specs(cfg)
     if weights is not None:
         weights.check_against(specs)
     with torch.device("meta"):
-        model = BlueLMV(cfg)
+        model = spec_for(cfg).build_module(cfg)
     state = {}
     for name, (shape, _dtype) in specs.items():
         arr = weights.read(name) if weights is not None else random_weight(name, shape, seed, cfg.runtime.init_std)

@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import os
 
+from ...errors import BlueLowerError
 from ..config import config_from_dict as _config_from_dict
 from ..spec import EntrySpec, ModelSpec
 
 
 def config_from_dict(data, source: str = "config"):
-    return _config_from_dict(data, source, required=("vision", "projector", "decoder"), family="bluelm_v")
+    cfg = _config_from_dict(data, source, required=("vision", "projector", "decoder"), family="bluelm_v")
+    d = cfg.decoder
+    # the module computes an untied, bias-free decoder with plain RoPE and a downsample-MLP projector
+    for key, value, plain in (("decoder.tie_word_embeddings", d.tie_word_embeddings, False),
+                              ("decoder.attention_bias", d.attention_bias, False),
+                              ("decoder.rope_scaling", d.rope_scaling, None),
+                              ("projector.kind", cfg.projector.kind, "downsample_mlp")):
+        if value != plain:
+            raise BlueLowerError(f"{source}: {key} = {value!r} is not supported by the bluelm_v family "
+                                 "(use the llama / idefics3 families for such models)")
+    return cfg
 
 
 def _build(cfg):
