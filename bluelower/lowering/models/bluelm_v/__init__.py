@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from ...errors import BlueLowerError
+from ....errors import BlueLowerError
 from ..config import config_from_dict as _config_from_dict
 from ..spec import EntrySpec, ModelSpec
 
