@@ -36,15 +36,17 @@ def compile(model="tiny", output: str = "build", *, checkpoint: str | None = Non
                                         prefill_chunk=prefill_chunk, kv_capacity=kv_capacity))
 
 
-def bundle(model="tiny", output: str = "dist", *, soc: str = "dimensity9300", quant: str = DEFAULT_QUANT,
-           weights: str | None = None, seed: int = 0, tarball: str | None = None, ndk: str | None = None,
-           android_api: int | None = None, tvm_runtime_dir: str | None = None, tvm_source: str | None = None) -> dict:
+def bundle(model="tiny", output: str = "dist", *, checkpoint: str | None = None, soc: str = "dimensity9300",
+           quant: str = DEFAULT_QUANT, weights: str | None = None, seed: int = 0, tarball: str | None = None,
+           ndk: str | None = None, android_api: int | None = None, tvm_runtime_dir: str | None = None,
+           tvm_source: str | None = None, kv_capacity: int | None = None, prefill_chunk: int | None = None) -> dict:
     """A device bundle in ``output`` and its reproducible tarball; return a summary (paths,
     tarball SHA-256, architecture, files)."""
     from .lowering.artifacts.device import build_bundle
 
     return build_bundle(model=model, soc=soc, out_dir=output, quant=quant, weights=weights, seed=seed, tarball=tarball,
-                        ndk=ndk, android_api=android_api, tvm_runtime_dir=tvm_runtime_dir, tvm_source=tvm_source)
+                        ndk=ndk, android_api=android_api, tvm_runtime_dir=tvm_runtime_dir, tvm_source=tvm_source,
+                        checkpoint=checkpoint, kv_capacity=kv_capacity, prefill_chunk=prefill_chunk)
 
 
 def image_patches(manifest: dict, image, policy: str = "relaxed", max_patches: int | None = None):
@@ -101,6 +103,7 @@ def run(build_dir: str, *, image: str | None = None, prompt: str | None = None, 
         info = manifest.get("tokenizer") or {}
         segments = build_prompt(tokenizer, info.get("chat_template"), prompt, has_image=image is not None,
                                 image_placeholder=info.get("image_token"), system=system)
+        segments = _wrap_image(tokenizer, segments, info.get("image_wrap") or ("", ""))
     else:
         segments = [int(i) for i in prompt_ids]
 
@@ -142,6 +145,23 @@ def run(build_dir: str, *, image: str | None = None, prompt: str | None = None, 
         ref = generate(check_reference(build_dir, weights), patches, segments, max_new_tokens, sampler=sampler())
         out["reference_tokens"] = ref.tokens
         out["match"] = ref.tokens == out["tokens"]
+    return out
+
+
+def _wrap_image(tokenizer, segments: list, wrap) -> list:
+    """The checkpoint processor's text around the image's rows (Idefics3's
+    ``<fake_token_around_image><global-img>`` ... ``<fake_token_around_image>``)."""
+    before, after = wrap
+    out = []
+    for seg in segments:
+        if isinstance(seg, list):
+            out.append(seg)
+            continue
+        if before:
+            out.append(tokenizer.encode_piece(before))
+        out.append(seg)
+        if after:
+            out.append(tokenizer.encode_piece(after))
     return out
 
 

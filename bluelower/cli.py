@@ -150,7 +150,11 @@ def run_cmd(build_dir, image, prompt, system, prompt_ids, max_new_tokens, temper
 
 
 @cli.command("build")
-@click.option("--model", "model", default="tiny", show_default=True, metavar="NAME|PATH.json", help=_MODEL_HELP)
+@click.option("--model", "model", default=None, metavar="NAME|PATH.json", help=_MODEL_HELP + " [default: tiny]")
+@click.option("--hf", "hf", default=None, metavar="DIR", help="A Hugging Face model directory instead of --model.")
+@click.option("--gguf", "gguf", default=None, metavar="FILE", help="A llama.cpp GGUF file instead of --model.")
+@click.option("--kv-capacity", type=int, default=None, metavar="N", help="KV-cache capacity in tokens.")
+@click.option("--prefill-chunk", type=int, default=None, metavar="N", help="Rows per prefill call.")
 @click.option("--soc", default="dimensity9300", show_default=True, metavar="NAME|PATH.toml",
               help="Target SoC (dimensity9300: aarch64 cross build; host: this machine).")
 @click.option("--quant", default=DEFAULT_QUANT, show_default=True, metavar="|".join(QUANT_MODES), help=_QUANT_HELP)
@@ -168,11 +172,14 @@ def run_cmd(build_dir, image, prompt, system, prompt_ids, max_new_tokens, temper
 @click.option("--tvm-source", default=None, metavar="DIR",
               help="With --ndk: a TVM source tree; its runtime is built with the NDK.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (paths, tarball SHA-256) as JSON.")
-def build_cmd(model, soc, quant, weights, seed, out_dir, tarball, ndk, android_api, tvm_runtime_dir, tvm_source,
-              as_json) -> None:
+def build_cmd(model, hf, gguf, kv_capacity, prefill_chunk, soc, quant, weights, seed, out_dir, tarball, ndk, android_api,
+              tvm_runtime_dir, tvm_source, as_json) -> None:
     """Build a device bundle: model library, weights, native runtime + TVM runtime libs, tarball."""
-    info = api.bundle(model, out_dir, soc=soc, quant=quant, weights=weights, seed=seed, tarball=tarball, ndk=ndk,
-                      android_api=android_api, tvm_runtime_dir=tvm_runtime_dir, tvm_source=tvm_source)
+    if len([x for x in (model, hf, gguf) if x is not None]) > 1:
+        raise BlueLowerError("give one of --model, --hf, --gguf")
+    info = api.bundle(model or "tiny", out_dir, checkpoint=hf or gguf, soc=soc, quant=quant, weights=weights, seed=seed,
+                      tarball=tarball, ndk=ndk, android_api=android_api, tvm_runtime_dir=tvm_runtime_dir,
+                      tvm_source=tvm_source, kv_capacity=kv_capacity, prefill_chunk=prefill_chunk)
     if as_json:
         echo_json({k: v for k, v in info.items()})
     else:

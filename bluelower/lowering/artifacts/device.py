@@ -84,8 +84,9 @@ def write_tarball(bundle_dir: str, tar_path: str, prefix: str) -> str:
     return file_sha256(tar_path)
 
 
-def build_bundle(model: str = "tiny", soc: str = "host", out_dir: str = "dist", quant: str = "fp32",
-                 weights: str | None = None, frontend: str = "torch", seed: int = 0,
+def build_bundle(model="tiny", soc: str = "host", out_dir: str = "dist", quant: str = "fp32",
+                 weights: str | None = None, frontend: str = "torch", seed: int = 0, checkpoint: str | None = None,
+                 kv_capacity: int | None = None, prefill_chunk: int | None = None,
                  tarball: str | None = None, ndk: str | None = None, android_api: int | None = None,
                  tvm_runtime_dir: str | None = None, tvm_source: str | None = None) -> dict:
     """Compile + native runtime + libraries -> bundle directory ``out_dir`` and a
@@ -129,7 +130,8 @@ def build_bundle(model: str = "tiny", soc: str = "host", out_dir: str = "dist", 
             binary = android.build_runtime(the_ndk, libs)
         stage = os.path.join(tmp, "bundle")
         manifest = compile_model(CompileRequest(model=model, weights=weights, frontend=frontend, soc=soc_desc,
-                                                out_dir=stage, quant=quant, seed=seed))
+                                                out_dir=stage, quant=quant, seed=seed, checkpoint=checkpoint,
+                                                kv_capacity=kv_capacity, prefill_chunk=prefill_chunk))
         libs = dict(libs)
         if the_ndk is not None:  # libc++_shared.so when the binary, model.so or TVM's libs need it
             libs.update(android.extra_libs(the_ndk, [binary, os.path.join(stage, "model.so"), *libs.values()]))

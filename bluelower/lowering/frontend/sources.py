@@ -33,10 +33,12 @@ class TokenizerInfo:
     bos_token_id: int | None
     eos_token_ids: list
     image_token: str | None = None  # the placeholder the chat template writes for an image
+    image_wrap: tuple = ("", "")  # the text around the image's rows (the checkpoint's processor)
 
     def manifest(self) -> dict:
         return {"file": "tokenizer.json", "chat_template": self.chat_template, "bos_token_id": self.bos_token_id,
-                "eos_token_ids": list(self.eos_token_ids), "image_token": self.image_token}
+                "eos_token_ids": list(self.eos_token_ids), "image_token": self.image_token,
+                "image_wrap": list(self.image_wrap)}
 
 
 class CheckpointWeights:
@@ -121,7 +123,7 @@ def checkpoint_source(path: str, name: str | None = None, **runtime) -> ModelSou
         special = ckpt.special_tokens
         tokenizer = TokenizerInfo(text, ckpt.chat_template, special.get("bos_token_id"),
                                   list(special.get("eos_token_ids") or []),
-                                  image_token=getattr(spec, "image_token", None))
+                                  image_token=spec.image_token, image_wrap=tuple(spec.image_wrap))
         # every EOS the checkpoint names ends generation (chat models: the end-of-turn token)
         known = set(cfg.stop_ids)
         more = [i for i in tokenizer.eos_token_ids if i not in known and 0 <= i < cfg.decoder.vocab_size]

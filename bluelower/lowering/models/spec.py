@@ -41,6 +41,10 @@ class ModelSpec:
     # name; the config says whether lm_head is tied. None: the module uses the checkpoint's
     # names; a name mapped to None is not a weight of the module)
     hf_architectures: tuple = ()
+    # the text a chat template writes for an image, and the text the checkpoint's processor
+    # puts around the image's rows (Idefics3: "<fake_token_around_image><global-img>" ... "<fake_token_around_image>")
+    image_token: str | None = None
+    image_wrap: tuple = ("", "")
     from_hf_config: Callable[..., Any] | None = None
     checkpoint_name: Callable[..., str | None] | None = None
     notes: tuple = field(default=())
