@@ -203,7 +203,8 @@ class CompiledModel(_Backend):
         self.kv_spec = manifest.get("kv_cache")  # None: a model without a decoder
         self.kv = None
 
-    def _call(self, name, *inputs):
+    def call(self, name, *inputs):
+        """Run the build's function ``name`` on ``inputs`` (numpy arrays or TVM tensors) with its weights."""
         import tvm
 
         args = [tvm.runtime.tensor(x, self.dev) if isinstance(x, np.ndarray) else x for x in inputs]
@@ -218,9 +219,9 @@ class CompiledModel(_Backend):
         the tokens and the pooled vector); through the TileImagePatches stages (Conv2D, then
         blocks) when the build has them, as a scheduler would run them."""
         if "encode_image_embed" in self.params and "encode_image_blocks" in self.params:
-            out = self._call("encode_image_blocks", self._call("encode_image_embed", patches))
+            out = self.call("encode_image_blocks", self.call("encode_image_embed", patches))
         else:
-            out = self._call("encode_image", patches)
+            out = self.call("encode_image", patches)
         return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
 
     def encode_batch(self, patches):
@@ -228,16 +229,16 @@ class CompiledModel(_Backend):
         return self.encode_outputs(patches)[0]
 
     def encode_batch_split(self, patches):
-        embeddings = self._call("encode_image_embed", patches)
-        out = self._call("encode_image_blocks", embeddings)
+        embeddings = self.call("encode_image_embed", patches)
+        out = self.call("encode_image_blocks", embeddings)
         return (out if hasattr(out, "numpy") else out[0]).numpy()
 
     def encode_batch_unsplit(self, patches):
-        out = self._call("encode_image", patches)
+        out = self.call("encode_image", patches)
         return (out if hasattr(out, "numpy") else out[0]).numpy()
 
     def embed_chunk(self, ids):
-        return self._call("embed", ids).numpy()
+        return self.call("embed", ids).numpy()
 
     def reset_cache(self):
         import tvm
@@ -245,12 +246,12 @@ class CompiledModel(_Backend):
         self.kv = tvm.runtime.tensor(np.zeros(self.kv_spec["shape"], dtype=self.kv_spec["dtype"]), self.dev)
 
     def prefill_chunk(self, rows, start, num_valid):
-        out = self._call("prefill", rows, self.kv, np.array([start], np.int64), np.array([num_valid], np.int64))
+        out = self.call("prefill", rows, self.kv, np.array([start], np.int64), np.array([num_valid], np.int64))
         self.kv = out[1]
         return out[0].numpy()
 
     def decode_step(self, token, position):
-        out = self._call("decode", np.array([token], np.int64), self.kv, np.array([position], np.int64))
+        out = self.call("decode", np.array([token], np.int64), self.kv, np.array([position], np.int64))
         self.kv = out[1]
         return out[0].numpy()
 

@@ -32,6 +32,7 @@ class CompileRequest:
     model: object = "tiny"  # a shipped config name, a JSON path or a config object
     weights: str | None = None  # safetensors in the module's own weight names (with ``model``)
     checkpoint: str | None = None  # a Hugging Face directory or a GGUF file (instead of ``model``)
+    source: object = None  # a ready ModelSource (``api.compile_module``: a user's nn.Module)
     frontend: str = "torch"
     soc: str = "host"
     out_dir: str = "build"
@@ -152,6 +153,8 @@ def model_source(req: CompileRequest):
     """The request's config, weights and tokenizer (``frontend/sources.py``)."""
     from ..frontend.sources import checkpoint_source, config_source
 
+    if req.source is not None:
+        return req.source
     if req.checkpoint is not None:
         if req.weights:
             raise BlueLowerError("--weights goes with --model; a checkpoint (--hf / --gguf) carries its own weights")
@@ -232,7 +235,7 @@ def _manifest(cfg: ModelConfig, spec, req: CompileRequest, soc, target, sigs, pa
         "inputs": {
             "config_sha256": _config_sha(cfg),
             "weights_sha256": source.sha256() if source is not None else None,
-            "weights_path": os.path.abspath(source.path) if source is not None else None,
+            "weights_path": os.path.abspath(source.path) if getattr(source, "path", None) else None,
             "checkpoint": req.checkpoint is not None,
             "seed": req.seed,
         },

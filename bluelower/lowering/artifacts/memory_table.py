@@ -176,7 +176,7 @@ def phase_table(cfg, quant: str, sigs_params: dict, plans: dict, n_patches: int 
     add("prefill", decoder_w, kv, ["embed", "prefill"], image_tokens,
         f"ViT weights released; chunk of {r.prefill_chunk} rows; image tokens held until prefilled")
     add("decode", decoder_w, kv, ["decode"], 0, "one token per call")
-    peak = max(phases, key=lambda p: p["total_bytes"])
+    peak = max(phases, key=lambda p: p["total_bytes"]) if phases else {"total_bytes": 0, "name": None}
     return {
         "model": cfg.name, "quant": quant, "peak_bytes": peak["total_bytes"], "peak_phase": peak["name"],
         "phases": phases,

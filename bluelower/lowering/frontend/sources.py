@@ -145,3 +145,75 @@ def config_source(model, weights: str | None = None) -> ModelSource:
         source = WeightSource(weights)
         source.check_against(model_weight_specs(cfg))
     return ModelSource(cfg, source)
+
+
+class ModuleWeights:
+    """An ``nn.Module``'s own parameters as a weight source (fp32, by parameter name)."""
+
+    def __init__(self, module):
+        self.module, self.path = module, None
+        self._params = dict(module.named_parameters())
+
+    def read(self, name: str) -> np.ndarray:
+        return self._params[name].detach().to("cpu").float().numpy().copy()
+
+    def sha256(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        for name in sorted(self._params):
+            h.update(name.encode() + b"\0" + self.read(name).tobytes())
+        return h.hexdigest()
+
+
+def module_source(module, entries: dict, name: str | None = None, roles=None) -> ModelSource:
+    """A user's ``torch.nn.Module`` as a one-off model family: ``entries`` maps a method of
+    the module (``forward``, ``prefill``, ...) to its example inputs; each becomes a compiled
+    function of that name taking the inputs' shapes and dtypes (static) and the module's
+    weights. ``roles``: the weights' roles (a dict or a function; default: every linear weight
+    a decoder linear, every lookup table a token embedding). The module is traced on meta
+    tensors; its weights are read from it when the parameters are written."""
+    import hashlib
+    import inspect
+
+    from ..models import registry
+    from ..models.config import ModelConfig
+    from ..models.spec import EntrySpec, ModelSpec
+
+    if not entries:
+        raise BlueLowerError("compile_module: give at least one entry (method name -> example inputs)")
+    specs = []
+    for method, inputs in entries.items():
+        fn = getattr(module, method, None)
+        if not callable(fn):
+            raise BlueLowerError(f"compile_module: {type(module).__name__} has no method {method!r}")
+        inputs = tuple(inputs)
+        try:
+            params = [p for p in inspect.signature(fn).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            names = tuple(p.name for p in params[: len(inputs)])
+        except (TypeError, ValueError):
+            names = ()
+        if len(names) != len(inputs):
+            names = tuple(f"input{i}" for i in range(len(inputs)))
+
+        def example(_cfg, device="cpu", _inputs=inputs):
+            return tuple(t.to(device) for t in _inputs)
+
+        specs.append(EntrySpec(method, names, example, lambda _name: True))
+    if callable(roles):
+        role = roles
+    elif roles:
+        role = lambda n, _r=dict(roles): _r.get(n, "other")  # noqa: E731
+    else:
+        role = lambda _n: "mlp"  # noqa: E731
+    shapes = sorted((n, tuple(p.shape)) for n, p in module.named_parameters())
+    signature = [(m, [(tuple(t.shape), str(t.dtype)) for t in inputs]) for m, inputs in sorted(entries.items())]
+    digest = hashlib.sha256(repr((type(module).__qualname__, shapes, signature)).encode()).hexdigest()[:12]
+    family = f"module-{digest}"
+    spec = ModelSpec(family=family, description=f"a user's {type(module).__name__}", config_from_dict=None,
+                     config_dir="", build_module=lambda _cfg, _m=module: _m, entries=tuple(specs), weight_role=role,
+                     kv_cache_shape=lambda _cfg: None)
+    registry.register(spec, replace=True)  # this module instance: its code and example inputs
+    cfg = ModelConfig(name=name or type(module).__name__, family=family, vision=None, projector=None, decoder=None)
+    return ModelSource(cfg, ModuleWeights(module))

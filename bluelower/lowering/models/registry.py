@@ -38,8 +38,10 @@ SHIPPED_FAMILIES = {
 _FAMILIES: dict[str, ModelSpec] = {}
 
 
-def register(spec: ModelSpec) -> ModelSpec:
-    if spec.family in _FAMILIES and _FAMILIES[spec.family] is not spec:
+def register(spec: ModelSpec, replace: bool = False) -> ModelSpec:
+    """Add a family (code outside bluelower, ``api.compile_module``'s one-off families);
+    ``replace`` swaps in a newer spec of the same name."""
+    if spec.family in _FAMILIES and _FAMILIES[spec.family] is not spec and not replace:
         raise ValueError(f"model family {spec.family!r} is registered twice")
     _FAMILIES[spec.family] = spec
     return spec
