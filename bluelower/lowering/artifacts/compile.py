@@ -198,7 +198,75 @@ def _write_tokenizer(build_dir: str, info) -> dict:
     tok = Tokenizer(info.json_text, bos_token=out["bos_token"], eos_token=out["eos_token"],
                     chat_template=info.chat_template)
     out["chat_prompt"] = chat_prompt_parts(tok, info.chat_template) if info.chat_template else None
+    out.update(native_prompt_parts(tok, info.chat_template, out["chat_prompt"], info.image_token))
     return out
+
+
+# Marks the user's text in a compile-time render (a private-use character no template or
+# tokenizer gives a meaning to); probes check that the split reproduces real renders.
+_NATIVE_MARK = "\U000f0004"
+_NATIVE_PROBES = ("What is in this picture?", "  spaced\n\nlines  ", "\tx y\u3000")
+_USER_TEXT = {"verbatim": lambda t: t, "strip": str.strip}
+
+
+def native_prompt_parts(tok, template: str | None, chat_prompt: dict | None, image_token: str | None) -> dict:
+    """What a runtime without Jinja (``bluelower-run``) needs besides ``chat_prompt`` so that
+    its ids are ``text.build_prompt``'s:
+
+    * ``user_text``: how the template writes the user's text: ``"verbatim"`` (``prefix +
+      text + suffix``), ``"strip"`` (the template trims it, as Llama 3's ``| trim``), or None
+      when neither reproduces the template's own renders of a few probe texts;
+    * ``chat_prompt_image``: the image-first user turn as ``prefix`` + IMAGE + ``middle`` +
+      text + ``suffix``, encoded as ``encode(prefix)``, IMAGE, ``encode_piece(middle + text +
+      suffix)``. At the template's ``image_token`` placeholder when it renders image parts
+      and writes it once, before the text; else (a text-only template) ``chat_prompt`` with
+      the image just before the user's text. None without a template, or when the image
+      turn cannot be split (the placeholder twice or after the text, no ``user_text``).
+    """
+    none = {"user_text": None, "chat_prompt_image": None}
+    if not template:
+        return none
+    from ...runtime_stubs.text import ChatTemplateError, image_placeholder_positions, render_chat
+
+    def render(content):
+        return render_chat(template, [{"role": "user", "content": content}], add_generation_prompt=True,
+                           bos_token=tok.bos_token, eos_token=tok.eos_token)
+
+    def image_turn(text):
+        return render([{"type": "image"}, {"type": "text", "text": text}])
+
+    image_parts = None  # (prefix, middle, suffix) around the placeholder and the text
+    if image_token:
+        try:
+            rendered = image_turn(_NATIVE_MARK)
+        except ChatTemplateError:
+            rendered = None  # a text-only template: content must be a string
+        spans = image_placeholder_positions(rendered, image_token) if rendered is not None else []
+        if len(spans) > 1:
+            return none  # build_prompt refuses it too
+        if spans:
+            (start, end), = spans
+            if _NATIVE_MARK in rendered[:start] or rendered[end:].count(_NATIVE_MARK) != 1:
+                return none
+            image_parts = (rendered[:start],) + tuple(rendered[end:].split(_NATIVE_MARK))
+    if image_parts is None and chat_prompt is None:
+        return none
+    for mode, f in _USER_TEXT.items():
+        try:
+            ok = chat_prompt is None or all(
+                render(p) == chat_prompt["prefix"] + f(p) + chat_prompt["suffix"] for p in _NATIVE_PROBES)
+            if ok and image_parts is not None:
+                pre, mid, suf = image_parts
+                ok = all(image_turn(p) == pre + image_token + mid + f(p) + suf for p in _NATIVE_PROBES)
+        except ChatTemplateError:
+            ok = False
+        if ok:
+            break
+    else:
+        return none
+    if image_parts is None:
+        image_parts = (chat_prompt["prefix"], "", chat_prompt["suffix"])
+    return {"user_text": mode, "chat_prompt_image": dict(zip(("prefix", "middle", "suffix"), image_parts))}
 
 
 # model.so without debug sections: the DWARF TVM emits records the kernels' source lines,

@@ -1,13 +1,14 @@
 // bluelower-run: the native runtime of a bluelower bundle (docs/native-runtime.md).
 //
-//   bluelower-run BUNDLE [--image X.npy] [--prompt-ids 1,2,3] [--max-new-tokens N] [--json]
-//                        [--soc NAME] [--backend sim|neuron]   (alias: --apu-backend)
+//   bluelower-run BUNDLE [--image X.npy] [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N]
+//                        [--json | --json-stream] [--soc NAME] [--backend sim|neuron]   (alias: --apu-backend)
 //
 // Loads and verifies the bundle (manifest.json, SHA-256 of every listed file), reads the
-// weights from params.safetensors, preprocesses the image (grid = None: one 384x384 patch)
-// and runs the generation procedure of docs/bundle-format.md through the APU backend
-// interface (apu_backend.h). Every failure is one line on stderr and exit status 1
-// (2 for a usage error).
+// weights from params.safetensors, preprocesses the image, forms the prompt (--prompt: the
+// chat prompt split at compile time around the user's text, encoded with tokenizer.cc; the
+// image's rows where the Python runtime puts them) and runs the generation procedure of
+// docs/bundle-format.md through the APU backend interface (apu_backend.h), streaming the
+// decoded text. Every failure is one line on stderr and exit status 1 (2 for a usage error).
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -30,6 +31,7 @@
 #include "json.h"
 #include "loaders.h"
 #include "sha256.h"
+#include "tokenizer.h"
 #include "util.h"
 
 using namespace bluelower;
@@ -85,7 +87,9 @@ struct Buffer {
 };
 
 struct Args {
-  std::string bundle, image, prompt_ids, soc, backend = "sim";
+  std::string bundle, image, prompt_ids, prompt, soc, backend = "sim";
+  bool has_prompt = false, has_prompt_ids = false;
+  bool json_stream = false;  // one JSON line per generated token, then the --json object
   std::string dump_pixels;  // testing: write the preprocessed float32 [k, 3, S, S] and stop
   long max_new_tokens = 16;
   std::string policy = "relaxed";  // as `bluelower run`; none: one squashed 384x384 patch
@@ -95,10 +99,12 @@ struct Args {
 
 [[noreturn]] void usage_exit() {
   std::fprintf(stdout,
-               "usage: bluelower-run BUNDLE [--image X.npy] [--prompt-ids 1,2,3] [--max-new-tokens N] [--json]\n"
-               "                     [--policy none|relaxed] [--max-patches N] [--soc NAME] [--backend sim|neuron]\n"
-               "                     [--dump-pixels OUT.f32]\n"
-               "Generate tokens greedily from a bluelower bundle (image tokens, then the prompt).\n"
+               "usage: bluelower-run BUNDLE [--image X.npy] [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N]\n"
+               "                     [--json | --json-stream] [--policy none|relaxed] [--max-patches N] [--soc NAME]\n"
+               "                     [--backend sim|neuron] [--dump-pixels OUT.f32]\n"
+               "Generate tokens greedily from a bluelower bundle. --prompt: the text in the checkpoint's chat\n"
+               "prompt, encoded with the bundle's tokenizer.json; the answer streams to stdout as it is generated.\n"
+               "--prompt-ids: token ids (after the image's tokens); prints the generated ids.\n"
                "The image must be a .npy uint8 or float32 [H, W, 3] array (PNG/JPEG: convert with\n"
                "numpy first; native decoding is not supported).\n");
   std::exit(0);
@@ -117,7 +123,8 @@ Args parse_args(int argc, char** argv) {
     auto is = [&](const char* flag) { return s == flag || s.rfind(std::string(flag) + "=", 0) == 0; };
     if (s == "-h" || s == "--help") usage_exit();
     else if (is("--image")) a.image = value("--image");
-    else if (is("--prompt-ids")) a.prompt_ids = value("--prompt-ids");
+    else if (is("--prompt-ids")) { a.prompt_ids = value("--prompt-ids"); a.has_prompt_ids = true; }
+    else if (is("--prompt")) { a.prompt = value("--prompt"); a.has_prompt = true; }
     else if (is("--soc")) a.soc = value("--soc");
     else if (is("--backend")) a.backend = value("--backend");
     else if (is("--apu-backend")) a.backend = value("--apu-backend");
@@ -142,11 +149,13 @@ Args parse_args(int argc, char** argv) {
       if (v.empty() || *end || errno) throw UsageError("--max-new-tokens must be an integer, got '" + v + "'");
       a.max_new_tokens = n;
     } else if (s == "--json") a.json = true;
+    else if (s == "--json-stream") a.json = a.json_stream = true;
     else if (!s.empty() && s[0] == '-') throw UsageError("unknown option " + s);
     else if (a.bundle.empty()) a.bundle = s;
     else throw UsageError("unexpected argument " + s);
   }
   if (a.bundle.empty()) throw UsageError("missing BUNDLE directory (see --help)");
+  if (a.has_prompt && a.has_prompt_ids) throw UsageError("give --prompt or --prompt-ids, not both");
   return a;
 }
 
@@ -320,6 +329,176 @@ std::string fmt_double(double v) {
   return buf;
 }
 
+// ------------------------------------------------------------------ the text path
+//
+// The prompt as the Python runtime forms it (runtime_stubs/text.py: build_prompt, and
+// api._wrap_image): segments of ids and the image's place. A runtime without Jinja cannot
+// render the chat template, so the compile step rendered the single user turn for it
+// (manifest tokenizer.chat_prompt / chat_prompt_image / user_text, compile.py
+// native_prompt_parts); this only concatenates and encodes.
+
+struct Segment {
+  bool image = false;
+  std::vector<int64_t> ids;
+};
+
+std::string json_escape(const std::string& s) {
+  std::string out;
+  out.reserve(s.size() + 2);
+  for (unsigned char c : s) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (c < 0x20 || c == 0x7f) {
+          char buf[8];
+          std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+          out += buf;
+        } else {
+          out.push_back(char(c));  // UTF-8 as is (the tokenizer's text is valid UTF-8)
+        }
+    }
+  }
+  return out;
+}
+
+// Python's str.strip(): the code points str.isspace() is true for (Jinja's trim filter).
+bool py_space(uint32_t cp) {
+  return (cp >= 0x09 && cp <= 0x0d) || (cp >= 0x1c && cp <= 0x20) || cp == 0x85 || cp == 0xa0 || cp == 0x1680 ||
+         (cp >= 0x2000 && cp <= 0x200a) || cp == 0x2028 || cp == 0x2029 || cp == 0x202f || cp == 0x205f ||
+         cp == 0x3000;
+}
+
+// The code point starting at s[i] (valid UTF-8: encode() checks it first) and its length.
+uint32_t utf8_at(const std::string& s, size_t i, size_t* len) {
+  unsigned char c = static_cast<unsigned char>(s[i]);
+  size_t n = c < 0x80 ? 1 : c < 0xe0 ? 2 : c < 0xf0 ? 3 : 4;
+  if (i + n > s.size()) n = s.size() - i;
+  uint32_t cp = n == 1 ? c : n == 2 ? (c & 0x1f) : n == 3 ? (c & 0x0f) : (c & 0x07);
+  for (size_t k = 1; k < n; ++k) cp = (cp << 6) | (static_cast<unsigned char>(s[i + k]) & 0x3f);
+  *len = n;
+  return cp;
+}
+
+std::string py_strip(const std::string& s) {
+  size_t b = 0, e = s.size();
+  while (b < e) {
+    size_t n;
+    if (!py_space(utf8_at(s, b, &n))) break;
+    b += n;
+  }
+  // scan forward for the last non-space code point (UTF-8 is not easily walked backwards)
+  size_t last_end = b;
+  for (size_t i = b; i < e;) {
+    size_t n;
+    bool sp = py_space(utf8_at(s, i, &n));
+    i += n;
+    if (!sp) last_end = i;
+  }
+  return s.substr(b, last_end - b);
+}
+
+// text.py Tokenizer.encode_piece: a piece from the middle of a prompt (after a special
+// token or the image), without the word-start space SentencePiece adds at a text's start.
+std::vector<int64_t> encode_piece(const Tokenizer& tok, const std::string& text) {
+  if (text.empty()) return {};
+  std::vector<int64_t> nl = tok.encode("\n", false), ids = tok.encode("\n" + text, false);
+  if (ids.size() >= nl.size() && std::equal(nl.begin(), nl.end(), ids.begin()))
+    return std::vector<int64_t>(ids.begin() + long(nl.size()), ids.end());
+  return tok.encode(text, false);
+}
+
+const Json* object_or_null(const Json& section, const char* key, const std::string& what) {
+  const Json* v = section.find(key);
+  if (!v || v->kind == Json::Null) return nullptr;
+  if (v->kind != Json::Object) throw Error(what + "." + key + " must be an object or null");
+  return v;
+}
+
+std::vector<Segment> text_prompt(const Tokenizer& tok, const Json& info, const std::string& text, bool has_image,
+                                 const std::string& what) {
+  const Json* tmpl = info.find("chat_template");
+  const bool has_template = tmpl && tmpl->kind != Json::Null;
+  std::vector<Segment> segs;
+  auto add = [&](std::vector<int64_t> ids) {
+    if (!ids.empty()) segs.push_back(Segment{false, std::move(ids)});
+  };
+  if (!has_template) {  // the text with the tokenizer's special tokens; the image after the leading ones (BOS)
+    std::vector<int64_t> ids = tok.encode(text, true);
+    if (!has_image) {
+      segs.push_back(Segment{false, ids});
+      return segs;
+    }
+    std::vector<int64_t> lead = tok.encode("", true);
+    size_t cut = ids.size() >= lead.size() && std::equal(lead.begin(), lead.end(), ids.begin()) ? lead.size() : 0;
+    add(std::vector<int64_t>(ids.begin(), ids.begin() + long(cut)));
+    segs.push_back(Segment{true, {}});
+    add(std::vector<int64_t>(ids.begin() + long(cut), ids.end()));
+    return segs;
+  }
+  if (tmpl->kind != Json::String) throw Error(what + ".chat_template must be a string or null");
+  const char* refuse = "the native runtime has no Jinja and uses the chat prompt rendered at compile time";
+  std::string user = text;
+  const Json* mode = info.find("user_text");  // absent: a bundle from before it was recorded, verbatim
+  if (mode && mode->kind == Json::Null)
+    throw Error(std::string("this bundle's chat template does not write the user's text verbatim or trimmed (") +
+                refuse + "): give --prompt-ids, or run it with the host runtime");
+  if (mode) {
+    const std::string& m = mode->as_string(what + ".user_text");
+    if (m == "strip") user = py_strip(text);
+    else if (m != "verbatim") throw Error(what + ".user_text must be \"verbatim\", \"strip\" or null, got '" + m + "'");
+  }
+  if (!has_image) {
+    const Json* cp = object_or_null(info, "chat_prompt", what);
+    if (!cp)
+      throw Error(std::string("this bundle's chat template could not be split around the user's text at compile "
+                              "time (") + refuse + "): give --prompt-ids");
+    const std::string& prefix = cp->at("prefix", what + ".chat_prompt").as_string(what + ".chat_prompt.prefix");
+    const std::string& suffix = cp->at("suffix", what + ".chat_prompt").as_string(what + ".chat_prompt.suffix");
+    segs.push_back(Segment{false, tok.encode(prefix + user + suffix, false)});
+    return segs;
+  }
+  if (!info.find("chat_prompt_image"))
+    throw Error("this bundle has no compile-time image chat prompt (tokenizer.chat_prompt_image; built by an older "
+                "bluelower): rebuild it, or give --prompt-ids");
+  const Json* ci = object_or_null(info, "chat_prompt_image", what);
+  if (!ci)
+    throw Error(std::string("this bundle's chat template could not be split around the image and the user's text "
+                            "at compile time (") + refuse + "): give --prompt-ids");
+  auto part = [&](const char* k) -> const std::string& {
+    return ci->at(k, what + ".chat_prompt_image").as_string(what + ".chat_prompt_image." + k);
+  };
+  add(tok.encode(part("prefix"), false));
+  segs.push_back(Segment{true, {}});
+  add(encode_piece(tok, part("middle") + user + part("suffix")));
+  return segs;
+}
+
+// api._wrap_image: the checkpoint processor's text around the image's rows (image_wrap).
+std::vector<Segment> wrap_image(const Tokenizer& tok, const Json& info, std::vector<Segment> segs,
+                                const std::string& what) {
+  const Json* wrap = info.find("image_wrap");
+  if (!wrap || wrap->kind == Json::Null) return segs;
+  auto& w = wrap->as_array(what + ".image_wrap");
+  if (w.size() != 2) throw Error(what + ".image_wrap must be [before, after]");
+  const std::string& before = w[0].as_string(what + ".image_wrap[0]");
+  const std::string& after = w[1].as_string(what + ".image_wrap[1]");
+  std::vector<Segment> out;
+  for (auto& seg : segs) {
+    if (!seg.image) {
+      out.push_back(std::move(seg));
+      continue;
+    }
+    if (!before.empty()) out.push_back(Segment{false, encode_piece(tok, before)});
+    out.push_back(Segment{true, {}});
+    if (!after.empty()) out.push_back(Segment{false, encode_piece(tok, after)});
+  }
+  return out;
+}
+
 int run(const Args& a) {
   double t_start = now();
   if (a.max_new_tokens < 1) throw UsageError("--max-new-tokens must be at least 1");
@@ -328,16 +507,24 @@ int run(const Args& a) {
   verify_files(b);
   const std::string mpath = b.dir + "/manifest.json";
   const Json& rt = b.manifest.at("runtime", mpath);
+  const Json& functions = b.manifest.at("functions", mpath);
   auto rint = [&](const char* k) { return rt.at(k, mpath + ": runtime").as_int(mpath + ": runtime." + k); };
   const int64_t capacity = rint("kv_capacity"), chunk = rint("prefill_chunk"), image_batch = rint("image_batch");
-  const int64_t eos = rint("eos_token_id"), S = rint("image_size"), tpp = rint("image_tokens_per_patch");
-  const int64_t hidden = rint("hidden_size"), vocab = rint("vocab_size");
-  if (capacity < 1 || chunk < 1 || image_batch < 1 || S < 1 || tpp < 1 || hidden < 1 || vocab < 1 ||
-      capacity > (int64_t(1) << 24) || chunk > (int64_t(1) << 20) || image_batch > 64 || S > 8192 ||
-      hidden > (int64_t(1) << 20) || vocab > (int64_t(1) << 24))
+  const int64_t eos = rint("eos_token_id"), hidden = rint("hidden_size"), vocab = rint("vocab_size");
+  // A text-only model (an LLM checkpoint) has no encode_image and no image_size.
+  const Json* jsize = rt.find("image_size");
+  const bool has_vision = functions.find("encode_image") && jsize && jsize->kind != Json::Null;
+  const int64_t S = has_vision ? rint("image_size") : 0, tpp = has_vision ? rint("image_tokens_per_patch") : 0;
+  if (capacity < 1 || chunk < 1 || image_batch < 1 || hidden < 1 || vocab < 1 || capacity > (int64_t(1) << 24) ||
+      chunk > (int64_t(1) << 20) || image_batch > 64 || hidden > (int64_t(1) << 20) || vocab > (int64_t(1) << 24) ||
+      (has_vision && (S < 1 || tpp < 1 || S > 8192)))
     throw Error(mpath + ": runtime values out of range");
-  float mean[3], stdv[3];
-  {
+  std::vector<int64_t> stop_ids{eos};  // eos_token_id and every stop_token_ids entry end generation
+  if (const Json* st = rt.find("stop_token_ids"); st && st->kind != Json::Null)
+    for (auto& v : st->as_array(mpath + ": runtime.stop_token_ids")) stop_ids.push_back(v.as_int(mpath + ": runtime.stop_token_ids"));
+  auto is_stop = [&](int64_t t) { return std::find(stop_ids.begin(), stop_ids.end(), t) != stop_ids.end(); };
+  float mean[3] = {0, 0, 0}, stdv[3] = {1, 1, 1};
+  if (has_vision) {
     auto& jm = rt.at("image_mean", mpath).as_array(mpath + ": runtime.image_mean");
     auto& js = rt.at("image_std", mpath).as_array(mpath + ": runtime.image_std");
     if (jm.size() != 3 || js.size() != 3) throw Error(mpath + ": image_mean/image_std must have 3 entries");
@@ -349,6 +536,32 @@ int run(const Args& a) {
   }
   for (int64_t id : ids)
     if (id < 0 || id >= vocab) throw UsageError("prompt ids must be in [0, " + std::to_string(vocab) + ")");
+  if (!a.image.empty() && !has_vision)
+    throw Error(b.dir + " has no image encoder (a text-only model): drop --image");
+
+  // Tokenizer (tokenizer.json, hashed in files): needed for --prompt, used for the text otherwise.
+  const Json* tinfo = b.manifest.find("tokenizer");
+  if (tinfo && tinfo->kind == Json::Null) tinfo = nullptr;
+  std::unique_ptr<Tokenizer> tok;
+  const std::string twhat = mpath + ": tokenizer";
+  if (tinfo) {
+    if (tinfo->kind != Json::Object) throw Error(twhat + " must be an object or null");
+    const Json* file = tinfo->find("file");
+    std::string name = file && file->kind != Json::Null ? file->as_string(twhat + ".file") : "tokenizer.json";
+    if (!b.manifest.at("files", mpath).find(name))
+      throw Error(mpath + ": files does not list the tokenizer " + name);
+    try {
+      tok = std::make_unique<Tokenizer>(Tokenizer::load(b.dir + "/" + name));
+    } catch (const Error&) {
+      if (a.has_prompt) throw;
+      // --prompt-ids: the ids work without text (a tokenizer.json this decoder does not read)
+    }
+    if (tok && tok->vocab_size() > vocab)
+      throw Error(b.dir + ": the tokenizer has " + std::to_string(tok->vocab_size()) + " tokens, the model " +
+                  std::to_string(vocab));
+  }
+  if (a.has_prompt && !tinfo)
+    throw Error(b.dir + " has no tokenizer (compiled from a config, not a checkpoint): give --prompt-ids");
 
   // Image (decoded and validated before anything runs).
   std::unique_ptr<ImageU8> img;
@@ -372,6 +585,25 @@ int run(const Args& a) {
   }
   const int64_t k_patches = !img ? 0 : grid_m ? grid_m * grid_n + (grid_m * grid_n > 1 ? 1 : 0) : 1;
   const int64_t n_image = k_patches * tpp;
+
+  // The prompt as segments: --prompt-ids after the image; --prompt where the chat prompt puts it.
+  double t_tok = now();
+  std::vector<Segment> segs;
+  if (a.has_prompt) {
+    if (!tok->encode_unsupported().empty())
+      throw Error(b.dir + "/tokenizer.json cannot be encoded natively (" + tok->encode_unsupported() +
+                  "): give --prompt-ids");
+    segs = text_prompt(*tok, *tinfo, a.prompt, img != nullptr, twhat);
+    if (img) segs = wrap_image(*tok, *tinfo, std::move(segs), twhat);
+    ids.clear();
+    for (auto& seg : segs) ids.insert(ids.end(), seg.ids.begin(), seg.ids.end());
+    for (int64_t id : ids)
+      if (id < 0 || id >= vocab) throw Error("the encoded prompt has id " + std::to_string(id) + " outside [0, " + std::to_string(vocab) + ")");
+  } else {
+    if (img) segs.push_back(Segment{true, {}});
+    if (!ids.empty()) segs.push_back(Segment{false, ids});
+  }
+  double tokenize_s = now() - t_tok;
   const int64_t n = n_image + int64_t(ids.size());
   if (n == 0) throw UsageError("nothing to generate from: no image and an empty prompt");
 
@@ -393,8 +625,9 @@ int run(const Args& a) {
                 " new tokens exceeds the KV cache capacity of " + std::to_string(capacity));
 
   // Weights, backend, partitions.
-  const Json& functions = b.manifest.at("functions", mpath);
-  const char* fnames[4] = {"encode_image", "embed", "prefill", "decode"};
+  std::vector<const char*> fnames;
+  if (has_vision) fnames.push_back("encode_image");
+  for (const char* f : {"embed", "prefill", "decode"}) fnames.push_back(f);
   std::map<std::string, std::vector<std::string>> fparams;
   std::vector<std::string> all_params;
   for (const char* f : fnames) {
@@ -432,21 +665,27 @@ int run(const Args& a) {
     if (input_shape(f, i) != want) throw Error(mpath + ": functions." + f + " input " + std::to_string(i) +
                                                " does not have the shape the runtime section implies");
   };
-  expect("encode_image", 0, {image_batch, 3, S, S});
+  if (has_vision) expect("encode_image", 0, {image_batch, 3, S, S});
   expect("embed", 0, {chunk});
   expect("prefill", 0, {chunk, hidden});
   expect("prefill", 1, std::vector<int64_t>(kv_cache.desc.shape, kv_cache.desc.shape + kv_cache.desc.ndim));
 
-  Buffer pixels(BL_F32, {image_batch, 3, S, S}), image_out(BL_F32, {image_batch, tpp, hidden});
+  Buffer pixels, image_out;
+  if (has_vision) {
+    pixels.init(BL_F32, {image_batch, 3, S, S});
+    image_out.init(BL_F32, {image_batch, tpp, hidden});
+  }
   Buffer id_chunk(BL_I64, {chunk}), embed_out(BL_F32, {chunk, hidden});
   Buffer rows(BL_F32, {chunk, hidden}), start_pos(BL_I64, {1}), num_valid(BL_I64, {1});
   Buffer logits(BL_F32, {1, vocab}), token(BL_I64, {1}), position(BL_I64, {1});
-  bl_partition* enc = parts["encode_image"]->p;
+  bl_partition* enc = has_vision ? parts["encode_image"]->p : nullptr;
   bl_partition* emb = parts["embed"]->p;
   bl_partition* pre = parts["prefill"]->p;
   bl_partition* dec = parts["decode"]->p;
-  check(bl_partition_bind_input(enc, 0, &pixels.desc, err), err);
-  check(bl_partition_bind_output(enc, 0, &image_out.desc, err), err);
+  if (enc) {
+    check(bl_partition_bind_input(enc, 0, &pixels.desc, err), err);
+    check(bl_partition_bind_output(enc, 0, &image_out.desc, err), err);
+  }
   check(bl_partition_bind_input(emb, 0, &id_chunk.desc, err), err);
   check(bl_partition_bind_output(emb, 0, &embed_out.desc, err), err);
   const bl_buffer* pre_in[4] = {&rows.desc, &kv_cache.desc, &start_pos.desc, &num_valid.desc};
@@ -460,30 +699,39 @@ int run(const Args& a) {
   double t_loaded = now();
 
   // 1. image -> patches [k, 3, S, S] -> encoded in batches of image_batch
-  std::vector<float> seq(size_t(n * hidden));
-  int64_t row = 0;
+  std::vector<float> image_rows(size_t(n_image * hidden));
   const size_t patch_floats = size_t(3 * S * S);
   std::vector<float> patches(size_t(k_patches) * patch_floats);
   if (img && grid_m) patches = preprocess_grid(*img, grid_m, grid_n, S, mean, stdv);
   else if (img) preprocess_whole_image(*img, S, mean, stdv, patches.data());
   double t0 = now();
-  for (int64_t i = 0; i < k_patches; i += image_batch) {
+  for (int64_t i = 0, row = 0; i < k_patches; i += image_batch) {
     int64_t valid = std::min(image_batch, k_patches - i);
     std::memset(pixels.data, 0, pixels.bytes);
     std::memcpy(pixels.data, &patches[size_t(i) * patch_floats], size_t(valid) * patch_floats * sizeof(float));
     check(bl_partition_run(enc, err), err);
-    std::memcpy(&seq[size_t(row * hidden)], image_out.data, size_t(valid * tpp * hidden) * sizeof(float));
+    std::memcpy(&image_rows[size_t(row * hidden)], image_out.data, size_t(valid * tpp * hidden) * sizeof(float));
     row += valid * tpp;
   }
-  // 2. prompt ids -> embed, in chunks (last padded with id 0)
+  // 2.-3. the sequence: each id segment embedded in chunks (last padded with id 0), the
+  // image's rows at the image's place
   double t1 = now();
-  for (size_t i = 0; i < ids.size(); i += size_t(chunk)) {
-    size_t valid = std::min(size_t(chunk), ids.size() - i);
-    std::memset(id_chunk.data, 0, id_chunk.bytes);
-    std::memcpy(id_chunk.data, &ids[i], valid * sizeof(int64_t));
-    check(bl_partition_run(emb, err), err);
-    std::memcpy(&seq[size_t(row * hidden)], embed_out.data, valid * size_t(hidden) * sizeof(float));
-    row += int64_t(valid);
+  std::vector<float> seq(size_t(n * hidden));
+  int64_t row = 0;
+  for (const Segment& seg : segs) {
+    if (seg.image) {
+      if (n_image) std::memcpy(&seq[size_t(row * hidden)], image_rows.data(), image_rows.size() * sizeof(float));
+      row += n_image;
+      continue;
+    }
+    for (size_t i = 0; i < seg.ids.size(); i += size_t(chunk)) {
+      size_t valid = std::min(size_t(chunk), seg.ids.size() - i);
+      std::memset(id_chunk.data, 0, id_chunk.bytes);
+      std::memcpy(id_chunk.data, &seg.ids[i], valid * sizeof(int64_t));
+      check(bl_partition_run(emb, err), err);
+      std::memcpy(&seq[size_t(row * hidden)], embed_out.data, valid * size_t(hidden) * sizeof(float));
+      row += int64_t(valid);
+    }
   }
   // 4. chunked prefill (KV cache zeroed once, here)
   double t2 = now();
@@ -497,31 +745,67 @@ int run(const Args& a) {
     check(bl_partition_run(pre, err), err);
   }
   double t3 = now();
-  // 5. greedy decode
+  // 5. greedy decode, the text streamed as it is generated (--prompt; --json-stream: JSON lines)
+  const bool stream_text = a.has_prompt && !a.json && tok;
+  std::unique_ptr<StreamDecoder> stream;
+  if (tok && (stream_text || a.json_stream)) stream = std::make_unique<StreamDecoder>(*tok, true);
+  auto emit = [&](int64_t t) {
+    std::string piece = stream ? stream->put(t) : std::string();
+    if (a.json_stream) {
+      std::printf("{\"token\": %" PRId64 ", \"text\": \"%s\"}\n", t, json_escape(piece).c_str());
+      std::fflush(stdout);
+    } else if (stream_text && !piece.empty()) {
+      std::fwrite(piece.data(), 1, piece.size(), stdout);
+      std::fflush(stdout);
+    }
+  };
   std::vector<int64_t> tokens{argmax(logits.f32(), vocab)};
+  emit(tokens.back());
   int64_t pos = n;
-  while (int64_t(tokens.size()) < a.max_new_tokens && tokens.back() != eos) {
+  while (int64_t(tokens.size()) < a.max_new_tokens && !is_stop(tokens.back())) {
     token.i64()[0] = tokens.back();
     position.i64()[0] = pos++;
     check(bl_partition_run(dec, err), err);
     tokens.push_back(argmax(logits.f32(), vocab));
+    emit(tokens.back());
   }
   double t4 = now();
   for (auto& kvp : parts) kvp.second.reset();
+  std::string rest = stream ? stream->flush() : std::string();
 
   if (a.json) {
+    if (a.json_stream && !rest.empty()) std::printf("{\"text\": \"%s\"}\n", json_escape(rest).c_str());
     std::string out = "{\"tokens\": [";
     for (size_t i = 0; i < tokens.size(); ++i) out += (i ? ", " : "") + std::to_string(tokens[i]);
-    out += "], \"prompt_rows\": " + std::to_string(n) + ", \"image_tokens\": " + std::to_string(n_image);
+    out += "]";
+    if (tok) {
+      std::string text;
+      bool ok = true;
+      if (a.has_prompt) text = tok->decode(tokens, true);  // the streamed text, whole (an error as for the stream)
+      else {
+        try { text = tok->decode(tokens, true); } catch (const Error&) { ok = false; }  // --prompt-ids: text if it can
+      }
+      if (ok) out += ", \"text\": \"" + json_escape(text) + "\"";
+    }
+    if (a.has_prompt) {
+      out += ", \"prompt_ids\": [";
+      for (size_t i = 0; i < ids.size(); ++i) out += (i ? ", " : "") + std::to_string(ids[i]);
+      out += "]";
+    }
+    out += ", \"prompt_rows\": " + std::to_string(n) + ", \"image_tokens\": " + std::to_string(n_image);
     if (grid_m) out += ", \"grid\": [" + std::to_string(grid_m) + ", " + std::to_string(grid_n) + "], \"patches\": " + std::to_string(k_patches);
     out += ", \"runtime\": \"native\", \"backend\": \"" + a.backend + "\", \"arch\": \"" + kArch + "\"";
-    out += ", \"timings_s\": {\"load\": " + fmt_double(t_loaded - t_start) + ", \"image_preprocess\": " +
-           fmt_double(t0 - t_loaded) + ", \"image_encode\": " + fmt_double(t1 - t0) + ", \"embed\": " +
-           fmt_double(t2 - t1) + ", \"prefill\": " + fmt_double(t3 - t2) + ", \"decode\": " + fmt_double(t4 - t3);
+    out += ", \"timings_s\": {\"load\": " + fmt_double(t_loaded - t_start - tokenize_s) + ", \"tokenize\": " +
+           fmt_double(tokenize_s) + ", \"image_preprocess\": " + fmt_double(t0 - t_loaded) + ", \"image_encode\": " +
+           fmt_double(t1 - t0) + ", \"embed\": " + fmt_double(t2 - t1) + ", \"prefill\": " + fmt_double(t3 - t2) +
+           ", \"decode\": " + fmt_double(t4 - t3);
     if (tokens.size() > 1)
       out += ", \"decode_tokens_per_s\": " + fmt_double(double(tokens.size() - 1) / std::max(t4 - t3, 1e-9));
     out += "}}";
     std::printf("%s\n", out.c_str());
+  } else if (stream_text) {
+    std::fwrite(rest.data(), 1, rest.size(), stdout);
+    std::printf("\n");
   } else {
     std::string out = "tokens:";
     for (int64_t t : tokens) out += " " + std::to_string(t);
