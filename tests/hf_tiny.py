@@ -11,7 +11,7 @@ IMAGE, PATCH = 32, 8  # SigLIP: a 4 x 4 patch grid
 
 def hf_model(arch: str, attn: str = "eager", kv_heads: int = 2, layers: int = 2, **extra):
     """``(module, example inputs)``: a forward returning the logits (text) or the last hidden
-    state (SigLIP) of a transformers ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` /
+    state and the pooling head's output (SigLIP: its attention too) of a transformers ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` /
     ``SiglipVisionModel`` with random weights and ``attn_implementation=attn``."""
     import transformers
 
@@ -45,7 +45,8 @@ def hf_model(arch: str, attn: str = "eager", kv_heads: int = 2, layers: int = 2,
                 self.m = model
 
             def forward(self, pixel_values):
-                return self.m(pixel_values=pixel_values).last_hidden_state
+                out = self.m(pixel_values=pixel_values)
+                return out.last_hidden_state, out.pooler_output
 
         return VisionForward(), (torch.randn(1, 3, IMAGE, IMAGE),)
     raise KeyError(arch)

@@ -28,7 +28,7 @@ def _write():
 
 
 def _write8():
-    return kv_cache_write_int8(cache_shape=CACHE8, prefix=(1,), axis=2, update_shape=UPDATE)
+    return kv_cache_write_int8(cache_shape=CACHE8, prefix=(1,), axis=2, update_shape=UPDATE, index_dtype="int64")  # as the pass calls it
 
 
 _ATT = dict(rows=2, q_heads=2, rep=2, q_len=1, head_dim=4, kv_len=8, k_prefix=(1, 0), v_prefix=(1, 1), scale=0.5,
@@ -40,7 +40,8 @@ def _att():
 
 
 def _att8():
-    return fused_attention(k_shape=CACHE8, v_shape=CACHE8, kv_int8=True, **_ATT)
+    # as QuantizeKVCache calls the builder (the stamp records the arguments given)
+    return fused_attention(k_shape=CACHE8, v_shape=CACHE8, kv_int8=True, additive_mask=None, dtype="float32", **_ATT)
 
 
 @I.ir_module

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import tvm
 from tvm import relax
 from tvm.ir.expr import Constant
@@ -241,6 +242,149 @@ def calls_where(body, pred) -> list:
     return found
 
 
-__all__ = ["Graph", "KERNEL_ARGS", "PARAM_NAMES", "Substitute", "calls_where", "count_var_uses", "dtype_of",
-           "emit_like", "is_entry", "is_op", "kernel_args", "param_names", "referenced_global_vars", "result",
-           "shape_of", "static_shape", "with_result", "without_results"]
+# --- values known at compile time -------------------------------------------------------------
+
+
+def static_ints(expr) -> list | None:
+    """The integers of an ``IntImm`` (a prim value), a ``ShapeExpr`` or a tuple of them, else None."""
+    if isinstance(expr, tvm.tirx.IntImm):
+        return [int(expr.value)]
+    if isinstance(expr, relax.ShapeExpr):
+        fields = expr.values
+    elif isinstance(expr, (relax.Tuple, list, tuple)) or type(expr).__name__ == "Array":
+        fields = expr.fields if isinstance(expr, relax.Tuple) else expr
+    else:
+        return None
+    out = []
+    for f in fields:
+        v = static_ints(f)
+        if v is None or len(v) != 1:
+            return None
+        out.extend(v)
+    return out
+
+
+def _np_op(fn):
+    return lambda call, ev: fn(*[ev(a) for a in call.args])
+
+
+def _axes(attr):
+    return None if attr is None else tuple(int(a) for a in attr)
+
+
+def _strided_slice(call, ev):
+    x = ev(call.args[0])
+    axes, begin, end = (static_ints(a) for a in call.args[1:4])
+    strides = static_ints(call.args[4]) if len(call.args) > 4 else [1] * len(axes)
+    index = [slice(None)] * x.ndim
+    for a, b, e, s in zip(axes, begin, end, strides):
+        index[a] = slice(b, e, s)
+    return x[tuple(index)]
+
+
+def _cumsum(call, ev):
+    x = ev(call.args[0])
+    axis = -1 if call.attrs.axis is None else int(call.attrs.axis)
+    out = np.cumsum(x, axis=axis)
+    return out - x if call.attrs.exclusive else out
+
+
+def _take(call, ev):
+    mode = {"clip": "clip", "wrap": "wrap"}.get(str(call.attrs.mode), "raise")
+    return np.take(ev(call.args[0]), ev(call.args[1]), axis=int(call.attrs.axis), mode=mode)
+
+
+def _full(call, ev):
+    return np.full(static_shape(call), ev(call.args[1]).reshape(()))
+
+
+# How each operator an importer uses to build a mask or an index computes, in numpy. The
+# result is cast to the call's dtype and checked against its static shape.
+_NUMPY_OPS = {
+    **{f"relax.{name}": _np_op(fn) for name, fn in {
+        "add": np.add, "subtract": np.subtract, "multiply": np.multiply, "maximum": np.maximum,
+        "minimum": np.minimum, "less": np.less, "less_equal": np.less_equal, "greater": np.greater,
+        "greater_equal": np.greater_equal, "equal": np.equal, "not_equal": np.not_equal,
+        "logical_and": np.logical_and, "logical_or": np.logical_or, "bitwise_and": np.bitwise_and,
+        "bitwise_or": np.bitwise_or, "logical_not": np.logical_not, "bitwise_not": np.invert,
+        "negative": np.negative, "sqrt": np.sqrt, "where": np.where}.items()},
+    "relax.divide": lambda c, ev: np.divide(ev(c.args[0]), ev(c.args[1])) if dtype_of(c).startswith("float") else None,
+    "relax.arange": lambda c, ev: np.arange(*[static_ints(a)[0] for a in c.args[:3]]),
+    "relax.full": _full,
+    "relax.full_like": _full,
+    "relax.zeros": lambda c, ev: np.zeros(static_shape(c)),
+    "relax.ones": lambda c, ev: np.ones(static_shape(c)),
+    "relax.zeros_like": lambda c, ev: np.zeros(static_shape(c)),
+    "relax.ones_like": lambda c, ev: np.ones(static_shape(c)),
+    "relax.reshape": lambda c, ev: np.reshape(ev(c.args[0]), static_shape(c)),
+    "relax.broadcast_to": lambda c, ev: np.broadcast_to(ev(c.args[0]), static_shape(c)),
+    "relax.expand_dims": lambda c, ev: np.reshape(ev(c.args[0]), static_shape(c)),
+    "relax.squeeze": lambda c, ev: np.reshape(ev(c.args[0]), static_shape(c)),
+    "relax.permute_dims": lambda c, ev: np.transpose(ev(c.args[0]), _axes(c.attrs.axes)),
+    "relax.astype": lambda c, ev: ev(c.args[0]),
+    "relax.strided_slice": _strided_slice,
+    "relax.take": _take,
+    "relax.concat": lambda c, ev: np.concatenate([ev(f) for f in c.args[0].fields], axis=int(c.attrs.axis)),
+    "relax.tril": lambda c, ev: np.tril(ev(c.args[0]), static_ints(c.args[1])[0]),
+    "relax.triu": lambda c, ev: np.triu(ev(c.args[0]), static_ints(c.args[1])[0]),
+    "relax.cumsum": _cumsum,
+    "relax.max": lambda c, ev: np.max(ev(c.args[0]), axis=_axes(c.attrs.axis), keepdims=bool(c.attrs.keepdims)),
+    "relax.min": lambda c, ev: np.min(ev(c.args[0]), axis=_axes(c.attrs.axis), keepdims=bool(c.attrs.keepdims)),
+    "relax.sum": lambda c, ev: np.sum(ev(c.args[0]), axis=_axes(c.attrs.axis), keepdims=bool(c.attrs.keepdims)),
+    "relax.index_tensor": lambda c, ev: ev(c.args[0])[tuple(ev(i) for i in c.args[1].fields)],
+    "relax.shape_to_tensor": lambda c, ev: np.array(shape_of(c.args[0].args[0]) if is_op(c.args[0], "relax.shape_of")
+                                                    else static_ints(c.args[0])),
+}
+
+
+class _NotConstant(Exception):
+    pass
+
+
+class ConstantEvaluator:
+    """The value (a numpy array) of an expression of a function that reads no parameter:
+    constants and what the importers compute from them (``arange``, ``full``, comparisons,
+    ``tril``, the index arithmetic of a causal mask, shapes), by the table above; None when it
+    reads a parameter, uses another operator, or has more than ``max_elements`` elements.
+    Values are memoized per variable (a mask shared by the layers is evaluated once)."""
+
+    def __init__(self, g: Graph, max_elements: int = 1 << 22):
+        self.g, self.max_elements, self.memo = g, max_elements, {}
+
+    def __call__(self, expr):
+        try:
+            return self._eval(expr)
+        except (_NotConstant, ValueError, TypeError, IndexError, AttributeError):
+            return None
+
+    def _eval(self, expr):
+        if expr in self.memo:
+            if self.memo[expr] is None:
+                raise _NotConstant
+            return self.memo[expr]
+        value = None
+        try:
+            value = self._compute(self.g.value(expr))
+        finally:
+            if isinstance(expr, relax.Var):
+                self.memo[expr] = value
+        return value
+
+    def _compute(self, v):
+        if isinstance(v, tvm.tirx.IntImm):  # a prim value (a Constant too)
+            raise _NotConstant
+        if isinstance(v, Constant):
+            return v.value.numpy()
+        fn = _NUMPY_OPS.get(v.op.name) if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) else None
+        shape = static_shape(v) if fn is not None else None
+        if shape is None or int(np.prod(shape)) > self.max_elements:
+            raise _NotConstant
+        out = fn(v, self._eval)
+        if out is None or tuple(np.shape(out)) != shape:
+            raise _NotConstant
+        return np.asarray(out).astype(dtype_of(v))
+
+
+__all__ = ["ConstantEvaluator", "Graph", "KERNEL_ARGS", "PARAM_NAMES", "Substitute", "calls_where", "count_var_uses",
+           "dtype_of", "emit_like", "is_entry", "is_op", "kernel_args", "param_names", "referenced_global_vars",
+           "result", "shape_of", "static_ints", "static_shape", "with_result", "without_results"]
