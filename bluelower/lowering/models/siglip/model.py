@@ -163,6 +163,9 @@ class SiglipVisionModel(nn.Module):
             return hidden, self.vision_model.head(hidden)
         return hidden
 
+    def forward(self, pixel_values: torch.Tensor):
+        return self.encode_image(pixel_values)
+
 
 def image_example_inputs(cfg: ModelConfig, device="cpu") -> tuple:
     v, r = cfg.vision, cfg.runtime
