@@ -300,7 +300,15 @@ DEFAULT_RULES = {
         "kv_cache": "float32",
         "rules": [{"role": ["attention", "mlp", "lm_head", "embedding", "vision", "projector"], "format": "int8"}],
     },
+    "w4a16kv8": {
+        "description": "provisional",
+        "kv_cache": "int8",
+        "rules": [{"role": ["lm_head", "embedding"], "format": "int8"},
+                  {"role": ["vision", "projector"], "format": "int8"},
+                  {"role": ["attention", "mlp"], "format": "int4", "group_size": 32, "search": True, "method": "gptq"}],
+    },
 }
+DEFAULT_RULES["w4a16"] = {**DEFAULT_RULES["w4a16kv8"], "kv_cache": "float32"}
 
 
 def default_recipe(mode: str) -> Recipe:

