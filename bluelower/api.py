@@ -131,7 +131,9 @@ def run(build_dir: str, *, image: str | None = None, prompt: str | None = None, 
     def sampler():
         return None if temperature == 0 and top_k == 0 and top_p == 1.0 else Sampler(temperature, top_k, top_p, seed)
 
-    stream = tokenizer.stream(skip_special_tokens=True) if tokenizer is not None and on_text is not None else None
+    # the native binary decodes and streams the text itself
+    stream = tokenizer.stream(skip_special_tokens=True) if tokenizer is not None and on_text is not None and not native \
+        else None
 
     def on_token(tok):
         if stream is not None:
@@ -142,11 +144,19 @@ def run(build_dir: str, *, image: str | None = None, prompt: str | None = None, 
     if native:
         if policy not in ("none", "relaxed"):
             raise BlueLowerError("--native implements --policy relaxed and none only")
-        ids = segments if all(isinstance(x, int) for x in segments) else None
-        if ids is None:
-            raise BlueLowerError("--native with --image and a chat prompt is not supported yet: give --prompt-ids")
-        out = _run_native(build_dir, image, ids, max_new_tokens, policy, max_patches)
+        if sampler() is not None:
+            raise BlueLowerError("--native generates greedily: drop --temperature/--top-k/--top-p, or run without --native")
+        if prompt is not None and system is not None:
+            raise BlueLowerError("--native has no --system: the binary wraps the text in the chat prompt rendered at "
+                                 "compile time, which has no system message (drop --system, or run without --native)")
+        out = _run_native(build_dir, image, segments if prompt is None else None, max_new_tokens, policy, max_patches,
+                          prompt=prompt, on_text=on_text)
         patches = image_patches(manifest, image, policy, max_patches)[0] if check else None
+        if prompt is not None:  # the binary's own encoding against build_prompt's (the reference's input)
+            ids = [i for seg in segments if isinstance(seg, list) for i in seg]
+            before = next((sum(len(s) for s in segments[:k]) for k, s in enumerate(segments) if not isinstance(s, list)),
+                          None)
+            out["prompt_match"] = out.get("prompt_ids") == ids and out.get("image_position") == before
     else:
         compiled = CompiledModel(build_dir)
         patches, grid = image_patches(compiled.manifest, image, policy, max_patches)
@@ -158,14 +168,14 @@ def run(build_dir: str, *, image: str | None = None, prompt: str | None = None, 
         rest = stream.flush()
         if rest:
             on_text(rest)
-    if tokenizer is not None:
+    if tokenizer is not None and "text" not in out:  # (the native binary's own text is kept)
         out["text"] = tokenizer.decode(out["tokens"], skip_special_tokens=True)
     if check:
         from .reports.eval_quant import check_reference
 
         ref = generate(check_reference(build_dir, weights), patches, segments, max_new_tokens, sampler=sampler())
         out["reference_tokens"] = ref.tokens
-        out["match"] = ref.tokens == out["tokens"]
+        out["match"] = ref.tokens == out["tokens"] and out.get("prompt_match", True)
     return out
 
 
@@ -190,19 +200,35 @@ class NativeRuntimeError(BlueLowerError):
     """The native runtime refused its input or failed; ``exit_code`` is its own."""
 
 
-def _run_native(build_dir, image, ids, max_new_tokens, policy, max_patches) -> dict:
+def _run_native(build_dir, image, ids, max_new_tokens, policy, max_patches, prompt=None, on_text=None) -> dict:
+    """The bundle's binary with ``ids`` (a list) or ``prompt`` (text it encodes itself);
+    ``on_text(chunk)`` gets its streamed text (``--json-stream``: one JSON line per token)."""
     from .lowering.artifacts.device import run_native
 
     extra = ("--policy", policy) + (("--max-patches", str(max_patches)) if max_patches is not None else ())
-    proc = run_native(build_dir, image, ",".join(str(i) for i in ids), max_new_tokens, as_json=True, extra=extra)
+    on_line = None
+    if on_text is not None:
+        extra += ("--json-stream",)
+
+        def on_line(line: str) -> None:
+            try:
+                msg = json.loads(line)
+            except json.JSONDecodeError:
+                return
+            if isinstance(msg, dict) and "tokens" not in msg and msg.get("text"):
+                on_text(msg["text"])
+
+    proc = run_native(build_dir, image, None if ids is None else ",".join(str(i) for i in ids), max_new_tokens,
+                      as_json=True, extra=extra, prompt=prompt, on_line=on_line)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or [f"native runtime exited with status {proc.returncode}"]
         last = lines[-1][len("error: "):] if lines[-1].startswith("error: ") else lines[-1]
         err = NativeRuntimeError(last)
         err.exit_code = proc.returncode if proc.returncode > 0 else 1
         raise err
+    lines = proc.stdout.strip().splitlines()
     try:
-        return json.loads(proc.stdout)
+        return json.loads(lines[-1] if lines else "")  # the result is the last line (--json-stream: after the tokens')
     except json.JSONDecodeError:
         raise BlueLowerError(f"native runtime printed no JSON: {proc.stdout.strip()[:200]}") from None
 

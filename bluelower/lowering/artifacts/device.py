@@ -210,10 +210,15 @@ def native_command(bundle_dir: str, args: list[str]) -> tuple[list[str], dict]:
     raise BlueLowerError(f"{bundle_dir}: cannot run a bundle for '{arch}' on {host_arch()}")
 
 
-def run_native(bundle_dir: str, image: str | None, prompt_ids: str, max_new_tokens: int, as_json: bool = True,
-               extra: tuple = ()) -> subprocess.CompletedProcess:
+def run_native(bundle_dir: str, image: str | None, prompt_ids: str | None, max_new_tokens: int, as_json: bool = True,
+               extra: tuple = (), prompt: str | None = None, on_line=None) -> subprocess.CompletedProcess:
     """Run the bundle's binary; a PNG/JPEG image is decoded here (Pillow) and handed over
-    as a temporary ``.npy`` (the native runtime reads ``.npy`` only)."""
+    as a temporary ``.npy`` (the native runtime reads ``.npy`` only).
+
+    ``prompt``: text for ``--prompt`` (the binary encodes it), instead of ``prompt_ids``
+    (``"1,2,3"``). ``on_line(line)``: called with each line of the binary's stdout as it
+    is printed (streaming, e.g. with ``--json-stream`` in ``extra``); stdout is also
+    returned whole."""
     import numpy as np
 
     tmpdir = None
@@ -228,12 +233,33 @@ def run_native(bundle_dir: str, image: str | None, prompt_ids: str, max_new_toke
         args = [os.path.abspath(bundle_dir)]
         if image is not None:
             args += ["--image", image]
-        args += ["--prompt-ids", prompt_ids, "--max-new-tokens", str(max_new_tokens)]
+        if prompt is not None:
+            args += ["--prompt", prompt]
+        elif prompt_ids is not None:
+            args += ["--prompt-ids", prompt_ids]
+        args += ["--max-new-tokens", str(max_new_tokens)]
         if as_json:
             args.append("--json")
         args += list(extra)
         cmd, env = native_command(bundle_dir, args)
-        return subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if on_line is None:
+            return subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace")
+        with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty stderr cannot block the binary
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True, encoding="utf-8",
+                                    errors="replace", bufsize=1)
+            lines = []
+            try:
+                for line in proc.stdout:
+                    lines.append(line)
+                    on_line(line)
+            except BaseException:  # the caller failed (or Ctrl-C): do not leave the binary running
+                proc.kill()
+                proc.wait()
+                raise
+            rc = proc.wait()
+            err.seek(0)
+            stderr = err.read().decode("utf-8", errors="replace")
+        return subprocess.CompletedProcess(cmd, rc, "".join(lines), stderr)
     finally:
         if tmpdir:
             shutil.rmtree(tmpdir, ignore_errors=True)

@@ -589,6 +589,7 @@ int run(const Args& a) {
   // The prompt as segments: --prompt-ids after the image; --prompt where the chat prompt puts it.
   double t_tok = now();
   std::vector<Segment> segs;
+  int64_t image_position = img ? 0 : -1;  // prompt ids before the image's rows
   if (a.has_prompt) {
     if (!tok->encode_unsupported().empty())
       throw Error(b.dir + "/tokenizer.json cannot be encoded natively (" + tok->encode_unsupported() +
@@ -596,7 +597,10 @@ int run(const Args& a) {
     segs = text_prompt(*tok, *tinfo, a.prompt, img != nullptr, twhat);
     if (img) segs = wrap_image(*tok, *tinfo, std::move(segs), twhat);
     ids.clear();
-    for (auto& seg : segs) ids.insert(ids.end(), seg.ids.begin(), seg.ids.end());
+    for (auto& seg : segs) {
+      if (seg.image) image_position = int64_t(ids.size());
+      ids.insert(ids.end(), seg.ids.begin(), seg.ids.end());
+    }
     for (int64_t id : ids)
       if (id < 0 || id >= vocab) throw Error("the encoded prompt has id " + std::to_string(id) + " outside [0, " + std::to_string(vocab) + ")");
   } else {
@@ -791,6 +795,7 @@ int run(const Args& a) {
       out += ", \"prompt_ids\": [";
       for (size_t i = 0; i < ids.size(); ++i) out += (i ? ", " : "") + std::to_string(ids[i]);
       out += "]";
+      if (image_position >= 0) out += ", \"image_position\": " + std::to_string(image_position);
     }
     out += ", \"prompt_rows\": " + std::to_string(n) + ", \"image_tokens\": " + std::to_string(n_image);
     if (grid_m) out += ", \"grid\": [" + std::to_string(grid_m) + ", " + std::to_string(grid_n) + "], \"patches\": " + std::to_string(k_patches);
