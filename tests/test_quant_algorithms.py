@@ -229,8 +229,8 @@ def test_fake_quantization_uses_the_kernels_weights_and_restores_the_model():
     from bluelower.lowering.quant.evaluate import fake_quantized, reference, score_text
 
     model = tiny_llama(tied=True)
-    table = model.model.embed_tokens.weight
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    table = before["model.embed_tokens.weight"]
     ids = torch.randint(0, 96, (32,), generator=torch.Generator().manual_seed(2))
     ref = reference(model, ids)
     r = recipe_from_data({"rules": [{"role": "embedding", "use": "table", "format": "int8"},
@@ -243,9 +243,9 @@ def test_fake_quantization_uses_the_kernels_weights_and_restores_the_model():
         # the tied table is untied: lookups INT8 rows, logits INT4
         assert model.lm_head.weight is not model.model.embed_tokens.weight
         np.testing.assert_array_equal(model.model.embed_tokens.weight.detach().numpy(),
-                                      fake_quantize(table.detach().numpy(), weight_format("int8"), "table"))
+                                      fake_quantize(table.numpy(), weight_format("int8"), "table"))
         np.testing.assert_array_equal(model.lm_head.weight.detach().numpy(),
-                                      fake_quantize(table.detach().numpy(), weight_format("int4")))
+                                      fake_quantize(table.numpy(), weight_format("int4")))
         score = score_text(model, ids, ref)
     parts = report.part_bytes()
     assert parts["table"] == 96 * 64 + 4 * 96  # int8 rows + float32 scales

@@ -301,11 +301,13 @@ DEFAULT_RULES = {
         "rules": [{"role": ["attention", "mlp", "lm_head", "embedding", "vision", "projector"], "format": "int8"}],
     },
     "w4a16kv8": {
-        "description": "provisional",
+        "description": "decoder linears INT4 asymmetric group 32 with the scale/clip search; the logits' weight "
+                       "and the token table INT8 per row; vision INT8; INT8 KV cache",
         "kv_cache": "int8",
-        "rules": [{"role": ["lm_head", "embedding"], "format": "int8"},
+        "rules": [{"role": "lm_head", "format": "int8"},
+                  {"role": "embedding", "use": "table", "format": "int8"},
                   {"role": ["vision", "projector"], "format": "int8"},
-                  {"role": ["attention", "mlp"], "format": "int4", "group_size": 32, "search": True, "method": "gptq"}],
+                  {"role": ["attention", "mlp"], "format": "int4_asym", "group_size": 32, "search": True}],
     },
 }
 DEFAULT_RULES["w4a16"] = {**DEFAULT_RULES["w4a16kv8"], "kv_cache": "float32"}
