@@ -106,7 +106,165 @@ def test_write_beyond_capacity_is_a_runtime_error():
     np.testing.assert_array_equal(args[0].numpy(), before)  # nothing was written
 
 
+# --- the ONNX spellings: stacked by concat(expand_dims(layer, 0)), one layer by expand_dims ---
+
+
+@I.ir_module
+class OnnxStackedCache:
+    @R.function
+    def main(cache: R.Tensor((2, 2, 1, 8, 4), "float32"), index: R.Tensor((2, 1, 1, 4), "int64"),
+             new0: R.Tensor((2, 1, 1, 4), "float32"), new1: R.Tensor((2, 1, 1, 4), "float32")):
+        with R.dataflow():
+            layer0 = R.take(cache, R.const(0, "int64"), axis=0)
+            updated0 = R.scatter_elements(layer0, index, new0, axis=2, reduction="update")
+            keys0 = R.take(updated0, R.const(0, "int64"), axis=0)
+            layer1 = R.take(cache, R.const(1, "int64"), axis=0)
+            updated1 = R.scatter_elements(layer1, index, new1, axis=2, reduction="update")
+            e0 = R.expand_dims(updated0, axis=[0])
+            e1 = R.expand_dims(updated1, axis=[0])
+            new_cache = R.concat((e0, e1), axis=0)
+            out = (keys0, new_cache)
+            R.output(out)
+        return out
+
+
+@I.ir_module
+class OneLayerCache:  # the ONNX import of a 1-layer model: no concat, the index computed from the shape
+    @R.function
+    def main(cache: R.Tensor((1, 2, 1, 8, 4), "float32"), index: R.Tensor((2, 1, 1, 4), "int64"),
+             new0: R.Tensor((2, 1, 1, 4), "float32")):
+        with R.dataflow():
+            shape = R.shape_to_tensor(R.shape_of(cache))
+            neg = R.less(R.const(0, "int64"), R.const(0, "int64"))
+            wrapped = R.add(R.const(0, "int64"), R.take(shape, R.const(0, "int64"), axis=0, mode="wrap"))
+            i = R.where(neg, wrapped, R.const(0, "int64"))
+            layer0 = R.take(cache, i, axis=0)
+            updated0 = R.scatter_elements(layer0, index, new0, axis=2, reduction="update")
+            keys0 = R.take(updated0, R.const(0, "int64"), axis=0)
+            new_cache = R.expand_dims(updated0, axis=[0])
+            out = (keys0, new_cache)
+            R.output(out)
+        return out
+
+
+@I.ir_module
+class OneLayerInPlace:
+    @T.prim_func(private=True)
+    def kv_cache_write(cache: T.Buffer((1, 2, 1, 8, 4), "float32"), index: T.Buffer((2, 1, 1, 4), "int64"),
+                       update: T.Buffer((2, 1, 1, 4), "float32")):
+        T.evaluate(0)
+
+    @R.function
+    def main(cache: R.Tensor((1, 2, 1, 8, 4), "float32"), index: R.Tensor((2, 1, 1, 4), "int64"),
+             new0: R.Tensor((2, 1, 1, 4), "float32")):
+        cls = OneLayerInPlace
+        with R.dataflow():
+            cache1 = R.call_tir_inplace(cls.kv_cache_write, (cache, index, new0),
+                                        out_ty=R.Tensor((1, 2, 1, 8, 4), "float32"), inplace_indices=[0])
+            layer0 = R.take(cache1, R.const(0, "int64"), axis=0)
+            keys0 = R.take(layer0, R.const(0, "int64"), axis=0)
+            out = (keys0, cache1)
+            R.output(out)
+        return out
+
+
+def test_golden_onnx_stacking():
+    expected = tvm.IRModule(dict(InPlaceCache.functions_items()))
+    expected.update_func(expected.get_global_var("kv_cache_write"), _writer(0))
+    expected.update_func(expected.get_global_var("kv_cache_write1"), _writer(1))
+    tvm.ir.assert_structural_equal(without_results(PlanKVCache()(OnnxStackedCache)), expected)
+
+
+def test_golden_one_layer():
+    after = PlanKVCache()(OneLayerCache)
+    expected = tvm.IRModule(dict(OneLayerInPlace.functions_items()))
+    expected.update_func(expected.get_global_var("kv_cache_write"),
+                         kv_cache_write(cache_shape=(1, 2, 1, 8, 4), prefix=(0,), axis=2, update_shape=(2, 1, 1, 4)))
+    tvm.ir.assert_structural_equal(without_results(after), expected)
+    args = [tvm.runtime.tensor(a) for a in _inputs(3)[:3]]
+    args[0] = tvm.runtime.tensor(args[0].numpy()[:1].copy())
+    ref = [x.numpy() for x in _vm(OneLayerCache)["main"](*[tvm.runtime.tensor(a.numpy()) for a in args])]
+    got = [x.numpy() for x in _vm(after)["main"](*args)]
+    for a, b in zip(got, ref):
+        np.testing.assert_array_equal(a, b)
+
+
+@I.ir_module
+class ReadsOldCache:  # an attention over the cache as it was (a past-keys read) besides the update
+    @R.function
+    def main(cache: R.Tensor((1, 2, 1, 8, 4), "float32"), index: R.Tensor((2, 1, 1, 4), "int64"),
+             new0: R.Tensor((2, 1, 1, 4), "float32")):
+        with R.dataflow():
+            layer0 = R.take(cache, R.const(0, "int64"), axis=0)
+            past = R.take(layer0, R.const(0, "int64"), axis=0)
+            updated0 = R.scatter_elements(layer0, index, new0, axis=2, reduction="update")
+            new_cache = R.expand_dims(updated0, axis=[0])
+            out = (past, new_cache)
+            R.output(out)
+        return out
+
+
+@I.ir_module
+class LayerTwice:
+    @R.function
+    def main(cache: R.Tensor((2, 2, 1, 8, 4), "float32"), index: R.Tensor((2, 1, 1, 4), "int64"),
+             new0: R.Tensor((2, 1, 1, 4), "float32")):
+        with R.dataflow():
+            a = R.scatter_elements(R.take(cache, R.const(0, "int64"), axis=0), index, new0, axis=2, reduction="update")
+            b = R.scatter_elements(R.take(cache, R.const(0, "int64"), axis=0), index, new0, axis=2, reduction="update")
+            new_cache = R.concat((R.expand_dims(a, axis=[0]), R.expand_dims(b, axis=[0])), axis=0)
+            R.output(new_cache)
+        return new_cache
+
+
+@pytest.mark.parametrize("mod, reason", [
+    (ReadsOldCache, "the cache is also read as it was before its update (layer0)"),
+    (LayerTwice, "layer(s) [0] written more than once"),
+])
+def test_unplanned_function_is_left_alone_with_the_reason(mod, reason):
+    after = PlanKVCache()(mod)
+    tvm.ir.assert_structural_equal(without_results(after), mod)
+    from bluelower.passes.instruments import pass_stats
+
+    stats = pass_stats(after)["PlanKVCache"]
+    assert stats["in_place_writes"] == 0 and stats["not_planned"] == {"main": reason}
+
+
 # --- the model -------------------------------------------------------------------------
+
+
+def tiny_variant(tmp_path, shape: str) -> str:
+    """A copy of the tiny config with multi-head (``mha``), multi-query (``mqa``) attention or
+    one decoder layer (``1layer``); returns the JSON path."""
+    import json
+    import os
+
+    from bluelower.lowering.models.bluelm_v import SPEC
+
+    with open(os.path.join(SPEC.config_dir, "tiny.json"), encoding="utf-8") as fh:
+        data = json.load(fh)
+    data["name"] = f"tiny-{shape}"
+    data["decoder"].update({"mha": dict(num_kv_heads=4), "mqa": dict(num_kv_heads=1), "1layer": dict(num_layers=1)}[shape])
+    path = tmp_path / f"tiny-{shape}.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("frontend", ["torch", "onnx"])
+@pytest.mark.parametrize("shape", ["mha", "mqa", "1layer"])
+def test_every_shape_is_planned_through_both_frontends(shape, frontend, tmp_path):
+    from bluelower.lowering.frontend.importer import import_model
+    from bluelower.lowering.models import load_config
+    from bluelower.passes.instruments import pass_stats
+
+    cfg = load_config(tiny_variant(tmp_path, shape))
+    mod, _ = import_model(cfg, frontend, entries=["prefill", "decode"])
+    mod = relax.transform.DeadCodeElimination(["prefill", "decode"])(relax.transform.CanonicalizeBindings()(mod))
+    stats = pass_stats(PlanKVCache()(mod))["PlanKVCache"]
+    layers = cfg.decoder.num_layers
+    assert stats["per_function"] == {"prefill": layers, "decode": layers} and "not_planned" not in stats
+
+
 
 
 def _lowered_decode(disabled=()):

@@ -19,9 +19,16 @@ position) holds ``head_dim`` symmetric INT8 codes and then the row's float32 sca
 ``fused_attention(kv_int8=True)`` (dequantize ``codes * scale`` in registers while reading;
 no dequantized cache exists). Function signatures keep their parameter order; only the
 cache's type changes, so runtimes that allocate the cache from the manifest's
-``kv_cache.shape/dtype`` keep working. All-or-nothing over the module: if any function's
-cache flow does not match, nothing is changed (``converted: 0`` with a ``reason``), so
-prefill and decode always agree on the cache type.
+``kv_cache.shape/dtype`` keep working. Any layer count and KV-head layout (MHA, GQA, MQA).
+
+All-or-nothing over the module, so prefill and decode always agree on the cache type: if
+any function holding a KV cache cannot be converted (its flow does not match, or its update
+was not made in place: PlanKVCache's ``not_planned`` reason), then with ``required`` (the
+build asked for the INT8 cache: ``--quant w4a16kv8``, the pipeline's default) the pass fails
+with one :class:`BlueLowerError` line naming the function and the reason, instead of a build
+that silently keeps a float32 cache; with ``required=False`` nothing is changed and the stats
+say why (``converted: 0``, ``reason``). A module with no KV cache at all (a vision tower)
+is not an error: ``converted: 0``, ``reason: "no KV cache found"``.
 
 Stats: ``layers``, ``functions``, ``bytes_per_token`` (all layers, K and V, codes +
 scales), ``fp32_bytes_per_token``, ``cache_bytes``, ``shape``, ``dtype``. The manifest's
@@ -33,13 +40,20 @@ from __future__ import annotations
 import json
 
 import tvm
+import tvm_ffi
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ..errors import BlueLowerError
 from ..lowering.kernels.attention import KV_SCALE_BYTES, fused_attention, kv_cache_write_int8
 from ..lowering.quant.modes import KV_INT8_LAYOUT
-from .instruments import with_stats
-from .ir_utils import emit_like, is_op, kernel_args, referenced_global_vars, shape_of, with_result
+from .instruments import pass_stats, with_stats
+from .ir_utils import Graph, emit_like, is_op, kernel_args, referenced_global_vars, shape_of, with_result
+from .plan_kv_cache import functional_cache_writes
+
+# A pass raising a user error runs inside TVM's pass machinery: registered, the error keeps
+# its type (one line, exit code) through the FFI boundary instead of becoming a RuntimeError.
+tvm_ffi.register_error(BlueLowerError)
 
 def _int8_shape(shape) -> tuple:
     return tuple(shape[:-1]) + (shape[-1] + KV_SCALE_BYTES,)
@@ -155,21 +169,34 @@ class _Rewriter(PyExprMutator):  # pylint: disable=abstract-method
 class QuantizeKVCache:  # pylint: disable=too-few-public-methods
     """Store the KV cache as INT8 (see the module docstring)."""
 
+    def __init__(self, required: bool = True):
+        self.required = required
+
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        plans = {}
+        plans, reasons = {}, {}
+        not_planned = pass_stats(mod).get("PlanKVCache", {}).get("not_planned", {})
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function):
                 continue
             plan, reason = _plan_function(mod, func)
-            if plan is False:
-                continue
-            if plan is None:
-                return with_stats(mod, "QuantizeKVCache", converted=0, reason=f"{gv.name_hint}: {reason}")
-            plans[gv] = plan
+            if plan is False and functional_cache_writes(Graph(func), func):
+                why = not_planned.get(gv.name_hint, "PlanKVCache did not run")
+                reasons[gv.name_hint] = f"its KV cache update is not in place ({why})"
+            elif plan is None:
+                reasons[gv.name_hint] = reason
+            elif plan is not False:
+                plans[gv] = plan
         shapes = {shape_of(p.param) for p in plans.values()}
-        if not plans or len(shapes) != 1:
-            return with_stats(mod, "QuantizeKVCache", converted=0,
-                              reason="no KV cache found" if not plans else "functions disagree on the cache shape")
+        if not reasons and len(shapes) > 1:
+            reasons = {"the functions": f"they disagree on the cache shape {sorted(shapes)}"}
+        if reasons:
+            name, reason = next(iter(sorted(reasons.items())))
+            if self.required:
+                raise BlueLowerError(f"QuantizeKVCache: the INT8 KV cache (--quant w4a16kv8) cannot be built: {name}: "
+                                     f"{reason}; compile with --quant w4a16 for a float32 cache")
+            return with_stats(mod, "QuantizeKVCache", converted=0, reason=f"{name}: {reason}")
+        if not plans:
+            return with_stats(mod, "QuantizeKVCache", converted=0, reason="no KV cache found")
         shape = next(iter(shapes))
         new_shape = _int8_shape(shape)
         new_ty = relax.TensorType(new_shape, "int8")
