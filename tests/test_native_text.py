@@ -380,7 +380,7 @@ def test_aarch64_prompt_under_qemu(tmp_path):
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (apt-get install -y g++-aarch64-linux-gnu qemu-user)")
     bundle = _build(_llama_checkpoint(str(tmp_path / "ckpt")), str(tmp_path / "b"), "dimensity9300",
-                    "--kv-capacity", "64", "--prefill-chunk", "16")
+                    "--kv-capacity", "128", "--prefill-chunk", "16")
     prompt = "Café? What is in this picture?"
     out = api.run(bundle, prompt=prompt, max_new_tokens=6, native=True, check=True)
     assert out["arch"] == "aarch64"

@@ -592,8 +592,7 @@ int run(const Args& a) {
   int64_t image_position = img ? 0 : -1;  // prompt ids before the image's rows
   if (a.has_prompt) {
     if (!tok->encode_unsupported().empty())
-      throw Error(b.dir + "/tokenizer.json cannot be encoded natively (" + tok->encode_unsupported() +
-                  "): give --prompt-ids");
+      throw Error(tok->encode_unsupported() + ", so --prompt cannot be encoded natively: give --prompt-ids");
     segs = text_prompt(*tok, *tinfo, a.prompt, img != nullptr, twhat);
     if (img) segs = wrap_image(*tok, *tinfo, std::move(segs), twhat);
     ids.clear();
