@@ -118,14 +118,16 @@ def _strip(m: _Match, expr, scale: list | None = None, leading: bool = True):
         src, out, name = shape_of(c.args[0]), shape_of(c), c.op.name
         if src is None or out is None:
             return expr
-        if name == "relax.multiply" or name == "relax.divide":
-            sides = ((0, 1), (1, 0)) if name == "relax.multiply" else ((0, 1),)
-            factor = next(((x, m.scalar(c.args[s])) for x, s in sides if m.scalar(c.args[s]) is not None
-                           and shape_of(c.args[x]) == out), None)
-            if scale is None or factor is None:
+        if name in ("relax.multiply", "relax.divide"):
+            if scale is None:
                 return expr
-            scale[0] *= factor[1] if name == "relax.multiply" else 1.0 / factor[1]
-            expr = c.args[factor[0]]
+            sides = ((0, 1), (1, 0)) if name == "relax.multiply" else ((0, 1),)
+            x, k = next(((x, k) for x, k in sides if shape_of(c.args[x]) == out and m.scalar(c.args[k]) is not None),
+                        (None, None))
+            if x is None:
+                return expr
+            scale[0] *= m.scalar(c.args[k]) if name == "relax.multiply" else 1.0 / m.scalar(c.args[k])
+            expr = c.args[x]
             continue
         if name in ("relax.broadcast_to", "relax.astype"):
             if src != out or dtype_of(c) != dtype_of(c.args[0]):
@@ -196,7 +198,6 @@ def _key_source(m: _Match, kt, scale: list) -> _KVSource:
     kt = _strip(m, kt, scale)
     rank = len(shape_of(kt))
     perm = m.call(kt, "relax.permute_dims")
-    axes = None
     if perm is not None:
         axes = [int(a) for a in perm.attrs.axes] if perm.attrs.axes is not None else list(range(rank))[::-1]
         swapped = axes[:-2] + [axes[-1], axes[-2]]
@@ -282,6 +283,10 @@ class _Mask:
     def __init__(self, cond=None, blocked=False, add=None, allowed=None, tensor=None):
         self.cond, self.blocked, self.add, self.allowed, self.tensor = cond, blocked, add, allowed, tensor
 
+    def expr(self):
+        """The graph's expression of this mask (its shape is the mask's)."""
+        return self.add if self.add is not None else self.tensor if self.tensor is not None else self.cond
+
 
 def _reaches_qk(m: _Match, expr, depth: int = 12) -> bool:
     """``expr`` leads (through views, factors, masks) to a matmul: the scores side of an add."""
@@ -312,7 +317,8 @@ def _additive(m: _Match, a) -> _Mask:
 
 
 def _scores(m: _Match, s, masks: list, scale: list):
-    """The softmax input -> ``(matmul(Q, Kᵀ), masks)``; ``scale`` collects the constant factors."""
+    """The softmax input -> its ``matmul(Q, Kᵀ)``; the masks above it go into ``masks``, the
+    constant factors into ``scale``."""
     factored = False  # a factor seen above: it would scale an additive mask below it
     while True:
         s = _strip(m, s)
@@ -494,7 +500,7 @@ def match_attention(m: _Match, out_call) -> Attention | None:
     kv_heads, _batch = k_lay
     causal, additive = None, []
     for mask in masks:
-        x = mask.add if mask.add is not None else mask.tensor if mask.tensor is not None else mask.cond
+        x = mask.expr()
         if not _mask_shape_ok(shape_of(x), q_len, kv_len):
             raise _NoMatch(f"a per-head or per-batch mask {list(shape_of(x) or ())} (the kernel takes one "
                            f"[{q_len}, {kv_len}] mask for all heads)")
@@ -510,8 +516,7 @@ def match_attention(m: _Match, out_call) -> Attention | None:
             additive.append(mask)
     mask_shape = None
     if additive:
-        shapes = [shape_of(x.add if x.add is not None else x.tensor if x.tensor is not None else x.cond)
-                  for x in additive]
+        shapes = [shape_of(x.expr()) for x in additive]
         rank = max(len(s) for s in shapes)
         mask_shape = tuple(np.broadcast_shapes(*[(1,) * (rank - len(s)) + tuple(s) for s in shapes]))
     return Attention(q=q, k=k_src, v=v_src, causal=causal, additive=additive, mask_shape=mask_shape,
