@@ -58,6 +58,22 @@ def eager_attention_forward(query, key, value, attention_mask, scaling, n_rep):
     return attn_output.transpose(1, 2).contiguous()
 
 
+def siglip_eager_attention_forward(query, key, value, attention_mask, scaling, training=False):
+    """transformers' SigLIP ``eager_attention_forward`` (models/siglip/modeling_siglip.py)."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=0.0, training=training)
+    attn_output = torch.matmul(attn_weights, value)
+    return attn_output.transpose(1, 2).contiguous()
+
+
+class SiglipEager(torch.nn.Module):
+    def forward(self, q, k, v):
+        return siglip_eager_attention_forward(q, k, v, None, D**-0.5)
+
+
 def causal_mask(kind: str, t: int, device, positions=None):
     """The causal masks of the wild: ``(kind of mask, tensor)`` for a [T, T] attention."""
     i = torch.arange(t, device=device)
@@ -211,7 +227,7 @@ CASES = {
     "sdpa_mqa_enable_gqa": (lambda: Sdpa(1, gqa="enable_gqa"), lambda: _inputs(1), dict(causal=True, mask=False, rep=4)),
     "sdpa_bool_mask": (lambda: Sdpa(2, "mask"), lambda: _inputs(2, "bool"), dict(causal=False, mask=True, rep=2)),
     "sdpa_float_mask": (lambda: Sdpa(4, "mask"), lambda: _inputs(4, "additive"), dict(causal=False, mask=True, rep=1)),
-    "siglip_bidirectional": (lambda: Eager(4), lambda: _inputs(4), dict(causal=False, mask=False, rep=1)),
+    "siglip_bidirectional": (lambda: SiglipEager(), lambda: _inputs(4), dict(causal=False, mask=False, rep=1)),
 }
 # The TorchScript ONNX exporter has no enable_gqa (torch raises); everything else goes both ways.
 ONNX_CASES = [c for c in CASES if "enable_gqa" not in c]
