@@ -268,7 +268,7 @@ def test_full_android_build_with_a_fake_ndk(tmp_path):
         pytest.skip("aarch64-linux-gnu-g++ or cmake not installed")
     make_fake_ndk(str(tmp_path / "ndk"), api=29)
     libdir = os.path.dirname(gnu.aarch64_runtime_libs()["libtvm_runtime.so"])
-    proc = _cli("-q", "build", "--model", "tiny", "--ndk", "ndk", "--android-api", "29", "--tvm-runtime-dir", libdir,
+    proc = _cli("-q", "build", "--model", "tiny", "--quant", "fp32", "--ndk", "ndk", "--android-api", "29", "--tvm-runtime-dir", libdir,
                 "-o", "out", "--json", cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout)
