@@ -133,10 +133,10 @@ def follow_stored_rows(rows: np.ndarray, stored: np.ndarray, where: str) -> np.n
         bad = bad[..., 0] | ((step > 1) | (step == 1) & ~tie).any(axis=-1)
         if bad.any():
             at = tuple(int(i) for i in np.argwhere(bad)[0])
+            got, want = stored[at][:6].tolist(), own[at][:6].tolist()
             raise BlueLowerError(f"run --check: the build's INT8 KV cache row {where}{list(at)} is not the "
-                                 f"reference's quantization of that row (codes {stored[at][:d][:6].tolist()}... vs "
-                                 f"{own[at][:d][:6].tolist()}..., scale {float(s_build[at][0]):.6g} vs {float(s_own[at][0]):.6g}): "
-                                 "a bug of the INT8 KV-cache write")
+                                 f"reference's quantization of that row (codes {got}... vs {want}..., scale "
+                                 f"{float(s_build[at][0]):.6g} vs {float(s_own[at][0]):.6g}): a bug of the INT8 KV-cache write")
     return dequantize_kv_rows(stored)
 
 
