@@ -29,6 +29,7 @@ import json
 import os
 import sys
 import time
+import zlib
 
 import numpy as np
 
@@ -185,7 +186,7 @@ def offgrid_perturbation(seed: int = 0):
         w = np.asarray(w, np.float32)
         if w.ndim != 2 or w.shape[1] % 32:
             return w
-        rng = np.random.default_rng([seed, abs(hash(name)) % (1 << 31)])
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         g = w.reshape(w.shape[0], -1, 32)
         if "embed_tokens" in name:
             step = np.abs(g).max(axis=2, keepdims=True) / 127

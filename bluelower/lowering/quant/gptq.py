@@ -102,6 +102,14 @@ def _round_column(w, s32, inv, m32, kind: str):
     return q, q * s32
 
 
+def _reciprocal(s32):
+    """``1 / s`` in float32, 0 where ``s == 0`` (kernels/quant.py's rule: a zero group has code 0)."""
+    import torch
+
+    safe = torch.where(s32 != 0, s32, torch.ones_like(s32))
+    return torch.where(s32 != 0, 1.0 / safe, torch.zeros_like(s32))
+
+
 def _inverse_cholesky(h, damp: float):
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; the damping is raised
     tenfold (at most 4 times) while the factorization fails."""
@@ -167,6 +175,7 @@ def gptq_codes(w: np.ndarray, hessian, fmt: WeightFormat, *, act_order: bool = F
     block = max(gs, block_size // gs * gs)
     s32_all = torch.from_numpy(scales.astype(np.float32))
     m32_all = torch.from_numpy(mins.astype(np.float32)) if mins is not None else None
+    inv_all = _reciprocal(s32_all)
     for b0 in range(0, k_pad, block):
         b1 = min(b0 + block, k_pad)
         W1 = W[:, b0:b1].clone()
@@ -179,14 +188,14 @@ def gptq_codes(w: np.ndarray, hessian, fmt: WeightFormat, *, act_order: bool = F
                 if col % gs == 0:  # a new group: its scale from the current (error-updated) weights
                     s, m = _group_params(np.ascontiguousarray(W1[:, i:i + gs].numpy()), fmt)
                     scales[:, g], s32_all[:, g] = s[:, 0], torch.from_numpy(s[:, 0].astype(np.float32))
+                    inv_all[:, g] = _reciprocal(s32_all[:, g])
                     if mins is not None:
                         mins[:, g], m32_all[:, g] = m[:, 0], torch.from_numpy(m[:, 0].astype(np.float32))
             else:
                 g = int(perm[col]) // gs
-            s32 = s32_all[:, g]
-            inv = torch.where(s32 != 0, 1.0 / torch.where(s32 != 0, s32, torch.ones_like(s32)), torch.zeros_like(s32))
             wcol = W1[:, i]
-            code, qcol = _round_column(wcol, s32, inv, m32_all[:, g] if m32_all is not None else None, fmt.kind)
+            code, qcol = _round_column(wcol, s32_all[:, g], inv_all[:, g],
+                                       m32_all[:, g] if m32_all is not None else None, fmt.kind)
             codes[:, col] = code
             e = (wcol - qcol) / h1[i, i]
             W1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
