@@ -172,11 +172,30 @@ def run(build_dir: str, *, image: str | None = None, prompt: str | None = None, 
         out["text"] = tokenizer.decode(out["tokens"], skip_special_tokens=True)
     if check:
         from .reports.eval_quant import check_reference
+        from .runtime_stubs.generate import reference_for_build
 
         ref = generate(check_reference(build_dir, weights), patches, segments, max_new_tokens, sampler=sampler())
         out["reference_tokens"] = ref.tokens
         out["match"] = ref.tokens == out["tokens"] and out.get("prompt_match", True)
+        if manifest.get("quant", "fp32") != "fp32" and not native:
+            out["vs_fp32"] = _distance_to_fp32(compiled, reference_for_build(build_dir, weights), patches, segments,
+                                               out["tokens"])
     return out
+
+
+def _distance_to_fp32(compiled, fp32, patches, segments, tokens) -> dict:
+    """How far a quantized build is from the fp32 model on the tokens it generated, both
+    teacher-forced on them: top-1 agreement (the fp32 model's argmax is the build's token) and
+    the largest logit difference."""
+    import numpy as np
+
+    from .runtime_stubs.generate import generate
+
+    ours = generate(compiled, patches, segments, len(tokens), forced=tokens, keep_logits=True).logits
+    theirs = generate(fp32, patches, segments, len(tokens), forced=tokens, keep_logits=True).logits
+    agree = float(np.mean(np.argmax(theirs, axis=-1) == np.asarray(tokens)))
+    return {"top1_agreement": round(agree, 4), "max_logit_error": float(np.abs(ours - theirs).max()),
+            "fp32_greedy_equal": bool(np.all(np.argmax(theirs, axis=-1) == np.asarray(tokens)))}
 
 
 def _wrap_image(tokenizer, segments: list, wrap) -> list:
@@ -200,6 +219,20 @@ class NativeRuntimeError(BlueLowerError):
     """The native runtime refused its input or failed; ``exit_code`` is its own."""
 
 
+def _stream_reader(on_text):
+    """A line callback for the binary's ``--json-stream``: each token's text to ``on_text``."""
+
+    def on_line(line: str) -> None:
+        try:
+            msg = json.loads(line)
+        except json.JSONDecodeError:
+            return
+        if isinstance(msg, dict) and "tokens" not in msg and msg.get("text"):
+            on_text(msg["text"])
+
+    return on_line
+
+
 def _run_native(build_dir, image, ids, max_new_tokens, policy, max_patches, prompt=None, on_text=None) -> dict:
     """The bundle's binary with ``ids`` (a list) or ``prompt`` (text it encodes itself);
     ``on_text(chunk)`` gets its streamed text (``--json-stream``: one JSON line per token)."""
@@ -209,15 +242,7 @@ def _run_native(build_dir, image, ids, max_new_tokens, policy, max_patches, prom
     on_line = None
     if on_text is not None:
         extra += ("--json-stream",)
-
-        def on_line(line: str) -> None:
-            try:
-                msg = json.loads(line)
-            except json.JSONDecodeError:
-                return
-            if isinstance(msg, dict) and "tokens" not in msg and msg.get("text"):
-                on_text(msg["text"])
-
+        on_line = _stream_reader(on_text)
     proc = run_native(build_dir, image, None if ids is None else ",".join(str(i) for i in ids), max_new_tokens,
                       as_json=True, extra=extra, prompt=prompt, on_line=on_line)
     if proc.returncode != 0:

@@ -143,7 +143,12 @@ def run_cmd(build_dir, image, prompt, system, prompt_ids, max_new_tokens, temper
             click.echo("tokens: " + " ".join(str(t) for t in out["tokens"]))
         if check:
             click.echo("reference: " + " ".join(str(t) for t in out["reference_tokens"]))
-            click.echo("check: " + ("tokens match PyTorch" if out["match"] else "MISMATCH against PyTorch"))
+            click.echo("check: " + ("tokens match PyTorch" if out["match"] else "MISMATCH against PyTorch")
+                       + " (same precision: the build's dequantized weights)" * ("vs_fp32" in out))
+            if "vs_fp32" in out:
+                d = out["vs_fp32"]
+                click.echo(f"vs fp32: top-1 agreement {d['top1_agreement']:.1%}, max logit error "
+                           f"{d['max_logit_error']:.3g} (the fp32 model teacher-forced on these tokens)")
     if check and not out["match"]:
         click.echo("error: generated tokens differ from the PyTorch reference", err=True)
         sys.exit(4)

@@ -354,6 +354,46 @@ def test_cli_run_check_on_quantized_build(tiny_w4_build, tiny_image):
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["match"] is True and data["tokens"] == data["reference_tokens"]
+    # and how far the build is from the fp32 model (the seeded weights), teacher-forced on its tokens
+    d = data["vs_fp32"]
+    assert 0.0 <= d["top1_agreement"] <= 1.0 and d["fp32_greedy_equal"] == (d["top1_agreement"] == 1.0)
+    # recomputed here: the seeded fp32 model and the build, both teacher-forced on the build's tokens
+    # (random tiny weights of std 0.3 through INT4: errors of several logits are expected)
+    from bluelower.api import image_patches
+    from bluelower.runtime_stubs.generate import CompiledModel, TorchReference, generate
+    from bluelower.lowering.models import load_config
+
+    compiled = CompiledModel(out)
+    patches = image_patches(compiled.manifest, tiny_image, "relaxed", None)[0]  # run's default policy
+    toks = data["tokens"]
+    ours = generate(compiled, patches, [1, 2, 3, 40, 77], len(toks), forced=toks, keep_logits=True).logits
+    fp32 = generate(TorchReference(load_config("tiny")), patches, [1, 2, 3, 40, 77], len(toks), forced=toks,
+                    keep_logits=True).logits
+    assert d["max_logit_error"] > 0
+    assert abs(d["max_logit_error"] - float(np.abs(ours - fp32).max())) < 1e-4
+    assert abs(d["top1_agreement"] - float(np.mean(np.argmax(fp32, -1) == np.asarray(toks)))) < 1e-3
+
+
+def test_teacher_forced_generation_reproduces_greedy(tiny_w4_build, tiny_image):
+    from bluelower.runtime_stubs.generate import CompiledModel, generate
+    from bluelower.runtime_stubs.image import load_image, preprocess_image
+
+    out, _ = tiny_w4_build
+    compiled = CompiledModel(out)
+    rt = compiled.manifest["runtime"]
+    patches = preprocess_image(load_image(tiny_image), grid=None, image_size=rt["image_size"],
+                               mean=tuple(rt["image_mean"]), std=tuple(rt["image_std"]))
+    greedy = generate(compiled, patches, [5, 17, 42, 7], 8, keep_logits=True)
+    forced = generate(compiled, patches, [5, 17, 42, 7], 8, forced=greedy.tokens, keep_logits=True)
+    assert forced.tokens == greedy.tokens
+    assert greedy.logits.shape == (len(greedy.tokens), compiled.manifest["model"]["decoder"]["vocab_size"])
+    np.testing.assert_array_equal(forced.logits, greedy.logits)
+    assert list(np.argmax(greedy.logits, axis=-1)) == greedy.tokens
+    other = [(t + 1) % greedy.logits.shape[1] for t in greedy.tokens]  # forcing other tokens changes later logits
+    moved = generate(compiled, patches, [5, 17, 42, 7], 8, forced=other, keep_logits=True)
+    assert moved.tokens == other[: len(moved.tokens)]
+    np.testing.assert_array_equal(moved.logits[0], greedy.logits[0])
+    assert not np.array_equal(moved.logits[1:], greedy.logits[1:len(moved.tokens)])
 
 
 def test_param_names_attribute_follows_the_new_signature():

@@ -27,6 +27,7 @@ class GenerationResult:
     prompt_rows: int = 0
     image_tokens: int = 0
     first_logits: np.ndarray | None = None
+    logits: np.ndarray | None = None  # [steps, vocab] with keep_logits
 
     def to_json(self) -> dict:
         return {
@@ -71,13 +72,15 @@ def _segments(patches, prompt) -> list:
 
 
 def generate(backend: _Backend, patches: np.ndarray | None, prompt, max_new_tokens: int, sampler=None,
-             on_token=None) -> GenerationResult:
+             on_token=None, forced=None, keep_logits: bool = False) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens, stopping at the backend's stop ids.
 
     ``patches`` [k, 3, S, S] float32 (normalized) or None. ``prompt``: token ids (the image
     goes first) or segments, lists of ids and one image marker where the image's rows go
     (``text.build_prompt``). ``sampler``: ``text.Sampler`` (default greedy). ``on_token(id)``
-    is called with each new token as it is produced (streaming)."""
+    is called with each new token as it is produced (streaming). ``forced``: teacher-force
+    these tokens instead (the result's tokens are them; the logits are the model's at each).
+    ``keep_logits``: the result's ``logits`` holds every step's logits row."""
     timings = {"image_encode": 0.0, "embed": 0.0, "prefill": 0.0, "decode": 0.0}
     if max_new_tokens < 1:
         raise BlueLowerError("--max-new-tokens must be at least 1")
@@ -132,14 +135,24 @@ def generate(backend: _Backend, patches: np.ndarray | None, prompt, max_new_toke
     t3 = time.perf_counter()
     first_logits = np.array(logits, copy=True)
     pick = (lambda lg: int(np.argmax(lg[0]))) if sampler is None else (lambda lg: int(sampler.sample(lg[0])))
-    stop = getattr(backend, "stop_ids", None) or frozenset([backend.eos])
-    tokens = [pick(logits)]
+    if forced is not None:
+        forced = [int(t) for t in forced]
+        max_new_tokens = min(max_new_tokens, len(forced))
+        pick = lambda _lg: forced[len(tokens)]  # noqa: E731
+        stop = frozenset()
+    else:
+        stop = getattr(backend, "stop_ids", None) or frozenset([backend.eos])
+    kept = [first_logits[0]] if keep_logits else None
+    tokens: list = []
+    tokens.append(pick(logits))
     if on_token is not None:
         on_token(tokens[-1])
     position = n
     while len(tokens) < max_new_tokens and tokens[-1] not in stop:
         logits = backend.decode_step(tokens[-1], position)
         position += 1
+        if kept is not None:
+            kept.append(np.array(logits[0], copy=True))
         tokens.append(pick(logits))
         if on_token is not None:
             on_token(tokens[-1])
@@ -147,7 +160,8 @@ def generate(backend: _Backend, patches: np.ndarray | None, prompt, max_new_toke
     timings.update(image_encode=t1 - t0, embed=t2 - t1, prefill=t3 - t2, decode=t4 - t3)
     if len(tokens) > 1:
         timings["decode_tokens_per_s"] = (len(tokens) - 1) / max(t4 - t3, 1e-9)
-    return GenerationResult(tokens, timings, prompt_rows=n, image_tokens=n_image, first_logits=first_logits)
+    return GenerationResult(tokens, timings, prompt_rows=n, image_tokens=n_image, first_logits=first_logits,
+                            logits=np.stack(kept) if kept is not None else None)
 
 
 def load_tokenizer(build_dir: str, manifest: dict):
@@ -260,16 +274,19 @@ class CompiledModel(_Backend):
 
 
 class TorchReference(_Backend):
-    """The PyTorch model (eager, fp32), shaped like the compiled build."""
+    """The PyTorch model (eager, fp32), shaped like the compiled build. ``weights``: a
+    safetensors path in the module's names, a weight source (``.read(name)``), or None
+    (the seeded random weights)."""
 
-    def __init__(self, cfg, weights_path: str | None = None, seed: int = 0):
+    def __init__(self, cfg, weights=None, seed: int = 0):
         import torch
 
         from ..lowering.frontend.weights import WeightSource, load_torch_model
 
         self.torch = torch
         self.cfg = cfg
-        self.model = load_torch_model(cfg, WeightSource(weights_path) if weights_path else None, seed)
+        source = WeightSource(weights) if isinstance(weights, str) else weights
+        self.model = load_torch_model(cfg, source, seed)
         r = cfg.runtime
         self.chunk, self.capacity, self.image_batch, self.eos = r.prefill_chunk, r.kv_capacity, r.image_batch, r.eos_token_id
         self.stop_ids = frozenset(cfg.stop_ids)
@@ -300,18 +317,25 @@ class TorchReference(_Backend):
         return logits.numpy()
 
 
-def reference_for_build(build_dir_or_manifest: str, weights_path: str | None = None) -> TorchReference:
-    """The PyTorch reference matching a build (its config; its weights: the build's own
-    ``params.safetensors`` when it holds fp32 weights, else ``weights_path`` or the seed)."""
+def reference_for_build(build_dir: str, weights_path: str | None = None) -> TorchReference:
+    """The fp32 PyTorch reference of a build: its config; its weights: ``weights_path``, else
+    the build's own ``params.safetensors`` when it holds fp32 weights, else the checkpoint or
+    weights file it was compiled from, else the seed."""
     from ..lowering.models import config_from_dict
 
-
-    build_dir = build_dir_or_manifest
     manifest = read_manifest(build_dir)
     cfg = config_from_dict(manifest["model"], "manifest.json:model")
     inputs = manifest.get("inputs", {})
-    if weights_path is None and manifest.get("quant") == "fp32":
-        weights_path = os.path.join(build_dir, PARAMS)  # the build's own fp32 weights
-    elif weights_path is None:
-        weights_path = inputs.get("weights_path")
-    return TorchReference(cfg, weights_path, seed=int(inputs.get("seed", 0)))
+    weights = weights_path
+    if weights is None and manifest.get("quant") == "fp32":
+        weights = os.path.join(build_dir, PARAMS)  # the build's own fp32 weights
+    elif weights is None:
+        weights = inputs.get("checkpoint") if isinstance(inputs.get("checkpoint"), str) else inputs.get("weights_path")
+        if weights is not None and not os.path.exists(weights):
+            raise BlueLowerError(f"{build_dir} was compiled from {weights}, which is gone: "
+                                 "give the fp32 weights with --weights")
+    if isinstance(weights, str) and (os.path.isdir(weights) or weights.endswith(".gguf")):
+        from ..lowering.frontend.sources import checkpoint_source
+
+        weights = checkpoint_source(weights).weights  # a Hugging Face directory or a GGUF file
+    return TorchReference(cfg, weights, seed=int(inputs.get("seed", 0)))

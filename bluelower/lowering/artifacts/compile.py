@@ -303,8 +303,8 @@ def _manifest(cfg: ModelConfig, spec, req: CompileRequest, soc, target, sigs, pa
         "inputs": {
             "config_sha256": _config_sha(cfg),
             "weights_sha256": source.sha256() if source is not None else None,
-            "weights_path": os.path.abspath(source.path) if getattr(source, "path", None) else None,
-            "checkpoint": req.checkpoint is not None,
+            "weights_path": os.path.abspath(source.path) if getattr(source, "path", None) and not req.checkpoint else None,
+            "checkpoint": os.path.abspath(req.checkpoint) if req.checkpoint else None,
             "seed": req.seed,
         },
         "runtime": {

@@ -74,6 +74,9 @@ class CheckpointWeights:
     def read(self, name: str) -> np.ndarray:
         return self.ckpt.read(self.source_of[name])
 
+    def check_against(self, expected: dict) -> None:
+        """Checked when the source was opened (every weight of ``expected`` present, shaped)."""
+
     def read_quantized(self, name: str):
         return self.ckpt.read_quantized(self.source_of[name])
 
