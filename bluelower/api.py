@@ -24,16 +24,17 @@ POLICIES = ("relaxed", "anyres", "internvl", "none")
 def compile(model="tiny", output: str = "build", *, checkpoint: str | None = None, soc: str = "host",  # noqa: A001
             quant: str = DEFAULT_QUANT, weights: str | None = None, frontend: str = "torch", dump_ir: str | None = None,
             disable_passes=(), seed: int = 0, group_size: int = DEFAULT_GROUP_SIZE, prefill_chunk: int | None = None,
-            kv_capacity: int | None = None) -> dict:
+            kv_capacity: int | None = None, force: bool = False) -> dict:
     """Compile ``model`` (a shipped config name, a JSON path or a config object; or
     ``checkpoint``: a Hugging Face directory or a GGUF file) for ``soc`` into ``output``;
-    return the manifest."""
+    return the manifest. An existing ``output`` that is not a bluelower build is refused
+    unless ``force`` (then it is moved aside to ``output.old``; docs/cli.md, "Output safety")."""
     from .lowering.artifacts.compile import CompileRequest, compile_model
 
     return compile_model(CompileRequest(model=model, weights=weights, checkpoint=checkpoint, frontend=frontend, soc=soc,
                                         out_dir=output, quant=quant, dump_ir=dump_ir,
                                         disabled_passes=tuple(disable_passes), seed=seed, group_size=group_size,
-                                        prefill_chunk=prefill_chunk, kv_capacity=kv_capacity))
+                                        prefill_chunk=prefill_chunk, kv_capacity=kv_capacity, force=force))
 
 
 def compile_module(module, entries, output: str = "build", *, name: str | None = None, roles=None,
@@ -60,14 +61,16 @@ def compile_module(module, entries, output: str = "build", *, name: str | None =
 def bundle(model="tiny", output: str = "dist", *, checkpoint: str | None = None, soc: str = "dimensity9300",
            quant: str = DEFAULT_QUANT, weights: str | None = None, seed: int = 0, tarball: str | None = None,
            ndk: str | None = None, android_api: int | None = None, tvm_runtime_dir: str | None = None,
-           tvm_source: str | None = None, kv_capacity: int | None = None, prefill_chunk: int | None = None) -> dict:
+           tvm_source: str | None = None, kv_capacity: int | None = None, prefill_chunk: int | None = None,
+           force: bool = False) -> dict:
     """A device bundle in ``output`` and its reproducible tarball; return a summary (paths,
-    tarball SHA-256, architecture, files)."""
+    tarball SHA-256, architecture, files). ``force``: as for :func:`compile`, for the
+    directory and the tarball."""
     from .lowering.artifacts.device import build_bundle
 
     return build_bundle(model=model, soc=soc, out_dir=output, quant=quant, weights=weights, seed=seed, tarball=tarball,
                         ndk=ndk, android_api=android_api, tvm_runtime_dir=tvm_runtime_dir, tvm_source=tvm_source,
-                        checkpoint=checkpoint, kv_capacity=kv_capacity, prefill_chunk=prefill_chunk)
+                        checkpoint=checkpoint, kv_capacity=kv_capacity, prefill_chunk=prefill_chunk, force=force)
 
 
 def image_patches(manifest: dict, image, policy: str = "relaxed", max_patches: int | None = None):
@@ -233,6 +236,18 @@ def _stream_reader(on_text):
     return on_line
 
 
+def _exit_status(code: int) -> str:
+    if code < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"native runtime was killed by {name}"
+    return f"native runtime exited with status {code}"
+
+
 def _run_native(build_dir, image, ids, max_new_tokens, policy, max_patches, prompt=None, on_text=None) -> dict:
     """The bundle's binary with ``ids`` (a list) or ``prompt`` (text it encodes itself);
     ``on_text(chunk)`` gets its streamed text (``--json-stream``: one JSON line per token)."""
@@ -246,7 +261,7 @@ def _run_native(build_dir, image, ids, max_new_tokens, policy, max_patches, prom
     proc = run_native(build_dir, image, None if ids is None else ",".join(str(i) for i in ids), max_new_tokens,
                       as_json=True, extra=extra, prompt=prompt, on_line=on_line)
     if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or [f"native runtime exited with status {proc.returncode}"]
+        lines = proc.stderr.strip().splitlines() or [_exit_status(proc.returncode)]
         last = lines[-1][len("error: "):] if lines[-1].startswith("error: ") else lines[-1]
         err = NativeRuntimeError(last)
         err.exit_code = proc.returncode if proc.returncode > 0 else 1

@@ -14,6 +14,8 @@ import os
 import shutil
 import tempfile
 
+from .files import track
+
 ENV = "BLUELOWER_CACHE"
 _OFF = ("off", "0", "no", "none")
 _scratch: list = []
@@ -29,7 +31,7 @@ def root() -> str:
     temporary directory of this process."""
     if not enabled():
         if not _scratch:
-            _scratch.append(tempfile.mkdtemp(prefix="bluelower-cache-"))
+            _scratch.append(track(tempfile.mkdtemp(prefix="bluelower-cache-")))  # (removed on an interrupt too)
             atexit.register(shutil.rmtree, _scratch[0], True)
         return _scratch[0]
     value = os.environ.get(ENV, "").strip()

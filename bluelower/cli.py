@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from . import __version__, api, progress
+from . import __version__, api, files, progress
 from .errors import BlueLowerError
 from .lowering.quant.modes import DEFAULT_GROUP_SIZE, DEFAULT_QUANT, MODES, QUANT_MODES
 
@@ -55,6 +55,8 @@ def echo_json(obj) -> None:
 # --- foundation commands ---
 
 _MODEL_HELP = "A shipped config (tiny, bluelm-v-3b) or a path to a .json config."
+_FORCE_HELP = ("Write even if the output path exists and is not a bluelower build: the existing directory or file is "
+               "moved aside to PATH.old (never deleted).")
 
 
 @cli.command("compile")
@@ -77,15 +79,16 @@ _MODEL_HELP = "A shipped config (tiny, bluelm-v-3b) or a path to a .json config.
               help="Rows per prefill call (default: the config's runtime.prefill_chunk); must divide the KV capacity.")
 @click.option("--kv-capacity", type=int, default=None, metavar="N",
               help="KV-cache capacity in tokens (default: the config's; a checkpoint: 2048 or its context length).")
+@click.option("--force", is_flag=True, help=_FORCE_HELP)
 def compile_cmd(model, hf, gguf, weights, frontend, soc, quant, out_dir, dump_ir, disabled, seed, prefill_chunk,
-                kv_capacity) -> None:
+                kv_capacity, force) -> None:
     """Compile a model for a SoC into an output directory (library, params, manifest)."""
     sources = [x for x in (model, hf, gguf) if x is not None]
     if len(sources) > 1:
         raise BlueLowerError("give one of --model, --hf, --gguf")
     api.compile(model or "tiny", out_dir, checkpoint=hf or gguf, soc=soc, quant=quant, weights=weights,
                 frontend=frontend, dump_ir=dump_ir, disable_passes=disabled, seed=seed, prefill_chunk=prefill_chunk,
-                kv_capacity=kv_capacity)
+                kv_capacity=kv_capacity, force=force)
 
 
 def _parse_prompt_ids(text: str) -> list[int]:
@@ -177,14 +180,15 @@ def run_cmd(build_dir, image, prompt, system, prompt_ids, max_new_tokens, temper
 @click.option("--tvm-source", default=None, metavar="DIR",
               help="With --ndk: a TVM source tree; its runtime is built with the NDK.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (paths, tarball SHA-256) as JSON.")
+@click.option("--force", is_flag=True, help=_FORCE_HELP)
 def build_cmd(model, hf, gguf, kv_capacity, prefill_chunk, soc, quant, weights, seed, out_dir, tarball, ndk, android_api,
-              tvm_runtime_dir, tvm_source, as_json) -> None:
+              tvm_runtime_dir, tvm_source, as_json, force) -> None:
     """Build a device bundle: model library, weights, native runtime + TVM runtime libs, tarball."""
     if len([x for x in (model, hf, gguf) if x is not None]) > 1:
         raise BlueLowerError("give one of --model, --hf, --gguf")
     info = api.bundle(model or "tiny", out_dir, checkpoint=hf or gguf, soc=soc, quant=quant, weights=weights, seed=seed,
                       tarball=tarball, ndk=ndk, android_api=android_api, tvm_runtime_dir=tvm_runtime_dir,
-                      tvm_source=tvm_source, kv_capacity=kv_capacity, prefill_chunk=prefill_chunk)
+                      tvm_source=tvm_source, kv_capacity=kv_capacity, prefill_chunk=prefill_chunk, force=force)
     if as_json:
         echo_json({k: v for k, v in info.items()})
     else:
@@ -334,7 +338,17 @@ def eval_quant_cmd(models, modes, tokens, group_size, seed, disabled, write_doc,
 
 
 def main() -> None:
-    cli(prog_name="bluelower")
+    """The ``bluelower`` command. SIGINT / SIGTERM end any command with one line and exit 130 /
+    143, its temporaries removed and its locks released (``files.install_signal_handlers``)."""
+    files.install_signal_handlers()
+    try:
+        cli(prog_name="bluelower")
+    except BaseException as exc:  # noqa: B036 (an interrupt may reach here as any exception type)
+        signum = files.interrupted()
+        if signum is None:
+            raise
+        # a SystemExit with an error: the command already said why, on one line
+        files.exit_interrupted(signum, message=not (isinstance(exc, SystemExit) and exc.code not in (0, None)))
 
 
 if __name__ == "__main__":

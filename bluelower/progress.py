@@ -10,6 +10,8 @@ import contextlib
 import sys
 import time
 
+from .files import check_interrupted
+
 _quiet = False
 
 
@@ -40,6 +42,7 @@ class Progress:
         self._start = time.perf_counter()
 
     def update(self, n: int = 1, item: str = "") -> None:
+        check_interrupted()  # a long loop's every step is a point where an interrupt is seen
         self.done = min(self.done + n, self.total)
         if _quiet:
             return
@@ -68,7 +71,9 @@ class Progress:
 @contextlib.contextmanager
 def step(label: str):
     """Report the start and duration of one long step."""
+    check_interrupted()
     log(f"{label} ...")
     start = time.perf_counter()
     yield
+    check_interrupted()
     log(f"{label}: {time.perf_counter() - start:.1f} s")

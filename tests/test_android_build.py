@@ -282,7 +282,9 @@ def test_full_android_build_with_a_fake_ndk(tmp_path):
     calls = open(tmp_path / "ndk" / "calls.log").read()
     assert "-shared" in calls  # model.so linked by the NDK clang++
     binary = open(tmp_path / "out" / "bin" / "bluelower-run", "rb").read()
-    assert b"$ORIGIN/../lib" in binary and cache.cache_dir().encode() not in binary  # RUNPATH: no build paths
+    assert b"$ORIGIN" not in binary and cache.cache_dir().encode() not in binary  # no RUNPATH: dlopen()s lib/ itself
+    backend = open(tmp_path / "out" / "lib" / "libbluelower_backend.so", "rb").read()
+    assert b"$ORIGIN" in backend and cache.cache_dir().encode() not in backend  # RUNPATH: no build paths
     with pytest.raises(BlueLowerError, match="Android bundle: run it on the phone"):
         device.native_command(str(tmp_path / "out"), [])
     # the fake NDK produced glibc binaries, so this bundle runs under qemu: the CMake-built
@@ -292,7 +294,7 @@ def test_full_android_build_with_a_fake_ndk(tmp_path):
         from bluelower.runtime_stubs.generate import generate, reference_for_build
 
         out = str(tmp_path / "out")
-        env = dict(os.environ, LD_LIBRARY_PATH=os.path.join(out, "lib"), TVM_NUM_THREADS="1")
+        env = dict(os.environ, TVM_NUM_THREADS="1")
         run = subprocess.run([qemu, "-L", gnu.QEMU_SYSROOT, os.path.join(out, "bin", "bluelower-run"), out,
                               "--prompt-ids", "1,2,3", "--max-new-tokens", "6", "--json"],
                              env=env, capture_output=True, text=True)

@@ -197,10 +197,21 @@ def _run(bundle, image_npy, *extra):
 
 
 def _rehash(bundle, name):
-    path = os.path.join(bundle, "manifest.json")
-    m = json.load(open(path))
+    from bluelower.lowering.artifacts.bundle import write_manifest
+
+    m = json.load(open(os.path.join(bundle, "manifest.json")))
     m["files"][name] = hashlib.sha256(open(os.path.join(bundle, name), "rb").read()).hexdigest()
-    json.dump(m, open(path, "w"), indent=2, sort_keys=True)
+    write_manifest(bundle, m)  # manifest.json and its manifest.sha256
+
+
+def _write_manifest_text(bundle, text: str) -> None:
+    """``manifest.json`` replaced by ``text``, with a matching manifest.sha256 (what is then
+    tested is the manifest's content, not its hash)."""
+    with open(os.path.join(bundle, "manifest.sha256")) as fh:
+        rest = fh.read().splitlines(keepends=True)[1:]
+    open(os.path.join(bundle, "manifest.json"), "w").write(text)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    open(os.path.join(bundle, "manifest.sha256"), "w").write(f"{digest}  manifest.json\n" + "".join(rest))
 
 
 def test_flipped_byte_in_params(broken, image_npy):
@@ -232,9 +243,9 @@ def test_bad_format_version(broken, image_npy):
     path = os.path.join(broken, "manifest.json")
     m = json.load(open(path))
     m["format_version"] = 2
-    json.dump(m, open(path, "w"))
+    _write_manifest_text(broken, json.dumps(m))
     _one_error_line(_run(broken, image_npy), "format version 2 is not supported")
-    open(path, "w").write('{"format": "bluelower-bundle", "format_version": 1, "files": {')
+    _write_manifest_text(broken, '{"format": "bluelower-bundle", "format_version": 1, "files": {')
     _one_error_line(_run(broken, image_npy), "malformed JSON")
 
 

@@ -190,14 +190,15 @@ def _one_error_line(proc: subprocess.CompletedProcess, needle: str) -> None:
 
 
 def _edited_copy(bundle: str, dest: str, edit) -> str:
-    """A copy of ``bundle`` whose manifest ``edit(manifest, dir)`` changed (manifest.json is not
-    itself hashed; edit re-hashes what it rewrites)."""
+    """A copy of ``bundle`` whose manifest ``edit(manifest, dir)`` changed (edit re-hashes the
+    files it rewrites; write_manifest re-hashes the manifest itself: manifest.sha256)."""
+    from bluelower.lowering.artifacts.bundle import write_manifest
+
     shutil.copytree(bundle, dest)
     with open(os.path.join(dest, "manifest.json")) as fh:
         manifest = json.load(fh)
     edit(manifest, dest)
-    with open(os.path.join(dest, "manifest.json"), "w") as fh:
-        json.dump(manifest, fh, indent=1, sort_keys=True)
+    write_manifest(dest, manifest)
     return dest
 
 

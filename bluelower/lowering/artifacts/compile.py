@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,8 +21,9 @@ from ..models.config import ModelConfig
 from ..quant.modes import DEFAULT_GROUP_SIZE, DEFAULT_QUANT, quant_mode
 from ..quant.params import StoredParams, format_policy, param_producer
 from ..frontend.weights import model_weight_specs, random_weight, write_safetensors
-from .bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, LIBRARY, PARAMS, TOKENIZER, commit_output, file_sha256,
-                     prepare_output, write_manifest)
+from ...files import check_interrupted
+from .bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, LIBRARY, PARAMS, TOKENIZER, OutputDir, file_sha256,
+                     write_manifest, write_marker)
 
 
 
@@ -43,6 +43,8 @@ class CompileRequest:
     group_size: int = DEFAULT_GROUP_SIZE  # INT4 group size (w4a16, w4a16kv8)
     prefill_chunk: int | None = None  # default: the config's runtime.prefill_chunk
     kv_capacity: int | None = None  # default: the config's runtime.kv_capacity
+    force: bool = False  # an existing out_dir that is not a bluelower build is moved aside (never deleted)
+    staged: bool = False  # out_dir is an empty directory the caller owns and publishes (device bundles)
 
 
 def resolve_soc(name_or_path: str):
@@ -93,7 +95,17 @@ def compile_model(req: CompileRequest) -> dict:
     source = model.weights
     target = soc.tvm_target()
 
-    tmp = prepare_output(req.out_dir)
+    if req.dump_ir:
+        out_abs, ir_abs = os.path.abspath(req.out_dir), os.path.abspath(req.dump_ir)
+        if ir_abs == out_abs or ir_abs.startswith(out_abs + os.sep):
+            raise BlueLowerError(f"--dump-ir {req.dump_ir} is inside the output directory {req.out_dir}, which the "
+                                 "build replaces: choose a directory outside it")
+    output = None
+    if req.staged:
+        tmp = req.out_dir
+    else:
+        output = OutputDir(req.out_dir, force=req.force)
+        tmp = output.open()
     try:
         with progress.step("import"):
             mod, sigs = import_model(cfg, req.frontend)  # weights bind at run time, not at import
@@ -141,11 +153,15 @@ def compile_model(req: CompileRequest) -> dict:
                 manifest[key] = value
         manifest["files"] = {f: file_sha256(os.path.join(tmp, f)) for f in files}
         write_manifest(tmp, manifest)
-        commit_output(tmp, req.out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    progress.log(f"wrote {os.path.abspath(req.out_dir)}")
+        write_marker(tmp)
+        check_interrupted()
+        if output is not None:
+            output.commit()
+    finally:
+        if output is not None:
+            output.close()
+    if not req.staged:
+        progress.log(f"wrote {os.path.abspath(req.out_dir)}")
     return manifest
 
 

@@ -27,7 +27,9 @@ import tempfile
 
 from ... import progress
 from ...errors import BlueLowerError
-from .bundle import RUNTIME_BINARY, commit_output, file_sha256, prepare_output, read_manifest, write_manifest
+from ...files import forget, temp_dir, temp_file
+from .bundle import (BACKEND_LIB, MANIFEST, RUNTIME_BINARY, OutputDir, file_sha256, read_manifest, verify_files,
+                     write_manifest)
 from .toolchains.gnu import (APT_HINT, QEMU_SYSROOT, arch_of_soc, build_runtime, compiler_id, cross_cxx, cxxflags, dist_version,
                              host_arch, runtime_libs)
 
@@ -56,31 +58,36 @@ def write_tarball(bundle_dir: str, tar_path: str, prefix: str) -> str:
         for f in files:
             entries.append((os.path.normpath(os.path.join(rel_root, f)), False))
     entries.sort()
-    tmp = tar_path + ".tmp"
-    with open(tmp, "wb") as raw:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=TARBALL_MTIME, compresslevel=9) as gz:
-            with tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar:
-                def info(name, is_dir, size=0):
-                    ti = tarfile.TarInfo(f"{prefix}/{name}" if name != "." else prefix)
-                    ti.mtime = TARBALL_MTIME
-                    ti.uid = ti.gid = 0
-                    ti.uname = ti.gname = ""
-                    ti.mode = _tar_mode(name, is_dir)
-                    ti.type = tarfile.DIRTYPE if is_dir else tarfile.REGTYPE
-                    ti.size = size
-                    return ti
+    tmp = temp_file(f".{os.path.basename(tar_path)}.bluelower-tmp-", os.path.dirname(os.path.abspath(tar_path)))
+    try:
+        with open(tmp, "wb") as raw:
+            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=TARBALL_MTIME, compresslevel=9) as gz:
+                with tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar:
+                    def info(name, is_dir, size=0):
+                        ti = tarfile.TarInfo(f"{prefix}/{name}" if name != "." else prefix)
+                        ti.mtime = TARBALL_MTIME
+                        ti.uid = ti.gid = 0
+                        ti.uname = ti.gname = ""
+                        ti.mode = _tar_mode(name, is_dir)
+                        ti.type = tarfile.DIRTYPE if is_dir else tarfile.REGTYPE
+                        ti.size = size
+                        return ti
 
-                tar.addfile(info(".", True))
-                for name, is_dir in entries:
-                    path = os.path.join(bundle_dir, name)
-                    if os.path.islink(path):
-                        raise BlueLowerError(f"{path}: symlinks are not allowed in a bundle")
-                    if is_dir:
-                        tar.addfile(info(name, True))
-                    else:
-                        with open(path, "rb") as fh:
-                            tar.addfile(info(name, False, os.path.getsize(path)), fh)
+                    tar.addfile(info(".", True))
+                    for name, is_dir in entries:
+                        path = os.path.join(bundle_dir, name)
+                        if os.path.islink(path):
+                            raise BlueLowerError(f"{path}: symlinks are not allowed in a bundle")
+                        if is_dir:
+                            tar.addfile(info(name, True))
+                        else:
+                            with open(path, "rb") as fh:
+                                tar.addfile(info(name, False, os.path.getsize(path)), fh)
+    except BaseException:
+        forget(tmp, remove=True)
+        raise
     os.replace(tmp, tar_path)
+    forget(tmp)
     return file_sha256(tar_path)
 
 
@@ -88,9 +95,10 @@ def build_bundle(model="tiny", soc: str = "host", out_dir: str = "dist", quant: 
                  weights: str | None = None, frontend: str = "torch", seed: int = 0, checkpoint: str | None = None,
                  kv_capacity: int | None = None, prefill_chunk: int | None = None,
                  tarball: str | None = None, ndk: str | None = None, android_api: int | None = None,
-                 tvm_runtime_dir: str | None = None, tvm_source: str | None = None) -> dict:
+                 tvm_runtime_dir: str | None = None, tvm_source: str | None = None, force: bool = False) -> dict:
     """Compile + native runtime + libraries -> bundle directory ``out_dir`` and a
     reproducible tarball (default ``out_dir + '.tar.gz'``). Returns a summary dict.
+    Both outputs follow docs/cli.md's "Output safety" (``force``: see :class:`OutputDir`).
 
     ``ndk``: an Android NDK; the bundle is then for arm64 Android at ``android_api``
     (default ``android.DEFAULT_API``), with the TVM runtime of ``tvm_runtime_dir`` or
@@ -119,20 +127,21 @@ def build_bundle(model="tiny", soc: str = "host", out_dir: str = "dist", quant: 
         cross_cxx(arch)  # fail early, before the long compile, if the toolchain is missing
     out_dir = os.path.abspath(out_dir.rstrip("/") or out_dir)
     tarball = os.path.abspath(tarball) if tarball else out_dir + ".tar.gz"
-    tmp = prepare_output(out_dir)
+    output = OutputDir(out_dir, force=force, tarball=tarball)
+    stage = output.open()  # locks, checks and the temporary sibling, before anything is built
     try:
         if the_ndk is None:
             libs = runtime_libs(arch)
-            binary = build_runtime(arch)
+            binary, backend = build_runtime(arch)
             libs_source = "manylinux aarch64 wheels" if arch != host_arch() else "installed python packages"
         else:
             libs, libs_source = android.runtime_libs(the_ndk, tvm_runtime_dir, tvm_source)
-            binary = android.build_runtime(the_ndk, libs)
-        stage = os.path.join(tmp, "bundle")
+            binary, backend = android.build_runtime(the_ndk, libs)
         manifest = compile_model(CompileRequest(model=model, weights=weights, frontend=frontend, soc=soc_desc,
                                                 out_dir=stage, quant=quant, seed=seed, checkpoint=checkpoint,
-                                                kv_capacity=kv_capacity, prefill_chunk=prefill_chunk))
+                                                kv_capacity=kv_capacity, prefill_chunk=prefill_chunk, staged=True))
         libs = dict(libs)
+        libs[BACKEND_LIB] = backend
         if the_ndk is not None:  # libc++_shared.so when the binary, model.so or TVM's libs need it
             libs.update(android.extra_libs(the_ndk, [binary, os.path.join(stage, "model.so"), *libs.values()]))
         lib_names = sorted(libs)
@@ -151,6 +160,7 @@ def build_bundle(model="tiny", soc: str = "host", out_dir: str = "dist", quant: 
             "binary": RUNTIME_BINARY,
             "arch": arch,
             "libs": [f"lib/{n}" for n in lib_names],
+            "backend": f"lib/{BACKEND_LIB}",
             "tvm_runtime": {"apache-tvm": dist_version("apache-tvm"), "apache-tvm-ffi": dist_version("apache-tvm-ffi"),
                             "source": libs_source},
             "compiler": compiler_id(cross_cxx(arch)) if the_ndk is None else android.compiler_id(the_ndk),
@@ -165,11 +175,10 @@ def build_bundle(model="tiny", soc: str = "host", out_dir: str = "dist", quant: 
             manifest["android"] = the_ndk.to_dict()
         write_manifest(stage, manifest)
         prefix = f"bluelower-{manifest['model'].get('name', 'model')}-{soc_desc.name}-{quant}"
-        tar_sha = write_tarball(stage, tarball, prefix)
-        # move the staged bundle into place (tmp itself is discarded)
-        commit_output(stage, out_dir)
+        tar_sha = write_tarball(stage, output.tarball_tmp, prefix)
+        output.commit()  # the directory and the tarball, together
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        output.close()
     progress.log(f"wrote {out_dir} and {tarball} (sha256 {tar_sha})")
     summary = {"bundle": out_dir, "tarball": tarball, "tarball_sha256": tar_sha, "arch": arch, "soc": soc_desc.name,
                "files": files}
@@ -182,21 +191,58 @@ def build_bundle(model="tiny", soc: str = "host", out_dir: str = "dist", quant: 
 # ---------------------------------------------------------------------- running
 
 
-def native_command(bundle_dir: str, args: list[str]) -> tuple[list[str], dict]:
-    """The command line and environment that run ``bundle_dir``'s own binary."""
+_ELF_MACHINE = {"aarch64": 183, "x86_64": 62}
+
+
+def verify_native_bundle(bundle_dir: str) -> dict:
+    """Everything ``run --native`` checks before it starts a bundle's binary; returns the
+    manifest. The manifest matches ``manifest.sha256``; every file it lists matches its
+    SHA-256 (``bin/``, ``lib/``, ``model.so``, ``params.safetensors``, ...); the runtime is
+    the bundle's own ``bin/bluelower-run`` (an ELF for the bundle's architecture), its
+    libraries are listed, and ``bin/`` and ``lib/`` hold nothing unlisted (the runtime loads
+    its libraries from ``lib/``)."""
     manifest = read_manifest(bundle_dir)
     nr = manifest.get("native_runtime")
     if not isinstance(nr, dict):
         raise BlueLowerError(f"{bundle_dir}: not a device bundle (no native runtime; build it with `bluelower build`)")
-    binary = os.path.join(os.path.abspath(bundle_dir), nr.get("binary", RUNTIME_BINARY))
-    if not os.path.isfile(binary):
-        raise BlueLowerError(f"{bundle_dir}: missing file {nr.get('binary', RUNTIME_BINARY)}")
     if nr.get("os") == "android":
         raise BlueLowerError(f"{bundle_dir} is an Android bundle: run it on the phone (adb push {bundle_dir} "
                              "/data/local/tmp/ && adb shell ...; docs/native-runtime.md, \"Android builds\")")
+    if nr.get("binary") != RUNTIME_BINARY:
+        raise BlueLowerError(f"{bundle_dir}/{MANIFEST}: native_runtime.binary is {nr.get('binary')!r}: a bundle runs "
+                             f"only its own {RUNTIME_BINARY}")
+    verify_files(bundle_dir, manifest)
+    files = manifest["files"]
+    needed = [RUNTIME_BINARY, f"lib/{BACKEND_LIB}"] + [f"lib/{n}" for n in ("libtvm_runtime.so", "libtvm_ffi.so")]
+    missing = [rel for rel in needed if rel not in files]
+    if missing:
+        raise BlueLowerError(f"{bundle_dir}/{MANIFEST}: files does not list {', '.join(missing)} (a bundle from an older "
+                             "bluelower, or damaged): rebuild it")
+    for sub in ("bin", "lib"):
+        root = os.path.join(bundle_dir, sub)
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in sorted(dirnames + filenames):
+                rel = os.path.relpath(os.path.join(dirpath, name), bundle_dir)
+                if name in filenames and rel not in files or os.path.islink(os.path.join(dirpath, name)):
+                    raise BlueLowerError(f"{bundle_dir}: {rel} is not a file the manifest lists (nothing unverified "
+                                         f"may sit in {sub}/, where the runtime and its libraries are loaded from)")
+    arch = nr.get("arch")
+    with open(os.path.join(bundle_dir, RUNTIME_BINARY), "rb") as fh:
+        head = fh.read(20)
+    if head[:4] != b"\x7fELF" or len(head) < 20 or int.from_bytes(head[18:20], "little") != _ELF_MACHINE.get(arch):
+        raise BlueLowerError(f"{bundle_dir}: {RUNTIME_BINARY} is not an ELF executable for {arch}")
+    return manifest
+
+
+def native_command(bundle_dir: str, args: list[str], verify: bool = True) -> tuple[list[str], dict]:
+    """The command line and environment that run ``bundle_dir``'s own binary, after
+    :func:`verify_native_bundle` (``verify=False``: the caller has just verified it)."""
+    manifest = verify_native_bundle(bundle_dir) if verify else read_manifest(bundle_dir)
+    nr = manifest["native_runtime"]
+    binary = os.path.join(os.path.abspath(bundle_dir), RUNTIME_BINARY)
+    # the binary links only system libraries; it loads lib/ itself (dlopen) after hashing it,
+    # so lib/ is not put on the loader's search path
     env = dict(os.environ)
-    libdir = os.path.join(os.path.abspath(bundle_dir), "lib")
-    env["LD_LIBRARY_PATH"] = libdir + (":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
     arch = nr.get("arch")
     if arch == host_arch():
         return [binary, *args], env
@@ -222,11 +268,12 @@ def run_native(bundle_dir: str, image: str | None, prompt_ids: str | None, max_n
     import numpy as np
 
     tmpdir = None
+    base_cmd, env = native_command(bundle_dir, [])  # the whole bundle verified before anything else
     try:
         if image is not None and not image.endswith(".npy"):
             from ...runtime_stubs.image import load_image
 
-            tmpdir = tempfile.mkdtemp(prefix="bluelower-img-")
+            tmpdir = temp_dir("bluelower-img-")
             path = os.path.join(tmpdir, "image.npy")
             np.save(path, load_image(image))
             image = path
@@ -241,7 +288,7 @@ def run_native(bundle_dir: str, image: str | None, prompt_ids: str | None, max_n
         if as_json:
             args.append("--json")
         args += list(extra)
-        cmd, env = native_command(bundle_dir, args)
+        cmd = base_cmd + args
         if on_line is None:
             return subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace")
         with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty stderr cannot block the binary
@@ -262,7 +309,7 @@ def run_native(bundle_dir: str, image: str | None, prompt_ids: str | None, max_n
         return subprocess.CompletedProcess(cmd, rc, "".join(lines), stderr)
     finally:
         if tmpdir:
-            shutil.rmtree(tmpdir, ignore_errors=True)
+            forget(tmpdir, remove=True)
 
 
 def tarball_sha256(path: str) -> str:

@@ -10,6 +10,9 @@
 // docs/bundle-format.md through the APU backend interface (apu_backend.h), streaming the
 // decoded text. Every failure is one line on stderr and exit status 1 (2 for a usage error).
 #include <fcntl.h>
+#include <signal.h>
+#include <climits>
+#include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -27,6 +30,7 @@
 #include <vector>
 
 #include "apu_backend.h"
+#include "backend_loader.h"
 #include "image.h"
 #include "json.h"
 #include "loaders.h"
@@ -52,6 +56,8 @@ const char* kArch = "unknown";
 struct UsageError : Error {
   explicit UsageError(const std::string& m) : Error(m) {}
 };
+
+const BackendApi* g_backend = nullptr;  // lib/libbluelower_backend.so, loaded after verification
 
 // 64-byte aligned host buffer (TVM's kernels assume aligned data).
 struct Buffer {
@@ -208,13 +214,60 @@ struct Bundle {
   Json manifest;
 };
 
+bool is_hex64(const std::string& s) {
+  if (s.size() != 64) return false;
+  for (char c : s)
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  return true;
+}
+
+// manifest.sha256 (sha256sum's format): "<64 hex>  manifest.json\n" first, checked here
+// against the manifest's bytes; further lines ("<64 hex>  bin/bluelower-run", the file that
+// cannot check itself before the kernel maps it) must agree with the manifest's files and
+// are checked with them. Returns the further lines.
+std::vector<std::pair<std::string, std::string>> check_manifest_hash(const std::string& dir,
+                                                                     const std::vector<uint8_t>& manifest) {
+  const std::string path = dir + "/manifest.sha256";
+  struct stat st;
+  if (::lstat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode))
+    throw Error(dir + ": missing manifest.sha256 (the manifest's own hash; a bundle from an older bluelower, or "
+                "damaged): rebuild it");
+  const std::string bad = path + ": malformed (expected '<sha256>  manifest.json' lines in `sha256sum` format)";
+  if (st.st_size > 4096) throw Error(bad);
+  std::vector<uint8_t> raw = read_file(path);
+  std::string text(raw.begin(), raw.end());
+  std::vector<std::pair<std::string, std::string>> lines;  // (path, hash)
+  for (size_t pos = 0; pos < text.size();) {
+    size_t nl = text.find('\n', pos);
+    if (nl == std::string::npos || nl < pos + 67 || text.compare(pos + 64, 2, "  ") != 0) throw Error(bad);
+    std::string hash = text.substr(pos, 64), name = text.substr(pos + 66, nl - pos - 66);
+    if (!is_hex64(hash) || name.empty()) throw Error(bad);
+    lines.emplace_back(name, hash);
+    pos = nl + 1;
+  }
+  if (lines.empty() || lines[0].first != "manifest.json") throw Error(bad);
+  Sha256 h;
+  h.update(manifest.data(), manifest.size());
+  if (h.hexdigest() != lines[0].second)
+    throw Error(dir + ": manifest.json does not match its SHA-256 in manifest.sha256 (corrupt or modified)");
+  lines.erase(lines.begin());
+  return lines;
+}
+
 Bundle load_manifest(const std::string& dir, const std::string& want_soc) {
   struct stat st;
   if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) throw Error("bundle directory not found: " + dir);
   std::string path = dir + "/manifest.json";
   if (!is_regular_file(path)) throw Error(dir + ": no manifest.json (not a bluelower bundle)");
   std::vector<uint8_t> text = read_file(path);
+  auto detached = check_manifest_hash(dir, text);
   Bundle b{dir, parse_json(reinterpret_cast<const char*>(text.data()), text.size(), path)};
+  for (auto& line : detached) {  // (the files themselves are hashed by verify_files)
+    const Json* files = b.manifest.find("files");
+    const Json* entry = files ? files->find(line.first) : nullptr;
+    if (!entry || entry->kind != Json::String || entry->str != line.second)
+      throw Error(dir + ": manifest.sha256 and manifest.json disagree on the SHA-256 of " + line.first);
+  }
   const Json& m = b.manifest;
   const Json* fmt = m.find("format");
   if (!fmt || fmt->kind != Json::String || fmt->str != kFormat) throw Error(path + ": not a bluelower manifest");
@@ -236,6 +289,25 @@ Bundle load_manifest(const std::string& dir, const std::string& want_soc) {
   return b;
 }
 
+// A path of `files`: relative, no empty / "." / ".." component, no backslash.
+bool safe_relative(const std::string& name) {
+  if (name.empty() || name[0] == '/' || name.find('\\') != std::string::npos) return false;
+  size_t b = 0;
+  while (true) {
+    size_t e = name.find('/', b);
+    std::string part = name.substr(b, e == std::string::npos ? std::string::npos : e - b);
+    if (part.empty() || part == "." || part == "..") return false;
+    if (e == std::string::npos) return true;
+    b = e + 1;
+  }
+}
+
+std::string real_path(const std::string& p) {
+  char buf[PATH_MAX];
+  if (!::realpath(p.c_str(), buf)) return std::string();
+  return buf;
+}
+
 void verify_files(const Bundle& b) {
   const std::string what = b.dir + "/manifest.json: files";
   const Json& files = b.manifest.at("files", b.dir + "/manifest.json");
@@ -243,17 +315,53 @@ void verify_files(const Bundle& b) {
   std::vector<std::pair<std::string, std::string>> sorted;
   for (auto& kv : files.obj) sorted.emplace_back(kv.first, kv.second.as_string(what + "." + kv.first));
   std::sort(sorted.begin(), sorted.end());
+  for (const char* required : {"model.so", "params.safetensors"})
+    if (!files.find(required)) throw Error(what + ": does not list " + required);
+  const std::string root = real_path(b.dir);
   for (auto& kv : sorted) {
     const std::string& name = kv.first;
-    if (name.empty() || name[0] == '/' || name.find("..") != std::string::npos)
-      throw Error(what + ": refusing path '" + name + "'");
+    if (!safe_relative(name)) throw Error(what + ": refusing path '" + name + "' (must be relative, inside the bundle)");
+    if (!is_hex64(kv.second)) throw Error(what + ": the SHA-256 of " + name + " is not 64 hex digits");
     std::string path = b.dir + "/" + name;
     if (!is_regular_file(path)) throw Error(b.dir + ": missing file " + name);
+    if (real_path(path) != root + "/" + name)
+      throw Error(b.dir + ": " + name + " is (behind) a symbolic link (a bundle holds regular files only)");
     if (file_sha256(path) != kv.second)
       throw Error(b.dir + ": " + name + " does not match its SHA-256 in the manifest (corrupt or modified)");
   }
-  for (const char* required : {"model.so", "params.safetensors"})
-    if (!files.find(required)) throw Error(what + ": does not list " + required);
+}
+
+// The TVM-facing half of the runtime and its libraries, from lib/: all must be listed (hence
+// verified above), and lib/ must hold nothing unlisted. Then dlopen()ed, dependencies first.
+void load_verified_backend(const Bundle& b) {
+  const Json& files = b.manifest.at("files", b.dir + "/manifest.json");
+  const std::string root = real_path(b.dir);
+  for (const char* sub : {"bin", "lib"}) {
+    DIR* d = ::opendir((b.dir + "/" + sub).c_str());
+    if (!d) continue;
+    struct Closer { DIR* d; ~Closer() { ::closedir(d); } } closer{d};
+    while (struct dirent* e = ::readdir(d)) {
+      std::string n = e->d_name;
+      if (n == "." || n == "..") continue;
+      std::string rel = std::string(sub) + "/" + n;
+      if (!files.find(rel))
+        throw Error(b.dir + ": " + rel + " is not a file the manifest lists (nothing unverified may sit in " + sub +
+                    "/, where the runtime and its libraries are loaded from)");
+    }
+  }
+  std::vector<std::string> libs;
+  for (const char* name : {"libc++_shared.so", "libtvm_ffi.so", "libtvm_runtime.so"}) {
+    std::string rel = std::string("lib/") + name;
+    if (files.find(rel)) libs.push_back(root + "/" + rel);
+    else if (std::string(name) != "libc++_shared.so")
+      throw Error(b.dir + "/manifest.json: files does not list " + rel + " (a bundle from an older bluelower, or "
+                  "damaged): rebuild it");
+  }
+  const std::string backend = "lib/libbluelower_backend.so";
+  if (!files.find(backend))
+    throw Error(b.dir + "/manifest.json: files does not list " + backend + " (a bundle from an older bluelower, or "
+                "damaged): rebuild it");
+  g_backend = &load_backend(libs, root + "/" + backend);
 }
 
 // params.safetensors -> aligned host buffers, only the tensors some function needs.
@@ -309,7 +417,7 @@ void check(int rc, const char* err) {
 
 struct Partition {
   bl_partition* p = nullptr;
-  ~Partition() { if (p) bl_partition_release(p); }
+  ~Partition() { if (p) g_backend->partition_release(p); }
 };
 
 double now() {
@@ -505,6 +613,7 @@ int run(const Args& a) {
   std::vector<int64_t> ids = parse_prompt_ids(a.prompt_ids);
   Bundle b = load_manifest(a.bundle, a.soc);
   verify_files(b);
+  load_verified_backend(b);
   const std::string mpath = b.dir + "/manifest.json";
   const Json& rt = b.manifest.at("runtime", mpath);
   const Json& functions = b.manifest.at("functions", mpath);
@@ -517,7 +626,7 @@ int run(const Args& a) {
   const int64_t S = has_vision ? rint("image_size") : 0, tpp = has_vision ? rint("image_tokens_per_patch") : 0;
   if (capacity < 1 || chunk < 1 || image_batch < 1 || hidden < 1 || vocab < 1 || capacity > (int64_t(1) << 24) ||
       chunk > (int64_t(1) << 20) || image_batch > 64 || hidden > (int64_t(1) << 20) || vocab > (int64_t(1) << 24) ||
-      (has_vision && (S < 1 || tpp < 1 || S > 8192)))
+      (has_vision && (S < 1 || tpp < 1 || S > 8192 || tpp > (int64_t(1) << 20))))
     throw Error(mpath + ": runtime values out of range");
   std::vector<int64_t> stop_ids{eos};  // eos_token_id and every stop_token_ids entry end generation
   if (const Json* st = rt.find("stop_token_ids"); st && st->kind != Json::Null)
@@ -622,7 +731,7 @@ int run(const Args& a) {
     return 0;
   }
 
-  if (n + a.max_new_tokens > capacity)
+  if (n > capacity || a.max_new_tokens > capacity - n)  // (no n + max_new_tokens: it could overflow)
     throw Error("prompt of " + std::to_string(n) + " rows (" + std::to_string(n_image) + " image tokens + " +
                 std::to_string(ids.size()) + " prompt ids) plus " + std::to_string(a.max_new_tokens) +
                 " new tokens exceeds the KV cache capacity of " + std::to_string(capacity));
@@ -649,14 +758,14 @@ int run(const Args& a) {
   char err[BL_APU_ERR_LEN] = {0};
   bl_backend_config cfg{b.dir.c_str(), "model.so", &Params::lookup, &params, 0};
   bl_backend* backend = nullptr;
-  check(bl_backend_open(a.backend.c_str(), &cfg, &backend, err), err);
-  struct BackendCloser { bl_backend* b; ~BackendCloser() { bl_backend_close(b); } } closer{backend};
+  check(g_backend->backend_open(a.backend.c_str(), &cfg, &backend, err), err);
+  struct BackendCloser { bl_backend* b; ~BackendCloser() { g_backend->backend_close(b); } } closer{backend};
   std::map<std::string, std::unique_ptr<Partition>> parts;
   for (const char* f : fnames) {
     std::vector<const char*> names;
     for (auto& s : fparams[f]) names.push_back(s.c_str());
     auto part = std::make_unique<Partition>();
-    check(bl_partition_load(backend, f, names.data(), int(names.size()), &part->p, err), err);
+    check(g_backend->partition_load(backend, f, names.data(), int(names.size()), &part->p, err), err);
     parts[f] = std::move(part);
   }
   auto input_shape = [&](const char* f, size_t i) {
@@ -686,19 +795,19 @@ int run(const Args& a) {
   bl_partition* pre = parts["prefill"]->p;
   bl_partition* dec = parts["decode"]->p;
   if (enc) {
-    check(bl_partition_bind_input(enc, 0, &pixels.desc, err), err);
-    check(bl_partition_bind_output(enc, 0, &image_out.desc, err), err);
+    check(g_backend->bind_input(enc, 0, &pixels.desc, err), err);
+    check(g_backend->bind_output(enc, 0, &image_out.desc, err), err);
   }
-  check(bl_partition_bind_input(emb, 0, &id_chunk.desc, err), err);
-  check(bl_partition_bind_output(emb, 0, &embed_out.desc, err), err);
+  check(g_backend->bind_input(emb, 0, &id_chunk.desc, err), err);
+  check(g_backend->bind_output(emb, 0, &embed_out.desc, err), err);
   const bl_buffer* pre_in[4] = {&rows.desc, &kv_cache.desc, &start_pos.desc, &num_valid.desc};
-  for (int i = 0; i < 4; ++i) check(bl_partition_bind_input(pre, i, pre_in[i], err), err);
-  check(bl_partition_bind_output(pre, 0, &logits.desc, err), err);
-  check(bl_partition_bind_output(pre, 1, &kv_cache.desc, err), err);
+  for (int i = 0; i < 4; ++i) check(g_backend->bind_input(pre, i, pre_in[i], err), err);
+  check(g_backend->bind_output(pre, 0, &logits.desc, err), err);
+  check(g_backend->bind_output(pre, 1, &kv_cache.desc, err), err);
   const bl_buffer* dec_in[3] = {&token.desc, &kv_cache.desc, &position.desc};
-  for (int i = 0; i < 3; ++i) check(bl_partition_bind_input(dec, i, dec_in[i], err), err);
-  check(bl_partition_bind_output(dec, 0, &logits.desc, err), err);
-  check(bl_partition_bind_output(dec, 1, &kv_cache.desc, err), err);
+  for (int i = 0; i < 3; ++i) check(g_backend->bind_input(dec, i, dec_in[i], err), err);
+  check(g_backend->bind_output(dec, 0, &logits.desc, err), err);
+  check(g_backend->bind_output(dec, 1, &kv_cache.desc, err), err);
   double t_loaded = now();
 
   // 1. image -> patches [k, 3, S, S] -> encoded in batches of image_batch
@@ -712,7 +821,7 @@ int run(const Args& a) {
     int64_t valid = std::min(image_batch, k_patches - i);
     std::memset(pixels.data, 0, pixels.bytes);
     std::memcpy(pixels.data, &patches[size_t(i) * patch_floats], size_t(valid) * patch_floats * sizeof(float));
-    check(bl_partition_run(enc, err), err);
+    check(g_backend->run(enc, err), err);
     std::memcpy(&image_rows[size_t(row * hidden)], image_out.data, size_t(valid * tpp * hidden) * sizeof(float));
     row += valid * tpp;
   }
@@ -731,7 +840,7 @@ int run(const Args& a) {
       size_t valid = std::min(size_t(chunk), seg.ids.size() - i);
       std::memset(id_chunk.data, 0, id_chunk.bytes);
       std::memcpy(id_chunk.data, &seg.ids[i], valid * sizeof(int64_t));
-      check(bl_partition_run(emb, err), err);
+      check(g_backend->run(emb, err), err);
       std::memcpy(&seq[size_t(row * hidden)], embed_out.data, valid * size_t(hidden) * sizeof(float));
       row += int64_t(valid);
     }
@@ -745,7 +854,7 @@ int run(const Args& a) {
     std::memcpy(rows.data, &seq[size_t(start * hidden)], size_t(valid * hidden) * sizeof(float));
     start_pos.i64()[0] = start;
     num_valid.i64()[0] = valid;
-    check(bl_partition_run(pre, err), err);
+    check(g_backend->run(pre, err), err);
   }
   double t3 = now();
   // 5. greedy decode, the text streamed as it is generated (--prompt; --json-stream: JSON lines)
@@ -768,7 +877,7 @@ int run(const Args& a) {
   while (int64_t(tokens.size()) < a.max_new_tokens && !is_stop(tokens.back())) {
     token.i64()[0] = tokens.back();
     position.i64()[0] = pos++;
-    check(bl_partition_run(dec, err), err);
+    check(g_backend->run(dec, err), err);
     tokens.push_back(argmax(logits.f32(), vocab));
     emit(tokens.back());
   }
@@ -820,7 +929,21 @@ int run(const Args& a) {
 
 }  // namespace
 
+// A mapped bundle file (model.so, a TVM library) that shrinks after it was verified makes the
+// next access to it SIGBUS: one line and exit 1 instead of a crash.
+extern "C" void on_sigbus(int) {
+  static const char msg[] = "error: a bundle file changed or was truncated while in use (SIGBUS): verify the bundle "
+                            "and run again\n";
+  ssize_t w = ::write(2, msg, sizeof(msg) - 1);
+  (void)w;
+  ::_exit(1);
+}
+
 int main(int argc, char** argv) {
+  struct sigaction sa {};
+  sa.sa_handler = on_sigbus;
+  sigemptyset(&sa.sa_mask);
+  ::sigaction(SIGBUS, &sa, nullptr);
   try {
     Args a = parse_args(argc, argv);
     return run(a);

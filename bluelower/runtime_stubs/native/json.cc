@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <set>
 
 namespace bluelower {
 
@@ -21,6 +22,11 @@ struct Parser {
   }
   const char* start;
 
+  static std::string printable(const std::string& s) {
+    std::string out;
+    for (unsigned char c : s.substr(0, 64)) out.push_back(c >= 0x20 && c < 0x7f && c != '"' ? char(c) : '?');
+    return out;
+  }
   void ws() {
     while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')) ++p;
   }
@@ -39,6 +45,28 @@ struct Parser {
       out.push_back(char(0xF0 | (cp >> 18))); out.push_back(char(0x80 | ((cp >> 12) & 0x3F)));
       out.push_back(char(0x80 | ((cp >> 6) & 0x3F))); out.push_back(char(0x80 | (cp & 0x3F)));
     }
+  }
+  // A raw (unescaped) multi-byte character starting with `c` (already consumed): strict
+  // UTF-8 (RFC 3629): no overlong forms, no surrogates, nothing above U+10FFFF.
+  void utf8_sequence(std::string& out, unsigned char c) {
+    --p;  // report the lead byte's position
+    size_t n;
+    unsigned char lo = 0x80, hi = 0xBF;
+    if (c >= 0xC2 && c <= 0xDF) n = 1;
+    else if (c == 0xE0) { n = 2; lo = 0xA0; }
+    else if ((c >= 0xE1 && c <= 0xEC) || c == 0xEE || c == 0xEF) n = 2;
+    else if (c == 0xED) { n = 2; hi = 0x9F; }
+    else if (c == 0xF0) { n = 3; lo = 0x90; }
+    else if (c >= 0xF1 && c <= 0xF3) n = 3;
+    else if (c == 0xF4) { n = 3; hi = 0x8F; }
+    else fail("invalid UTF-8 in string");
+    if (size_t(end - p) < n + 1) fail("invalid UTF-8 in string (truncated character)");
+    for (size_t k = 1; k <= n; ++k) {
+      unsigned char b = static_cast<unsigned char>(p[k]);
+      if (k == 1 ? (b < lo || b > hi) : (b < 0x80 || b > 0xBF)) fail("invalid UTF-8 in string");
+    }
+    out.append(p, n + 1);
+    p += n + 1;
   }
   uint32_t hex4() {
     if (end - p < 4) fail("truncated \\u escape");
@@ -62,6 +90,7 @@ struct Parser {
       unsigned char c = static_cast<unsigned char>(*p++);
       if (c == '"') break;
       if (c < 0x20) fail("control character in string");
+      if (c >= 0x80) { utf8_sequence(out, c); continue; }
       if (c != '\\') { out.push_back(char(c)); continue; }
       if (p >= end) fail("unterminated escape");
       char e = *p++;
@@ -129,9 +158,12 @@ struct Parser {
       ++p; v.kind = Json::Object;
       ws();
       if (p < end && *p == '}') { ++p; return; }
+      std::set<std::string> keys;
       while (true) {
         ws();
+        const char* key_at = p;
         std::string key = string();
+        if (!keys.insert(key).second) { p = key_at; fail("duplicate key \"" + printable(key) + "\""); }
         ws();
         if (p >= end || *p != ':') fail("expected ':'");
         ++p;

@@ -25,7 +25,6 @@ import re
 import shutil
 import struct
 import subprocess
-import tempfile
 
 from .... import progress
 from ....errors import BlueLowerError
@@ -323,6 +322,7 @@ def build_tvm_runtime(ndk: Ndk, tvm_source: str) -> dict:
     """Build libtvm_runtime.so + libtvm_ffi.so for Android from ``tvm_source`` (cached by
     source path, git commit, NDK revision and API level)."""
     from ....cache import cache_dir
+    from ....files import forget, temp_dir
     from ..bundle import replace_dir
     from .gnu import dist_version
 
@@ -339,7 +339,7 @@ def build_tvm_runtime(ndk: Ndk, tvm_source: str) -> dict:
     if all(os.path.isfile(p) for p in out.values()):
         return out
     os.makedirs(os.path.dirname(os.path.dirname(libdir)), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tvm-build-", dir=os.path.dirname(os.path.dirname(libdir)))
+    tmp = temp_dir(".tvm-build-", os.path.dirname(os.path.dirname(libdir)))
     try:
         build = os.path.join(tmp, "build")
         with progress.step(f"build the TVM runtime for Android (API {ndk.api}) from {src}"):
@@ -360,7 +360,7 @@ def build_tvm_runtime(ndk: Ndk, tvm_source: str) -> dict:
         shutil.rmtree(os.path.join(tmp, "build"), ignore_errors=True)
         replace_dir(tmp, final)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        forget(tmp, remove=True)
     return out
 
 
@@ -390,19 +390,21 @@ def runtime_cmake_cmds(ndk: Ndk, src: str, build: str, libs: dict, ffi_include: 
     return [configure, ["cmake", "--build", build, "--target", "bluelower-run"]]
 
 
-def build_runtime(ndk: Ndk, libs: dict) -> str:
-    """Build ``bluelower-run`` for Android; return the binary's path (cached: the key is
-    the sources, the NDK revision/host/API, the toolchain file and the linked libraries)."""
+def build_runtime(ndk: Ndk, libs: dict) -> tuple[str, str]:
+    """Build ``bluelower-run`` and ``libbluelower_backend.so`` for Android; return their paths
+    (cached: the key is the sources, the NDK revision/host/API, the toolchain file and the
+    linked libraries)."""
     from ....cache import cache_dir
-    from ..bundle import file_sha256, replace_dir
-    from .gnu import RUNTIME_SRC, ffi_include_dirs
+    from ....files import forget, temp_dir
+    from ..bundle import BACKEND_LIB, file_sha256, replace_dir
+    from .gnu import RUNTIME_SRC, SOURCE_LISTS, ffi_include_dirs
 
     if shutil.which("cmake") is None:
         raise BlueLowerError("cmake not found (the Android runtime is built with CMake and the NDK toolchain file): "
                              "install it with apt-get install -y cmake")
     h = hashlib.sha256()
     for f in sorted(os.listdir(RUNTIME_SRC)):
-        if f.endswith((".cc", ".h")) or f in ("CMakeLists.txt", "sources.txt"):
+        if f.endswith((".cc", ".h")) or f == "CMakeLists.txt" or f in SOURCE_LISTS:
             h.update(f.encode() + b"\0")
             with open(os.path.join(RUNTIME_SRC, f), "rb") as fh:
                 h.update(fh.read())
@@ -412,26 +414,27 @@ def build_runtime(ndk: Ndk, libs: dict) -> str:
     for name in sorted(libs):
         h.update(file_sha256(libs[name]).encode())
     out_dir = os.path.join(cache_dir(), "runtime", f"android{ndk.api}-{h.hexdigest()[:20]}")
-    binary = os.path.join(out_dir, "bluelower-run")
-    if os.path.isfile(binary):
-        return binary
+    binary, backend = os.path.join(out_dir, "bluelower-run"), os.path.join(out_dir, BACKEND_LIB)
+    if os.path.isfile(binary) and os.path.isfile(backend):
+        return binary, backend
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".build-", dir=os.path.dirname(out_dir))
+    tmp = temp_dir(".build-", os.path.dirname(out_dir))
     try:
         build = os.path.join(tmp, "cmake")
         with progress.step(f"build runtime (android-{ndk.api}, CMake + NDK)"):
             for cmd in runtime_cmake_cmds(ndk, RUNTIME_SRC, build, libs, ffi_include_dirs()):
                 _run(cmd, f"building the native runtime with the NDK ({' '.join(cmd[:3])} ...)")
-        built = os.path.join(build, "bluelower-run")
-        if not os.path.isfile(built):
-            raise BlueLowerError(f"the CMake build in {build} produced no bluelower-run")
-        shutil.copyfile(built, os.path.join(tmp, "bluelower-run"))
-        os.chmod(os.path.join(tmp, "bluelower-run"), 0o755)
+        for name in ("bluelower-run", BACKEND_LIB):
+            built = os.path.join(build, name)
+            if not os.path.isfile(built):
+                raise BlueLowerError(f"the CMake build in {build} produced no {name}")
+            shutil.copyfile(built, os.path.join(tmp, name))
+            os.chmod(os.path.join(tmp, name), 0o755)
         shutil.rmtree(build, ignore_errors=True)
         replace_dir(tmp, out_dir)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return binary
+        forget(tmp, remove=True)
+    return binary, backend
 
 
 def extra_libs(ndk: Ndk, elfs: list[str]) -> dict:

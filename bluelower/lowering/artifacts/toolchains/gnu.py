@@ -16,25 +16,28 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from importlib import metadata
 
 from .... import progress
 from ....cache import cache_dir
 from ....errors import BlueLowerError
-from ..bundle import RUNTIME_LIBS, file_sha256, replace_dir
+from ....files import forget, temp_dir
+from ..bundle import BACKEND_LIB, RUNTIME_LIBS, file_sha256, replace_dir
 
 # the native runtime's sources: bluelower/runtime_stubs/native (this file is bluelower/lowering/artifacts/toolchains/gnu.py)
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 RUNTIME_SRC = os.path.join(_PACKAGE, "runtime_stubs", "native")
 
 
-def runtime_sources() -> list[str]:
+def runtime_sources(which: str = "sources.txt") -> list[str]:
     """The runtime's ``.cc`` files in link order (``runtime_stubs/native/sources.txt``, the
-    list CMakeLists.txt reads too)."""
-    with open(os.path.join(RUNTIME_SRC, "sources.txt"), encoding="utf-8") as fh:
+    list CMakeLists.txt reads too; ``backend_sources.txt``: the backend library's)."""
+    with open(os.path.join(RUNTIME_SRC, which), encoding="utf-8") as fh:
         return [ln.strip() for ln in fh if ln.strip() and not ln.startswith("#")]
+
+
+SOURCE_LISTS = ("sources.txt", "backend_sources.txt")
 
 
 APT_HINT = "apt-get update && apt-get install -y g++-aarch64-linux-gnu qemu-user"
@@ -157,7 +160,8 @@ def aarch64_runtime_libs() -> dict:
         found = find()
         if len(found) < 2:
             raise BlueLowerError(f"pip download did not produce the aarch64 wheels in {wheels}")
-    tmp = tempfile.mkdtemp(prefix=".extract-", dir=os.path.dirname(base) if os.path.isdir(os.path.dirname(base)) else None)
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    tmp = temp_dir(".extract-", os.path.dirname(base))
     try:
         os.makedirs(os.path.join(tmp, "lib"))
         for key, member in (("tvm", "tvm/lib/libtvm_runtime.so"), ("ffi", "tvm_ffi/lib/libtvm_ffi.so")):
@@ -171,7 +175,7 @@ def aarch64_runtime_libs() -> dict:
             json.dump({os.path.basename(p): file_sha256(p) for p in found.values()}, fh, indent=2, sort_keys=True)
         replace_dir(tmp, base)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        forget(tmp, remove=True)
     return out
 
 
@@ -189,18 +193,33 @@ def compiler_id(cxx: str) -> str:
 
 
 def _compile_cmd(cxx: str, sources: list[str], out: str, libs: dict) -> list[str]:
+    """The executable ``bluelower-run``: links only system libraries (libstdc++, libc, libdl);
+    it dlopen()s the bundle's lib/ itself after verifying it."""
     inc = ffi_include_dirs()
     ffi_root = os.path.dirname(inc[0])
-    libdirs = sorted({os.path.dirname(p) for p in libs.values()})
     cmd = [cxx, *cxxflags(), f"-ffile-prefix-map={RUNTIME_SRC}=runtime_stubs", f"-ffile-prefix-map={ffi_root}=tvm_ffi"]
     cmd += [f"-I{d}" for d in inc] + sources + ["-o", out]
-    cmd += [f"-L{d}" for d in libdirs] + [f"-Wl,-rpath-link,{d}" for d in libdirs]
-    cmd += ["-ltvm_runtime", "-ltvm_ffi", "-Wl,-rpath,$ORIGIN/../lib", "-Wl,--build-id=sha1", "-pie"]
+    cmd += ["-ldl", "-Wl,--build-id=sha1", "-pie"]
     return cmd
 
 
-def build_runtime(arch: str, use_cache: bool = True) -> str:
-    """Build ``bluelower-run`` for ``arch``; return the binary's path (in the cache).
+def _backend_cmd(cxx: str, sources: list[str], out: str, libs: dict) -> list[str]:
+    """``lib/libbluelower_backend.so``: the backends over TVM, RUNPATH ``$ORIGIN`` (its
+    libraries sit next to it in lib/)."""
+    inc = ffi_include_dirs()
+    ffi_root = os.path.dirname(inc[0])
+    libdirs = sorted({os.path.dirname(p) for p in libs.values()})
+    flags = [("-fPIC" if f == "-fPIE" else f) for f in cxxflags()]
+    cmd = [cxx, *flags, f"-ffile-prefix-map={RUNTIME_SRC}=runtime_stubs", f"-ffile-prefix-map={ffi_root}=tvm_ffi"]
+    cmd += [f"-I{d}" for d in inc] + sources + ["-shared", "-o", out, f"-Wl,-soname,{BACKEND_LIB}"]
+    cmd += [f"-L{d}" for d in libdirs] + [f"-Wl,-rpath-link,{d}" for d in libdirs]
+    cmd += ["-ltvm_runtime", "-ltvm_ffi", "-Wl,-rpath,$ORIGIN", "-Wl,--build-id=sha1"]
+    return cmd
+
+
+def build_runtime(arch: str, use_cache: bool = True) -> tuple[str, str]:
+    """Build ``bluelower-run`` and ``libbluelower_backend.so`` for ``arch``; return their
+    paths (in the cache).
 
     The cache key is the SHA-256 of the sources, the compiler identity, the flags and the
     libraries linked against, so any change rebuilds; ``BLUELOWER_CACHE=off`` builds afresh
@@ -209,7 +228,7 @@ def build_runtime(arch: str, use_cache: bool = True) -> str:
     cxx = cross_cxx(arch)
     libs = runtime_libs(arch)
     h = hashlib.sha256()
-    srcs = sorted(f for f in os.listdir(RUNTIME_SRC) if f.endswith((".cc", ".h")) or f == "sources.txt")
+    srcs = sorted(f for f in os.listdir(RUNTIME_SRC) if f.endswith((".cc", ".h")) or f in SOURCE_LISTS)
     for f in srcs:
         h.update(f.encode() + b"\0")
         with open(os.path.join(RUNTIME_SRC, f), "rb") as fh:
@@ -219,20 +238,24 @@ def build_runtime(arch: str, use_cache: bool = True) -> str:
     for name in sorted(libs):
         h.update(file_sha256(libs[name]).encode())
     out_dir = os.path.join(cache_dir(), "runtime", f"{arch}-{h.hexdigest()[:20]}")
-    binary = os.path.join(out_dir, "bluelower-run")
-    if use_cache and os.path.isfile(binary):
-        return binary
+    binary, backend = os.path.join(out_dir, "bluelower-run"), os.path.join(out_dir, BACKEND_LIB)
+    if use_cache and os.path.isfile(binary) and os.path.isfile(backend):
+        return binary, backend
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".build-", dir=os.path.dirname(out_dir))
+    tmp = temp_dir(".build-", os.path.dirname(out_dir))
     try:
-        tmp_bin = os.path.join(tmp, "bluelower-run")
-        cmd = _compile_cmd(cxx, [os.path.join(RUNTIME_SRC, s) for s in runtime_sources()], tmp_bin, libs)
-        with progress.step(f"build runtime ({arch})"):
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=RUNTIME_SRC)
-        if proc.returncode != 0:
-            errs = [ln for ln in proc.stderr.splitlines() if "error" in ln] or proc.stderr.strip().splitlines() or ["?"]
-            raise BlueLowerError(f"building the native runtime with {cxx} failed: {errs[0]}")
-        replace_dir(tmp, out_dir)
+        for make, which, out in ((_compile_cmd, "sources.txt", "bluelower-run"),
+                                 (_backend_cmd, "backend_sources.txt", BACKEND_LIB)):
+            cmd = make(cxx, [os.path.join(RUNTIME_SRC, s) for s in runtime_sources(which)], os.path.join(tmp, out), libs)
+            with progress.step(f"build runtime ({arch}): {out}"):
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=RUNTIME_SRC)
+            if proc.returncode != 0:
+                errs = [ln for ln in proc.stderr.splitlines() if "error" in ln] or proc.stderr.strip().splitlines() or ["?"]
+                raise BlueLowerError(f"building the native runtime with {cxx} failed: {errs[0]}")
+        if use_cache and os.path.isfile(binary) and os.path.isfile(backend):
+            pass  # another bluelower built the same entry meanwhile: keep it (readers may be copying it)
+        else:
+            replace_dir(tmp, out_dir)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return binary
+        forget(tmp, remove=True)
+    return binary, backend
