@@ -280,7 +280,8 @@ def main(argv=None) -> int:
     if args.rows == "list":
         print("\n".join(["q4_0", *table]))
         return 0
-    names = [n for n in args.rows.split(",") if n] or ["fp32", "w8", "q4_0", *[n for n in table if n != "fp32"]]
+    names = [n for n in args.rows.split(",") if n] or ["fp32", "w8", "q4_0",
+                                                       *[n for n in table if n not in ("fp32", "w8")]]
     unknown = [n for n in names if n != "q4_0" and n not in table]
     if unknown:
         ap.error(f"unknown rows {unknown} (see --rows list)")
