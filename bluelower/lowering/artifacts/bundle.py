@@ -92,8 +92,8 @@ _HASH_LINE = re.compile(rb"([0-9a-f]{64})  ([^\n]+)\n")
 
 def check_manifest_hash(build_dir: str) -> dict:
     """``manifest.sha256``: its first line is ``<sha256>  manifest.json`` and matches the
-    manifest's bytes; each further line ``<sha256>  PATH`` is checked against PATH. Returns
-    ``{path: sha256}`` of its lines."""
+    manifest's bytes. Returns ``{path: sha256}`` of its further lines (``verify_files`` checks
+    that the manifest's ``files`` agree, and hashes those files with the others)."""
     path = os.path.join(build_dir, MANIFEST_SHA256)
     if not os.path.isfile(path) or os.path.islink(path):
         raise BlueLowerError(f"{build_dir}: missing {MANIFEST_SHA256} (the manifest's own hash; a build from an older "
@@ -110,15 +110,9 @@ def check_manifest_hash(build_dir: str) -> dict:
         pos = m.end()
     if not entries or next(iter(entries)) != MANIFEST:
         raise BlueLowerError(f"{path}: malformed (expected '<sha256>  {MANIFEST}' lines in `sha256sum` format)")
-    for name, digest in entries.items():
-        if name != MANIFEST:
-            check_relative_path(build_dir, name)
-        target = os.path.join(build_dir, name)
-        if not os.path.isfile(target) or os.path.islink(target):
-            raise BlueLowerError(f"{build_dir}: missing file {name}")
-        if file_sha256(target) != digest:
-            where = MANIFEST_SHA256 if name == MANIFEST else f"{MANIFEST_SHA256} (and the manifest)"
-            raise BlueLowerError(f"{build_dir}: {name} does not match its SHA-256 in {where} (corrupt or modified)")
+    if file_sha256(os.path.join(build_dir, MANIFEST)) != entries.pop(MANIFEST):
+        raise BlueLowerError(f"{build_dir}: {MANIFEST} does not match its SHA-256 in {MANIFEST_SHA256} "
+                             "(corrupt or modified)")
     return entries
 
 
