@@ -8,13 +8,19 @@ PY="${PYTHON:-python3}"
 
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
   need=()
-  for pkg in g++ g++-aarch64-linux-gnu qemu-user cmake; do
+  # clang: the libFuzzer target of the native readers (tests/test_fuzz.py; skipped without it)
+  for pkg in g++ g++-aarch64-linux-gnu qemu-user cmake clang; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
   done
   if [ "${#need[@]}" -gt 0 ]; then
+    # another apt/dpkg (unattended-upgrades, a parallel job) may hold the lock: wait, bounded
+    source "$ROOT/scripts/wait-for-apt.sh"
+    bl_wait_for_apt
+    APT=(apt-get -o "DPkg::Lock::Timeout=${BLUELOWER_APT_LOCK_WAIT:-600}")
     echo "[install] apt-get install ${need[*]}" >&2
-    apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    "${APT[@]}" update -qq >/dev/null
+    bl_wait_for_apt
+    DEBIAN_FRONTEND=noninteractive "${APT[@]}" install -y -qq "${need[@]}" >/dev/null
   fi
 fi
 
