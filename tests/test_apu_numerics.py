@@ -1,4 +1,5 @@
-"""EmulateAPUNumerics (fp16 rounding points inside APU partitions, from the SoC file) and
+"""EmulateAPUNumerics (fp16 rounding points and int16 activation codes inside APU partitions,
+from the SoC file) and
 the layout kinds QuantizeWeights needs on the APU (`slice`, `pad`)."""
 
 from __future__ import annotations
@@ -164,3 +165,88 @@ def test_bad_accumulate_is_a_one_line_error(tmp_path):
     open(path, "w").write(text)
     with pytest.raises(BlueLowerError, match=r"'apu.accumulate': must be one of fp32, fp16, got 'int8'"):
         load_soc(path)
+
+
+# --- integer activations (apu.activations: the paper's INT16 decoder activations) ---------------
+
+
+def q16(a):
+    """One int16 fake-quantization point: symmetric, each row's max|x| / 32767 as its scale."""
+    a = np.asarray(a, np.float32)
+    s = np.maximum(np.abs(a).max(axis=-1, keepdims=True), np.float32(1e-30)) / np.float32(32767)
+    return (np.clip(np.round(a / s), -32767, 32767) * s).astype(np.float32), s.astype(np.float32)
+
+
+def int16_soc(tmp_path, activations='{ decoder = "int16", vision = "fp16" }'):
+    path = write_soc(tmp_path, "int16-apu", matmul=("int8", "int16", "fp16"), max_ops=2)
+    text = open(path).read()
+    for kind in ("add", "gelu"):
+        text = text.replace(f'{kind} = ["fp16"]', f'{kind} = ["int16", "fp16"]')
+    text = text.replace('peak = { int8 = "4 TOPS", fp16 = "2 TFLOPS" }',
+                        'peak = { int8 = "4 TOPS", int16 = "2 TOPS", fp16 = "2 TFLOPS" }')
+    text = text.replace("image_batch = 2", f"image_batch = 2\nactivations = {activations}")
+    open(path, "w").write(text)
+    return load_soc(path)
+
+
+def test_decoder_activations_are_int16_codes(tmp_path):
+    soc = int16_soc(tmp_path)
+    assert soc.apu.activations == {"decoder": "int16", "vision": "fp16"}
+    part = partition(soc)(Before)
+    emulated, stats = run_pass(EmulateAPUNumerics(soc.apu, weight_role=lambda n: "attention"), part)
+    assert stats["emulated_partitions"] == 2 and stats["activations"] == {"decoder": "int16", "vision": "fp16"}
+    # per partition: the activation input and the 2 operator results (weights stay fp16 rounding)
+    assert stats["integer_values"] == 6 and stats["rounded_values"] == 8
+    rng = np.random.default_rng(3)
+    x, w1, w2 = (rng.standard_normal(s).astype("float32") for s in ((4, 8), (8, 8), (8, 8)))
+    got = run(emulated, x, w1, w2)
+    qx = q16(x)[0]
+    b, _ = q16(q16(qx @ h(w1))[0] + qx)  # main_apu0: int16 activations, fp16 weight, int16 results
+    c = b ** 2  # CPU
+    d, _ = q16(q16(c)[0] @ h(w2))  # main_apu1
+    e, s_e = q16(torch.nn.functional.gelu(torch.from_numpy(d)).numpy())
+    want = e + c
+    # a code apart at most where TVM's and numpy's float32 arithmetic (erf, the division) differ
+    assert np.all(np.abs(got - want) <= 2 * s_e + 1e-6 * np.abs(want).max())
+    # and it is not the fp16 rule: the same partitions with fp16 activations round differently
+    fp16 = run(EmulateAPUNumerics(soc.apu)(part), x, w1, w2)  # no weight roles: no parts, fp16
+    assert np.abs(fp16 - want).max() > 10 * np.abs(got - want).max()
+
+
+def test_vision_part_keeps_the_float_rule(tmp_path):
+    soc = int16_soc(tmp_path)
+    part = partition(soc)(Before)
+    vision, stats = run_pass(EmulateAPUNumerics(soc.apu, weight_role=lambda n: "vision"), part)
+    assert stats["integer_values"] == 0
+    plain = EmulateAPUNumerics(soc.apu)(part)
+    tvm.ir.assert_structural_equal(without_results(vision), without_results(plain))
+
+
+def test_dimensity9300_decoder_partitions_get_int16(tmp_path):
+    from bluelower.targets.soc import with_host_cpu
+
+    soc = with_host_cpu(load_soc("dimensity9300"))
+    assert soc.apu.activations == {"decoder": "int16", "vision": "fp16"}
+    from bluelower.lowering.models import load_config
+
+    mod = run_pipeline_until(load_config("tiny"), "w4a16kv8", soc=soc, stop_after="EmulateAPUNumerics")[0]
+    from bluelower.passes.instruments import pass_stats
+
+    st = pass_stats(mod)["EmulateAPUNumerics"]
+    assert st["integer_values"] > 0 and st["activations"] == {"decoder": "int16", "vision": "fp16"}
+    labels = {name: str(f.attrs["bluelower.apu_numerics"]) for name, f in apu_partitions(mod).items()
+              if "bluelower.apu_numerics" in f.attrs}
+    assert any(n.startswith(("prefill", "decode")) and "int16" in lab for n, lab in labels.items())
+    assert all("int16" not in lab for n, lab in labels.items() if n.startswith("encode_image"))
+
+
+@pytest.mark.parametrize("value, message", [
+    ('{ decoder = "int4" }', r"'apu.activations.decoder': must be one of int16, int8, fp16, bf16, fp32, got 'int4'"),
+    ('{ text = "int16" }', r"'apu.activations.text': unknown model part \(valid: decoder, vision\)"),
+    ('{ decoder = "bf16" }', r"'apu.activations.decoder': 'bf16' is listed for no operator kind in apu.ops"),
+])
+def test_bad_activations_are_one_line_errors(tmp_path, value, message):
+    from bluelower.errors import BlueLowerError
+
+    with pytest.raises(BlueLowerError, match=message):
+        int16_soc(tmp_path, value)

@@ -160,7 +160,7 @@ def _emulate_apu_numerics(ctx: BuildContext):
         return None
     from .emulate_apu_numerics import EmulateAPUNumerics
 
-    return EmulateAPUNumerics(_apu(ctx))
+    return EmulateAPUNumerics(_apu(ctx), weight_role=getattr(ctx.spec, "weight_role", None))
 
 
 def _share_layer_kernels(_ctx):

@@ -53,6 +53,11 @@ FLOAT_DTYPES = ("fp16", "bf16", "fp32")
 #: Values of ``apu.accumulate``: the dtype float matmul/conv2d sums accumulate in.
 ACCUMULATE_DTYPES = ("fp32", "fp16")
 
+#: Model parts ``apu.activations`` sets a dtype for (the roles of the weights an entry reads,
+#: bluelower.lowering.quant.modes DECODER_ROLES / VISION_ROLES), and the dtypes it may set.
+ACTIVATION_PARTS = ("decoder", "vision")
+ACTIVATION_DTYPES = ("int16", "int8") + FLOAT_DTYPES
+
 # Unit tables: dimension -> {unit: factor to SI base unit}.
 UNITS: dict[str, dict[str, float]] = {
     "bandwidth": {"B/s": 1.0, "KB/s": 1e3, "MB/s": 1e6, "GB/s": 1e9, "TB/s": 1e12,
@@ -144,6 +149,8 @@ APU_SCHEMA: dict[str, Key] = {
     "prefill_chunk": Key("int", False, "preferred prefill chunk (tokens per call)", 128),
     "max_patches": Key("int", False, "default maximum number of image patches (local + global)", 9),
     "accumulate": Key("str", False, "dtype float matmul/conv2d sums accumulate in: 'fp32' or 'fp16'", "fp32"),
+    "activations": Key("map:str", False, "activation dtype per model part ('decoder', 'vision'): 'int16', 'int8' "
+                       "or a float dtype (default: each operator's float dtype)"),
 }
 
 MEMORY_SCHEMA: dict[str, Key] = {
@@ -308,6 +315,9 @@ class Apu:
     prefill_chunk: int = 128
     max_patches: int = 9
     accumulate: str = "fp32"
+    # model part -> activation dtype (ACTIVATION_PARTS -> ACTIVATION_DTYPES); a part not
+    # named computes in each operator's float dtype
+    activations: dict = field(default_factory=dict)
 
     def supports(self, kind: str, dtype: str) -> bool:
         return dtype in self.ops.get(kind, ())
@@ -424,7 +434,8 @@ class SoC:
                         "peak_ops_per_s": dict(a.peak_ops_per_s), "per_call_overhead_s": a.per_call_overhead_s,
                         "bandwidth_bps": a.bandwidth_bps, "max_ops_per_graph": a.max_ops_per_graph,
                         "image_batch": a.image_batch, "prefill_chunk": a.prefill_chunk,
-                        "max_patches": a.max_patches, "accumulate": a.accumulate}
+                        "max_patches": a.max_patches, "accumulate": a.accumulate,
+                        "activations": dict(a.activations)}
         return d
 
     def describe(self) -> str:
@@ -442,6 +453,8 @@ class SoC:
             lines.append(f"  apu {a.name}: {peaks}; {format_quantity(a.bandwidth_bps, 'bandwidth')}; "
                          f"{format_quantity(a.per_call_overhead_s, 'time')}/call; <= {a.max_ops_per_graph} ops/graph")
             lines.append(f"    ops: {', '.join(sorted(a.ops))}; float sums accumulate in {a.accumulate}")
+            if a.activations:
+                lines.append("    activations: " + ", ".join(f"{k} {v}" for k, v in sorted(a.activations.items())))
         else:
             lines.append("  apu: none")
         m = self.memory
@@ -551,10 +564,18 @@ def soc_from_dict(raw: Any, source: str = "soc") -> SoC:
             fail("apu.accumulate", f"must be one of {', '.join(ACCUMULATE_DTYPES)}, got '{a['accumulate']}'")
         if a["per_call_overhead"] < 0:
             fail("apu.per_call_overhead", "must be >= 0")
+        for part, dt in a["activations"].items():
+            if part not in ACTIVATION_PARTS:
+                fail(f"apu.activations.{part}", f"unknown model part (valid: {', '.join(ACTIVATION_PARTS)})")
+            if dt not in ACTIVATION_DTYPES:
+                fail(f"apu.activations.{part}", f"must be one of {', '.join(ACTIVATION_DTYPES)}, got '{dt}'")
+            if not any(dt in dts for dts in a["ops"].values()):
+                fail(f"apu.activations.{part}", f"'{dt}' is listed for no operator kind in apu.ops")
         apu = Apu(name=a["name"], ops={k: tuple(v) for k, v in a["ops"].items()}, peak_ops_per_s=dict(a["peak"]),
                   per_call_overhead_s=a["per_call_overhead"], bandwidth_bps=a["bandwidth"],
                   max_ops_per_graph=a["max_ops_per_graph"], image_batch=a["image_batch"],
-                  prefill_chunk=a["prefill_chunk"], max_patches=a["max_patches"], accumulate=a["accumulate"])
+                  prefill_chunk=a["prefill_chunk"], max_patches=a["max_patches"], accumulate=a["accumulate"],
+                  activations=dict(a["activations"]))
 
     for key in data["assumed"]:
         if key == "assumed" or not _key_exists(raw, key):
