@@ -13,7 +13,6 @@ Every user error is a :class:`~bluelower.errors.BlueLowerError` (one line, an ex
 from __future__ import annotations
 
 import json
-import os
 
 from .errors import BlueLowerError
 from .lowering.quant.modes import DEFAULT_GROUP_SIZE, DEFAULT_QUANT
@@ -73,26 +72,41 @@ def bundle(model="tiny", output: str = "dist", *, checkpoint: str | None = None,
                         checkpoint=checkpoint, kv_capacity=kv_capacity, prefill_chunk=prefill_chunk, force=force)
 
 
-def image_patches(manifest: dict, image, policy: str = "relaxed", max_patches: int | None = None):
-    """Preprocess ``image`` (a path) for a build: ``(patches [k, 3, S, S] or None, grid or None)``."""
+def image_patches(manifest: dict, image, policy: str = "relaxed", max_patches: int | None = None, fits=None):
+    """Preprocess ``image`` (a path) for a build: ``(patches [k, 3, S, S] or None, grid or None)``.
+    ``fits(image_rows)`` is called with the rows the image will take once its grid is known,
+    before any patch is preprocessed (the KV-cache check of a large image)."""
     from .runtime_stubs.image import load_image, preprocess_image, select_grid
+    from .validate import LIMITS, check_int
 
     if image is None:
         return None, None
     if policy not in POLICIES:
         raise BlueLowerError(f"unknown --policy '{policy}' (valid: {', '.join(POLICIES)})")
     rt = manifest["runtime"]
+    if rt.get("image_size") is None:
+        raise BlueLowerError("this build has no image encoder (a text-only model): drop --image")
+    if max_patches is not None:
+        check_int(max_patches, *LIMITS["max_patches"], "--max-patches")
     img = load_image(image)
     grid = None
     if policy != "none":
         limit = max_patches if max_patches is not None else int(rt.get("max_patches", 9))
-        if limit < 1:
-            raise BlueLowerError(f"--max-patches must be at least 1, got {limit}")
         height, width = img.shape[:2]
         grid = select_grid(width, height, policy=policy, max_patches=limit, image_size=rt["image_size"])
+    if fits is not None:
+        count = 1 if grid is None or grid[0] * grid[1] == 1 else grid[0] * grid[1] + 1  # + the global thumbnail
+        fits(count * int(rt.get("image_tokens_per_patch") or 0))
     patches = preprocess_image(img, grid=grid, image_size=rt["image_size"],
                                mean=tuple(rt["image_mean"]), std=tuple(rt["image_std"]))
     return patches, grid
+
+
+def parse_prompt_ids(text: str) -> list[int]:
+    """``--prompt-ids 1,2,3`` as the native runtime parses it (``runtime_stubs/text.py``)."""
+    from .runtime_stubs.text import parse_prompt_ids as parse
+
+    return parse(text)
 
 
 def run(build_dir: str, *, image: str | None = None, prompt: str | None = None, prompt_ids=(), system: str | None = None,
@@ -112,13 +126,20 @@ def run(build_dir: str, *, image: str | None = None, prompt: str | None = None, 
     the build (its dequantized weights for a quantized build) generates from the same inputs:
     ``reference_tokens`` and ``match`` are added."""
     from .lowering.artifacts.bundle import read_manifest
-    from .runtime_stubs.generate import CompiledModel, generate, load_tokenizer
-    from .runtime_stubs.text import Sampler, build_prompt
+    from .runtime_stubs.generate import CompiledModel, check_capacity, generate, load_tokenizer
+    from .runtime_stubs.text import Sampler, build_prompt, check_prompt_ids
 
     policy = policy or "relaxed"
     manifest = read_manifest(build_dir)
+    rt = manifest["runtime"]
+    if rt.get("vocab_size") is None:
+        raise BlueLowerError(f"{build_dir} has no decoder (an image encoder alone): there is nothing to generate with")
+    capacity = rt["kv_capacity"]
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= capacity:
+        raise BlueLowerError(f"--max-new-tokens {max_new_tokens} is out of range [1, {capacity}] (the build's KV "
+                             "cache capacity)")
     tokenizer = load_tokenizer(build_dir, manifest)
-    if prompt is not None and prompt_ids:
+    if prompt is not None and len(prompt_ids):
         raise BlueLowerError("give --prompt or --prompt-ids, not both")
     if prompt is not None:
         if tokenizer is None:
@@ -129,7 +150,14 @@ def run(build_dir: str, *, image: str | None = None, prompt: str | None = None, 
                                 image_placeholder=info.get("image_token"), system=system)
         segments = _wrap_image(tokenizer, segments, info.get("image_wrap") or ("", ""))
     else:
-        segments = [int(i) for i in prompt_ids]
+        segments = check_prompt_ids(prompt_ids, rt["vocab_size"])
+    n_ids = sum(len(seg) for seg in segments if isinstance(seg, list)) if prompt is not None else len(segments)
+
+    def fits(image_rows: int) -> None:
+        check_capacity(image_rows, n_ids, max_new_tokens, capacity)
+
+    if image is None:
+        fits(0)
 
     def sampler():
         return None if temperature == 0 and top_k == 0 and top_p == 1.0 else Sampler(temperature, top_k, top_p, seed)
@@ -154,15 +182,15 @@ def run(build_dir: str, *, image: str | None = None, prompt: str | None = None, 
                                  "compile time, which has no system message (drop --system, or run without --native)")
         out = _run_native(build_dir, image, segments if prompt is None else None, max_new_tokens, policy, max_patches,
                           prompt=prompt, on_text=on_text)
-        patches = image_patches(manifest, image, policy, max_patches)[0] if check else None
+        patches = image_patches(manifest, image, policy, max_patches, fits)[0] if check else None
         if prompt is not None:  # the binary's own encoding against build_prompt's (the reference's input)
             ids = [i for seg in segments if isinstance(seg, list) for i in seg]
             before = next((sum(len(s) for s in segments[:k]) for k, s in enumerate(segments) if not isinstance(s, list)),
                           None)
             out["prompt_match"] = out.get("prompt_ids") == ids and out.get("image_position") == before
     else:
+        patches, grid = image_patches(manifest, image, policy, max_patches, fits)  # before the build is loaded
         compiled = CompiledModel(build_dir)
-        patches, grid = image_patches(compiled.manifest, image, policy, max_patches)
         out = generate(compiled, patches, segments, max_new_tokens, sampler=sampler(), on_token=on_token).to_json()
         if grid is not None:
             out["grid"] = list(grid)
@@ -278,9 +306,9 @@ def init_weights(model="tiny", output: str = "weights.safetensors", seed: int = 
     from .lowering.frontend.weights import init_weights as write
     from .lowering.models import load_config
 
-    parent = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(parent):
-        raise BlueLowerError(f"output directory does not exist: {parent}")
+    from .validate import check_output_file
+
+    check_output_file(output, "-o")
     write(load_config(model), output, seed)
     return output
 
@@ -309,6 +337,11 @@ def inspect_schedule(build_dir: str, trace: str | None = None, plot: str | None 
     """A build's predicted schedule; optionally written as a Chrome trace and a Gantt chart."""
     from .reports import schedule
 
+    from .validate import check_output_file
+
+    for flag, path in (("--trace", trace), ("--plot", plot)):
+        if path:
+            check_output_file(path, flag)
     info = schedule.inspect_schedule(build_dir)
     if trace:
         schedule.write_trace(build_dir, trace)
@@ -320,9 +353,18 @@ def inspect_schedule(build_dir: str, trace: str | None = None, plot: str | None 
 def eval_quant(models=("tiny",), modes=None, tokens: int = 64, seed: int = 0, group_size: int = DEFAULT_GROUP_SIZE,
                disable_passes=(), write_doc: str | None = None) -> list:
     """Accuracy of each quant mode against the fp32 PyTorch reference, per model."""
-    from .lowering.quant.modes import QUANT_MODES
+    from .lowering.quant.modes import QUANT_MODES, quant_mode
     from .reports import eval_quant as ev
+    from .validate import check_int, check_output_file
 
+    check_int(tokens, 1, 1 << 24, "--tokens")
+    check_int(group_size, 2, 1 << 16, "--group-size")
+    for mode in modes or ():
+        quant_mode(mode)
+    if modes is not None and not modes:
+        raise BlueLowerError("--modes lists no quant mode")
+    if write_doc:
+        check_output_file(write_doc, "--write-doc")
     reports = [ev.evaluate(m, modes=tuple(modes or QUANT_MODES), tokens=tokens, seed=seed, group_size=group_size,
                            disabled_passes=tuple(disable_passes)) for m in models]
     if write_doc:

@@ -1,13 +1,18 @@
 """The ``bluelower`` command line: a thin layer over the Python API.
 
-Every user error (:class:`bluelower.errors.BlueLowerError`) becomes one line on stderr and
-a non-zero exit; no traceback.
+Every user error becomes one line on stderr (``error: ...``) and a non-zero exit, no
+traceback: a :class:`bluelower.errors.BlueLowerError` (its exit code), a usage error (a
+missing or malformed option: exit 2), an ``OSError`` on a path the user gave (a read-only
+or missing location: exit 1), running out of memory (exit 1). Python warnings of the
+libraries bluelower drives (torch, TVM, onnx, Pillow) are not printed. Anything else is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 import click
 
@@ -18,18 +23,46 @@ from .lowering.quant.modes import DEFAULT_GROUP_SIZE, DEFAULT_QUANT, MODES, QUAN
 _QUANT_HELP = "; ".join(f"{m.name} = {m.summary}" for m in MODES.values()) + ". See docs/quantization.md."
 
 
+def _error(message: str, code: int):
+    click.echo("error: " + " ".join(str(message).split()), err=True)
+    sys.exit(code)
+
+
 class _Group(click.Group):
-    """Turns BlueLowerError into one line + exit code, anywhere below the group."""
+    """Turns user errors into one line + exit code, anywhere below the group."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            super().main(args, prog_name or "bluelower", complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:  # --help, --version
+            sys.exit(exc.exit_code)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `bluelower` alone: its help
+            click.echo(exc.ctx.get_help())
+            sys.exit(0)
+        except click.exceptions.Abort:
+            _error("aborted", 1)
+        except click.ClickException as exc:  # usage errors: click's "Usage: ... Error: ..." as one line
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            _error(exc.format_message().rstrip(".") + hint, exc.exit_code)
+        sys.exit(0)
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the libraries' warnings (torch, TVM, onnx, Pillow)
+                return super().invoke(ctx)
         except BlueLowerError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _error(exc, exc.exit_code)
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            _error(f"{exc.filename}: {exc.strerror or exc}", 1)
+        except MemoryError as exc:
+            _error(f"out of memory ({exc})" if str(exc) else "out of memory", 1)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="bluelower", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="bluelower")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output on stderr.")
 def cli(quiet: bool) -> None:
@@ -91,16 +124,6 @@ def compile_cmd(model, hf, gguf, weights, frontend, soc, quant, out_dir, dump_ir
                 kv_capacity=kv_capacity, force=force)
 
 
-def _parse_prompt_ids(text: str) -> list[int]:
-    text = text.strip()
-    if not text:
-        return []
-    try:
-        return [int(tok) for tok in text.split(",")]
-    except ValueError:
-        raise BlueLowerError(f"--prompt-ids must be comma-separated integers, got '{text}'") from None
-
-
 @cli.command("run")
 @click.argument("build_dir", type=click.Path())
 @click.option("--image", default=None, help="PNG/JPEG or .npy [H, W, 3] image.")
@@ -133,7 +156,7 @@ def run_cmd(build_dir, image, prompt, system, prompt_ids, max_new_tokens, temper
         click.echo(piece, nl=False)
         sys.stdout.flush()
 
-    out = api.run(build_dir, image=image, prompt=prompt, system=system, prompt_ids=_parse_prompt_ids(prompt_ids),
+    out = api.run(build_dir, image=image, prompt=prompt, system=system, prompt_ids=api.parse_prompt_ids(prompt_ids),
                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                   check=check, weights=weights, native=native, policy=policy, max_patches=max_patches,
                   on_text=None if as_json or prompt is None else on_text)

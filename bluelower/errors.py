@@ -7,9 +7,17 @@ message on one line and exits non-zero; everything else is a bug and keeps its t
 
 
 class BlueLowerError(Exception):
-    """An error caused by the user's input, reported as one line without a traceback."""
+    """An error caused by the user's input, reported as one line without a traceback.
+
+    The message is one line whatever it quotes: line breaks (a tensor name, a key read from a
+    damaged file) are written as ``\\n`` / ``\\r``."""
 
     exit_code = 1
+
+    def __init__(self, *args):
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (args[0].replace("\r", "\\r").replace("\n", "\\n"),)
+        super().__init__(*args)
 
 
 class UnsupportedOperatorError(BlueLowerError):

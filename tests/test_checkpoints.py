@@ -585,7 +585,7 @@ def test_error_safetensors_headers(tmp_path):
     out = _hf_dir_with_weights(tmp_path, b"\x01\x02")
     with pytest.raises(BlueLowerError) as e:
         HFCheckpoint(out)
-    _one_line_error(e, "model.safetensors", "not a safetensors file")
+    _one_line_error(e, "model.safetensors", "not a valid safetensors file")
 
 
 def test_hf_integer_buffers_keep_their_dtype(tmp_path):

@@ -102,7 +102,7 @@ def test_weights_with_wrong_shape(tmp_path, tiny_weights):
     [
         ('{"name": "x", "decoder": {"hidden": 4}}', "unknown key 'decoder.hidden'"),
         ('{"name": "x", "decoder": {"num_layers": "two"}}', "'decoder.num_layers': expected an integer"),
-        ('{"name": "x", "vision": {"num_heads": 5}}', "not divisible by num_heads"),
+        ('{"name": "x", "vision": {"num_heads": 5}}', "missing keys vision.image_size, vision.patch_size"),
         ('{"name": "x", "surprise": 1}', "unknown key 'surprise'"),
         ('{"name": "x", ', "malformed JSON"),
     ],

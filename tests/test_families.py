@@ -419,7 +419,8 @@ def test_schema_sections_per_family():
     with pytest.raises(BlueLowerError, match="family 'llama' has no 'vision' section"):
         config_from_dict({"family": "llama", "name": "x", "vision": {}}, "l.json")
     with pytest.raises(BlueLowerError, match="rope_scaling.factor must be a positive number"):
-        config_from_dict({"family": "llama", "name": "x", "decoder": {"rope_scaling": {"rope_type": "linear"}}}, "l")
+        llama = load_config("llama-tiny").to_dict()
+        config_from_dict({**llama, "decoder": {**llama["decoder"], "rope_scaling": {"rope_type": "linear"}}}, "l")
     bluelm = load_config("tiny")  # BlueLM-V keeps every section
     assert bluelm.family == "bluelm_v" and bluelm.decoder is not None and bluelm.vision is not None
 

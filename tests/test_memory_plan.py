@@ -160,8 +160,8 @@ def test_run_allocates_what_the_plan_says(quant, chunk_builds, quant_build):
     pixels = np.zeros((cm.image_batch, 3, cm.image_size, cm.image_size), np.float32)
     width = cm.manifest["model"]["decoder"]["hidden_size"]
     calls = {
-        "encode_image_embed": lambda: cm._call("encode_image_embed", pixels),
-        "encode_image_blocks": lambda: cm._call("encode_image_blocks", cm._call("encode_image_embed", pixels)),
+        "encode_image_embed": lambda: cm.call("encode_image_embed", pixels),
+        "encode_image_blocks": lambda: cm.call("encode_image_blocks", cm.call("encode_image_embed", pixels)),
         "encode_image": lambda: cm.encode_batch_unsplit(pixels),
         "embed": lambda: cm.embed_chunk(np.zeros(cm.chunk, np.int64)),
         "prefill": lambda: cm.prefill_chunk(np.zeros((cm.chunk, width), np.float32), 0, cm.chunk),

@@ -26,14 +26,38 @@ PLAN_SKIPPED_PASSES = ("ScheduleOperators",)
 def inspect_build(build_dir: str) -> dict:
     from ..lowering.artifacts.bundle import read_manifest
 
+    from ..targets.soc import list_socs, load_soc
+
     manifest = read_manifest(build_dir)
     plan = manifest.get("memory_plan")
     if not plan:
         raise BlueLowerError(f"{build_dir}: the manifest has no memory_plan (built before MemoryPlan existed; recompile)")
+    _check_plan(plan, f"{build_dir}/manifest.json")
     out = {k: v for k, v in plan.items() if k != "functions"}
     out["functions"] = {f: {k: v for k, v in p.items() if k not in ("tensors", "outputs")}
                         for f, p in plan["functions"].items()}
-    return out
+    out["soc"] = soc = manifest.get("soc")
+    return with_soc_memory(out, load_soc(soc)) if soc in list_socs() else out
+
+
+_PHASE_BYTES = ("weights_bytes", "kv_cache_bytes", "arena_bytes", "liveness_lower_bound_bytes", "held_bytes",
+                "outputs_bytes", "kv_copy_bytes", "total_bytes")
+
+
+def _check_plan(plan, where: str) -> None:
+    """The manifest's ``memory_plan`` has what the report reads (else one line)."""
+    def count(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    ok = (isinstance(plan, dict) and isinstance(plan.get("phases"), list) and isinstance(plan.get("functions"), dict)
+          and count(plan.get("peak_bytes")) and all(count(plan.get(k)) for k in ("kv_capacity", "prefill_chunk",
+                                                                                 "image_batch", "image_patches"))
+          and all(isinstance(p, dict) and isinstance(p.get("name"), str) and all(count(p.get(k)) for k in _PHASE_BYTES)
+                  for p in plan["phases"])
+          and all(isinstance(f, dict) for f in plan["functions"].values()))
+    if not ok:
+        raise BlueLowerError(f"{where}: memory_plan is malformed (expected peak_bytes, phases [{{name, "
+                             f"{', '.join(_PHASE_BYTES)}}}], functions {{name: plan}})")
 
 
 def parse_grid(grid: str | None) -> int | None:
@@ -60,25 +84,24 @@ def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid
     usable CPUs, else 1 for small models; ``jobs=1`` plans in this process). ``imported``: ``(mod, sigs)`` of an earlier import.
     """
     from .. import progress
-    from ..lowering.artifacts.compile import resolve_soc, with_prefill_chunk
+    from ..lowering.artifacts.compile import resolve_soc, with_runtime
+    from ..lowering.artifacts.memory_table import check_fits
     from ..lowering.models import load_config
 
     quant_mode(quant)
-    cfg = load_config(model)
-    jobs = plan_jobs(jobs, cfg)
-    if kv_capacity is not None:
-        cfg = cfg.replace_runtime(kv_capacity=kv_capacity)
-    if prefill_chunk is not None:
-        cfg = with_prefill_chunk(cfg, prefill_chunk)
+    cfg = with_runtime(load_config(model), kv_capacity=kv_capacity, prefill_chunk=prefill_chunk)  # as compile checks them
     n_patches = parse_grid(image_grid)
     soc_obj = resolve_soc(soc)
+    soc_obj.tvm_target()
+    check_fits(cfg, quant, soc_obj)  # before anything is traced
+    jobs = plan_jobs(jobs, cfg)
     cache_path = None
     if imported is None:
         cache_path = _result_cache_path(cfg, soc, str(soc_obj.tvm_target()), quant, n_patches, disabled)
         cached = _read_cached(cache_path)
         if cached is not None:
             progress.log(f"memory plan from the cache ({cache_path}; BLUELOWER_CACHE=off recomputes)")
-            return cached
+            return with_soc_memory(cached, soc_obj)
     if imported is None and jobs > 1:
         _start_workers()  # the workers' server imports torch + TVM while this process goes on
     if imported is not None or jobs == 1:
@@ -88,7 +111,13 @@ def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid
     table = phase_table(cfg, quant, params, plans, n_patches=n_patches)
     table["soc"] = soc_obj.name
     _write_cached(cache_path, table)
-    return table
+    return with_soc_memory(table, soc_obj)
+
+
+def with_soc_memory(table: dict, soc) -> dict:
+    """``table`` + the SoC's memory and whether the peak fits it (``soc_memory_bytes``, ``fits``)."""
+    return {**table, "soc_memory_bytes": int(soc.memory.capacity_bytes),
+            "fits": table["peak_bytes"] <= soc.memory.capacity_bytes}
 
 
 def plan_entries(cfg, soc: str, quant: str, entries=None, disabled=(), imported=None) -> tuple[dict, dict]:
@@ -292,4 +321,8 @@ def format_table(info: dict) -> str:
                      f"{gb(p['liveness_lower_bound_bytes']):>12}"
                      f"{gb(p['held_bytes'] + p['outputs_bytes'] + p['kv_copy_bytes']):>12}{gb(p['total_bytes']):>12}")
     lines.append(f"peak: {info['peak_bytes'] / 1e9:.3f} GB ({info['peak_phase']})")
+    if "soc_memory_bytes" in info:
+        have = info["soc_memory_bytes"]
+        verdict = "fits" if info["fits"] else f"does NOT fit: {(info['peak_bytes'] - have) / 1e9:.3f} GB over"
+        lines.append(f"SoC {info.get('soc')} memory: {have / 1e9:.3f} GB; the peak {verdict}")
     return "\n".join(lines)

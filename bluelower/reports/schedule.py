@@ -15,16 +15,27 @@ from ..lowering.artifacts.bundle import read_manifest
 from ..targets.scheduler import Schedule, plot_gantt, to_chrome_trace
 
 def load_schedule(build_dir: str) -> tuple[Schedule, dict]:
-    """The build's schedule and its manifest."""
+    """The build's schedule and its manifest (a malformed ``schedule`` is one line)."""
     manifest = read_manifest(build_dir)
     if "schedule" not in manifest:
         raise BlueLowerError(f"{build_dir} has no predicted schedule (built without ScheduleOperators); recompile it")
-    return Schedule.from_dict(manifest["schedule"]), manifest
+    try:
+        return Schedule.from_dict(manifest["schedule"]), manifest
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise BlueLowerError(f"{build_dir}/manifest.json: schedule is malformed ({type(exc).__name__}: {exc})") from None
 
 
 def inspect_schedule(build_dir: str) -> dict:
     """JSON-friendly report: makespan, seconds per phase, busy seconds per unit, partitions, tasks."""
     sched, manifest = load_schedule(build_dir)
+    try:
+        return _report(build_dir, sched, manifest)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise BlueLowerError(f"{build_dir}/manifest.json: schedule or apu_partitions is malformed "
+                             f"({type(exc).__name__}: {exc})") from None
+
+
+def _report(build_dir: str, sched: Schedule, manifest: dict) -> dict:
     busy = {u: 0.0 for u in sched.units}
     for t in sched.tasks:
         busy[t.unit] = busy.get(t.unit, 0.0) + t.duration_s

@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import BlueLowerError
 from ..lowering.artifacts.bundle import LIBRARY, PARAMS, read_manifest, verify_files
 from ..lowering.models import spec_for
+from .text import check_prompt_ids
 
 
 @dataclass
@@ -71,6 +72,23 @@ def _segments(patches, prompt) -> list:
     return ([IMAGE] if patches is not None else []) + ([[int(x) for x in prompt]] if prompt else [])
 
 
+def check_capacity(n_image: int, n_ids: int, max_new_tokens, capacity: int) -> None:
+    """The prompt's rows (image tokens + ids) and ``max_new_tokens`` fit the KV cache: checked
+    before anything runs (the image's rows before its patches are preprocessed)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+        raise BlueLowerError(f"--max-new-tokens must be an integer, got {max_new_tokens!r}")
+    if max_new_tokens < 1:
+        raise BlueLowerError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    n = n_image + n_ids
+    if n == 0:
+        raise BlueLowerError("nothing to generate from: no image and an empty prompt")
+    if n + max_new_tokens > capacity:
+        raise BlueLowerError(
+            f"prompt of {n} rows ({n_image} image tokens + {n_ids} prompt ids) plus "
+            f"{max_new_tokens} new tokens exceeds the KV cache capacity of {capacity}"
+        )
+
+
 def generate(backend: _Backend, patches: np.ndarray | None, prompt, max_new_tokens: int, sampler=None,
              on_token=None, forced=None, keep_logits: bool = False) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens, stopping at the backend's stop ids.
@@ -82,21 +100,11 @@ def generate(backend: _Backend, patches: np.ndarray | None, prompt, max_new_toke
     these tokens instead (the result's tokens are them; the logits are the model's at each).
     ``keep_logits``: the result's ``logits`` holds every step's logits row."""
     timings = {"image_encode": 0.0, "embed": 0.0, "prefill": 0.0, "decode": 0.0}
-    if max_new_tokens < 1:
-        raise BlueLowerError("--max-new-tokens must be at least 1")
     segs = _segments(patches, prompt)
-    ids_all = [i for p in segs if isinstance(p, list) for i in p]
-    if ids_all and (min(ids_all) < 0 or max(ids_all) >= backend.vocab_size):
-        raise BlueLowerError(f"prompt ids must be in [0, {backend.vocab_size})")
+    ids_all = check_prompt_ids([i for p in segs if isinstance(p, list) for i in p], backend.vocab_size)
     n_image = 0 if patches is None else patches.shape[0] * backend.tokens_per_patch
     n = n_image + len(ids_all)
-    if n == 0:
-        raise BlueLowerError("nothing to generate from: no image and an empty prompt")
-    if n + max_new_tokens > backend.capacity:
-        raise BlueLowerError(
-            f"prompt of {n} rows ({n_image} image tokens + {len(ids_all)} prompt ids) plus "
-            f"{max_new_tokens} new tokens exceeds the KV cache capacity of {backend.capacity}"
-        )
+    check_capacity(n_image, len(ids_all), max_new_tokens, backend.capacity)
     t0 = time.perf_counter()
     image_rows = []
     if patches is not None:
@@ -184,6 +192,83 @@ def load_tokenizer(build_dir: str, manifest: dict):
 
 # --------------------------------------------------------------------- compiled build
 
+# ELF e_machine -> the architecture name in a target triple
+_ELF_MACHINES = {62: "x86_64", 183: "aarch64", 40: "arm", 243: "riscv64"}
+
+
+def _nbytes(shape, dtype: str) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * np.dtype(dtype).itemsize
+
+
+def _tvm_message(exc: BaseException) -> str:
+    """TVM's error in one line: its first line and, when it says more, its last."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0].rstrip(":") + ("; " + lines[-1] if len(lines) > 1 else "")
+
+
+def host_arch() -> str:
+    import platform
+
+    m = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
+
+
+def check_host_library(build_dir: str, manifest: dict) -> None:
+    """``model.so`` is a shared library for this machine: the manifest's target and the
+    file's own ELF header say the host's architecture (an aarch64 build runs with ``--native``)."""
+    triple = str((manifest.get("target") or {}).get("mtriple") or "")
+    with open(os.path.join(build_dir, LIBRARY), "rb") as fh:
+        head = fh.read(20)
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        raise BlueLowerError(f"{build_dir}: {LIBRARY} is not a shared library (no ELF header)")
+    machine = _ELF_MACHINES.get(int.from_bytes(head[18:20], "little"), f"ELF machine {head[18] | head[19] << 8}")
+    here = host_arch()
+    built_for = next((a for a in (triple.split("-")[0] if triple else here, machine) if a != here), None)
+    if built_for is not None:
+        how = ("run it with --native (the bundle's own binary; qemu-aarch64 here)"
+               if os.path.isfile(os.path.join(build_dir, "bin", "bluelower-run"))
+               else "make a device bundle with `bluelower build` and run that with --native, or run it on the device")
+        raise BlueLowerError(f"{build_dir} is built for {built_for} ({LIBRARY}: {machine}, target {triple or '?'}), "
+                             f"this machine is {here}: {how}")
+
+
+def check_host_memory(build_dir: str, what: str, nbytes: int) -> None:
+    """``nbytes`` for ``what`` fit this machine's physical memory (else one line, before the
+    allocation that would fail)."""
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if nbytes > have:
+        raise BlueLowerError(f"{build_dir}: {what} needs {nbytes / 2**30:.4g} GiB, more than this machine's "
+                             f"{have / 2**30:.4g} GiB of memory")
+
+
+def check_vm_functions(build_dir: str, manifest: dict, vm) -> None:
+    """Every function the manifest lists is in the library with the arguments it lists
+    (inputs, then the weights by name): the library is this build's, not another's."""
+    from ..lowering.frontend.entries import sanitize
+
+    for name, fn in manifest["functions"].items():
+        try:
+            arity = vm._get_function_arity(name)
+            names = [vm._get_function_param_name(name, i) for i in range(arity)]
+        except Exception:  # TVM: unknown function
+            raise BlueLowerError(f"{build_dir}: {LIBRARY} has no function {name} (the manifest lists it: "
+                                 "a library of another build?)") from None
+        want = [sanitize(p) for p in fn["params"]]
+        got = names[len(fn["inputs"]):]
+        # the ONNX importer's parameter names carry its wrapper's prefix (m_<name>)
+        if arity != len(fn["inputs"]) + len(want) or not all(g == w or g.endswith("_" + w) for g, w in zip(got, want)):
+            raise BlueLowerError(f"{build_dir}: {LIBRARY}'s {name} takes {arity} arguments, not the manifest's "
+                                 f"{len(fn['inputs'])} inputs + {len(want)} weights (a library of another build?)")
+
+
 
 class CompiledModel(_Backend):
     """A host build loaded into TVM's Relax VM."""
@@ -203,26 +288,41 @@ class CompiledModel(_Backend):
         self.stop_ids = frozenset([rt["eos_token_id"], *rt.get("stop_token_ids", [])])
         self.tokens_per_patch, self.vocab_size = rt["image_tokens_per_patch"], rt["vocab_size"]
         self.image_size = rt["image_size"]
-        lib = tvm.runtime.load_module(os.path.join(build_dir, LIBRARY))
-        self.dev = tvm.cpu()
-        self.vm = relax.VirtualMachine(lib, self.dev)
+        self.build_dir = build_dir
+        self.kv_spec = manifest.get("kv_cache")  # None: a model without a decoder
+        self.kv = None
+        check_host_library(build_dir, manifest)
+        if self.kv_spec:
+            check_host_memory(build_dir, "the KV cache", _nbytes(self.kv_spec["shape"], self.kv_spec["dtype"]))
+        try:
+            lib = tvm.runtime.load_module(os.path.join(build_dir, LIBRARY))
+            self.dev = tvm.cpu()
+            self.vm = relax.VirtualMachine(lib, self.dev)
+        except Exception as exc:  # TVM's own error types
+            raise BlueLowerError(f"{build_dir}: cannot load {LIBRARY}: {_tvm_message(exc)}") from None
+        check_vm_functions(build_dir, manifest, self.vm)
         params = WeightSource(os.path.join(build_dir, PARAMS))
         cache = {}
         self.params = {}
         for fname, fn in manifest["functions"].items():
             for p in fn["params"]:
+                if p not in params.tensors:
+                    raise BlueLowerError(f"{build_dir}: {PARAMS} has no tensor '{p}' (functions.{fname} needs it)")
                 if p not in cache:
                     cache[p] = tvm.runtime.tensor(params.read(p), self.dev)
             self.params[fname] = [cache[p] for p in fn["params"]]
-        self.kv_spec = manifest.get("kv_cache")  # None: a model without a decoder
-        self.kv = None
 
     def call(self, name, *inputs):
         """Run the build's function ``name`` on ``inputs`` (numpy arrays or TVM tensors) with its weights."""
         import tvm
 
         args = [tvm.runtime.tensor(x, self.dev) if isinstance(x, np.ndarray) else x for x in inputs]
-        out = self.vm[name](*args, *self.params[name])
+        try:
+            out = self.vm[name](*args, *self.params[name])
+        except (TypeError, ValueError, RuntimeError) as exc:
+            # a build whose library and parameters disagree (a tensor of another shape or dtype)
+            raise BlueLowerError(f"{self.build_dir}: {LIBRARY} refused its arguments in {name}: "
+                                 f"{_tvm_message(exc)}") from None
         # the torch importer returns a 1-tuple for one output, the ONNX one a tensor
         if not hasattr(out, "numpy") and len(out) == 1:
             return out[0]

@@ -338,12 +338,31 @@ _PIL_FORMATS = {"PNG", "JPEG"}
 _PIL_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
 
 
+# the largest image either runtime reads (native/loaders.cc: "image too large")
+MAX_IMAGE_SIDE = 1 << 20
+MAX_IMAGE_PIXELS = 1 << 28
+
+
+def _check_pixels(width: int, height: int, what: str) -> None:
+    if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
+        raise BlueLowerError(f"{what}: image too large ({width}x{height}; at most 2^20 pixels a side and 2^28 "
+                             "pixels in all)")
+
+
 def _check_image_array(arr, what: str) -> np.ndarray:
     if not isinstance(arr, np.ndarray):
         raise BlueLowerError(f"{what}: expected a numpy array, got {type(arr).__name__}")
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise BlueLowerError(f"{what}: expected an array of shape [H, W, 3], got {list(arr.shape)}")
+    _check_pixels(arr.shape[1], arr.shape[0], what)
     return arr
+
+
+def _png_bit_depth(path: str) -> int:
+    """The bit depth in a PNG's IHDR chunk (byte 24 of the file; 8 if it cannot be read)."""
+    with open(path, "rb") as fh:
+        head = fh.read(25)
+    return head[24] if len(head) == 25 and head[12:16] == b"IHDR" else 8
 
 
 def float_to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -398,29 +417,41 @@ def _load_npy(path: str) -> np.ndarray:
 
 
 def _load_pil(path: str) -> np.ndarray:
+    import warnings
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS // 2  # Pillow refuses above twice this: our limit, not its own
     try:
-        with Image.open(path) as im:
-            fmt = im.format
-            if fmt not in _PIL_FORMATS:
-                raise BlueLowerError(
-                    f"unsupported image format {fmt} in {path} (supported: PNG, JPEG, .npy)"
-                )
-            if im.mode not in _PIL_MODES:
-                raise BlueLowerError(
-                    f"unsupported pixel mode {im.mode} in {path} (8-bit images only)"
-                )
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            rgb = im.convert("RGB")
-            arr = np.asarray(rgb, dtype=np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # within our limit
+            with Image.open(path) as im:
+                fmt = im.format
+                if fmt not in _PIL_FORMATS:
+                    raise BlueLowerError(
+                        f"unsupported image format {fmt} in {path} (supported: PNG, JPEG, .npy)"
+                    )
+                _check_pixels(*im.size, f"bad image {path}")
+                if im.mode not in _PIL_MODES or (fmt == "PNG" and _png_bit_depth(path) > 8):
+                    mode = im.mode if im.mode not in _PIL_MODES else f"{_png_bit_depth(path)}-bit {im.mode}"
+                    raise BlueLowerError(
+                        f"unsupported pixel mode {mode} in {path} (8-bit images only)"
+                    )
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                rgb = im.convert("RGB")
+                arr = np.asarray(rgb, dtype=np.uint8)
     except BlueLowerError:
         raise
     except UnidentifiedImageError:
         raise BlueLowerError(f"cannot read image {path}: not a PNG or JPEG file") from None
-    except Exception as exc:  # OSError (truncated), DecompressionBombError, SyntaxError, ...
+    except Image.DecompressionBombError:
+        raise BlueLowerError(f"bad image {path}: image too large (more than 2^28 pixels)") from None
+    except Exception as exc:  # OSError (truncated), SyntaxError, ...
         raise BlueLowerError(f"cannot read image {path}: {_one_line(exc)}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
     return np.ascontiguousarray(_check_image_array(arr, f"bad image {path}"))
 
 

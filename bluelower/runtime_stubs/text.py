@@ -48,6 +48,36 @@ import numpy as np
 
 from ..errors import BlueLowerError
 
+# ------------------------------------------------------------------------ prompt ids
+
+# one id of ``--prompt-ids``: ASCII digits with an optional sign, spaces/tabs around (the
+# native runtime's strtoll after trimming " \t": no "1_0", no full-width digits, no "1e3")
+_PROMPT_ID = re.compile(r"[ \t]*[+-]?[0-9]+[ \t]*")
+
+
+def parse_prompt_ids(text: str) -> list[int]:
+    """``--prompt-ids 1,2,3``: comma-separated decimal integers, parsed as ``bluelower-run``
+    parses them (an empty or blank text: no ids); one line otherwise."""
+    if not text.strip(" \t"):
+        return []
+    parts = text.split(",")
+    if not all(_PROMPT_ID.fullmatch(p) for p in parts):
+        raise BlueLowerError(f"--prompt-ids must be comma-separated integers, got '{text}'")
+    return [int(p) for p in parts]
+
+
+def check_prompt_ids(ids, vocab_size: int) -> list[int]:
+    """``ids`` as ints, each in ``[0, vocab_size)`` (bools, floats and strings are refused)."""
+    out = []
+    for i in ids:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise BlueLowerError(f"prompt ids must be integers, got {i!r}")
+        if not 0 <= int(i) < vocab_size:
+            raise BlueLowerError(f"prompt ids must be in [0, {vocab_size}), got {int(i)}")
+        out.append(int(i))
+    return out
+
+
 # ------------------------------------------------------------------------ tokenizer
 
 

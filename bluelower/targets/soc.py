@@ -395,13 +395,38 @@ class SoC:
         return first.tvm_target_dict(num_cores=self.total_cores, features=common)
 
     def tvm_target(self):
-        """The compile target of the CPU clusters as a ``tvm.target.Target``."""
+        """The compile target of the CPU clusters as a ``tvm.target.Target``; every cluster's
+        ``mcpu`` and ``features`` checked against LLVM (which otherwise prints a warning and
+        builds for a generic CPU)."""
         import tvm
 
+        self.check_llvm()
         try:
             return tvm.target.Target(self.tvm_target_dict())
         except Exception as exc:  # TVM raises its own error types
             raise BlueLowerError(f"{self.source or self.name}: TVM rejects the target {self.tvm_target_dict()}: {exc}") from None
+
+    def check_llvm(self) -> None:
+        """Each cluster's ``mcpu`` is a CPU LLVM knows for the triple and each of its
+        ``features`` one LLVM enables for it; one line naming the key otherwise."""
+        import tvm
+        from tvm.target import codegen
+
+        from ..validate import captured_stderr
+
+        triple = codegen.llvm_get_system_triple() if self.is_host else self.triple
+        for c in self.cpu_clusters:
+            where = f"{self.source or self.name}: 'cpu_clusters.{c.name}."
+            if c.mcpu and not codegen.llvm_is_valid_cpu(c.mcpu, triple):
+                raise BlueLowerError(f"{where}mcpu': LLVM knows no CPU '{c.mcpu}' for {triple} "
+                                     "(omit mcpu for a generic target)")
+            if c.features:
+                with captured_stderr():  # LLVM warns about each feature it ignores
+                    have = codegen.llvm_get_cpu_features(tvm.target.Target(c.tvm_target_dict()))
+                unknown = [f for f in c.features if f not in have]
+                if unknown:
+                    raise BlueLowerError(f"{where}features': LLVM does not recognize {', '.join(unknown)} for "
+                                         f"{c.mcpu or 'a generic CPU'} on {triple}")
 
     def to_dict(self) -> dict:
         """JSON-friendly view (SI units; keys end in their unit)."""

@@ -25,6 +25,7 @@ import shutil
 
 from ... import progress
 from ...errors import BlueLowerError
+from ...validate import LIMITS, check_int, parse_json
 from ...files import (LockedError, OutputLock, check_interrupted, critical, current_umask, file_sha256,  # noqa: F401
                       forget, temp_dir, temp_file, track)
 
@@ -53,17 +54,92 @@ def read_manifest(build_dir: str) -> dict:
         raise BlueLowerError(f"{build_dir} is not a bluelower build (no {MANIFEST}); compile one with "
                              "`bluelower compile -o DIR`")
     try:
-        with open(path, encoding="utf-8") as fh:
-            manifest = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BlueLowerError(f"{path}: malformed manifest: {exc}") from None
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise BlueLowerError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        manifest = parse_json(data, path)
+    except BlueLowerError as exc:
+        raise BlueLowerError(f"malformed manifest: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise BlueLowerError(f"{path}: not a bluelower manifest")
     if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
         raise BlueLowerError(
             f"{path}: format version {manifest.get('format_version')} is not supported (expected {BUNDLE_FORMAT_VERSION})"
         )
+    check_manifest(manifest, path)
     return manifest
+
+
+def check_manifest(manifest: dict, path: str) -> None:
+    """The sections every reader uses have their types and the native runtime's limits
+    (``validate.LIMITS``): ``runtime``, ``functions`` (the calling convention's entries of the
+    model: ``embed``/``prefill``/``decode`` with a vocabulary, ``encode_image`` with an image
+    size), ``kv_cache`` (its shape is the one ``prefill``/``decode`` take, its capacity
+    ``runtime.kv_capacity``)."""
+
+    def fail(key: str, msg: str):
+        raise BlueLowerError(f"{path}: {key} {msg}")
+
+    def section(key: str) -> dict:
+        value = manifest.get(key)
+        if not isinstance(value, dict):
+            fail(key, "must be an object")
+        return value
+
+    rt, functions = section("runtime"), section("functions")
+    lm = rt.get("vocab_size") is not None
+    required = ("kv_capacity", "prefill_chunk", "image_batch") + (("vocab_size", "hidden_size") if lm else ())
+    for key, (low, high) in LIMITS.items():
+        if rt.get(key) is not None or key in required:
+            try:
+                check_int(rt.get(key), low, high, f"runtime.{key}")
+            except BlueLowerError as exc:
+                raise BlueLowerError(f"{path}: {exc}") from None
+    for key in ("eos_token_id", "image_tokens_per_patch"):
+        if rt.get(key) is not None and (isinstance(rt[key], bool) or not isinstance(rt[key], int) or rt[key] < 0):
+            fail(f"runtime.{key}", "must be a non-negative integer")
+    if rt.get("image_size") is not None:
+        for key in ("image_mean", "image_std"):
+            v = rt.get(key)
+            if (not isinstance(v, list) or len(v) != 3
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+                fail(f"runtime.{key}", "must be a list of 3 numbers")
+        if 0 in rt["image_std"]:
+            fail("runtime.image_std", "must not contain 0")
+    for name, fn in functions.items():
+        where = f"functions.{name}"
+        if not isinstance(fn, dict) or not isinstance(fn.get("inputs"), list) or not isinstance(fn.get("params"), list):
+            fail(where, "must be an object with 'inputs' and 'params' lists")
+        for inp in fn["inputs"]:
+            shape = inp.get("shape") if isinstance(inp, dict) else None
+            if (not isinstance(shape, list) or not isinstance(inp.get("dtype"), str)
+                    or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+                fail(f"{where}.inputs", "must be objects with a shape (non-negative integers) and a dtype")
+        if not all(isinstance(p, str) for p in fn["params"]):
+            fail(f"{where}.params", "must be weight names")
+    needed = (("embed", "prefill", "decode") if lm else ()) + (("encode_image",) if rt.get("image_size") else ())
+    missing = [f for f in needed if f not in functions]
+    if missing:
+        fail("functions", f"lacks {', '.join(missing)} (a model with {'a vocabulary' if lm else 'an image size'} "
+                          "has these entries)")
+    if not lm:
+        return
+    kv = section("kv_cache")
+    shape = kv.get("shape")
+    if (not isinstance(shape, list) or len(shape) != 5
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+        fail("kv_cache.shape", "must be 5 positive integers [layers, 2, kv_heads, capacity, head_dim(+4 int8)]")
+    if kv.get("dtype") not in ("float32", "int8"):
+        fail("kv_cache.dtype", f"must be float32 or int8, got {json.dumps(kv.get('dtype'))}")
+    if shape[3] != rt["kv_capacity"] or shape[1] != 2:
+        fail("kv_cache.shape", f"{shape} does not hold 2 x runtime.kv_capacity {rt['kv_capacity']} rows per head")
+    for fn in ("prefill", "decode"):
+        cache = [i for i in functions[fn]["inputs"] if i.get("name") == "kv_cache"]
+        if cache and (cache[0]["shape"] != shape or cache[0]["dtype"] != kv["dtype"]):
+            fail("kv_cache", f"is {kv['dtype']} {shape}, but functions.{fn} takes {cache[0]['dtype']} "
+                             f"{cache[0]['shape']}")
 
 
 def manifest_hash_lines(build_dir: str, data: bytes, manifest: dict) -> str:

@@ -10,18 +10,21 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from ... import __version__, progress
 from ...errors import BlueLowerError
+from ...validate import check_output_dir
 from ..models import spec_for
 from ..models.config import ModelConfig
 from ..quant.modes import DEFAULT_GROUP_SIZE, DEFAULT_QUANT, quant_mode
 from ..quant.params import StoredParams, format_policy, param_producer
 from ..frontend.weights import model_weight_specs, random_weight, write_safetensors
 from ...files import check_interrupted
+from .memory_table import check_fits
 from .bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, LIBRARY, PARAMS, TOKENIZER, OutputDir, file_sha256,
                      write_manifest, write_marker)
 
@@ -91,9 +94,15 @@ def compile_model(req: CompileRequest) -> dict:
     if getattr(soc, "apu", None) is not None and cfg.vision is not None and soc.image_batch != cfg.runtime.image_batch:
         # the APU's preferred patch batch (TileImagePatches compiles the image entry for it)
         cfg = cfg.replace_runtime(image_batch=soc.image_batch)
+    # before anything is traced: the SoC (LLVM knows its CPU, a toolchain links its triple),
+    # the model fits its memory, the IR dump directory can be written
+    target = soc.tvm_target()
+    export_kwargs = _export_kwargs(soc)
+    check_fits(cfg, req.quant, soc)
+    if req.dump_ir:
+        check_output_dir(req.dump_ir, "--dump-ir")
     specs = model_weight_specs(cfg)
     source = model.weights
-    target = soc.tvm_target()
 
     if req.dump_ir:
         out_abs, ir_abs = os.path.abspath(req.out_dir), os.path.abspath(req.dump_ir)
@@ -119,7 +128,7 @@ def compile_model(req: CompileRequest) -> dict:
         sigs = {**{n: sigs[n] for n in imported}, **{n: s for n, s in sigs.items() if n not in imported}}
         with progress.step("TVM build"):
             ex = relax.build(without_results(mod), target, relax_pipeline=None)
-            ex.export_library(os.path.join(tmp, LIBRARY), **_export_kwargs(soc))
+            ex.export_library(os.path.join(tmp, LIBRARY), **export_kwargs)
 
         # quantized builds: packed params replace linear weights, converted tensor by tensor
         stored = StoredParams.from_build(sigs, specs, result(mod, "quantized_params", {}))
@@ -291,15 +300,27 @@ def native_prompt_parts(tok, template: str | None, chat_prompt: dict | None, ima
 LINK_OPTIONS = ("-Wl,-S",)
 
 
+# the triples a compile links a library for (Android: ``build --ndk``, its own fcompile)
+LINKABLE_TRIPLE = re.compile(r"^(x86_64|aarch64)-(?:[A-Za-z0-9_]+-)?linux-gnu$")
+
+
 def _export_kwargs(soc) -> dict:
+    """How ``export_library`` links ``model.so`` for ``soc``; one line (before anything is
+    traced) for a triple no toolchain here links."""
     fcompile = getattr(soc, "fcompile", None)
     if callable(fcompile):
         return {"fcompile": fcompile(), "options": list(LINK_OPTIONS)}
-    if not getattr(soc, "is_host", False) and str(getattr(soc, "triple", "")).startswith("aarch64"):
-        from .toolchains.gnu import cross_fcompile  # aarch64-linux-gnu-g++, clear error if missing
+    if getattr(soc, "is_host", True):
+        return {"options": list(LINK_OPTIONS)}
+    from .toolchains.gnu import cross_fcompile, host_arch  # aarch64-linux-gnu-g++, clear error if missing
 
-        return {"fcompile": cross_fcompile(soc.triple), "options": list(LINK_OPTIONS)}
-    return {"options": list(LINK_OPTIONS)}
+    triple = str(soc.triple)
+    if not LINKABLE_TRIPLE.match(triple):
+        raise BlueLowerError(f"{soc.source or soc.name}: 'triple': no toolchain links a library for '{triple}' "
+                             "(supported: x86_64 / aarch64 *-linux-gnu, Android with `bluelower build --ndk`)")
+    if triple.split("-")[0] == host_arch():
+        return {"options": list(LINK_OPTIONS)}
+    return {"fcompile": cross_fcompile(triple), "options": list(LINK_OPTIONS)}
 
 
 def _manifest(cfg: ModelConfig, spec, req: CompileRequest, soc, target, sigs, pass_stats, source) -> dict:

@@ -34,6 +34,7 @@ is int8 + an fp16 scale per (token, head).
 
 from __future__ import annotations
 
+from ...errors import BlueLowerError
 from ..quant.modes import kv_cache_bytes as modes_kv_cache_bytes
 from ..quant.modes import quant_mode
 
@@ -57,6 +58,44 @@ def kv_cache_bytes(cfg, quant: str) -> int:
         return 0
     return modes_kv_cache_bytes(d.num_layers, d.num_kv_heads, d.head_dim, r.kv_capacity, mode.kv_cache,
                                 float_bytes=mode.act_bytes)["bytes"]
+
+
+# bytes per weight of a stored format (int4: + an fp16 scale per group of 32)
+_FORMAT_BYTES = {"int4": 0.5 + 2 / 32, "int8": 1.0, None: 4.0}
+
+
+def estimated_bytes(cfg, quant: str) -> tuple[int, int]:
+    """``(parameters, bytes)`` a build of ``cfg`` at ``quant`` needs at least on the device:
+    the weights (``ModelConfig.parameter_estimate``, in the mode's stored formats) and the KV
+    cache as the build stores it. From the config alone: no module built, nothing traced."""
+    mode = quant_mode(quant)
+    est = cfg.parameter_estimate()
+    weights = (est["decoder"] * _FORMAT_BYTES[mode.decoder] + est["vision"] * _FORMAT_BYTES[mode.vision]
+               + est["other"] * _FORMAT_BYTES[None])
+    kv = 0
+    if cfg.decoder is not None:
+        d = cfg.decoder
+        kv = modes_kv_cache_bytes(d.num_layers, d.num_kv_heads, d.head_dim, cfg.runtime.kv_capacity,
+                                  mode.kv_cache)["bytes"]
+    return sum(est.values()), int(weights) + kv
+
+
+def gb(n: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9)):
+        if n >= scale / 10:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n / 1e6:.3g} MB"
+
+
+def check_fits(cfg, quant: str, soc) -> int:
+    """The estimated bytes (:func:`estimated_bytes`), or one line when they exceed the
+    SoC's memory (``memory.capacity``): checked before anything is traced."""
+    params, need = estimated_bytes(cfg, quant)
+    have = soc.memory.capacity_bytes
+    if need > have:
+        raise BlueLowerError(f"{cfg.name}: about {params:.3g} parameters; weights and KV cache need at least "
+                             f"{gb(need)} at --quant {quant}, more than the {gb(have)} memory of SoC '{soc.name}'")
+    return need
 
 
 def _other_weight_bytes(shape, quant: str) -> int:

@@ -16,9 +16,7 @@ one-line :class:`~bluelower.errors.BlueLowerError` naming the file and the probl
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import struct
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -27,6 +25,7 @@ import numpy as np
 from ... import cache
 from ...errors import BlueLowerError
 from ...files import file_sha256
+from .weights import SafetensorsFile
 
 GGUF_MAGIC = b"GGUF"
 QUANT_GROUP_SIZE = 32  # elements per block in Q4_0 / Q4_1 / Q8_0
@@ -223,15 +222,9 @@ def _file_sha256_cached(path: str) -> str:
 
 def _read_json(path: str, what: str) -> dict:
     """The JSON object in ``path``; a one-line error when it is missing, malformed or not an object."""
-    if not os.path.isfile(path):
-        raise BlueLowerError(f"{what} not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            value = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise BlueLowerError(f"{path}: malformed JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BlueLowerError(f"{path}: cannot read {what}: {exc}") from None
+    from ...validate import read_json
+
+    value = read_json(path, what)
     if not isinstance(value, dict):
         raise BlueLowerError(f"{path}: {what} is not a JSON object")
     return value
@@ -250,79 +243,6 @@ def _unique_ids(*groups) -> list[int]:
 # ----------------------------------------------------------------------------------------
 # Hugging Face directories
 # ----------------------------------------------------------------------------------------
-
-_ST_FLOATS = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}  # BF16: raw bits
-# integer buffers (a vision tower's position_ids) are read in their own dtype
-_ST_INTS = {"I8": np.dtype("i1"), "U8": np.dtype("u1"), "I16": np.dtype("<i2"), "I32": np.dtype("<i4"),
-            "I64": np.dtype("<i8")}
-_ST_NUMPY = {**_ST_FLOATS, **_ST_INTS}
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors caps its JSON header at 100 MB too
-
-
-class _SafetensorsFile:
-    """One safetensors file: its header parsed and checked against the file size."""
-
-    def __init__(self, path: str):
-        self.path = path
-        if not os.path.isfile(path):
-            raise BlueLowerError(f"weights file not found: {path}")
-        size = os.path.getsize(path)
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) < 8:
-                raise BlueLowerError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-            (header_len,) = struct.unpack("<Q", raw)
-            if header_len > min(size - 8, _MAX_HEADER):
-                raise BlueLowerError(f"{path}: not a safetensors file (header length {header_len} exceeds the file; truncated?)")
-            blob = fh.read(header_len)
-        try:
-            header = json.loads(blob)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BlueLowerError(f"{path}: safetensors header is not valid JSON ({exc})") from None
-        if not isinstance(header, dict):
-            raise BlueLowerError(f"{path}: safetensors header is not a JSON object")
-        self.data_start = 8 + header_len
-        self.tensors: dict = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            self.tensors[name] = self._checked(name, info, size)
-
-    def _checked(self, name: str, info, size: int) -> tuple:
-        """(dtype name, shape, begin, end) of one header entry, or a one-line error."""
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-            begin, end = int(begin), int(end)
-        except (KeyError, TypeError, ValueError):
-            raise BlueLowerError(f"{self.path}: tensor '{name}' has a malformed header entry") from None
-        if dtype not in _ST_NUMPY:
-            raise BlueLowerError(
-                f"{self.path}: tensor '{name}' has unsupported dtype {dtype} (supported: {', '.join(_ST_NUMPY)})"
-            )
-        nbytes = int(np.prod(shape, dtype=np.int64)) * _ST_NUMPY[dtype].itemsize
-        if begin < 0 or end - begin != nbytes:
-            raise BlueLowerError(f"{self.path}: tensor '{name}' data offsets do not match its shape {list(shape)}")
-        if self.data_start + end > size:
-            raise BlueLowerError(
-                f"{self.path}: truncated: tensor '{name}' ends at byte {self.data_start + end}, the file has {size}"
-            )
-        return dtype, shape, begin, end
-
-    def read(self, name: str) -> np.ndarray:
-        dtype, shape, begin, end = self.tensors[name]
-        with open(self.path, "rb") as fh:
-            fh.seek(self.data_start + begin)
-            buf = fh.read(end - begin)
-        if len(buf) != end - begin:
-            raise BlueLowerError(f"{self.path}: truncated while reading tensor '{name}'")
-        raw = np.frombuffer(buf, dtype=_ST_NUMPY[dtype])
-        if dtype == "BF16":
-            # bfloat16 is the top half of a float32: widen the bits, then reinterpret
-            out = (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
-        else:
-            out = raw.astype(np.float32 if dtype in _ST_FLOATS else raw.dtype.newbyteorder("="))
-        return out.reshape(shape)
-
 
 class HFCheckpoint(Checkpoint):
     """A Hugging Face model directory: ``config.json`` plus ``model.safetensors`` or a
@@ -349,10 +269,10 @@ class HFCheckpoint(Checkpoint):
         self._where = {name: f for f in self._files for name in f.tensors}
         self._sha256: str | None = None
 
-    def _open_weights(self) -> list[_SafetensorsFile]:
+    def _open_weights(self) -> list[SafetensorsFile]:
         single, index = os.path.join(self.path, self.WEIGHTS), os.path.join(self.path, self.INDEX)
         if os.path.isfile(single):
-            return [_SafetensorsFile(single)]
+            return [SafetensorsFile(single)]
         if not os.path.isfile(index):
             raise BlueLowerError(f"{self.path}: no {self.WEIGHTS} or {self.INDEX} (only safetensors checkpoints are read)")
         weight_map = _read_json(index, "safetensors index").get("weight_map")
@@ -363,13 +283,13 @@ class HFCheckpoint(Checkpoint):
             shard_path = os.path.join(self.path, shard)
             if os.path.basename(shard) != shard or not os.path.isfile(shard_path):
                 raise BlueLowerError(f"{index}: shard '{shard}' is missing from {self.path}")
-            files[shard] = _SafetensorsFile(shard_path)
+            files[shard] = SafetensorsFile(shard_path)
         for name, shard in weight_map.items():
             if name not in files[str(shard)].tensors:
                 raise BlueLowerError(f"{index}: tensor '{name}' is listed in shard '{shard}' but not stored there")
         return list(files.values())
 
-    def _file(self, name: str) -> _SafetensorsFile:
+    def _file(self, name: str) -> SafetensorsFile:
         try:
             return self._where[name]
         except KeyError:
@@ -508,6 +428,115 @@ def _float32_value(value: float) -> float:
     return float(str(np.float32(value)))
 
 
+# GGUF value types (gguf.GGUFValueType) -> bytes of one scalar; 8: string, 9: array
+_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_MAX_DIMS = 8
+_GGUF_MAX_NESTING = 4
+
+
+def check_gguf_layout(path: str) -> None:
+    """Walk a GGUF (v2/v3) header with every count and length checked against the bytes
+    left in the file, so a damaged file is one line before the ``gguf`` reader (which
+    allocates as many entries as a count says) sees it. Checks: the version, the key/value
+    section (strings, scalars, arrays nested at most 4 deep), the tensor infos (at most 8
+    dimensions, each tensor's data inside the file)."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        pos = 0
+
+        def fail(what: str):
+            raise BlueLowerError(f"{path}: damaged or truncated GGUF file ({what} at byte {pos})")
+
+        def take(n: int, what: str) -> int:
+            nonlocal pos
+            if n < 0 or pos + n > size:
+                fail(f"{what} runs past the end of the file")
+            start = pos
+            pos += n
+            return start
+
+        def u32(what):
+            return struct.unpack_from("<I", buf, take(4, what))[0]
+
+        def u64(what):
+            return struct.unpack_from("<Q", buf, take(8, what))[0]
+
+        def string(what):
+            n = u64(f"{what}'s length")
+            start = take(n, what)
+            try:
+                bytes(buf[start:pos]).decode("utf-8")
+            except UnicodeDecodeError:
+                fail(f"{what} is not UTF-8")
+            return n
+
+        def value(vtype: int, depth: int, what: str):
+            if vtype in _GGUF_SCALAR_BYTES:
+                take(_GGUF_SCALAR_BYTES[vtype], what)
+            elif vtype == 8:
+                string(what)
+            elif vtype == 9:
+                if depth >= _GGUF_MAX_NESTING:
+                    fail(f"{what}: arrays nested more than {_GGUF_MAX_NESTING} deep")
+                etype, count = u32(f"{what}'s element type"), u64(f"{what}'s length")
+                if etype in _GGUF_SCALAR_BYTES:
+                    take(count * _GGUF_SCALAR_BYTES[etype], what)
+                elif etype in (8, 9):
+                    if count * 8 > size - pos:  # every element takes at least 8 bytes
+                        fail(f"{what}: {count} elements cannot fit the file")
+                    for _ in range(count):
+                        value(etype, depth + 1, what)
+                else:
+                    fail(f"{what}: unknown element type {etype}")
+            else:
+                fail(f"{what}: unknown value type {vtype}")
+
+        take(4, "magic")
+        version = u32("version")
+        if version not in (2, 3):
+            fail(f"version {version} (supported: 2, 3)")
+        n_tensors, n_kv = u64("tensor count"), u64("key count")
+        if n_kv * 12 > size - pos or n_tensors * 24 > size - pos:
+            fail(f"{n_kv} keys / {n_tensors} tensors cannot fit the file")
+        alignment = 32
+        for i in range(n_kv):
+            start = pos
+            string(f"key {i}")
+            key = bytes(buf[start + 8:pos])
+            vtype = u32(f"key {i}'s type")
+            vstart = pos
+            value(vtype, 0, f"value of key {i}")
+            if key == b"general.alignment" and vtype == 4:
+                alignment = struct.unpack_from("<I", buf, vstart)[0]
+                if alignment == 0 or alignment & (alignment - 1):
+                    fail(f"general.alignment {alignment} is not a power of two")
+        extents = []
+        for i in range(n_tensors):
+            string(f"tensor {i}'s name")
+            n_dims = u32(f"tensor {i}'s dimension count")
+            if not 1 <= n_dims <= _GGUF_MAX_DIMS:
+                fail(f"tensor {i} has {n_dims} dimensions (1 to {_GGUF_MAX_DIMS})")
+            elements = 1
+            for _ in range(n_dims):
+                elements *= u64(f"tensor {i}'s shape")
+            u32(f"tensor {i}'s type")
+            offset = u64(f"tensor {i}'s offset")
+            extents.append((i, offset, elements))
+        data_start = -(-pos // alignment) * alignment
+        for i, offset, elements in extents:
+            # at least half a byte per element (the smallest format here is 4-bit)
+            if data_start + offset + elements // 2 > size:
+                pos = data_start + offset
+                fail(f"tensor {i}'s data ({elements} elements) runs past the end of the file")
+    finally:
+        buf.close()
+
+
 class GGUFCheckpoint(Checkpoint):
     """A llama.cpp GGUF file of a LLaMA-family model (``general.architecture`` llama or qwen2).
 
@@ -530,6 +559,7 @@ class GGUFCheckpoint(Checkpoint):
             from gguf import GGUFReader
         except ImportError:
             raise BlueLowerError("reading GGUF files needs the 'gguf' package: pip install gguf") from None
+        check_gguf_layout(self.path)  # before the reader: its lists are as long as the file says
         try:
             self._reader = GGUFReader(self.path)
         except Exception as exc:  # the reader raises ValueError/KeyError/IndexError on damaged files
@@ -576,6 +606,15 @@ class GGUFCheckpoint(Checkpoint):
         missing = [key for key in required if self._arch_field(key) is None]
         if missing:
             raise BlueLowerError(f"{self.path}: GGUF metadata lacks {', '.join(f'{self.architecture}.{k}' for k in missing)}")
+        from ...validate import check_int
+
+        for key in required + ("attention.head_count_kv", "attention.key_length", "context_length", "vocab_size"):
+            value = self._arch_field(key)
+            if value is not None:
+                try:
+                    check_int(value, 1, (1 << 31) - 1, f"{self.architecture}.{key}")
+                except BlueLowerError as exc:
+                    raise BlueLowerError(f"{self.path}: GGUF metadata {exc}") from None
         hidden, heads = self._arch_field("embedding_length"), self._arch_field("attention.head_count")
         kv_heads = self._arch_field("attention.head_count_kv", heads)
         q = self._tensors.get("model.layers.0.self_attn.q_proj.weight")

@@ -70,15 +70,32 @@ class CheckpointWeights:
             if got != tuple(shape):
                 raise BlueLowerError(f"{ckpt.path}: tensor '{self.source_of[ours]}' has shape {list(got)}, "
                                      f"the model expects {list(shape)}")
+        from .checkpoints import GGUFCheckpoint
+        from .weights import check_weight_dtypes
+
+        self.gguf = isinstance(ckpt, GGUFCheckpoint)
+        if not self.gguf:  # safetensors shards (a GGUF's own types are checked when it is opened)
+            check_weight_dtypes(ckpt.path, {src: ckpt.source_dtype(src) for src in self.source_of.values()})
 
     def read(self, name: str) -> np.ndarray:
-        return self.ckpt.read(self.source_of[name])
+        from .weights import check_finite
+
+        src = self.source_of[name]
+        arr = self.ckpt.read(src)  # safetensors: checked as it is read
+        return check_finite(arr, self.ckpt.path, src) if self.gguf else arr
 
     def check_against(self, expected: dict) -> None:
         """Checked when the source was opened (every weight of ``expected`` present, shaped)."""
 
     def read_quantized(self, name: str):
-        return self.ckpt.read_quantized(self.source_of[name])
+        from .weights import check_finite
+
+        q = self.ckpt.read_quantized(self.source_of[name])
+        if q is not None:  # the file's own scales (and offsets) must be finite too
+            for part in (q.scales, q.mins):
+                if part is not None:
+                    check_finite(np.asarray(part, dtype=np.float32), self.ckpt.path, self.source_of[name])
+        return q
 
     def source_dtype(self, name: str) -> str:
         return self.ckpt.source_dtype(self.source_of[name])

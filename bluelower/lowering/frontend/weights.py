@@ -25,8 +25,6 @@ _ST_DTYPES = {
     "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8", "uint8": "U8",
     "int16": "I16", "int32": "I32", "int64": "I64", "uint32": "U32", "float64": "F64",
 }
-_NP_FROM_ST = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8, "I16": np.int16,
-               "I32": np.int32, "I64": np.int64, "U32": np.uint32, "F64": np.float64}
 
 
 def producer_threads() -> int:
@@ -90,56 +88,164 @@ def write_safetensors(path: str, specs: Iterable[tuple[str, tuple, str]], produc
     bar.close()
 
 
-class WeightSource:
-    """Lazy reader of a safetensors file: header parsed once, tensors read on demand."""
+# safetensors dtypes bluelower reads. Float tensors: F32, F16 and BF16 (BF16 read as
+# float32: numpy has no bfloat16); integer buffers are read in their own dtype.
+ST_FLOATS = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}  # BF16: raw bits
+ST_INTS = {"I8": np.dtype("i1"), "U8": np.dtype("u1"), "I16": np.dtype("<i2"), "I32": np.dtype("<i4"),
+           "I64": np.dtype("<i8")}
+ST_NUMPY = {**ST_FLOATS, **ST_INTS}
+MAX_HEADER = 100 * 1024 * 1024  # safetensors caps its JSON header at 100 MB too
+# what a model weight (a float32 parameter of the module) may be stored as: widened exactly
+WEIGHT_DTYPES = ("F32", "F16", "BF16")
+
+
+class SafetensorsFile:
+    """One safetensors file: the header (a JSON object of ``{dtype, shape, data_offsets}``
+    entries, optional ``__metadata__``) parsed and checked against the file at open, so a
+    later :meth:`read` only fails if the file changes underneath; one-line errors naming the
+    file and the tensor (bluelower's one safetensors reader: ``--weights``, Hugging Face
+    shards, a build's ``params.safetensors``)."""
 
     def __init__(self, path: str):
+        from ...validate import parse_json
+
         self.path = path
         if not os.path.isfile(path):
             raise BlueLowerError(f"weights file not found: {path}")
         size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise BlueLowerError(f"{path}: not a valid safetensors file (shorter than its 8-byte header length)")
+            (header_len,) = struct.unpack("<Q", raw)
+            if header_len > min(size - 8, MAX_HEADER):
+                raise BlueLowerError(f"{path}: not a valid safetensors file (header length {header_len} exceeds "
+                                     "the file; truncated?)")
+            blob = fh.read(header_len)
         try:
-            with open(path, "rb") as fh:
-                raw = fh.read(8)
-                if len(raw) < 8:
-                    raise ValueError("file shorter than the 8-byte header length")
-                (hlen,) = struct.unpack("<Q", raw)
-                if hlen > size - 8 or hlen > 100 * 1024 * 1024:
-                    raise ValueError(f"header length {hlen} exceeds the file")
-                header = json.loads(fh.read(hlen))
-            self.data_start = 8 + hlen
-            self.header = {k: v for k, v in header.items() if k != "__metadata__"}
-            for name, info in self.header.items():
-                begin, end = info["data_offsets"]
-                if info["dtype"] not in _NP_FROM_ST:
-                    raise ValueError(f"tensor '{name}' has unsupported dtype {info['dtype']}")
-                expect = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(_NP_FROM_ST[info["dtype"]]).itemsize
-                if end - begin != expect or self.data_start + end > size or begin < 0:
-                    raise ValueError(f"tensor '{name}' data does not fit its shape or the file (truncated?)")
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise BlueLowerError(f"{path}: not a valid safetensors file: {exc}") from None
+            header = parse_json(blob, "header")
+        except BlueLowerError as exc:
+            detail = str(exc).removeprefix("header: ")
+            raise BlueLowerError(f"{path}: not a valid safetensors file: the header is not valid JSON ({detail})") from None
+        if not isinstance(header, dict):
+            kind = {list: "an array", str: "a string"}.get(type(header), "a " + type(header).__name__)
+            raise BlueLowerError(f"{path}: not a valid safetensors file: the header is not a JSON object ({kind})")
+        self.data_start = 8 + header_len
+        self.tensors: dict = {}
+        spans = []
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            self.tensors[name] = self._checked(name, info, size)
+            spans.append(self.tensors[name][2:])
+        spans.sort()
+        for (_b0, e0), (b1, _e1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise BlueLowerError(f"{path}: not a valid safetensors file: tensors overlap at byte "
+                                     f"{self.data_start + b1}")
+
+    def _checked(self, name: str, info, size: int) -> tuple:
+        """(dtype name, shape, begin, end) of one header entry, or a one-line error."""
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                      for s in shape):
+                raise TypeError
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in (begin, end)):
+                raise TypeError
+            shape = tuple(shape)
+        except (KeyError, TypeError, ValueError):
+            raise BlueLowerError(f"{self.path}: tensor '{name}' has a malformed header entry "
+                                 "(expected dtype, shape [non-negative integers], data_offsets [begin, end])") from None
+        if not isinstance(dtype, str) or dtype not in ST_NUMPY:
+            raise BlueLowerError(
+                f"{self.path}: tensor '{name}' has unsupported dtype {json.dumps(dtype)} (supported: {', '.join(ST_NUMPY)})"
+            )
+        count = 1
+        for s in shape:
+            count *= s
+        nbytes = count * ST_NUMPY[dtype].itemsize
+        if begin < 0 or end - begin != nbytes:
+            raise BlueLowerError(f"{self.path}: tensor '{name}' data offsets do not match its shape {list(shape)}")
+        if self.data_start + end > size:
+            raise BlueLowerError(
+                f"{self.path}: truncated: tensor '{name}' ends at byte {self.data_start + end}, the file has {size}"
+            )
+        return dtype, shape, begin, end
 
     def names(self) -> list[str]:
-        return sorted(self.header)
+        return sorted(self.tensors)
 
     def shape(self, name: str) -> tuple:
-        return tuple(self.header[name]["shape"])
+        return self.tensors[name][1]
 
-    def dtype(self, name: str) -> np.dtype:
-        return np.dtype(_NP_FROM_ST[self.header[name]["dtype"]])
+    def source_dtype(self, name: str) -> str:
+        """The file's own dtype name (``F32``, ``BF16``, ``I8``, ...)."""
+        return self.tensors[name][0]
 
-    def read(self, name: str) -> np.ndarray:
-        info = self.header[name]
-        begin, end = info["data_offsets"]
-        dtype = np.dtype(_NP_FROM_ST[info["dtype"]]).newbyteorder("<")
+    def read(self, name: str, widen: bool = True) -> np.ndarray:
+        """The tensor: float dtypes as float32 (``widen=False``: F16 stays float16), integer
+        ones in their own dtype; NaN / Inf in a float tensor are an error naming it."""
+        dtype, shape, begin, end = self.tensors[name]
         with open(self.path, "rb") as fh:
             fh.seek(self.data_start + begin)
             buf = fh.read(end - begin)
-        return np.frombuffer(buf, dtype=dtype).reshape(info["shape"]).astype(dtype.newbyteorder("="), copy=True)
+        if len(buf) != end - begin:
+            raise BlueLowerError(f"{self.path}: truncated while reading tensor '{name}'")
+        raw = np.frombuffer(buf, dtype=ST_NUMPY[dtype])
+        if dtype == "BF16":
+            # bfloat16 is the top half of a float32: widen the bits, then reinterpret
+            out = (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        elif dtype in ST_FLOATS:
+            out = raw.astype(np.float32 if widen or dtype == "F32" else np.float16)
+        else:
+            out = raw.astype(raw.dtype.newbyteorder("="))
+        return check_finite(out.reshape(shape), self.path, name)
+
+
+def check_finite(arr: np.ndarray, path: str, name: str) -> np.ndarray:
+    """``arr`` if it holds no NaN / Inf (float tensors; one pass, no copy), else one line."""
+    if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr.sum(dtype=np.float64)):
+        bad = int(np.flatnonzero(~np.isfinite(arr.reshape(-1)))[0])
+        index = list(np.unravel_index(bad, arr.shape))
+        raise BlueLowerError(f"{path}: tensor '{name}' holds {arr.reshape(-1)[bad]} at {[int(i) for i in index]} "
+                             "(weights must be finite)")
+    return arr
+
+
+def check_weight_dtypes(path: str, dtypes: dict) -> None:
+    """``dtypes``: weight name -> the file's dtype name. A model weight is stored as one of
+    :data:`WEIGHT_DTYPES` (F16 / BF16 are widened to float32 exactly, said in one progress
+    line); an integer tensor is not a float weight (quantized checkpoints: ``--gguf``)."""
+    bad = sorted((n, d) for n, d in dtypes.items() if d not in WEIGHT_DTYPES)
+    if bad:
+        name, dtype = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise BlueLowerError(f"{path}: weight '{name}' is stored as {dtype}{more}; weights must be "
+                             f"{', '.join(WEIGHT_DTYPES)} (quantized checkpoints: --gguf)")
+    narrow = sorted({d for d in dtypes.values() if d != "F32"})
+    if narrow:
+        count = sum(1 for d in dtypes.values() if d != "F32")
+        progress.log(f"weights: {count} of {len(dtypes)} tensors stored as {'/'.join(narrow)}, widened to float32 "
+                     "(exact)")
+
+
+class WeightSource(SafetensorsFile):
+    """A safetensors file of weights in a module's own names (``--weights``, a build's
+    ``params.safetensors``), read tensor by tensor."""
+
+    def dtype(self, name: str) -> np.dtype:
+        dtype = self.source_dtype(name)
+        return np.dtype(np.float32) if dtype == "BF16" else ST_NUMPY[dtype].newbyteorder("=")
+
+    def read(self, name: str, widen: bool = False) -> np.ndarray:
+        """The tensor in its stored dtype (BF16: float32); see :meth:`SafetensorsFile.read`."""
+        return super().read(name, widen=widen)
 
     def check_against(self, expected: dict) -> None:
-        """``expected``: name -> (shape, dtype name). Missing or mis-shaped tensors are errors."""
-        missing = sorted(set(expected) - set(self.header))
+        """``expected``: name -> (shape, dtype name). Missing, mis-shaped or non-float
+        tensors are errors."""
+        missing = sorted(set(expected) - set(self.tensors))
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise BlueLowerError(f"{self.path}: missing weight(s) {', '.join(missing[:3])}{more}")
@@ -148,6 +254,7 @@ class WeightSource:
                 raise BlueLowerError(
                     f"{self.path}: weight '{name}' has shape {list(self.shape(name))}, the model expects {list(shape)}"
                 )
+        check_weight_dtypes(self.path, {n: self.source_dtype(n) for n in expected})
 
     def sha256(self) -> str:
         return file_sha256(self.path)

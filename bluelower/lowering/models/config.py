@@ -9,8 +9,12 @@ PyTorch module and the parts that must be present (the ``required`` sections the
 tower alone (``siglip``) no ``decoder`` (then ``decoder`` is None and the runtime's token ids
 are not checked against a vocabulary). Shipped configs
 live in each family's ``configs/``; ``--model PATH.json`` takes a user's own
-(``lowering.models.load_config``). Unknown keys, wrong types and out-of-range values are a
-:class:`BlueLowerError` naming the file and the key.
+(``lowering.models.load_config``). Unknown keys, wrong types, missing required sections and
+keys (:data:`REQUIRED_KEYS`: the shape of a model has no default) and out-of-range values
+(:data:`RANGES`, the runtime's shared with the manifest reader and the native runtime:
+``bluelower.validate.LIMITS``) are a :class:`BlueLowerError` naming the file and the key.
+:meth:`ModelConfig.parameter_estimate` counts the weights from the config alone (no module
+built), what the compile driver checks against the target's memory before anything is traced.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ...errors import BlueLowerError
+from ...validate import LIMITS, check_int, check_number
 
 PROJECTOR_KINDS = ("downsample_mlp", "pixel_shuffle")
 ROPE_TYPES = ("default", "llama3", "linear")
@@ -109,6 +114,31 @@ class RuntimeConfig:
 
 _SECTIONS = {"vision": VisionConfig, "projector": ProjectorConfig, "decoder": DecoderConfig, "runtime": RuntimeConfig}
 
+# keys a section must give: the model's shape (the defaults above are BlueLM-V-3B's; a
+# config without them would silently become that model)
+REQUIRED_KEYS = {
+    "vision": ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"),
+    "projector": ("downsample_factor",),  # + downsample_size for kind downsample_mlp
+    "decoder": ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "intermediate_size"),
+    "runtime": (),
+}
+
+# section.key -> (low, high), inclusive; the runtime shapes are the native runtime's limits
+RANGES = {
+    "vision.image_size": LIMITS["image_size"], "vision.patch_size": (1, 8192), "vision.hidden_size": (1, 1 << 20),
+    "vision.num_layers": (1, 4096), "vision.num_heads": (1, 4096), "vision.intermediate_size": (1, 1 << 20),
+    "projector.downsample_factor": (1, 64), "projector.downsample_size": (1, 1 << 20),
+    "decoder.vocab_size": LIMITS["vocab_size"], "decoder.hidden_size": LIMITS["hidden_size"],
+    "decoder.num_layers": (1, 4096), "decoder.num_heads": (1, 4096), "decoder.num_kv_heads": (1, 4096),
+    "decoder.head_dim": (2, 4096), "decoder.intermediate_size": (1, 1 << 20),
+    "runtime.kv_capacity": LIMITS["kv_capacity"], "runtime.prefill_chunk": LIMITS["prefill_chunk"],
+    "runtime.image_batch": LIMITS["image_batch"],
+}
+# section.key -> exclusive upper bound (None: any finite positive number)
+FLOAT_RANGES = {"vision.layer_norm_eps": 1.0, "decoder.rms_norm_eps": 1.0, "decoder.rope_theta": None,
+                "runtime.init_std": None}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -138,6 +168,28 @@ class ModelConfig:
         d["runtime"]["stop_token_ids"] = list(self.runtime.stop_token_ids)
         return d
 
+    def parameter_estimate(self) -> dict:
+        """Weights counted from the config alone, no module built: ``{"decoder": linear layers +
+        token table + lm_head, "vision": the ViT's and the projector's linear layers, "other":
+        patch embedding + position embedding}``. The large matrices only (norms and biases are
+        left out), so a lower bound of what the family's module holds."""
+        out = {"decoder": 0, "vision": 0, "other": 0}
+        d, v, p = self.decoder, self.vision, self.projector
+        if d is not None:
+            q, kv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
+            layer = d.hidden_size * (2 * q + 2 * kv) + 3 * d.hidden_size * d.intermediate_size
+            table = d.vocab_size * d.hidden_size
+            out["decoder"] = d.num_layers * layer + table * (1 if d.tie_word_embeddings else 2)
+        if v is not None:
+            out["vision"] = v.num_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
+            out["other"] = v.num_channels * v.patch_size ** 2 * v.hidden_size + v.num_tokens * v.hidden_size
+            if p is not None:
+                width = d.hidden_size if d is not None else v.hidden_size
+                f2h = p.downsample_factor ** 2 * v.hidden_size
+                out["vision"] += (f2h * width if p.kind == "pixel_shuffle"
+                                  else f2h * p.downsample_size + p.downsample_size * width + width * width)
+        return out
+
     def replace_runtime(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, runtime=dataclasses.replace(self.runtime, **changes))
 
@@ -148,14 +200,18 @@ class ModelConfig:
             if not cond:
                 raise BlueLowerError(f"{where}: {msg}")
 
-        for sec in (v, p, d, r):
-            if sec is None:
-                continue
-            for f in fields(sec):
-                val = getattr(sec, f.name)
-                if isinstance(val, (int, float)) and not isinstance(val, bool) and not f.name.endswith("token_id"):
-                    need(val > 0, f"{type(sec).__name__}.{f.name} must be positive, got {val}")
+        for sec_name, sec in (("vision", v), ("projector", p), ("decoder", d), ("runtime", r)):
+            for f in fields(sec) if sec is not None else ():
+                key, val = f"{sec_name}.{f.name}", getattr(sec, f.name)
+                try:
+                    if key in RANGES:
+                        check_int(val, *RANGES[key], key)
+                    elif key in FLOAT_RANGES:
+                        check_number(val, key, below=FLOAT_RANGES[key])
+                except BlueLowerError as exc:
+                    raise BlueLowerError(f"{where}: {exc}") from None
         if v is not None:
+            need(v.num_channels == 3, f"vision.num_channels must be 3 (images are RGB), got {v.num_channels}")
             need(v.image_size >= v.patch_size, f"vision.image_size {v.image_size} is smaller than patch_size {v.patch_size}")
             need(v.hidden_size % v.num_heads == 0,
                  f"vision.hidden_size {v.hidden_size} is not divisible by num_heads {v.num_heads}")
@@ -235,15 +291,15 @@ def config_from_dict(data: Any, source: str = "config", required: tuple = ("visi
     notes = data.get("notes", [])
     if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
         raise BlueLowerError(f"{source}: 'notes' must be a list of strings")
-    sections: dict = {}
+    given: dict = {}  # section -> checked keyword arguments (unknown keys and types first, then what is missing)
     for sec_name, cls in _SECTIONS.items():
         raw = data.get(sec_name)
         if sec_name != "runtime" and sec_name not in required:
             if raw is not None:
                 raise BlueLowerError(f"{source}: family '{family}' has no '{sec_name}' section")
-            sections[sec_name] = None
             continue
-        raw = {} if raw is None else raw
+        if raw is None:
+            continue
         if not isinstance(raw, dict):
             raise BlueLowerError(f"{source}: '{sec_name}' must be an object")
         known = {f.name: f for f in fields(cls)}
@@ -254,6 +310,22 @@ def config_from_dict(data: Any, source: str = "config", required: tuple = ("visi
                     f"{source}: unknown key '{sec_name}.{key}' (valid keys: {', '.join(sorted(known))})"
                 )
             kwargs[key] = _check_type(value, str(known[key].type), f"{source}: '{sec_name}.{key}'")
+        given[sec_name] = kwargs
+    sections: dict = {name: None for name in _SECTIONS}
+    for sec_name, cls in _SECTIONS.items():
+        if sec_name != "runtime" and sec_name not in required:
+            continue
+        if sec_name not in given and sec_name != "runtime":
+            raise BlueLowerError(f"{source}: missing section '{sec_name}' (family '{family}' needs "
+                                 f"{', '.join(required)})")
+        kwargs = given.get(sec_name, {})
+        keys = REQUIRED_KEYS[sec_name]
+        if sec_name == "projector" and kwargs.get("kind", "downsample_mlp") == "downsample_mlp":
+            keys += ("downsample_size",)
+        missing = [f"{sec_name}.{k}" for k in keys if k not in kwargs]
+        if missing:
+            raise BlueLowerError(f"{source}: missing key{'s' * (len(missing) > 1)} {', '.join(missing)} "
+                                 "(a model's shape has no default)")
         sections[sec_name] = cls(**kwargs)
     cfg = ModelConfig(name=name, family=family, notes=tuple(notes), **sections)
     cfg.validate(source)

@@ -17,11 +17,11 @@ tower. A spec lists the ones its family compiles.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from typing import Any
 
 from ...errors import BlueLowerError
+from ...validate import read_json
 from .spec import EntrySpec, ModelSpec  # noqa: F401  (re-exported: the registry's vocabulary)
 
 # the shipped families: name -> the module whose SPEC describes it (imported on first use;
@@ -101,13 +101,4 @@ def load_config(name_or_path):
         raise BlueLowerError(
             f"unknown model '{name_or_path}': use one of {', '.join(sorted(shipped))} or a path to a .json config"
         )
-    if not os.path.isfile(path):
-        raise BlueLowerError(f"model config not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise BlueLowerError(f"{path}: malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BlueLowerError(f"{path}: cannot read: {exc}") from None
-    return config_from_dict(data, path)
+    return config_from_dict(read_json(path, "model config"), path)
