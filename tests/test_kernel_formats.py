@@ -154,8 +154,8 @@ def test_asym_quantizer_error_bound(group_size):
     packed, scales, mins = quantize_int4_asym(w, group_size)
     wd = dequantize_int4_asym(packed, scales, mins, group_size)
     g = K // group_size
-    s = Q._unblocked(scales).astype(np.float32)  # pylint: disable=protected-access
-    m = Q._unblocked(mins).astype(np.float32)  # pylint: disable=protected-access
+    s = Q.unblocked(scales).astype(np.float32)
+    m = Q.unblocked(mins).astype(np.float32)
     lo = w.reshape(N, g, group_size).min(axis=2)
     bound = np.maximum(s / 2, np.abs(lo - m))[:, :, None] + np.abs(wd.reshape(N, g, group_size)) * 2.0 ** -24
     err = np.abs(w - wd).reshape(N, g, group_size)
@@ -173,15 +173,15 @@ def test_error_bounds_with_subnormal_float16_scales(magnitude):
     g = K // 32
     packed, scales, mins = quantize_int4_asym(w, 32)
     wd = dequantize_int4_asym(packed, scales, mins, 32)
-    s = Q._unblocked(scales).astype(np.float32)  # pylint: disable=protected-access
-    m = Q._unblocked(mins).astype(np.float32)  # pylint: disable=protected-access
+    s = Q.unblocked(scales).astype(np.float32)
+    m = Q.unblocked(mins).astype(np.float32)
     lo = w.reshape(N, g, 32).min(axis=2)
     bound = (np.maximum(s / 2, np.abs(lo - m)) + 15 * 2.0 ** -25)[:, :, None] + np.abs(wd.reshape(N, g, 32)) * 2.0 ** -24
     assert (np.abs(w - wd).reshape(N, g, 32) <= bound * (1 + 1e-6)).all()
     for quantize, dequantize, qmax in ((quantize_int4_groupwise, dequantize_int4_groupwise, 7),
                                        (quantize_int8_groupwise, dequantize_int8_groupwise, 127)):
         packed, scales = quantize(w, 32)
-        s = Q._unblocked(scales).astype(np.float32)  # pylint: disable=protected-access
+        s = Q.unblocked(scales).astype(np.float32)
         err = np.abs(w - dequantize(packed, scales, 32)).reshape(N, g, 32)
         assert (err <= (s[:, :, None] / 2 + qmax * 2.0 ** -25) * (1 + 1e-6)).all()
 
@@ -190,7 +190,7 @@ def test_int8_groupwise_quantizer_error_bound():
     w = _weights(7)
     packed, scales = quantize_int8_groupwise(w, 32)
     wd = dequantize_int8_groupwise(packed, scales, 32)
-    s = Q._unblocked(scales).astype(np.float32)  # pylint: disable=protected-access
+    s = Q.unblocked(scales).astype(np.float32)
     assert (np.abs(w - wd).reshape(N, K // 32, 32) <= s[:, :, None] / 2 * (1 + 1e-6)).all()
     assert packed.min() >= -127
     pr, sr = quantize_int8_groupwise_rows(w, 32)

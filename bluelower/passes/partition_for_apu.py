@@ -11,6 +11,8 @@ operator runs on the APU in the dtype given by the APU precision rules
 * a linear layer runs in its **weight** dtype: fp16 for float weights, ``int8`` for
   ``int8_linear`` kernels, ``int4`` for ``int4_linear`` kernels (``--quant w8 / w4a16``),
   so an APU that lists no ``int4`` for ``matmul`` keeps INT4 linear kernels on the CPU;
+  the a8 modes' kernels likewise (``int4_a8_linear`` / ``int8_a8_linear``, and their
+  activation quantization ``quantize_act_int8`` as an ``int8`` matmul's input stage);
 * an operator kind may have alternatives (the fused attention kernel is ``attention`` or,
   decomposed as the vendor stacks do, ``matmul, multiply, add, softmax, matmul``): the
   first alternative whose every kind the APU supports in that dtype is taken.
@@ -78,6 +80,10 @@ TIR_KERNEL_KINDS: dict[str, tuple[tuple[str, ...], ...]] = {
     "matmul": (("matmul",),),
     "int4_linear": (("matmul",),),
     "int8_linear": (("matmul",),),
+    # the a8 modes: the per-token activation quantization is the int8 matmul's input stage
+    "int4_a8_linear": (("matmul",),),
+    "int8_a8_linear": (("matmul",),),
+    "quantize_act_int8": (("matmul",),),
     "fused_attention": (("attention",), ("matmul", "multiply", "add", "softmax", "matmul")),
 }
 
@@ -90,7 +96,8 @@ COMPOSITE_KINDS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
 )
 
 #: call_tir kernel name prefix -> the weight dtype the kernel's matmul runs in.
-TIR_KERNEL_WEIGHT_DTYPE = {"int4_linear": "int4", "int8_linear": "int8"}
+TIR_KERNEL_WEIGHT_DTYPE = {"int4_linear": "int4", "int8_linear": "int8", "int4_a8_linear": "int4",
+                           "int8_a8_linear": "int8", "quantize_act_int8": "int8"}
 
 #: APU precision rule for non-float tensors: TVM dtype -> the dtype the APU computes them in.
 #: Float tensors (fp32 on the host) run in the APU's float dtype for the operator's kinds

@@ -110,8 +110,10 @@ def _quantize_weights(ctx: BuildContext):
         return None
     from .quantize_weights import QuantizeWeights
 
+    from ..lowering.kernels import dot_isa
+
     roles = getattr(ctx.spec, "weight_role", None)
-    return QuantizeWeights(ctx.quant, ctx.group_size, roles=roles, formats=ctx.weight_formats)
+    return QuantizeWeights(ctx.quant, ctx.group_size, roles=roles, formats=ctx.weight_formats, isa=dot_isa(ctx.target))
 
 
 def _quantize_kv_cache(ctx: BuildContext):

@@ -30,6 +30,16 @@ the lookup becomes::
 which checks every id is in ``[0, V)`` (run-time error otherwise) and dequantizes only
 the rows it gathers (``lowering/kernels/embedding.py``).
 
+In the ``a8`` modes (``--quant w4a8``, ``w4a8kv8``, ``w8a8``: the mode's ``activations`` is
+``int8``) weights are stored in the ``k4`` layout and each linear layer becomes a per-token
+activation quantization followed by an integer dot-product kernel
+(``lowering/kernels/linear_a8.py``, the dot product of ``isa``)::
+
+    q = R.call_tir(quantize_act_int8_MxK_s32, (x,), [int8 (M, K), float32 (M,), int32 (M, K/32)])
+    y = R.call_tir(int4_a8_linear_MxNxK_g32_vnni, (q[0], q[1], q[2], W_int4_packed, W_int4_scales), ...)
+
+one quantization per activation (q/k/v, gate/up share theirs, per dataflow block).
+
 The parameter transform table (new parameter -> source weight, quantizer, args) is put
 into ``table`` (``CompileOptions.extra["quantized_params"]`` in a build), where
 ``build.py`` finds it to convert weights tensor by tensor
@@ -47,9 +57,9 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..lowering.kernels import embedding_gather, int4_linear, int8_linear
+from ..lowering.kernels import embedding_gather, int4_a8_linear, int4_linear, int8_a8_linear, int8_linear, quantize_act_int8
 from ..lowering.kernels.embedding import kernel_name as embedding_kernel_name
-from ..lowering.quant.modes import DEFAULT_GROUP_SIZE
+from ..lowering.quant.modes import DEFAULT_GROUP_SIZE, quant_mode
 from ..lowering.quant.params import (EmbeddingScheme, ParamTransform, choose_embedding_scheme, choose_scheme,
                                      embedding_scheme, linear_scheme, sanitize, scheme_params)
 from .instruments import with_stats
@@ -58,6 +68,7 @@ from .ir_utils import PARAM_NAMES, calls_where, count_var_uses, result, static_s
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 _TAKE = tvm.ir.Op.get("relax.take")
 _SHAPE_OF = tvm.ir.Op.get("relax.shape_of")
+_RESHAPE = tvm.ir.Op.get("relax.reshape")
 _OPAQUE = 8  # relay/relax OpPatternKind kOpaque: FuseOps leaves the kernel alone
 
 
@@ -83,6 +94,7 @@ def _nt_matmul(x_shape: tuple, n: int) -> tirx.PrimFunc:
 _int4_linear = functools.lru_cache(maxsize=None)(int4_linear)
 _int8_linear = functools.lru_cache(maxsize=None)(int8_linear)
 _embedding_gather = functools.lru_cache(maxsize=None)(embedding_gather)
+_int4_a8_linear, _int8_a8_linear, _quantize_act_int8 = int4_a8_linear, int8_a8_linear, quantize_act_int8  # (cached)
 
 
 def _is_f32(expr) -> bool:
@@ -103,11 +115,18 @@ class QuantizeWeights:
     The conversion table (new parameter -> source weight, quantizer, args) is the module's
     result ``quantized_params`` (``ir_utils.result``); each rewritten function's
     ``bluelower.param_names`` lists its new parameters.
+
+    ``isa``: the integer dot product of the ``a8`` modes' kernels (``kernels.DOT_ISAS``, from
+    the build target: ``kernels.dot_isa``); ignored by the other modes.
     """
 
     def __init__(self, quant: str, group_size: int = DEFAULT_GROUP_SIZE, roles=None, weight_names: dict | None = None,
-                 formats=None):
+                 formats=None, isa: str = "generic"):
         self.quant = quant
+        mode = quant_mode(quant)
+        self.a8 = mode.activations == "int8"
+        self.layout = mode.weight_layout
+        self.isa = isa
         self.group_size = group_size
         self.roles = roles
         self.weight_names = weight_names or {}
@@ -121,7 +140,7 @@ class QuantizeWeights:
             return choose_scheme(role, n, k, self.quant, self.group_size)
         choice = self.formats(source, role, (n, k), "linear")
         return None if choice is None else linear_scheme(choice.kind, n, k, choice.group_size, choice.carry,
-                                                         choice.search)
+                                                         choice.search, layout=self.layout)
 
     def _table_scheme(self, source: str, role: str, rows: int, width: int):
         if self.formats is None:
@@ -136,18 +155,23 @@ class QuantizeWeights:
         return self.roles.get(source, "other") if isinstance(self.roles, dict) else self.roles(source)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = _LinearRewriter(mod)
+        rewriter = _LinearRewriter(mod, self.isa if self.a8 else None)
         self.table = {}
         self._tables_seen = set()  # an embedding table shared by embed and decode is counted once
         stats = {"int4_layers": 0, "int8_layers": 0, "padded_layers": 0, "kept_fp32_layers": 0, "weights_quantized": 0,
                  "embedding_tables_quantized": 0, "int4_embedding_lookups": 0, "int8_embedding_lookups": 0,
                  "embedding_bytes_fp32": 0, "embedding_bytes_stored": 0}
+        if self.a8:
+            stats.update({"a8_layers": 0, "activation_quantizations": 0, "dot_isa": self.isa})
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function) or "num_input" not in func.attrs:
                 continue
             new_func = self._rewrite_function(mod, rewriter, func, stats)
             if new_func is not None:
                 rewriter.builder_.update_func(gv, new_func)
+        if self.a8:
+            stats["a8_layers"] = rewriter.a8_layers
+            stats["activation_quantizations"] = rewriter.act_quantizations
         out = rewriter.builder_.get()
         out = _drop_unused_private_functions(out)
         if self.table:
@@ -298,10 +322,70 @@ def _match_linear(mod, call: relax.Call):
 
 @mutator
 class _LinearRewriter(PyExprMutator):  # pylint: disable=abstract-method
-    def __init__(self, mod):
+    def __init__(self, mod, a8_isa: str | None = None):
         super().__init__(mod)
         self.mod = mod
         self.plan = {}
+        self.a8_isa = a8_isa  # None: float activations
+        self.act_memo = []  # [(x, k_pad, sum_group, (xq, sx, xs))] of the current block
+        self.a8_layers = 0
+        self.act_quantizations = 0
+
+    def visit_dataflow_block_(self, block):  # pylint: disable=arguments-renamed
+        self.act_memo = []  # a quantized activation is shared within its block only
+        out = super().visit_dataflow_block_(block)
+        self.act_memo = []
+        return out
+
+    def visit_binding_block_(self, block):  # pylint: disable=arguments-renamed
+        self.act_memo = []
+        out = super().visit_binding_block_(block)
+        self.act_memo = []
+        return out
+
+    def _quantized_activation(self, x, m: int, scheme) -> tuple:
+        """``(xq, sx, xs)`` of ``x`` [..., k] as [m, k] padded to ``scheme.k_pad`` (emitted once
+        per activation, padding and sum group)."""
+        sg = scheme.group_size or 32
+        key = self._value_source(x)
+        for prev, k_pad, group, out in self.act_memo:
+            if prev.same_as(key) and k_pad == scheme.k_pad and group == sg:
+                return out
+        xin = x
+        if len(static_shape(x)) != 2:
+            xin = self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr([m, scheme.k])))
+        if scheme.k_pad != scheme.k:
+            zeros = relax.op.zeros(relax.ShapeExpr([m, scheme.k_pad - scheme.k]), "float32")
+            xin = self.builder_.emit(relax.op.concat([xin, zeros], axis=1))
+        kernel = _quantize_act_int8(m, scheme.k_pad, sg)
+        gv = self.builder_.add_func(kernel.with_attr("op_pattern", _OPAQUE), f"quantize_act_int8_{m}x{scheme.k_pad}_s{sg}")
+        tys = [relax.TensorType((m, scheme.k_pad), "int8"), relax.TensorType((m,), "float32"),
+               relax.TensorType((m, scheme.k_pad // sg), "int32")]
+        t = self.builder_.emit(relax.call_tir(gv, relax.Tuple([xin]), tys))
+        out = tuple(self.builder_.emit(relax.TupleGetItem(t, i)) for i in range(3))
+        self.act_memo.append((key, scheme.k_pad, sg, out))
+        self.act_quantizations += 1
+        return out
+
+    def _value_source(self, x):
+        """``x`` with the reshapes it is bound to looked through: the importers reshape a 3-D
+        activation once per linear layer (q/k/v of a ViT block), the same values each time."""
+        while isinstance(x, relax.Var):
+            bound = self.lookup_binding(x)
+            if not (isinstance(bound, relax.Call) and bound.op.same_as(_RESHAPE)):
+                break
+            x = bound.args[0]
+        return x
+
+    def _a8_kernel(self, m: int, scheme):
+        n, k, g, isa = scheme.n_pad, scheme.k_pad, scheme.group_size, self.a8_isa
+        if scheme.kind in ("int4", "int4_asym"):
+            asym = scheme.kind == "int4_asym"
+            return _int4_a8_linear(m, n, k, g, asym=asym, isa=isa), \
+                f"int4_a8_linear_{m}x{n}x{k}_g{g}" + ("_asym" if asym else "") + f"_{isa}"
+        if scheme.kind == "int8_group":
+            return _int8_a8_linear(m, n, k, g, isa=isa), f"int8_a8_linear_{m}x{n}x{k}_g{g}_{isa}"
+        return _int8_a8_linear(m, n, k, isa=isa), f"int8_a8_linear_{m}x{n}x{k}_{isa}"
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # pylint: disable=arguments-renamed
         if self.plan and _match_lookup(call) and "table" in self.plan.get(call.args[0], {}):
@@ -318,6 +402,17 @@ class _LinearRewriter(PyExprMutator):  # pylint: disable=abstract-method
         x = self.visit_expr(x)
         lead = static_shape(x)[:-1]  # e.g. ONNX keeps [1, 729, K]; the kernels take [M, K]
         m = int(np.prod(lead))
+        if self.a8_isa is not None:
+            xq, sx, xs = self._quantized_activation(x, m, scheme)
+            kernel, name = self._a8_kernel(m, scheme)
+            gv = self.builder_.add_func(kernel.with_attr("op_pattern", _OPAQUE), name)
+            self.a8_layers += 1
+            y = relax.call_tir(gv, relax.Tuple([xq, sx, xs, *new_vars]), relax.TensorType((m, scheme.n_pad), "float32"))
+            if scheme.n_pad != scheme.n:
+                y = relax.op.strided_slice(self.builder_.emit(y), axes=[1], begin=[0], end=[scheme.n])
+            if len(lead) != 1:
+                y = relax.op.reshape(self.builder_.emit(y), relax.ShapeExpr([*lead, scheme.n]))
+            return y
         if len(lead) != 1:
             x = self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr([m, scheme.k])))
         if scheme.k_pad != scheme.k:

@@ -44,7 +44,7 @@ from ..targets.scheduler import add_task, list_schedule, summarize
 from .instruments import with_stats
 from .ir_utils import with_result
 
-_MATMUL_KERNELS = ("NT_matmul", "matmul", "int4_linear", "int8_linear")
+_MATMUL_KERNELS = ("NT_matmul", "matmul", "int4_linear", "int8_linear", "int4_a8_linear", "int8_a8_linear")
 _ATTENTION_KERNELS = ("fused_attention",)
 #: APU tasks compute at the first of these rates the APU has (float activations -> fp16;
 #: an APU whose float kinds list only bf16 or fp32 computes its partitions in that dtype).

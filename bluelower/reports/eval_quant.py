@@ -16,7 +16,9 @@ random weights, then on one image + prompt:
 The reference for ``run --check`` on a quantized build is :func:`check_reference`; for an
 INT8 KV cache (``w4a16kv8``) it also stores its cache rows as the build does
 (:class:`Int8KVRows`: the write kernel's quantization, following the build's codes where
-float32 noise decides a rounding tie, checked).
+float32 noise decides a rounding tie, checked); for int8 activations (``w4a8*``, ``w8a8``)
+its quantized linear layers read their inputs through per-token int8 as the build's
+kernels do (:class:`Int8Activations`, following the build's codes the same way).
 """
 
 from __future__ import annotations
@@ -39,7 +41,15 @@ MODES = ("fp32", "w8", "w4a16", "w4a16kv8")
 class DequantizedReference(TorchReference):
     """The PyTorch model with a quantized build's weights, dequantized exactly as the
     kernels use them (so ``run --check`` can demand identical tokens). For an INT8 KV cache
-    (``w4a16kv8``) its cache rows are stored as the build stores them (:class:`Int8KVRows`)."""
+    (``w4a16kv8``) its cache rows are stored as the build stores them (:class:`Int8KVRows`);
+    for int8 activations (the ``a8`` modes) its quantized linear layers quantize their inputs
+    per token as the build's kernels do (:class:`Int8Activations`).
+
+    With ``follow_build_rounding`` and a build this machine can load (a host build, not a
+    cross-compiled bundle), the build runs each step too and the reference follows its stored
+    KV rows and its activation codes where float32 noise decided a rounding tie (checked:
+    anything but a tie is an error). A cross-compiled build is not followed: its reference
+    rounds on its own, so a tie decided the other way can change a later token."""
 
     def __init__(self, build_dir: str, follow_build_rounding: bool = True):
         import torch
@@ -63,25 +73,202 @@ class DequantizedReference(TorchReference):
         self.stop_ids = frozenset(cfg.stop_ids)
         self.kv = None
         self.kv_int8 = None
-        if manifest.get("kv_cache", {}).get("dtype") == "int8":
-            self.kv_int8 = Int8KVRows(spec_for(cfg).kv_cache_shape(cfg), build_dir if follow_build_rounding else None)
+        self.act_int8 = None
+        quantization = manifest.get("quantization", {})
+        a8 = quantization.get("activations") == "int8"
+        kv8 = manifest.get("kv_cache", {}).get("dtype") == "int8"
+        self.build = None  # the build run beside the reference (its steps followed)
+        if follow_build_rounding and (a8 or kv8) and host_loadable(manifest):
+            from ..runtime_stubs.generate import CompiledModel
+
+            self.build = BuildSteps(CompiledModel(build_dir), capture_activations=a8)
+        if kv8:
+            self.kv_int8 = Int8KVRows(spec_for(cfg).kv_cache_shape(cfg),
+                                      build=None if self.build is None else self.build.model)
+        if a8:
+            self.act_int8 = Int8Activations(self.model, quantized_linear_sources(manifest))
 
     def reset_cache(self):
         super().reset_cache()
-        if self.kv_int8 is not None:
-            self.kv_int8.reset()
+        if self.build is not None:
+            self.build.model.reset_cache()
+
+    def _followed(self, run_build, run_ref):
+        """``(build's result or None, reference's result)`` of one step: the build's same step
+        first when followed."""
+        built, captured = self.build.run(run_build) if self.build is not None else (None, None)
+        with contextlib.ExitStack() as stack:
+            if self.kv_int8 is not None:
+                stack.enter_context(self.kv_int8.step(None))
+            if self.act_int8 is not None:
+                stack.enter_context(self.act_int8.step(captured))
+            return built, run_ref()
+
+    def encode_batch(self, patches):
+        """The image tokens. Followed (int8 activations): the build's, after checking the
+        reference's own are within float32 noise of them (``_TOKENS_REL``), so the decoder of the
+        build the reference follows sees exactly the rows of the build under test (float32 noise
+        in them would otherwise decide rounding ties there differently)."""
+        if self.act_int8 is None:
+            return super().encode_batch(patches)
+        built, own = self._followed(lambda build: build.encode_batch(patches),
+                                    lambda: super(DequantizedReference, self).encode_batch(patches))
+        if built is None:
+            return own
+        err = _rel(own, built)
+        if not err <= _TOKENS_REL:
+            from ..errors import BlueLowerError
+
+            raise BlueLowerError(f"run --check: the build's image tokens differ from the reference's by {err:.3g} "
+                                 f"(relative; float32 noise is below {_TOKENS_REL:g}): a bug of the image encoder")
+        return built
 
     def prefill_chunk(self, rows, start, num_valid):
-        if self.kv_int8 is None:
+        if self.kv_int8 is None and self.act_int8 is None:
             return super().prefill_chunk(rows, start, num_valid)
-        with self.kv_int8.step(lambda build: build.prefill_chunk(rows, start, num_valid)):
-            return super().prefill_chunk(rows, start, num_valid)
+        return self._followed(lambda build: build.prefill_chunk(rows, start, num_valid),
+                              lambda: super(DequantizedReference, self).prefill_chunk(rows, start, num_valid))[1]
 
     def decode_step(self, token, position):
-        if self.kv_int8 is None:
+        if self.kv_int8 is None and self.act_int8 is None:
             return super().decode_step(token, position)
-        with self.kv_int8.step(lambda build: build.decode_step(token, position)):
-            return super().decode_step(token, position)
+        return self._followed(lambda build: build.decode_step(token, position),
+                              lambda: super(DequantizedReference, self).decode_step(token, position))[1]
+
+
+def host_loadable(manifest: dict) -> bool:
+    """The build's library runs on this machine (no cross-compiled ``mtriple``, or this one's)."""
+    import platform
+
+    triple = str((manifest.get("target") or {}).get("mtriple") or "")
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+    return not triple or triple.split("-")[0] == machine
+
+
+class BuildSteps:
+    """A host build (``CompiledModel``) run step for step beside the reference: :meth:`run`
+    runs one step on it and returns what its activation pre-passes (``quantize_act_int8``)
+    computed, in call order, as ``(x, codes, scales)`` numpy arrays (a VM instrument)."""
+
+    PREFIX = "quantize_act_int8"
+
+    def __init__(self, model, capture_activations: bool):
+        self.model = model
+        self._captured = None
+        if capture_activations:
+            model.vm.set_instrument(self._instrument)
+
+    def _instrument(self, _func, symbol, before_run, _ret, *args):
+        if not before_run and self._captured is not None and str(symbol).startswith(self.PREFIX):
+            self._captured.append((args[0].numpy(), args[1].numpy(), args[2].numpy()))
+        return 0  # VMInstrumentReturnKind.NO_OP
+
+    def run(self, step) -> tuple:
+        """``(step(model)'s result, the activations captured meanwhile)``."""
+        self._captured = []
+        try:
+            out = step(self.model)
+            return out, self._captured
+        finally:
+            self._captured = None
+
+
+def quantized_linear_sources(manifest: dict) -> list:
+    """The weights a build stores for linear layers (not embedding rows): the layers whose
+    inputs an a8 build quantizes."""
+    params = manifest.get("quantization", {}).get("params", {})
+    return sorted({source for source, quantizer, _args in params.values() if not quantizer.endswith("_rows")})
+
+
+class Int8Activations:
+    """The reference's quantized linear layers read their inputs through per-token int8
+    (``lowering/quant/activations.py``: bit for bit the build's pre-pass on the same values).
+
+    In :meth:`step` with the build's captured pre-pass results (:class:`BuildSteps`), the
+    layers consume them in order (one per distinct input tensor, as the build quantizes q/k/v's
+    shared input once) and use the build's codes after checking them against the reference's
+    own quantization of its input (:func:`follow_codes`); without them (a build not followed)
+    each layer rounds its own input."""
+
+    def __init__(self, model, weight_names):
+        from ..lowering.quant.activations import linear_selector, tag_parameter_names
+
+        tag_parameter_names(model)
+        self.model = model
+        self.select = linear_selector(weight_names)
+
+    @contextlib.contextmanager
+    def step(self, captured: list | None):
+        from ..lowering.quant.activations import fake_quant_rows, int8_activations
+
+        seen: dict = {}  # id(input) -> (input, its int8 value): the tensor is kept, so its id is not reused
+        queue = list(captured) if captured is not None else None
+        used = [0]
+
+        def rows(name, x):
+            hit = seen.get(id(x))
+            if hit is not None and hit[0] is x:
+                return hit[1]
+            if queue is None:
+                out = fake_quant_rows(x)
+            else:
+                out = self._follow(name, x, queue, used[0])
+                used[0] += 1
+            seen[id(x)] = (x, out)
+            return out
+
+        with int8_activations(self.model, self.select, rows):
+            yield
+        if queue is not None and used[0] != len(queue):
+            from ..errors import BlueLowerError
+
+            raise BlueLowerError(f"run --check: the build quantized {len(queue)} activations in this step, the "
+                                 f"reference's quantized linear layers read {used[0]}: the int8 activations cannot be followed")
+
+    @staticmethod
+    def _follow(name, x, queue, i):
+        import torch
+
+        from ..errors import BlueLowerError
+
+        k = x.shape[-1]
+        own = x.detach().float().reshape(-1, k).numpy()
+        if i >= len(queue):
+            raise BlueLowerError(f"run --check: the reference's layer {name} quantizes an activation the build did not "
+                                 f"(only {len(queue)} in this step): the int8 activations cannot be followed")
+        _xb, codes, scale = queue[i]
+        if codes.shape[0] != own.shape[0] or codes.shape[1] < k:
+            raise BlueLowerError(f"run --check: the build's activation {i} of this step is {list(codes.shape)}, "
+                                 f"the reference's layer {name} reads {list(own.shape)}: they cannot be followed")
+        followed = follow_codes(own, codes[:, :k], scale, f"activation of {name} ")
+        return torch.from_numpy(followed).reshape(x.shape).to(x.dtype)
+
+
+def follow_codes(rows: np.ndarray, codes: np.ndarray, scale: np.ndarray, where: str) -> np.ndarray:
+    """The build's per-token int8 ``codes`` [M, K] and ``scale`` [M] of the reference's own
+    ``rows`` [M, K], as values (``codes * scale``), after checking they are the reference's own
+    quantization of its rows up to float32 noise: equal scales (relative ``_SCALE_REL``) and
+    codes, except codes one apart where the reference's value sits on a rounding boundary
+    (the rule of :func:`follow_stored_rows`). Anything else is a :class:`BlueLowerError`."""
+    from ..errors import BlueLowerError
+    from ..lowering.kernels import quantize_act_rows
+
+    own, s_own = quantize_act_rows(rows)
+    codes = np.asarray(codes, np.int8)
+    scale = np.asarray(scale, np.float32)
+    if not (np.array_equal(own, codes) and np.array_equal(s_own, scale)):
+        bad_scale = np.abs(s_own - scale) > _SCALE_REL * np.maximum(s_own, np.finfo(np.float32).tiny)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            units = np.abs(rows) * np.where(s_own > 0, 1 / s_own, 0)[:, None]
+        tie = np.abs(units - np.floor(units) - 0.5) <= _CODE_TIE
+        step = np.abs(own.astype(np.int32) - codes.astype(np.int32))
+        bad = bad_scale | ((step > 1) | (step == 1) & ~tie).any(axis=-1)
+        if bad.any():
+            r = int(np.argwhere(bad)[0][0])
+            raise BlueLowerError(f"run --check: the build's int8 {where}row {r} is not the reference's quantization "
+                                 f"of that row (codes {codes[r][:6].tolist()}... vs {own[r][:6].tolist()}..., scale "
+                                 f"{float(scale[r]):.6g} vs {float(s_own[r]):.6g}): a bug of the int8 activations")
+    return codes.astype(np.float32) * scale[:, None]
 
 
 # ---------------------------------------------------------------- the INT8 KV cache of the reference
@@ -96,6 +283,10 @@ def stored_kv_rows(rows: np.ndarray) -> np.ndarray:
 
     return dequantize_kv_rows(quantize_kv_rows(rows))
 
+
+# A followed build's image tokens may differ from the reference's by this much (relative norm):
+# float32 noise with the activation codes followed (measured ~1e-7 on tiny)
+_TOKENS_REL = 1e-4
 
 # A code of the build may differ by one from the reference's only where the reference's own
 # value lies this close (in code units) to a rounding boundary; a scale by this much (relative).
@@ -152,11 +343,11 @@ class Int8KVRows:
     then used, so float noise never decides a rounding differently. A step whose module does
     not write every layer that way is an error (else a float32 cache would be compared)."""
 
-    def __init__(self, cache_shape, build_dir: str | None = None):
+    def __init__(self, cache_shape, build_dir: str | None = None, build=None):
         from ..runtime_stubs.generate import CompiledModel
 
         self.cache_shape = tuple(cache_shape)
-        self.build = CompiledModel(build_dir) if build_dir is not None else None
+        self.build = CompiledModel(build_dir) if build_dir is not None else build
 
     def reset(self):
         if self.build is not None:
@@ -164,10 +355,11 @@ class Int8KVRows:
 
     @contextlib.contextmanager
     def step(self, run_build):
-        """Around one reference step; ``run_build(build)`` runs the same step on the build."""
+        """Around one reference step; ``run_build(build)`` runs the same step on the build
+        (None: the caller ran it already)."""
         from ..errors import BlueLowerError
 
-        if self.build is not None:
+        if self.build is not None and run_build is not None:
             run_build(self.build)
         writes = _int8_cache_writes(self, None if self.build is None else self.build.kv.numpy())
         with writes:

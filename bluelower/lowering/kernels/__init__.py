@@ -5,6 +5,8 @@
   for embedding tables; GGUF Q4_0 / Q4_1 / Q8_0 codes repack without rounding).
 * :mod:`.linear` -- TIR PrimFunc builders that read those layouts (GEMV for decode,
   tiled GEMM for prefill), ready for ``R.call_tir`` in a Relax module.
+* :mod:`.linear_a8` -- int8-activation kernels (the ``w4a8`` / ``w8a8`` modes): the per-token
+  activation pre-pass and integer dot-product GEMV/GEMM per ISA (VNNI, sdot, smmla, generic).
 * :mod:`.embedding` -- the gather kernel over the row layouts.
 
 See ``docs/kernels.md`` for layouts, schedules and measured bandwidth.
@@ -45,6 +47,8 @@ from .quant import (
 )
 from .embedding import KINDS as EMBEDDING_KINDS, embedding_gather
 from .linear import AARCH64_TARGET, DEFAULT_M_TILE, fp32_linear, host_target, int4_linear, int8_linear
+from .linear_a8 import (ISAS as DOT_ISAS, a8_linear_reference, act_sums, dot_isa, int4_a8_linear, int8_a8_linear,
+                        int8_k1_to_k4, int8_k4_to_k1, quantize_act_int8, quantize_act_rows)
 
 __all__ = [
     "BLOCK_ROWS",
@@ -91,4 +95,15 @@ __all__ = [
     "int8_linear",
     "fp32_linear",
     "host_target",
+    # int8 activations (w4a8 / w8a8)
+    "DOT_ISAS",
+    "dot_isa",
+    "quantize_act_int8",
+    "quantize_act_rows",
+    "act_sums",
+    "int4_a8_linear",
+    "int8_a8_linear",
+    "a8_linear_reference",
+    "int8_k1_to_k4",
+    "int8_k4_to_k1",
 ]

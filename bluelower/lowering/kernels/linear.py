@@ -93,7 +93,7 @@ _PF_INT8 = PREFETCH_BYTES // _R  # in k-steps (32 bytes per k) for the per-chann
 _PF_K4 = PREFETCH_BYTES // 64  # in k-quads (64 bytes per 4 k) for the INT4 "k4" layout
 
 
-def _prefetch(addr):
+def prefetch(addr):
     """``llvm.prefetch(addr, read, locality=3, data)``; lowers to PREFETCHT0 / PRFM PLDL1KEEP."""
     return T.call_llvm_intrin("void", "llvm.prefetch.p0", addr, 0, 3, 1)
 
@@ -110,7 +110,7 @@ def host_target() -> tvm.target.Target:
     return tvm.target.Target("llvm")
 
 
-def _check(M: int, N: int, K: int, out_dtype: str, k_multiple: int, what: str) -> None:
+def check_linear_args(M: int, N: int, K: int, out_dtype: str, k_multiple: int, what: str) -> None:
     for name, v in (("M", M), ("N", N), ("K", K)):
         if not isinstance(v, int) or v <= 0:
             raise ValueError(f"{what}: {name} must be a positive int, got {v!r}")
@@ -131,7 +131,7 @@ def _check_m_tile(m_tile: int) -> None:
         raise ValueError(f"m_tile must be an int in [1, 7], got {m_tile!r}")
 
 
-def _finish(func: tirx.PrimFunc, name: str, *, bias: bool, mins: bool = False) -> tirx.PrimFunc:
+def finish_kernel(func: tirx.PrimFunc, name: str, *, bias: bool, mins: bool = False) -> tirx.PrimFunc:
     """Drop the optional parameters a variant does not use (kernels are written with all of
     them: ``bias``, the asymmetric INT4 ``mn``) and tag the function."""
     unused = {p for p, used in (("bias", bias), ("mn", mins)) if not used}
@@ -205,7 +205,7 @@ def int4_linear(
     term ``m * sum(x_g)`` uses the float ``x``.) The ``k4`` GEMM (``M > 1``) is the float
     GEMM reading the ``k4`` layout, so one weight copy serves prefill and decode.
     """
-    _check(M, N, K, out_dtype, group_size if group_size > 0 else 1, "int4_linear")
+    check_linear_args(M, N, K, out_dtype, group_size if group_size > 0 else 1, "int4_linear")
     if group_size <= 0 or group_size % 4 != 0:
         raise ValueError(f"int4_linear: group_size must be a positive multiple of 4, got {group_size}")
     if layout not in ("k1", "k4"):
@@ -222,7 +222,7 @@ def int4_linear(
         f = _blocked_gemm(M, N, K, group_size, out_dtype, bias, m_tile, (wshape, "uint8"), ((NB, G, _R), "float16"),
                           dequant, per_row_scales=False, asym=asym)
     name = f"int4_linear_{M}x{N}x{K}_g{group_size}_{layout}" + ("_asym" if asym else "")
-    return _finish(f, name, bias=bias, mins=asym)
+    return finish_kernel(f, name, bias=bias, mins=asym)
 
 
 def _groupwise_gemv(N, K, gs, out_dtype, has_bias, fmt):
@@ -273,7 +273,7 @@ def _groupwise_gemv(N, K, gs, out_dtype, has_bias, fmt):
                     accg[r] = T.float32(0)
                 for k in T.unroll(gs):
                     if k % per_line == 0:
-                        T.evaluate(_prefetch(T.address_of(w[b, g * gs + k + ahead, 0])))
+                        T.evaluate(prefetch(T.address_of(w[b, g * gs + k + ahead, 0])))
                     if int4:
                         for r in T.vectorized(_H):
                             accg[r] = accg[r] + x[0, g * gs + k] * T.Cast("float32", _nibble(w[b, g * gs + k, r], False))
@@ -291,7 +291,7 @@ def _groupwise_gemv(N, K, gs, out_dtype, has_bias, fmt):
     return f
 
 
-def _vpdpbusd(acc, a_u8x64, b_i32):
+def vpdpbusd(acc, a_u8x64, b_i32):
     """``acc[i] += sum_j a[4i+j] (u8) * b[j] (s8)`` for 16 int32 lanes; ``b`` broadcast.
 
     LLVM >= 21 declares the operands as ``<64 x i8>`` (TVM's bundled LLVM is 22)."""
@@ -353,16 +353,16 @@ def _int4_gemv_vnni(N, K, gs, out_dtype, has_bias, asym):
                     hi[r] = 0
                 for q in T.unroll(QG):
                     if q % 4 == 0:  # 4 k-quads = 256 bytes = 4 lines; prefetch one line per quad
-                        T.evaluate(_prefetch(T.address_of(w[b, g * QG + q + _PF_K4, 0])))
-                        T.evaluate(_prefetch(T.address_of(w[b, g * QG + q + _PF_K4 + 1, 0])))
-                        T.evaluate(_prefetch(T.address_of(w[b, g * QG + q + _PF_K4 + 2, 0])))
-                        T.evaluate(_prefetch(T.address_of(w[b, g * QG + q + _PF_K4 + 3, 0])))
-                    lo[T.ramp(0, 1, _H)] = _vpdpbusd(
+                        T.evaluate(prefetch(T.address_of(w[b, g * QG + q + _PF_K4, 0])))
+                        T.evaluate(prefetch(T.address_of(w[b, g * QG + q + _PF_K4 + 1, 0])))
+                        T.evaluate(prefetch(T.address_of(w[b, g * QG + q + _PF_K4 + 2, 0])))
+                        T.evaluate(prefetch(T.address_of(w[b, g * QG + q + _PF_K4 + 3, 0])))
+                    lo[T.ramp(0, 1, _H)] = vpdpbusd(
                         lo[T.ramp(0, 1, _H)],
                         T.bitwise_and(w[b, g * QG + q, T.ramp(0, 1, 64)], T.broadcast(T.uint8(15), 64)),
                         T.reinterpret("int32", xq[T.ramp(g * gs + q * 4, 1, 4)]),
                     )
-                    hi[T.ramp(0, 1, _H)] = _vpdpbusd(
+                    hi[T.ramp(0, 1, _H)] = vpdpbusd(
                         hi[T.ramp(0, 1, _H)],
                         T.shift_right(w[b, g * QG + q, T.ramp(0, 1, 64)], T.broadcast(T.uint8(4), 64)),
                         T.reinterpret("int32", xq[T.ramp(g * gs + q * 4, 1, 4)]),
@@ -503,7 +503,7 @@ def int8_linear(
     """
     if group_size is not None and (not isinstance(group_size, int) or group_size <= 0 or group_size % 4):
         raise ValueError(f"int8_linear: group_size must be None or a positive multiple of 4, got {group_size!r}")
-    _check(M, N, K, out_dtype, _KC if group_size is None else group_size, "int8_linear")
+    check_linear_args(M, N, K, out_dtype, _KC if group_size is None else group_size, "int8_linear")
     _check_m_tile(m_tile)
     NB = N // _R
     if group_size is None and M == 1:
@@ -516,7 +516,7 @@ def int8_linear(
     else:
         f = _blocked_gemm(M, N, K, group_size, out_dtype, bias, m_tile, ((NB, K, _R), "int8"),
                           ((NB, K // group_size, _R), "float16"), _dequant_int8_groupwise, per_row_scales=False)
-    return _finish(f, f"int8_linear_{M}x{N}x{K}" + ("" if group_size is None else f"_g{group_size}"), bias=bias)
+    return finish_kernel(f, f"int8_linear_{M}x{N}x{K}" + ("" if group_size is None else f"_g{group_size}"), bias=bias)
 
 
 
@@ -540,7 +540,7 @@ def _int8_gemv(N, K, out_dtype, has_bias):
             for ko in range(KO):
                 for ki in T.unroll(_KC):
                     if ki % 2 == 0:  # one 64-byte line holds 2 k-steps of a block
-                        T.evaluate(_prefetch(T.address_of(w[b, ko * _KC + ki + _PF_INT8, 0])))
+                        T.evaluate(prefetch(T.address_of(w[b, ko * _KC + ki + _PF_INT8, 0])))
                     for r in T.vectorized(_R):
                         acc[r] = acc[r] + x[0, ko * _KC + ki] * T.Cast("float32", w[b, ko * _KC + ki, r])
             for r in T.vectorized(_R):
@@ -572,12 +572,12 @@ def fp32_linear(
     No transposed copy of ``W`` is materialized. Requires ``N % 32 == 0`` and
     ``K % 32 == 0``.
     """
-    _check(M, N, K, out_dtype, _KC, "fp32_linear")
+    check_linear_args(M, N, K, out_dtype, _KC, "fp32_linear")
     if M == 1:
         f = _fp32_gemv(N, K, out_dtype, bias)
     else:
         f = _fp32_gemm(M, N, K, out_dtype, bias)
-    return _finish(f, f"fp32_linear_{M}x{N}x{K}", bias=bias)
+    return finish_kernel(f, f"fp32_linear_{M}x{N}x{K}", bias=bias)
 
 
 def _fp32_gemv(N, K, out_dtype, has_bias):

@@ -66,7 +66,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .linear import PREFETCH_BYTES, _check, _finish, _prefetch, _vpdpbusd
+from .linear import PREFETCH_BYTES, check_linear_args, finish_kernel, prefetch, vpdpbusd
 from .quant import BLOCK_ROWS
 
 __all__ = [
@@ -153,11 +153,11 @@ def int8_k4_to_k1(packed: np.ndarray) -> np.ndarray:
 def _codes(fmt: str, packed: np.ndarray) -> np.ndarray:
     """Integer codes ``[N, K]`` (int64) the kernel multiplies: INT4 the unsigned ``u``,
     INT8 the signed ``q``."""
-    from .quant import _unblocked, unpack_int4_nibbles
+    from .quant import unblocked, unpack_int4_nibbles
 
     if fmt.startswith("int4"):
         return unpack_int4_nibbles(packed).astype(np.int64)
-    return _unblocked(int8_k4_to_k1(packed) if np.shape(packed)[-1] == 4 * _R else packed).astype(np.int64)
+    return unblocked(int8_k4_to_k1(packed) if np.shape(packed)[-1] == 4 * _R else packed).astype(np.int64)
 
 
 def a8_linear_reference(xq: np.ndarray, sx: np.ndarray, fmt: str, parts, group_size: int | None = None,
@@ -166,7 +166,7 @@ def a8_linear_reference(xq: np.ndarray, sx: np.ndarray, fmt: str, parts, group_s
     ``[M]``, ``parts`` the packed weight (``packed, scales[, mins]``, any layout) of format
     ``fmt`` (``int4``, ``int4_asym``, ``int8``, ``int8_group``). Integer sums in int64 (exact,
     as the kernels' int32), then the float32 scaling in the kernels' order (module docstring)."""
-    from .quant import _unblocked
+    from .quant import unblocked
 
     if fmt not in _FORMATS:
         raise ValueError(f"unknown format {fmt!r} (valid: {', '.join(_FORMATS)})")
@@ -180,8 +180,8 @@ def a8_linear_reference(xq: np.ndarray, sx: np.ndarray, fmt: str, parts, group_s
     else:
         gs = int(group_size)
         g = k // gs
-        s = _unblocked(np.asarray(parts[1])).astype(np.float32)  # [N, G]
-        mn = _unblocked(np.asarray(parts[2])).astype(np.float32) if fmt == "int4_asym" else None
+        s = unblocked(np.asarray(parts[1])).astype(np.float32)  # [N, G]
+        mn = unblocked(np.asarray(parts[2])).astype(np.float32) if fmt == "int4_asym" else None
         acc = np.zeros((m, n), np.float32)
         for j in range(g):
             d = xq[:, j * gs:(j + 1) * gs] @ c[:, j * gs:(j + 1) * gs].T  # [M, N]
@@ -219,30 +219,32 @@ def quantize_act_int8(M: int, K: int, sum_group: int = 32) -> tirx.PrimFunc:
     KO = K // _QL
     G = K // sum_group
 
-    @T.prim_func(private=True)
+    # one input: the root block keeps relax.RewriteDataflowReshape's reshape analysis off it
+    @T.prim_func(private=True, s_tir=True)
     def f(x: T.Buffer((M, K), "float32"), xq: T.Buffer((M, K), "int8"), sx: T.Buffer((M,), "float32"),
           xs: T.Buffer((M, G), "int32")):
         T.func_attr({"tir.noalias": True})
-        for m in T.parallel(M):
-            am = T.alloc_buffer((_QL,), "float32", scope="global")
-            inv = T.alloc_buffer((1,), "float32", scope="global")
-            for l in T.vectorized(_QL):
-                am[l] = T.float32(0)
-            for ko in range(KO):
+        with T.sblock("root"):
+            for m in T.parallel(M):
+                am = T.alloc_buffer((_QL,), "float32", scope="global")
+                inv = T.alloc_buffer((1,), "float32", scope="global")
                 for l in T.vectorized(_QL):
-                    am[l] = T.max(am[l], T.abs(x[m, ko * _QL + l]))
-            for l in range(1, _QL):
-                am[0] = T.max(am[0], am[l])
-            inv[0] = T.if_then_else(am[0] > T.float32(0), T.float32(127) / am[0], T.float32(0))
-            for ko in range(KO):
-                for l in T.vectorized(_QL):
-                    xq[m, ko * _QL + l] = T.Cast("int8", T.max(T.min(T.round(x[m, ko * _QL + l] * inv[0]),
-                                                                     T.float32(127)), T.float32(-127)))
-            sx[m] = am[0] / T.float32(127)
-            for g in range(G):
-                xs[m, g] = 0
-                for k in range(sum_group):
-                    xs[m, g] = xs[m, g] + T.Cast("int32", xq[m, g * sum_group + k])
+                    am[l] = T.float32(0)
+                for ko in range(KO):
+                    for l in T.vectorized(_QL):
+                        am[l] = T.max(am[l], T.abs(x[m, ko * _QL + l]))
+                for l in range(1, _QL):
+                    am[0] = T.max(am[0], am[l])
+                inv[0] = T.if_then_else(am[0] > T.float32(0), T.float32(127) / am[0], T.float32(0))
+                for ko in range(KO):
+                    for l in T.vectorized(_QL):
+                        xq[m, ko * _QL + l] = T.Cast("int8", T.max(T.min(T.round(x[m, ko * _QL + l] * inv[0]),
+                                                                         T.float32(127)), T.float32(-127)))
+                sx[m] = am[0] / T.float32(127)
+                for g in range(G):
+                    xs[m, g] = 0
+                    for k in range(sum_group):
+                        xs[m, g] = xs[m, g] + T.Cast("int32", xq[m, g * sum_group + k])
 
     return f.with_attr("bluelower.kernel", f"quantize_act_int8_{M}x{K}_s{sum_group}")
 
@@ -281,7 +283,7 @@ def int4_a8_linear(M: int, N: int, K: int, group_size: int = 32, asym: bool = Fa
     ``[N//32, K//group_size, 32]``, with ``asym`` ``mins`` float16 (same shape), optional
     ``bias`` float32 ``[N]``, output ``y`` ``[M, N]``. ``isa``: :data:`ISAS`.
     ``N % 32 == 0``, ``K % group_size == 0``, ``group_size % 4 == 0``."""
-    _check(M, N, K, out_dtype, group_size if group_size > 0 else 1, "int4_a8_linear")
+    check_linear_args(M, N, K, out_dtype, group_size if group_size > 0 else 1, "int4_a8_linear")
     if group_size <= 0 or group_size % 4:
         raise ValueError(f"int4_a8_linear: group_size must be a positive multiple of 4, got {group_size}")
     if isa == "i8mm" and group_size % 8:
@@ -290,7 +292,7 @@ def int4_a8_linear(M: int, N: int, K: int, group_size: int = 32, asym: bool = Fa
     fmt = "int4_asym" if asym else "int4"
     f = _a8_gemm(M, N, K, group_size, fmt, isa, out_dtype, bias, _m_tile(m_tile, isa if M > 1 else "dotprod"))
     name = f"int4_a8_linear_{M}x{N}x{K}_g{group_size}" + ("_asym" if asym else "") + f"_{isa}"
-    return _finish(f, name, bias=bias, mins=asym)
+    return finish_kernel(f, name, bias=bias, mins=asym)
 
 
 @functools.lru_cache(maxsize=None)
@@ -306,14 +308,14 @@ def int8_a8_linear(M: int, N: int, K: int, group_size: int | None = None, isa: s
     ``bias``, output ``y``."""
     if group_size is not None and (not isinstance(group_size, int) or group_size <= 0 or group_size % 4):
         raise ValueError(f"int8_a8_linear: group_size must be None or a positive multiple of 4, got {group_size!r}")
-    _check(M, N, K, out_dtype, _KC8 if group_size is None else group_size, "int8_a8_linear")
+    check_linear_args(M, N, K, out_dtype, _KC8 if group_size is None else group_size, "int8_a8_linear")
     if isa == "i8mm" and (group_size or _KC8) % 8:
         isa = "dotprod"
     _check_isa(isa, "int8_a8_linear")
     fmt = "int8" if group_size is None else "int8_group"
     f = _a8_gemm(M, N, K, group_size or _KC8, fmt, isa, out_dtype, bias, _m_tile(m_tile, isa if M > 1 else "dotprod"))
     name = f"int8_a8_linear_{M}x{N}x{K}" + ("" if group_size is None else f"_g{group_size}") + f"_{isa}"
-    return _finish(f, name, bias=bias)
+    return finish_kernel(f, name, bias=bias)
 
 
 # --- the dot products of one k-quad (4 columns) of a block, per ISA ---------------------------
@@ -378,15 +380,15 @@ def _a8_gemm(M, N, K, KC, fmt, isa, out_dtype, has_bias, MT):
         if isa == "vnni":
             for mi in T.unroll(mt):
                 if int4:
-                    tile[mi, T.ramp(0, 1, _H)] = _vpdpbusd(tile[mi, T.ramp(0, 1, _H)],
+                    tile[mi, T.ramp(0, 1, _H)] = vpdpbusd(tile[mi, T.ramp(0, 1, _H)],
                                                            _nib(w[b, kq, T.ramp(0, 1, 64)], False, 64),
                                                            T.reinterpret("int32", xq[m0 + mi, T.ramp(kq * 4, 1, 4)]))
-                    tile[mi, T.ramp(_H, 1, _H)] = _vpdpbusd(tile[mi, T.ramp(_H, 1, _H)],
+                    tile[mi, T.ramp(_H, 1, _H)] = vpdpbusd(tile[mi, T.ramp(_H, 1, _H)],
                                                             _nib(w[b, kq, T.ramp(0, 1, 64)], True, 64),
                                                             T.reinterpret("int32", xq[m0 + mi, T.ramp(kq * 4, 1, 4)]))
                 else:
                     for h in T.unroll(2):
-                        tile[mi, T.ramp(h * _H, 1, _H)] = _vpdpbusd(
+                        tile[mi, T.ramp(h * _H, 1, _H)] = vpdpbusd(
                             tile[mi, T.ramp(h * _H, 1, _H)],
                             T.bitwise_xor(T.reinterpret("uint8x64", w[b, kq, T.ramp(h * 64, 1, 64)]),
                                           T.broadcast(T.uint8(128), 64)),
@@ -530,7 +532,7 @@ def _a8_gemm(M, N, K, KC, fmt, isa, out_dtype, has_bias, MT):
                         for q in range(QC):
                             if gemv:
                                 for line in T.unroll(pf_lines):
-                                    T.evaluate(_prefetch(T.address_of(w[b, c * QC + q + pf, 64 * line])))
+                                    T.evaluate(prefetch(T.address_of(w[b, c * QC + q + pf, 64 * line])))
                             quad(tile, w, xq, b, c * QC + q, mo * MT, MT)
                         for mi in T.unroll(MT):
                             for r in T.vectorized(_R):

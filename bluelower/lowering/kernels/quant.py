@@ -286,7 +286,7 @@ def _blocked(per_row: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(per_row.reshape(n // BLOCK_ROWS, BLOCK_ROWS, x).transpose(0, 2, 1))
 
 
-def _unblocked(blocked: np.ndarray) -> np.ndarray:
+def unblocked(blocked: np.ndarray) -> np.ndarray:
     """Inverse of :func:`_blocked`."""
     nb, x, r = blocked.shape
     return np.ascontiguousarray(blocked.transpose(0, 2, 1).reshape(nb * r, x))
@@ -447,7 +447,7 @@ def unpack_int4_nibbles(packed: np.ndarray) -> np.ndarray:
     if int4_layout(packed) == "k4":
         packed = int4_k4_to_k1(packed)
     packed = np.asarray(packed, dtype=np.uint8)
-    return _unblocked(np.concatenate([packed & 0x0F, packed >> 4], axis=2))  # [NB, K, 32] -> [N, K]
+    return unblocked(np.concatenate([packed & 0x0F, packed >> 4], axis=2))  # [NB, K, 32] -> [N, K]
 
 
 def unpack_int4_codes(packed: np.ndarray) -> np.ndarray:
@@ -468,7 +468,7 @@ def _group_values(blocked: np.ndarray, n: int, g: int, what: str, packed_shape) 
     if blocked.shape != (n // BLOCK_ROWS, g, BLOCK_ROWS):
         raise ValueError(f"{what} shape {blocked.shape} does not match packed weight {packed_shape} "
                          f"with {g} groups per row")
-    return _unblocked(blocked).astype(np.float32)
+    return unblocked(blocked).astype(np.float32)
 
 
 def dequantize_int4_groupwise(packed: np.ndarray, scales: np.ndarray, group_size: int = 32) -> np.ndarray:
@@ -503,7 +503,7 @@ def dequantize_int8_per_channel(packed: np.ndarray, scales: np.ndarray) -> np.nd
     packed = np.asarray(packed)
     if packed.ndim != 3 or packed.shape[2] != BLOCK_ROWS:
         raise ValueError(f"packed INT8 weight must have shape [N//32, K, 32], got {packed.shape}")
-    return _unblocked(packed).astype(np.float32) * np.asarray(scales, dtype=np.float32)[:, None]
+    return unblocked(packed).astype(np.float32) * np.asarray(scales, dtype=np.float32)[:, None]
 
 
 def dequantize_int8_groupwise(packed: np.ndarray, scales: np.ndarray, group_size: int = 32) -> np.ndarray:
@@ -511,7 +511,7 @@ def dequantize_int8_groupwise(packed: np.ndarray, scales: np.ndarray, group_size
     packed = np.asarray(packed)
     if packed.ndim != 3 or packed.shape[2] != BLOCK_ROWS:
         raise ValueError(f"packed INT8 weight must have shape [N//32, K, 32], got {packed.shape}")
-    q = _unblocked(packed).astype(np.float32)
+    q = unblocked(packed).astype(np.float32)
     n, k = q.shape
     return _apply_groups(q, group_size, _group_values(scales, n, k // group_size, "scales", packed.shape))
 

@@ -10,7 +10,13 @@ what the KV cache is stored as:
 | ``w8`` | INT8 | INT8 | float32 |
 | ``w4a16`` | INT4 (group-wise) | INT8 | float32 |
 | ``w4a16kv8`` (default) | INT4 (group-wise) | INT8 | INT8 per token and head |
+| ``w4a8`` | INT4 (group-wise), int8 activations | INT8, int8 activations (w8a8) | float32 |
+| ``w4a8kv8`` | as ``w4a8`` | as ``w4a8`` | INT8 per token and head |
+| ``w8a8`` | INT8, int8 activations | INT8, int8 activations | float32 |
 
+``a8`` modes (``activations == "int8"``): every quantized linear layer quantizes its input
+per token (dynamic, symmetric int8, one float32 scale per row) and multiplies with integer
+dot products (``lowering/kernels/linear_a8.py``); weights are stored in the ``k4`` layout.
 Roles not listed (norms, biases, the position embedding, the patch-embedding Conv2D) stay
 fp32 in every mode. The INT8 KV-cache row layout is :data:`KV_INT8_LAYOUT`.
 """
@@ -42,6 +48,7 @@ class QuantMode:
     kv_cache: str  # "float32" | "int8"
     act_bytes: int  # bytes per activation element the memory report plans (2: the APU's 16-bit activations)
     summary: str
+    activations: str = "float32"  # the quantized linear layers' inputs: "float32" | "int8" (per token, dynamic)
 
     def weight_format(self, role: str) -> str | None:
         """The stored format of a linear / embedding weight of ``role`` (None: fp32)."""
@@ -55,6 +62,12 @@ class QuantMode:
     def quantizes_weights(self) -> bool:
         return self.decoder is not None or self.vision is not None
 
+    @property
+    def weight_layout(self) -> str:
+        """The packed layout of the linear weights: ``k4`` (4 k per 32-bit lane) for the
+        integer dot products of the ``a8`` modes, else ``k1``."""
+        return "k4" if self.activations == "int8" else "k1"
+
 
 MODES = {
     "fp32": QuantMode("fp32", None, None, "float32", 4, "fp32 weights"),
@@ -62,6 +75,12 @@ MODES = {
     "w4a16": QuantMode("w4a16", "int4", "int8", "float32", 2, "decoder INT4 (group-wise) + ViT/projector INT8"),
     "w4a16kv8": QuantMode("w4a16kv8", "int4", "int8", "int8", 2,
                           "w4a16 + INT8 KV cache (per-token, per-head scales)"),
+    "w4a8": QuantMode("w4a8", "int4", "int8", "float32", 2,
+                      "decoder INT4 + ViT/projector INT8, int8 activations per token (integer dot products)", "int8"),
+    "w4a8kv8": QuantMode("w4a8kv8", "int4", "int8", "int8", 2, "w4a8 + INT8 KV cache (per-token, per-head scales)",
+                         "int8"),
+    "w8a8": QuantMode("w8a8", "int8", "int8", "float32", 2,
+                      "INT8 per channel everywhere, int8 activations per token (integer dot products)", "int8"),
 }
 QUANT_MODES = tuple(MODES)
 

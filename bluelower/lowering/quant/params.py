@@ -27,6 +27,8 @@ import numpy as np
 from .modes import DEFAULT_GROUP_SIZE, DECODER_ROLES, quant_mode
 from ..kernels import (
     BLOCK_ROWS,
+    int4_k1_to_k4,
+    int4_k4_to_k1,
     dequantize_int4_asym,
     dequantize_int4_asym_rows,
     dequantize_int4_groupwise,
@@ -49,6 +51,8 @@ from ..kernels import (
     quantize_int8_groupwise_rows,
     quantize_int8_per_channel,
     quantize_int8_rows,
+    int8_k1_to_k4,
+    int8_k4_to_k1,
 )
 
 
@@ -101,6 +105,7 @@ class LinearScheme:
     group_size: int = 0  # grouped kinds only
     carry: str | None = None  # "q4_0" | "q4_1" | "q8_0": the checkpoint's own bits, packed, not re-quantized
     search: bool = False  # INT4 from fp weights: the error-minimizing scale/clip search
+    layout: str = "k1"  # "k4": 4 k per 32-bit lane, the integer dot products' layout (the a8 modes)
 
     @property
     def format(self) -> StorageFormat:
@@ -122,17 +127,22 @@ class LinearScheme:
             out["carry"] = self.carry
         if self.search:
             out["search"] = True
+        if self.layout != "k1":
+            out["layout"] = self.layout
         return out
 
     def part_specs(self) -> list[tuple[str, tuple, str]]:
         """``[(suffix, shape, dtype)]`` of the packed tensors, in kernel argument order."""
         nb, kind = self.n_pad // BLOCK_ROWS, self.kind
         groups = (nb, self.k_pad // self.group_size, BLOCK_ROWS) if self.format.grouped else None
+        k4 = self.layout == "k4"
         if kind.startswith("int4"):
-            out = [(f"{kind}_packed", (nb, self.k_pad, BLOCK_ROWS // 2), "uint8"), (f"{kind}_scales", groups, "float16")]
+            packed = (nb, self.k_pad // 4, 2 * BLOCK_ROWS) if k4 else (nb, self.k_pad, BLOCK_ROWS // 2)
+            out = [(f"{kind}_packed", packed, "uint8"), (f"{kind}_scales", groups, "float16")]
             return out + ([(f"{kind}_mins", groups, "float16")] if self.format.with_mins else [])
         scales = (f"{kind}_scales", groups, "float16") if groups else (f"{kind}_scales", (self.n_pad,), "float32")
-        return [(f"{kind}_packed", (nb, self.k_pad, BLOCK_ROWS), "int8"), scales]
+        packed = (nb, self.k_pad // 4, 4 * BLOCK_ROWS) if k4 else (nb, self.k_pad, BLOCK_ROWS)
+        return [(f"{kind}_packed", packed, "int8"), scales]
 
 
 @dataclass(frozen=True)
@@ -176,21 +186,31 @@ def _check_kind(kind: str, group_size: int) -> None:
 
 
 def linear_scheme(kind: str, n: int, k: int, group_size: int = DEFAULT_GROUP_SIZE, carry: str | None = None,
-                  search: bool = False) -> LinearScheme:
+                  search: bool = False, layout: str = "k1") -> LinearScheme:
     """The storage of a linear weight ``[n, k]`` in format ``kind``. Shapes the kernels cannot
     take directly are zero-padded: N to a multiple of 32 (the output is sliced back), K to a
-    multiple of 32 / the group size (the activation is padded with zeros)."""
+    multiple of 32 / the group size (the activation is padded with zeros; for ``k4`` also to a
+    multiple of 16, the activation pre-pass's vector width). ``layout``: ``k1`` (the float
+    kernels) or ``k4`` (the integer dot products of the a8 modes)."""
     _check_kind(kind, group_size)
+    if layout not in ("k1", "k4"):
+        raise ValueError(f"unknown weight layout {layout!r} (valid: k1, k4)")
     grouped = FORMATS[kind].grouped
     k_pad = _round_up(k, group_size) if grouped else _round_up(k, 32)
-    return LinearScheme(kind, n, k, _round_up(n, BLOCK_ROWS), k_pad, group_size if grouped else 0, carry, search)
+    if layout == "k4":
+        k_pad = _round_up(k_pad, 16)
+        if grouped and k_pad % group_size:
+            raise ValueError(f"group size {group_size} and the k4 layout's multiple of 16 do not fit K = {k}")
+    return LinearScheme(kind, n, k, _round_up(n, BLOCK_ROWS), k_pad, group_size if grouped else 0, carry, search,
+                        layout)
 
 
 def choose_scheme(role: str, n: int, k: int, quant: str, group_size: int = DEFAULT_GROUP_SIZE) -> LinearScheme | None:
     """The storage of a linear weight ``[n, k]`` of ``role`` under ``quant``, or None (stays
-    fp32): the mode gives the role its format (``quant/modes.py``)."""
-    kind = quant_mode(quant).weight_format(role)
-    return None if kind is None else linear_scheme(kind, n, k, group_size)
+    fp32): the mode gives the role its format and layout (``quant/modes.py``)."""
+    mode = quant_mode(quant)
+    kind = mode.weight_format(role)
+    return None if kind is None else linear_scheme(kind, n, k, group_size, layout=mode.weight_layout)
 
 
 @dataclass(frozen=True)
@@ -326,14 +346,32 @@ def _padded(a: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return out
 
 
+def _to_layout(parts: tuple, quantizer: str, args: dict) -> tuple:
+    """The packed codes (part 0) in the transform's ``layout`` (``k4``: repacked from ``k1``)."""
+    if args.get("layout", "k1") == "k1":
+        return parts
+    if args["layout"] != "k4" or quantizer.endswith("_rows"):
+        raise ValueError(f"{quantizer}: unknown layout {args['layout']!r}")
+    packed = int4_k1_to_k4(parts[0]) if quantizer.startswith("int4") else int8_k1_to_k4(parts[0])
+    return (packed, *parts[1:])
+
+
+def _from_layout(parts: tuple, quantizer: str, args: dict) -> tuple:
+    """Inverse of :func:`_to_layout` (the dequantizers read ``k1``)."""
+    if args.get("layout", "k1") == "k1":
+        return parts
+    packed = int4_k4_to_k1(parts[0]) if quantizer.startswith("int4") else int8_k4_to_k1(parts[0])
+    return (packed, *parts[1:])
+
+
 def quantize_weight(w: np.ndarray, quantizer: str, args: dict) -> tuple:
     """Pad (if asked) and quantize one fp32 weight ``[N, K]``; return its parts
-    (``packed, scales[, mins]``)."""
+    (``packed, scales[, mins]``) in the transform's layout."""
     n, k = w.shape
     w = _padded(w, int(args.get("pad_n", n)), int(args.get("pad_k", k)))
     if quantizer not in _QUANTIZE:
         raise ValueError(f"unknown quantizer {quantizer!r}")
-    return tuple(_QUANTIZE[quantizer](w, args))
+    return _to_layout(tuple(_QUANTIZE[quantizer](w, args)), quantizer, args)
 
 
 def pack_quantized(q, quantizer: str, args: dict) -> tuple:
@@ -350,14 +388,14 @@ def pack_quantized(q, quantizer: str, args: dict) -> tuple:
     parts = [_padded(q.codes, rows, cols), _padded(q.scales, rows, cols // g)]
     if quantizer.startswith("int4_asym"):
         parts.append(_padded(q.mins, rows, cols // g))
-    return tuple(_PACK[quantizer](*parts))
+    return _to_layout(tuple(_PACK[quantizer](*parts)), quantizer, args)
 
 
 def dequantize_weight(parts, quantizer: str, args: dict, shape: tuple) -> np.ndarray:
     """The fp32 ``[N, K]`` weight the kernel computes with (padding removed)."""
     if quantizer not in _DEQUANTIZE:
         raise ValueError(f"unknown quantizer {quantizer!r}")
-    w = _DEQUANTIZE[quantizer](tuple(parts), args)
+    w = _DEQUANTIZE[quantizer](_from_layout(tuple(parts), quantizer, args), args)
     n, k = shape
     return np.ascontiguousarray(w[:n, :k])
 
@@ -619,9 +657,13 @@ class StoredParams:
                                                                       self.transforms, is_table)
         kinds = sorted({t.quantizer for t in self.transforms.values()})
         manifest["quant"] = quant
+        mode = quant_mode(quant)
         manifest["quantization"] = {
             "mode": quant,
             "group_size": group_size if "int4_groupwise" in kinds else None,
+            # the quantized linear layers' inputs: "int8" = per token, dynamic, symmetric (the a8 modes)
+            "activations": mode.activations,
+            "weight_layout": mode.weight_layout,
             "quantizers": kinds,
             "params": {name: t.to_json() for name, t in sorted(self.transforms.items())},
             "source_shapes": dict(sorted(self.source_shapes.items())),
