@@ -159,7 +159,7 @@ class SafetensorsFile:
                                  "(expected dtype, shape [non-negative integers], data_offsets [begin, end])") from None
         if not isinstance(dtype, str) or dtype not in ST_NUMPY:
             raise BlueLowerError(
-                f"{self.path}: tensor '{name}' has unsupported dtype {json.dumps(dtype)} (supported: {', '.join(ST_NUMPY)})"
+                f"{self.path}: tensor '{name}' has unsupported dtype {dtype if isinstance(dtype, str) else json.dumps(dtype)} (supported: {', '.join(ST_NUMPY)})"
             )
         count = 1
         for s in shape:
