@@ -334,33 +334,17 @@ def main(argv=None) -> int:
     return 0
 
 
-KINDS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-         "mlp.up_proj", "mlp.down_proj")
-
-
 def sensitivity(model, ids, ref, results: dict) -> list[str]:
-    """Perplexity with only one group of weights in INT4 (symmetric, group 32, RTN): each
-    linear kind over all layers, each layer's 7 linears, the table's lookups, the logits'
-    weight. Returns markdown lines; fills ``results['sensitivity']``."""
-    from bluelower.lowering.quant.evaluate import evaluate_recipe
-    from bluelower.lowering.quant.recipe import recipe_from_data
+    """The per-layer sensitivity table (``reports/eval_text.sensitivity``: only one group of
+    weights in INT4, symmetric, group 32, RTN). Returns markdown lines; fills
+    ``results['sensitivity']``."""
+    from bluelower.reports.eval_text import sensitivity as rows_of
 
-    int4 = {"format": "int4", "group_size": 32}
-    probes = {f"all layers' {k}": [{"match": f"model.layers.*.{k}.weight", **int4}] for k in KINDS}
-    probes["token table (lookups)"] = [{"role": "embedding", "use": "table", **int4}]
-    probes["lm_head (tied table, logits)"] = [{"role": "lm_head", **int4}]
-    n_layers = model.config.num_hidden_layers
-    for i in range(n_layers):
-        probes[f"layer {i} (7 linears)"] = [{"role": ["attention", "mlp"], "layers": [i], **int4}]
     out = ["| only this in INT4 (sym, g32, RTN) | perplexity | vs fp32 | mean KL |", "|---|---|---|---|"]
-    sens = {}
-    for label, rules in probes.items():
-        t = time.time()
-        score, _ = evaluate_recipe(model, ids, recipe_from_data(rules), ref)
-        sens[label] = {"ppl": score.ppl, "kl": score.kl}
-        out.append(f"| {label} | {score.ppl:.3f} | {score.ppl / ref.score.ppl:.3f} | {score.kl:.4f} |")
-        log(f"{out[-1]}  ({time.time() - t:.0f} s)")
-    results["sensitivity"] = sens
+    rows = rows_of(model, ids, ref, on_row=lambda r: log(f"{r['weights']}: {r['perplexity']:.3f}"))
+    for r in rows:
+        out.append(f"| {r['weights']} | {r['perplexity']:.3f} | {r['vs_fp32']:.3f} | {r['mean_kl']:.4f} |")
+    results["sensitivity"] = {r["weights"]: {"ppl": r["perplexity"], "kl": r["mean_kl"]} for r in rows}
     return out
 
 

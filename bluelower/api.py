@@ -13,6 +13,7 @@ Every user error is a :class:`~bluelower.errors.BlueLowerError` (one line, an ex
 from __future__ import annotations
 
 import json
+import os
 
 from .errors import BlueLowerError
 from .lowering.quant.modes import DEFAULT_GROUP_SIZE, DEFAULT_QUANT
@@ -351,11 +352,20 @@ def inspect_schedule(build_dir: str, trace: str | None = None, plot: str | None 
 
 
 def eval_quant(models=("tiny",), modes=None, tokens: int = 64, seed: int = 0, group_size: int = DEFAULT_GROUP_SIZE,
-               disable_passes=(), write_doc: str | None = None) -> list:
-    """Accuracy of each quant mode against the fp32 PyTorch reference, per model."""
+               disable_passes=(), write_doc: str | None = None, *, checkpoint: str | None = None,
+               text: str | None = None, text_tokens: int = 512, greedy_tokens: int = 32, sensitivity: bool = False,
+               keep_builds: str | None = None, doc_command: str | None = None) -> list:
+    """Accuracy of each quant mode against the fp32 PyTorch reference, per model.
+
+    With ``checkpoint`` (a Hugging Face directory or a GGUF file) and ``text`` (a UTF-8 file):
+    one host build per mode, measured on the text's first ``text_tokens`` tokens as the build
+    runs (``reports/eval_text.py``: perplexity, top-1 agreement and max logit error against
+    the fp32 reference, per phase, greedy tokens, optionally the per-layer ``sensitivity``);
+    ``keep_builds``: a directory to keep the builds in (else a temporary one); ``doc_command``:
+    the command ``write_doc``'s section names as the one that regenerates it."""
     from .lowering.quant.modes import QUANT_MODES, quant_mode
     from .reports import eval_quant as ev
-    from .validate import check_int, check_output_file
+    from .validate import check_int, check_output_dir, check_output_file
 
     check_int(tokens, 1, 1 << 24, "--tokens")
     check_int(group_size, 2, 1 << 16, "--group-size")
@@ -365,6 +375,27 @@ def eval_quant(models=("tiny",), modes=None, tokens: int = 64, seed: int = 0, gr
         raise BlueLowerError("--modes lists no quant mode")
     if write_doc:
         check_output_file(write_doc, "--write-doc")
+    if (checkpoint is None) != (text is None):
+        raise BlueLowerError("eval-quant: --text goes with --gguf / --hf (a real checkpoint), and they need a --text")
+    if checkpoint is not None:
+        from .reports import eval_text
+
+        check_int(text_tokens, 2, 1 << 24, "--text-tokens")
+        check_int(greedy_tokens, 1, 1 << 16, "--greedy-tokens")
+        if keep_builds:
+            check_output_dir(keep_builds, "--keep-builds")
+            os.makedirs(keep_builds, exist_ok=True)
+        report = eval_text.evaluate_checkpoint(checkpoint, text, modes or QUANT_MODES, tokens=text_tokens,
+                                               greedy_tokens=greedy_tokens, with_sensitivity=sensitivity,
+                                               work_dir=keep_builds,
+                                               group_size=None if group_size == DEFAULT_GROUP_SIZE else group_size)
+        if write_doc:
+            command = doc_command or (f"bluelower eval-quant --{'hf' if os.path.isdir(checkpoint) else 'gguf'} "
+                       f"{report['checkpoint']} --text {report['text']} --text-tokens {text_tokens}"
+                       f"{' --sensitivity' if sensitivity else ''} --modes {','.join(m['mode'] for m in report['modes'])}"
+                       f" --write-doc {os.path.basename(write_doc)}")
+            eval_text.write_section(write_doc, report["checkpoint"], eval_text.format_text_table(report), command)
+        return [report]
     reports = [ev.evaluate(m, modes=tuple(modes or QUANT_MODES), tokens=tokens, seed=seed, group_size=group_size,
                            disabled_passes=tuple(disable_passes)) for m in models]
     if write_doc:

@@ -345,14 +345,38 @@ def inspect_schedule_cmd(build_dir, as_json, trace, plot) -> None:
 @click.option("--disable-pass", "disabled", multiple=True, metavar="NAME", help="Skip a pass (repeatable).")
 @click.option("--write-doc", default=None, type=click.Path(dir_okay=False), help="Write the report as Markdown (docs/quantization.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
-def eval_quant_cmd(models, modes, tokens, group_size, seed, disabled, write_doc, as_json) -> None:
-    """Accuracy of each --quant mode against the fp32 PyTorch reference (image tokens, logits, tokens)."""
+@click.option("--hf", default=None, metavar="DIR", help="A Hugging Face checkpoint to evaluate on --text (one host build per mode).")
+@click.option("--gguf", default=None, metavar="FILE", help="A GGUF checkpoint to evaluate on --text (one host build per mode).")
+@click.option("--text", default=None, metavar="FILE", help="UTF-8 text for --hf/--gguf: perplexity, top-1 agreement and max logit error vs fp32.")
+@click.option("--text-tokens", type=int, default=512, show_default=True, help="Tokens of --text evaluated (its first N).")
+@click.option("--greedy-tokens", type=int, default=32, show_default=True, help="Greedy tokens compared with fp32 (after 16 of the text).")
+@click.option("--sensitivity", is_flag=True, help="With --hf/--gguf: the per-layer INT4 sensitivity table (needs transformers).")
+@click.option("--keep-builds", default=None, metavar="DIR", help="With --hf/--gguf: keep the builds here (else a temporary directory).")
+def eval_quant_cmd(models, modes, tokens, group_size, seed, disabled, write_doc, as_json, hf, gguf, text,
+                   text_tokens, greedy_tokens, sensitivity, keep_builds) -> None:
+    """Accuracy of each --quant mode against the fp32 PyTorch reference (image tokens, logits, tokens);
+    with --hf/--gguf and --text, on a real checkpoint and text through the compiled builds."""
     from .reports import eval_quant
 
+    if hf and gguf:
+        raise BlueLowerError("give --hf or --gguf, not both")
+    checkpoint = hf or gguf
+    if checkpoint and models:
+        raise BlueLowerError("give --model or --hf/--gguf, not both")
+    if (sensitivity or keep_builds) and not checkpoint:
+        raise BlueLowerError("--sensitivity and --keep-builds go with --hf/--gguf and --text")
     reports = api.eval_quant(models or ("tiny",), modes=[x.strip() for x in modes.split(",") if x.strip()],
                              tokens=tokens, seed=seed, group_size=group_size, disable_passes=disabled,
-                             write_doc=write_doc)
-    if as_json:
+                             write_doc=write_doc, checkpoint=checkpoint, text=text, text_tokens=text_tokens,
+                             greedy_tokens=greedy_tokens, sensitivity=sensitivity, keep_builds=keep_builds)
+    if checkpoint:
+        from .reports import eval_text
+
+        if as_json:
+            echo_json(reports[0])
+        else:
+            click.echo(eval_text.format_text_table(reports[0]))
+    elif as_json:
         echo_json(reports if len(reports) > 1 else reports[0])
     else:
         for report in reports:
