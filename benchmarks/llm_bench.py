@@ -694,7 +694,29 @@ def main_bench(args) -> dict:
     res["summary"] = summary
     res["loadavg_end"] = loadavg()
     res["elapsed_s"] = round(time.time() - t_start, 1)
+    busy = quiet_machine_violations(res)
+    if busy and "targets" in res and not args.allow_busy:
+        # ratios of a run that shared the CPU with another process say nothing about the engines
+        res["targets_withheld"] = res.pop("targets")
+        res["notes"].append("ratios withheld: the machine was not quiet (" + "; ".join(busy) + "); rerun on a quiet "
+                            "machine, or --allow-busy to report them anyway")
     return res
+
+
+def quiet_machine_violations(res: dict, max_load: float = 0.5) -> list[str]:
+    """Why the run was not on a quiet machine: another process using the CPU at the start or
+    the end, or a 1-minute load average above ``max_load`` before the run started."""
+    out = []
+    for when in ("start", "end"):
+        for p in res.get(f"other_processes_{when}") or []:
+            out.append(f"at the {when}: {p}")
+    try:
+        load = float(str(res.get("loadavg_start", "0")).split()[0])
+    except ValueError:
+        load = 0.0
+    if load > max_load:
+        out.append(f"load average {load} > {max_load} before the run")
+    return out
 
 
 def compile_bench(args) -> dict:
@@ -706,8 +728,9 @@ def compile_bench(args) -> dict:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         cmd = [exe, "compile", "--model", model, "--soc", soc, "-o", dest]
         log(f"[compile-bench] {' '.join(cmd)}")
+        before = loadavg()
         r = timed_child(cmd, env=env_threads(), timeout=args.worker_timeout)
-        r.update(model=model, soc=soc, loadavg_before=loadavg())
+        r.update(model=model, soc=soc, loadavg_before=before, loadavg_after=loadavg())
         out["runs"].append(r)
         log(f"  {r.get('wall_s')} s, {r.get('max_rss_mb')} MB, rc={r.get('rc')}")
     return out
@@ -719,6 +742,8 @@ def main() -> None:
     ap.add_argument("--quant", default="w4a16kv8")
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--allow-busy", action="store_true",
+                    help="report the ratios against peers even when another process used the CPU during the run")
     ap.add_argument("--long-rounds", type=int, default=99, help="rounds that include the 2048-token prefill")
     ap.add_argument("--decode-tokens", type=int, default=8)
     ap.add_argument("--max-seconds", type=float, default=300.0, help="per-measurement budget (longer: skipped/shortened)")
