@@ -393,7 +393,7 @@ def _a8_gemm(M, N, K, KC, fmt, isa, out_dtype, has_bias, MT):
                             T.bitwise_xor(T.reinterpret("uint8x64", w[b, kq, T.ramp(h * 64, 1, 64)]),
                                           T.broadcast(T.uint8(128), 64)),
                             T.reinterpret("int32", xq[m0 + mi, T.ramp(kq * 4, 1, 4)]))
-        elif isa == "dotprod":
+        elif isa in ("dotprod", "i8mm"):  # i8mm: the odd last row of x (no row pair) takes sdot
             if int4:
                 for j in T.unroll(4):  # 16 bytes: rows 4j..4j+3 (low nibbles), 16+4j.. (high)
                     for mi in T.unroll(mt):
