@@ -448,9 +448,6 @@ def test_w4a16kv8_build_without_an_in_place_cache_fails_in_one_line(tmp_path, mo
     assert not os.path.exists(tmp_path / "build" / "manifest.json")
 
 
-@pytest.mark.xfail(strict=True, reason="kv_cache_write_int8 computes 127 / amax, which overflows float32 for "
-                   "amax < 127 / FLT_MAX (~3.7e-37): 0 * inf is NaN and the clamp makes it code 127 (numpy: 0). "
-                   "A kernel fix (lowering/kernels/attention.py) is needed; no real K/V row is that small.")
 def test_rows_below_the_float32_range_of_127_over_amax():
     d = 8
     rows = np.zeros((2, 1, 1, d), np.float32)
@@ -461,4 +458,6 @@ def test_rows_below_the_float32_range_of_127_over_amax():
     cache = tvm.runtime.tensor(np.zeros(shape, np.int8))
     write(cache, tvm.runtime.tensor(np.zeros(rows.shape, np.int64)), tvm.runtime.tensor(rows))
     codes = cache.numpy()[0, :, 0, 0, :d]
-    assert (codes[0, 1:] == 0).all() and (codes[1, [0, 1, 3]] == 0).all()  # zeros stay zero
+    # below MIN_AMAX (127 / amax would overflow float32) a row is stored as zero codes, as numpy does
+    assert (codes[0] == 0).all() and (codes[1] == 0).all()
+    np.testing.assert_array_equal(cache.numpy()[0, :, 0, 0], quantize_kv_rows(rows)[:, 0, 0])

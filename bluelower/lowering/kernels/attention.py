@@ -637,6 +637,10 @@ def _with_axis(idx: tuple, axis: int, value) -> tuple:
 #
 # Layout: the cache is ONE int8 buffer ``[L, 2, kv_heads, capacity, head_dim + 4]``; each
 # row (layer, k|v, head, position) holds ``head_dim`` symmetric INT8 codes and then the row's
+# A row whose max |x| is at most this is stored as zero codes (its scale still amax / 127):
+# 127 / amax would overflow float32 below ~3.7e-37 (0 * inf = NaN, clamped to code 127).
+MIN_AMAX = 1e-36
+
 # float32 scale as 4 little-endian bytes (its IEEE-754 bit pattern). ``scale = max|x| / 127``,
 # ``code = clip(round(x / scale), -127, 127)``, ``x ~= code * scale``; an all-zero row (a
 # never-written one, too) has scale 0 and dequantizes to 0.
@@ -702,7 +706,7 @@ def kv_cache_write_int8(*, cache_shape: tuple, prefix: tuple, axis: int, update_
                 amax[0] = T.max(amax[0], T.fabs(update[row_idx(r) + (d,)]))
             for d in range(D):
                 cache[at(r, d, index_[row_idx(r) + (0,)])] = T.Cast("int8", T.max(T.min(T.round(
-                    update[row_idx(r) + (d,)] * T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0],
+                    update[row_idx(r) + (d,)] * T.if_then_else(amax[0] > T.float32(MIN_AMAX), T.float32(127) / amax[0],
                                                                 T.float32(0))), T.float32(127)), T.float32(-127)))
             for i in range(KV_SCALE_BYTES):
                 cache[at(r, D + i, index_[row_idx(r) + (0,)])] = _scale_byte(amax[0] / T.float32(127), i)
@@ -715,7 +719,8 @@ def quantize_kv_rows(x: np.ndarray) -> np.ndarray:
     """NumPy reference: float32 ``[..., head_dim]`` -> INT8 rows ``[..., head_dim + 4]``."""
     x = np.asarray(x, np.float32)
     amax = np.abs(x).max(axis=-1, keepdims=True)
-    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), np.float32(0)).astype(np.float32)
+    big = amax > np.float32(MIN_AMAX)
+    inv = np.where(big, np.float32(127) / np.where(big, amax, 1), np.float32(0)).astype(np.float32)
     codes = np.clip(np.round(x * inv), -127, 127).astype(np.int8)
     scale = (amax / np.float32(127)).astype("<f4")
     return np.concatenate([codes, scale.view(np.int8).reshape(*x.shape[:-1], KV_SCALE_BYTES)], axis=-1)

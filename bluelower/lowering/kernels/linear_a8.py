@@ -67,6 +67,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from .linear import PREFETCH_BYTES, check_linear_args, finish_kernel, prefetch, vpdpbusd
+from .attention import MIN_AMAX  # rows this small quantize to zero codes (127 / amax would overflow)
 from .quant import BLOCK_ROWS
 
 __all__ = [
@@ -127,7 +128,8 @@ def quantize_act_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     [..., K], sx float32 [...])``, bit for bit."""
     x = np.asarray(x, np.float32)
     amax = np.abs(x).max(axis=-1)
-    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, np.float32(1)), np.float32(0)).astype(np.float32)
+    big = amax > np.float32(MIN_AMAX)
+    inv = np.where(big, np.float32(127) / np.where(big, amax, np.float32(1)), np.float32(0)).astype(np.float32)
     xq = np.clip(np.round(x * inv[..., None]), -127, 127).astype(np.int8)
     return xq, (amax / np.float32(127)).astype(np.float32)
 
@@ -235,7 +237,7 @@ def quantize_act_int8(M: int, K: int, sum_group: int = 32) -> tirx.PrimFunc:
                         am[l] = T.max(am[l], T.abs(x[m, ko * _QL + l]))
                 for l in range(1, _QL):
                     am[0] = T.max(am[0], am[l])
-                inv[0] = T.if_then_else(am[0] > T.float32(0), T.float32(127) / am[0], T.float32(0))
+                inv[0] = T.if_then_else(am[0] > T.float32(MIN_AMAX), T.float32(127) / am[0], T.float32(0))
                 for ko in range(KO):
                     for l in T.vectorized(_QL):
                         xq[m, ko * _QL + l] = T.Cast("int8", T.max(T.min(T.round(x[m, ko * _QL + l] * inv[0]),

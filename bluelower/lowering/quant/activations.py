@@ -29,7 +29,10 @@ def quantize_rows(x):
 
     xf = x.detach().float()
     amax = xf.abs().amax(dim=-1, keepdim=True)
-    inv = torch.where(amax > 0, torch.tensor(127.0, dtype=torch.float32) / torch.where(amax > 0, amax, 1.0),
+    from ..kernels.attention import MIN_AMAX
+
+    big = amax > MIN_AMAX
+    inv = torch.where(big, torch.tensor(127.0, dtype=torch.float32) / torch.where(big, amax, 1.0),
                       torch.zeros_like(amax))
     codes = torch.clamp(torch.round(xf * inv), -127, 127)
     return codes, amax / torch.tensor(127.0, dtype=torch.float32)
