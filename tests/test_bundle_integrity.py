@@ -230,6 +230,22 @@ CONTENT_CASES = {
     "params.safetensors not listed": (
         lambda b: _edit_manifest(b, lambda m: m["files"].pop("params.safetensors")),
         "does not list params.safetensors", "does not list params.safetensors"),
+    # the runtime limits (validate.LIMITS) are the native runtime's: both refuse beyond them
+    "kv_capacity beyond 2^24": (
+        lambda b: _edit_manifest(b, lambda m: m["runtime"].update(kv_capacity=(1 << 24) + 1)),
+        "runtime.kv_capacity 16777217 is out of range [1, 2^24]", "runtime values out of range"),
+    "a zero prefill chunk": (
+        lambda b: _edit_manifest(b, lambda m: m["runtime"].update(prefill_chunk=0)),
+        "runtime.prefill_chunk 0 is out of range", "runtime values out of range"),
+    "an image batch of 65": (
+        lambda b: _edit_manifest(b, lambda m: m["runtime"].update(image_batch=65)),
+        "runtime.image_batch 65 is out of range [1, 64]", "runtime values out of range"),
+    "a vocabulary beyond 2^24": (
+        lambda b: _edit_manifest(b, lambda m: m["runtime"].update(vocab_size=(1 << 24) + 1)),
+        "runtime.vocab_size 16777217 is out of range", "runtime values out of range"),
+    "a hidden size beyond 2^20": (
+        lambda b: _edit_manifest(b, lambda m: m["runtime"].update(hidden_size=(1 << 20) + 1)),
+        "runtime.hidden_size 1048577 is out of range", "runtime values out of range"),
 }
 
 
@@ -283,3 +299,23 @@ def test_aarch64_damaged_binary(aarch64_bundle_dir, copy, monkeypatch):
     _refused(_direct(bundle, "--prompt-ids", "1,2,3", "--max-new-tokens", "2"), "bin/bluelower-run does not match")
     _truncate(os.path.join(bundle, "bin", "bluelower-run"))
     _python_refuses(bundle, "bin/bluelower-run does not match its SHA-256", monkeypatch)
+
+
+# ------------------------------------------------------------------ prompt ids: one grammar
+
+
+@pytest.mark.parametrize("text", ["1_0", "\uff11", "1e3", "1,,2", "0x10", "1.0", "+", " 1 , +2 ", "-0"])
+def test_prompt_ids_parse_alike(host_bundle_dir, text):
+    """``--prompt-ids`` is parsed by Python (``text.parse_prompt_ids``) exactly as by
+    ``bluelower-run``: both refuse or both accept (an id out of the vocabulary aside)."""
+    from bluelower.runtime_stubs.text import parse_prompt_ids
+
+    try:
+        ids = parse_prompt_ids(text)
+    except BlueLowerError:
+        ids = None
+    proc = _direct(host_bundle_dir, "--prompt-ids", text, "--max-new-tokens", "1")
+    if ids is None:
+        _refused(proc, "--prompt-ids")
+    else:
+        assert proc.returncode == 0, (text, ids, proc.stderr[-1000:])
