@@ -49,7 +49,8 @@ class BuildContext:
     entry_functions: tuple = ()
     image_batch: int = 1  # the compiled patch batch of the image entry
     plan_dtype_bytes: dict | None = None  # MemoryPlan: element-size overrides (planning only)
-    weight_formats: object = None  # QuantizeWeights: the per-weight format decision (quant.params.format_policy)
+    weight_formats: object = None  # QuantizeWeights: the per-weight format decision (quant.params.format_policy;
+    # None: the mode's default recipe)
     image_grid: tuple | None = None  # ScheduleOperators: the image of the predicted request (default 2:4)
 
 
@@ -112,8 +113,13 @@ def _quantize_weights(ctx: BuildContext):
 
     from ..lowering.kernels import dot_isa
 
+    from ..lowering.quant.params import format_policy
+
     roles = getattr(ctx.spec, "weight_role", None)
-    return QuantizeWeights(ctx.quant, ctx.group_size, roles=roles, formats=ctx.weight_formats, isa=dot_isa(ctx.target))
+    # the formats a compile stores: its recipe's (default: the mode's default recipe)
+    formats = ctx.weight_formats if ctx.weight_formats is not None else format_policy(ctx.quant,
+                                                                                      group_size=ctx.group_size)
+    return QuantizeWeights(ctx.quant, ctx.group_size, roles=roles, formats=formats, isa=dot_isa(ctx.target))
 
 
 def _quantize_kv_cache(ctx: BuildContext):

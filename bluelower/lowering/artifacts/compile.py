@@ -21,7 +21,7 @@ from ...validate import check_output_dir
 from ..models import spec_for
 from ..models.config import ModelConfig
 from ..quant.modes import DEFAULT_GROUP_SIZE, DEFAULT_QUANT, quant_mode
-from ..quant.params import StoredParams, format_policy, param_producer
+from ..quant.params import GPTQ_CARRY, StoredParams, format_policy, param_producer
 from ..frontend.weights import model_weight_specs, random_weight, write_safetensors
 from ...files import check_interrupted
 from .memory_table import check_fits
@@ -48,6 +48,8 @@ class CompileRequest:
     kv_capacity: int | None = None  # default: the config's runtime.kv_capacity
     force: bool = False  # an existing out_dir that is not a bluelower build is moved aside (never deleted)
     staged: bool = False  # out_dir is an empty directory the caller owns and publishes (device bundles)
+    recipe: object = None  # quantization rules: a JSON/TOML path or a Recipe (None: the mode's default recipe)
+    calibration: str | None = None  # a UTF-8 text: GPTQ for the weights whose rule says method gptq
 
 
 def resolve_soc(name_or_path: str):
@@ -88,6 +90,7 @@ def compile_model(req: CompileRequest) -> dict:
 
     quant_mode(req.quant)  # a one-line error for an unknown mode
     check_disabled(req.disabled_passes)
+    recipe = request_recipe(req)  # a bad rule file: one line before the model is read
     model = model_source(req)
     cfg = with_runtime(model.cfg, kv_capacity=req.kv_capacity, prefill_chunk=req.prefill_chunk)
     soc = resolve_soc(req.soc)
@@ -103,6 +106,10 @@ def compile_model(req: CompileRequest) -> dict:
         check_output_dir(req.dump_ir, "--dump-ir")
     specs = model_weight_specs(cfg)
     source = model.weights
+    spec = spec_for(cfg)
+    formats = format_policy(req.quant, recipe, group_size=req.group_size,
+                            source_dtype=getattr(source, "source_dtype", None))
+    calibration = calibration_plan(req, cfg, spec, model, formats)  # its one-line errors before anything is traced
 
     if req.dump_ir:
         out_abs, ir_abs = os.path.abspath(req.out_dir), os.path.abspath(req.dump_ir)
@@ -118,8 +125,6 @@ def compile_model(req: CompileRequest) -> dict:
     try:
         with progress.step("import"):
             mod, sigs = import_model(cfg, req.frontend)  # weights bind at run time, not at import
-        spec = spec_for(cfg)
-        formats = format_policy(req.quant, req.group_size, getattr(source, "source_dtype", None))
         ctx = BuildContext(target=target, quant=req.quant, group_size=req.group_size, soc=soc, spec=spec,
                            entry_functions=tuple(sigs), image_batch=cfg.runtime.image_batch, weight_formats=formats)
         mod, pass_stats = run_pipeline(mod, ctx, disabled=req.disabled_passes, dump_ir_dir=req.dump_ir)
@@ -138,12 +143,33 @@ def compile_model(req: CompileRequest) -> dict:
                 return source.read(name).astype(np.float32)
             return random_weight(name, specs[name][0], req.seed, cfg.runtime.init_std)
 
-        write_safetensors(
-            os.path.join(tmp, PARAMS),
-            stored.safetensors_specs(),
-            param_producer(stored.transforms, produce, getattr(source, "read_quantized", None)),
-            label="write params",
-        )
+        read_quantized = getattr(source, "read_quantized", None)
+        codes = calibrated = None
+        targets = {t.source for t in stored.transforms.values() if t.args.get("carry") == GPTQ_CARRY}
+        try:
+            if targets:  # GPTQ for exactly the weights the pass gave the calibrated codes' carry
+                from ..quant.calibrated import CodeStore, calibrate
+
+                if calibration is None:
+                    raise BlueLowerError(f"{recipe.source}: the rules ask for method 'gptq' (for "
+                                         f"{sorted(targets)[0]}): add --calibration FILE")
+
+                codes = CodeStore(os.path.join(tmp, ".calibration"))
+                calibrated = calibrate(source, cfg, spec, formats, targets, calibration["sequences"], codes)
+                base = read_quantized
+
+                def read_quantized(name: str):
+                    return codes.read_quantized(name) if name in codes else base(name)
+
+            write_safetensors(
+                os.path.join(tmp, PARAMS),
+                stored.safetensors_specs(),
+                param_producer(stored.transforms, produce, read_quantized),
+                label="write params",
+            )
+        finally:
+            if codes is not None:
+                codes.close()
         files = [LIBRARY, PARAMS]
         manifest = _manifest(cfg, spec, req, soc, target, sigs, pass_stats, source)
         if model.tokenizer is not None:
@@ -151,11 +177,14 @@ def compile_model(req: CompileRequest) -> dict:
             files.append(TOKENIZER)
         manifest["kv_cache"] = _kv_cache_entry(cfg, sigs, result(mod, "kv_cache"))
         stored.update_manifest(manifest, req.quant, req.group_size, lambda w: spec.weight_role(w) == "embedding")
+        if quant_mode(req.quant).quantizes_weights:
+            manifest["quantization"]["recipe"] = recipe_manifest(req, recipe)
+            manifest["quantization"]["calibration"] = calibration_manifest(calibration, calibrated)
         plans = result(mod, "memory_plan")
         if plans is not None:
             from .memory_table import manifest_memory_plan
 
-            manifest["memory_plan"] = manifest_memory_plan(cfg, req.quant, stored.source_params(), plans)
+            manifest["memory_plan"] = manifest_memory_plan(cfg, req.quant, stored.source_params(), plans, recipe)
         for key in ("apu_partitions", "schedule"):  # PartitionForAPU, ScheduleOperators
             value = result(mod, key)
             if value is not None:
@@ -172,6 +201,87 @@ def compile_model(req: CompileRequest) -> dict:
     if not req.staged:
         progress.log(f"wrote {os.path.abspath(req.out_dir)}")
     return manifest
+
+
+def request_recipe(req: CompileRequest):
+    """The recipe the build stores weights by: ``req.recipe`` (a rule file, read by
+    ``load_recipe``: one-line errors; or a Recipe), else the mode's default recipe
+    (``params.mode_recipe``), with GPTQ on the decoder linears under ``--calibration``
+    (``recipe.calibrated_recipe``). ``--quant fp32`` takes neither rules nor calibration."""
+    from ..quant.params import mode_recipe
+    from ..quant.recipe import Recipe, calibrated_recipe, load_recipe
+
+    if not quant_mode(req.quant).quantizes_weights and (req.recipe is not None or req.calibration):
+        which = "--recipe" if req.recipe is not None else "--calibration"
+        raise BlueLowerError(f"{which} applies to a mode that quantizes weights; --quant {req.quant} stores every "
+                             "weight fp32")
+    if req.recipe is None:
+        recipe = mode_recipe(req.quant, req.group_size)
+        return calibrated_recipe(recipe) if req.calibration else recipe
+    if isinstance(req.recipe, Recipe):
+        return req.recipe
+    return load_recipe(str(req.recipe))
+
+
+def calibration_plan(req: CompileRequest, cfg, spec, model, formats) -> dict | None:
+    """Checks of the recipe's GPTQ rules against ``--calibration``, before anything is traced:
+    rules asking for GPTQ need a calibration text; a calibration text needs a LLaMA-family
+    model with a tokenizer, at least one sequence of tokens and a rule asking for GPTQ (a
+    GGUF's quantized tensors are carried instead: a note, not an error). Returns None without
+    ``--calibration``, else ``{"text", "sequences"}``."""
+    from ..quant.params import linear_weight_names
+
+    recipe = formats.recipe
+    linear = dict(linear_weight_names(cfg))
+    if cfg.decoder is not None and getattr(cfg.decoder, "tie_word_embeddings", False):
+        for name, (shape, _dtype) in model_weight_specs(cfg).items():
+            if spec.weight_role(name) == "embedding" and len(shape) == 2:
+                linear[name] = tuple(shape)  # the logits' use of a tied table
+    wanted = [n for n, shape in linear.items()
+              if (c := formats(n, spec.weight_role(n), tuple(shape), "linear")) is not None and c.carry == GPTQ_CARRY]
+    if not req.calibration:
+        if wanted:
+            raise BlueLowerError(f"{recipe.source}: the rules ask for method 'gptq' (e.g. for {wanted[0]}), which "
+                                 "chooses codes on a calibration text: add --calibration FILE")
+        return None
+    from ..quant.calibrated import calibration_sequences, check_calibration_model, read_calibration_text
+
+    text = read_calibration_text(req.calibration)
+    check_calibration_model(cfg, model.tokenizer, req.calibration)
+    if not recipe.uses_gptq:
+        if req.recipe is None:
+            raise BlueLowerError(f"--calibration {req.calibration}: --quant {req.quant} stores no decoder linear in a "
+                                 "group-wise format GPTQ calibrates (int4, int4_asym, int8_group): use a w4 mode, or "
+                                 "--recipe with \"method\": \"gptq\" rules")
+        raise BlueLowerError(f"--calibration {req.calibration}: no rule of {recipe.source} asks for method 'gptq': "
+                             "add \"method\": \"gptq\" to the rules to calibrate, or drop --calibration")
+    sequences = calibration_sequences(text, model.tokenizer, cfg)
+    if not wanted:
+        progress.log(f"calibration: nothing to calibrate (every weight a 'gptq' rule selects is stored as the "
+                     f"checkpoint's own quantized bits or kept fp32)")
+    return {"text": text, "sequences": sequences}
+
+
+def recipe_manifest(req: CompileRequest, recipe) -> dict:
+    """The manifest's ``quantization.recipe``: where the rules came from and the rules."""
+    data = recipe.to_data()
+    path = None if req.recipe is None or not isinstance(req.recipe, (str, os.PathLike)) else os.path.abspath(req.recipe)
+    return {"file": path, "sha256": recipe.sha256,
+            "default": f"{req.quant}{' + gptq' if req.calibration else ''}" if req.recipe is None else None,
+            "description": data.get("description", ""), "rules": data["rules"]}
+
+
+def calibration_manifest(plan: dict | None, result) -> dict | None:
+    """The manifest's ``quantization.calibration`` (None without ``--calibration``)."""
+    if plan is None:
+        return None
+    from ..quant.gptq import DEFAULT_DAMP
+
+    seqs = plan["sequences"]
+    return {"file": os.path.abspath(plan["text"].path), "sha256": plan["text"].sha256, "method": "gptq",
+            "tokens": int(sum(len(s) for s in seqs)), "sequences": len(seqs),
+            "sequence_length": int(max(len(s) for s in seqs)), "damp": DEFAULT_DAMP, "act_order": False,
+            "weights": result.weights if result is not None else 0}
 
 
 def model_source(req: CompileRequest):

@@ -95,14 +95,16 @@ def build_bundle(model="tiny", soc: str = "host", out_dir: str = "dist", quant: 
                  weights: str | None = None, frontend: str = "torch", seed: int = 0, checkpoint: str | None = None,
                  kv_capacity: int | None = None, prefill_chunk: int | None = None,
                  tarball: str | None = None, ndk: str | None = None, android_api: int | None = None,
-                 tvm_runtime_dir: str | None = None, tvm_source: str | None = None, force: bool = False) -> dict:
+                 tvm_runtime_dir: str | None = None, tvm_source: str | None = None, force: bool = False,
+                 recipe=None, calibration: str | None = None) -> dict:
     """Compile + native runtime + libraries -> bundle directory ``out_dir`` and a
     reproducible tarball (default ``out_dir + '.tar.gz'``). Returns a summary dict.
     Both outputs follow docs/cli.md's "Output safety" (``force``: see :class:`OutputDir`).
 
     ``ndk``: an Android NDK; the bundle is then for arm64 Android at ``android_api``
     (default ``android.DEFAULT_API``), with the TVM runtime of ``tvm_runtime_dir`` or
-    built from ``tvm_source`` (one of them is required)."""
+    built from ``tvm_source`` (one of them is required). ``recipe`` / ``calibration``: the
+    quantization rules and calibration text (``CompileRequest``)."""
     from .toolchains import android
 
     if ndk is None and (android_api is not None or tvm_runtime_dir or tvm_source):
@@ -119,6 +121,14 @@ def build_bundle(model="tiny", soc: str = "host", out_dir: str = "dist", quant: 
 
     from .compile import CompileRequest, compile_model, resolve_soc
 
+    if isinstance(recipe, (str, os.PathLike)):  # a bad rule file / text: one line before the runtime is built
+        from ..quant.recipe import load_recipe
+
+        load_recipe(str(recipe))
+    if calibration is not None:
+        from ..quant.calibrated import read_calibration_text
+
+        read_calibration_text(calibration)
     soc_desc = resolve_soc(soc)
     if the_ndk is not None:
         soc_desc = android.android_soc(soc_desc, the_ndk)
@@ -139,7 +149,8 @@ def build_bundle(model="tiny", soc: str = "host", out_dir: str = "dist", quant: 
             binary, backend = android.build_runtime(the_ndk, libs)
         manifest = compile_model(CompileRequest(model=model, weights=weights, frontend=frontend, soc=soc_desc,
                                                 out_dir=stage, quant=quant, seed=seed, checkpoint=checkpoint,
-                                                kv_capacity=kv_capacity, prefill_chunk=prefill_chunk, staged=True))
+                                                kv_capacity=kv_capacity, prefill_chunk=prefill_chunk, staged=True,
+                                                recipe=recipe, calibration=calibration))
         libs = dict(libs)
         libs[BACKEND_LIB] = backend
         if the_ndk is not None:  # libc++_shared.so when the binary, model.so or TVM's libs need it

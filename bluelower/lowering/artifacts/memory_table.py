@@ -107,15 +107,16 @@ def _other_weight_bytes(shape, quant: str) -> int:
     return act_bytes(quant) * n
 
 
-def weight_bytes(cfg, quant: str) -> tuple[dict, str]:
-    """``({source weight name: stored bytes}, how)``."""
+def weight_bytes(cfg, quant: str, recipe=None) -> tuple[dict, str]:
+    """``({source weight name: stored bytes}, how)``; ``recipe``: the weights' formats (default:
+    the mode's default recipe, as a compile without ``--recipe``)."""
     from ..frontend.weights import model_weight_specs
     from ..quant.params import nbytes, quantized_param_specs
 
     quant_mode(quant)  # one line for an unknown mode
     specs = model_weight_specs(cfg)
     out = {}
-    qspecs, transforms = quantized_param_specs(cfg, quant)
+    qspecs, transforms = quantized_param_specs(cfg, quant, recipe=recipe)
     how = "QuantizeWeights parameter specs (linear weights, token-embedding table) + assumed storage of the others"
     for name, (shape, dtype) in qspecs.items():
         if name in transforms:
@@ -143,9 +144,10 @@ def nbytes_host(output) -> int:
 
 
 def phase_table(cfg, quant: str, sigs_params: dict, plans: dict, n_patches: int | None = None,
-                kv_in_place: bool = False) -> dict:
-    """Per-phase totals from function plans. ``sigs_params``: entry -> weight names."""
-    wbytes, how = weight_bytes(cfg, quant)
+                kv_in_place: bool = False, recipe=None) -> dict:
+    """Per-phase totals from function plans. ``sigs_params``: entry -> weight names;
+    ``recipe``: the weights' formats (:func:`weight_bytes`)."""
+    wbytes, how = weight_bytes(cfg, quant, recipe)
     r, d = cfg.runtime, cfg.decoder
     ab = act_bytes(quant)
     vision_w = sum(wbytes[p] for p in sigs_params.get("encode_image", []))
@@ -227,10 +229,10 @@ def phase_table(cfg, quant: str, sigs_params: dict, plans: dict, n_patches: int 
     }
 
 
-def manifest_memory_plan(cfg, quant: str, params: dict, plans: dict) -> dict:
+def manifest_memory_plan(cfg, quant: str, params: dict, plans: dict, recipe=None) -> dict:
     """The manifest's ``memory_plan``: per-function plans (compact offsets) + the phase table.
-    ``params``: function -> the model weights it reads."""
-    table = phase_table(cfg, quant, params, plans)
+    ``params``: function -> the model weights it reads; ``recipe``: the build's."""
+    table = phase_table(cfg, quant, params, plans, recipe=recipe)
     table["functions"] = {f: {**{k: v for k, v in p.items() if k != "outputs"}, "outputs": p["outputs"]}
                           for f, p in plans.items()}
     return table

@@ -243,10 +243,12 @@ def split_code_rows(c: GPTQCodes, sizes: list[int]) -> list[GPTQCodes]:
 
 def stored_from_codes(c: GPTQCodes, fmt: WeightFormat, shape: tuple, use: str = "linear") -> StoredWeight:
     """The :class:`StoredWeight` of GPTQ codes for an unpadded ``shape`` weight (rows padded
-    as the layout needs, then the kernels' packers)."""
+    as the layout needs, then the kernels' packers); its ``codes`` is ``c``."""
     n_pad, _ = padded_shape(fmt, shape, use)
-    c = pad_code_rows(c, n_pad, fmt)
-    return store_codes(c.codes, c.scales, c.mins, fmt, shape, use)
+    padded = pad_code_rows(c, n_pad, fmt)
+    out = store_codes(padded.codes, padded.scales, padded.mins, fmt, shape, use)
+    out.codes = c
+    return out
 
 
 def gptq_quantize(w: np.ndarray, hessian, fmt: WeightFormat, *, use: str = "linear", act_order: bool = False,

@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from .modes import DEFAULT_GROUP_SIZE, DECODER_ROLES, quant_mode
+from .modes import DEFAULT_GROUP_SIZE, DECODER_ROLES, VISION_ROLES, quant_mode
 from ..kernels import (
     BLOCK_ROWS,
     int4_k1_to_k4,
@@ -148,7 +148,8 @@ class LinearScheme:
 @dataclass(frozen=True)
 class FormatChoice:
     """The decision for one weight: its format, group size, and whether its bits come from the
-    checkpoint (``carry``: a GGUF type) or are quantized here (``search``: INT4 scale search)."""
+    checkpoint (``carry``: a GGUF type), from calibration (``carry`` ``"gptq"``: codes GPTQ
+    chose, :mod:`.calibrated`) or are quantized here (``search``: INT4 scale search)."""
 
     kind: str
     group_size: int = DEFAULT_GROUP_SIZE
@@ -156,25 +157,62 @@ class FormatChoice:
     search: bool = False
 
 
-def format_policy(quant: str, group_size: int = DEFAULT_GROUP_SIZE, source_dtype=None, search: bool = False):
-    """The per-weight format decision QuantizeWeights takes (``formats=``): the mode's format
-    for the weight's role (None: the role stays fp32 in this mode); a tensor the checkpoint
-    already stores quantized (``source_dtype(name)`` a GGUF type: Q4_0, Q4_1, Q8_0) keeps its
-    own bits in the format that holds them unchanged (:data:`GGUF_FORMATS`), whatever the
-    mode's format (a 4-bit tensor cannot gain precision)."""
+#: ``carry`` of a weight whose codes GPTQ chose (``compile --calibration``)
+GPTQ_CARRY = "gptq"
+
+
+def plain_recipe(quant: str, group_size: int = DEFAULT_GROUP_SIZE):
+    """The mode's plain formats (``QuantMode.weight_format``: symmetric INT4 group-wise or INT8
+    per channel for the decoder roles, INT8 for vision and projector; no search) as a recipe."""
+    from .recipe import Recipe, Rule, weight_format
+
     mode = quant_mode(quant)
+    rules = []
+    if mode.vision is not None:
+        rules.append(Rule(weight_format(mode.vision, group_size if mode.vision == "int4" else None),
+                          roles=VISION_ROLES))
+    if mode.decoder is not None:
+        rules.append(Rule(weight_format(mode.decoder, group_size if mode.decoder == "int4" else None),
+                          roles=DECODER_ROLES))
+    return Recipe(tuple(rules), mode.kv_cache, f"the {quant} mode's plain formats", f"plain recipe {quant}")
+
+
+def mode_recipe(quant: str, group_size: int = DEFAULT_GROUP_SIZE):
+    """The recipe ``compile --quant quant`` stores weights by without ``--recipe``."""
+    return plain_recipe(quant, group_size)
+
+
+def format_policy(quant: str, recipe=None, *, group_size: int = DEFAULT_GROUP_SIZE, source_dtype=None):
+    """The per-weight format decision QuantizeWeights takes (``formats=``), from a
+    :class:`~bluelower.lowering.quant.recipe.Recipe` (default: :func:`mode_recipe`).
+
+    ``choose(source, role, shape, use)`` returns None (the weight stays fp32) for a role the
+    mode leaves fp32 (``fp32`` leaves all; norms, biases, the position embedding in every
+    mode) and for a weight the recipe gives ``fp32``; a tensor the checkpoint already stores
+    quantized (``source_dtype(name)`` a GGUF type: Q4_0, Q4_1, Q8_0) keeps its own bits in the
+    format that holds them unchanged (:data:`GGUF_FORMATS`), whatever format the recipe names
+    (a 4-bit tensor cannot gain precision); otherwise the recipe's format, with ``carry``
+    :data:`GPTQ_CARRY` when its method is ``gptq`` (linear uses: the build packs the codes
+    calibration chose, never re-quantizes). The mode decides the KV cache and the
+    activations; the recipe's ``kv_cache`` is not read here."""
+    mode = quant_mode(quant)
+    recipe = recipe if recipe is not None else mode_recipe(quant, group_size)
 
     def choose(source: str, role: str, shape: tuple, use: str) -> FormatChoice | None:
         if use == "table" and role != "embedding":
             return None
-        kind = mode.weight_format(role)
-        if kind is None:
+        if mode.weight_format(role) is None:
+            return None
+        fmt = recipe.format_for(source, role, use)
+        if not fmt.quantized:
             return None
         native = (source_dtype(source) or "").lower() if source_dtype is not None else ""
         if native in GGUF_FORMATS and shape[-1] % 32 == 0:
             return FormatChoice(GGUF_FORMATS[native], 32, carry=native)
-        return FormatChoice(kind, group_size, search=search and kind.startswith("int4"))
+        carry = GPTQ_CARRY if fmt.method == "gptq" and use == "linear" else None
+        return FormatChoice(fmt.kind, fmt.group_size or group_size, carry=carry, search=fmt.search)
 
+    choose.recipe = recipe
     return choose
 
 
@@ -206,11 +244,23 @@ def linear_scheme(kind: str, n: int, k: int, group_size: int = DEFAULT_GROUP_SIZ
 
 
 def choose_scheme(role: str, n: int, k: int, quant: str, group_size: int = DEFAULT_GROUP_SIZE) -> LinearScheme | None:
-    """The storage of a linear weight ``[n, k]`` of ``role`` under ``quant``, or None (stays
-    fp32): the mode gives the role its format and layout (``quant/modes.py``)."""
+    """The storage of a linear weight ``[n, k]`` of ``role`` in the mode's *plain* format (its
+    ``QuantMode.weight_format``: symmetric INT4 / INT8 per channel, no search), or None (stays
+    fp32); the layout is the mode's. QuantizeWeights' decision without ``formats`` (a compile
+    decides by a recipe: :func:`format_policy`)."""
     mode = quant_mode(quant)
     kind = mode.weight_format(role)
     return None if kind is None else linear_scheme(kind, n, k, group_size, layout=mode.weight_layout)
+
+
+def policy_scheme(choice: "FormatChoice | None", shape: tuple, use: str, layout: str = "k1"):
+    """The :class:`LinearScheme` (``use`` ``linear``) / :class:`EmbeddingScheme` (``table``) of a
+    :func:`format_policy` decision, or None."""
+    if choice is None:
+        return None
+    if use == "table":
+        return embedding_scheme(choice.kind, *shape, choice.group_size, choice.carry, choice.search)
+    return linear_scheme(choice.kind, *shape, choice.group_size, choice.carry, choice.search, layout=layout)
 
 
 @dataclass(frozen=True)
@@ -264,7 +314,8 @@ def embedding_scheme(kind: str, rows: int, width: int, group_size: int = DEFAULT
 
 def choose_embedding_scheme(role: str, rows: int, width: int, quant: str,
                             group_size: int = DEFAULT_GROUP_SIZE) -> EmbeddingScheme | None:
-    """The storage of an embedding table of ``role`` under ``quant``, or None (stays fp32).
+    """The storage of an embedding table of ``role`` under ``quant`` in the mode's plain format
+    (as :func:`choose_scheme`), or None (stays fp32).
 
     Token-embedding tables (role ``embedding``) get the mode's decoder format; other tables
     (the ViT's position embedding) stay fp32."""
@@ -518,8 +569,9 @@ def embedding_weight_names(cfg) -> dict:
     return _module_weight_shapes(cfg)[1]
 
 
-def quantized_param_specs(cfg, quant: str, group_size: int = DEFAULT_GROUP_SIZE):
-    """The stored parameters of ``cfg`` under ``quant`` from the model's shapes alone.
+def quantized_param_specs(cfg, quant: str, group_size: int = DEFAULT_GROUP_SIZE, recipe=None):
+    """The stored parameters of ``cfg`` under ``quant`` (the weights' formats: ``recipe``,
+    default the mode's, :func:`format_policy`) from the model's shapes alone.
 
     Returns ``(specs, transforms)``: ``specs`` name -> (shape, dtype) for every stored
     parameter (unquantized weights keep their fp32 spec), ``transforms`` new name ->
@@ -533,12 +585,14 @@ def quantized_param_specs(cfg, quant: str, group_size: int = DEFAULT_GROUP_SIZE)
     specs = model_weight_specs(cfg)
     role = spec_for(cfg).weight_role
     linear, embedding = _module_weight_shapes(cfg)
+    policy = format_policy(quant, recipe, group_size=group_size)
+    layout = quant_mode(quant).weight_layout
     out, transforms = {}, {}
     for name, (shape, dtype) in specs.items():
         if name in linear:
-            scheme = choose_scheme(role(name), *linear[name], quant, group_size)
+            scheme = policy_scheme(policy(name, role(name), linear[name], "linear"), linear[name], "linear", layout)
         elif name in embedding:
-            scheme = choose_embedding_scheme(role(name), *embedding[name], quant, group_size)
+            scheme = policy_scheme(policy(name, role(name), embedding[name], "table"), embedding[name], "table")
         else:
             scheme = None
         if scheme is None:
@@ -554,13 +608,13 @@ def nbytes(shape, dtype) -> int:
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
-def weight_bytes_by_part(cfg, quant: str, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
+def weight_bytes_by_part(cfg, quant: str, group_size: int = DEFAULT_GROUP_SIZE, recipe=None) -> dict:
     """Stored bytes: decoder linear weights (incl. lm_head), decoder embedding table,
     other decoder weights (norms), vision tower, projector; plus bits per decoder linear
-    weight. From shapes only."""
+    weight. From shapes only, in ``recipe``'s formats (default: the mode's, as a compile)."""
     from ..models import spec_for
 
-    specs, transforms = quantized_param_specs(cfg, quant, group_size)
+    specs, transforms = quantized_param_specs(cfg, quant, group_size, recipe)
     linear = linear_weight_names(cfg)
     role = spec_for(cfg).weight_role
     part_of_role = {"embedding": "decoder_embedding", "vision": "vision", "position_embedding": "vision",
@@ -656,11 +710,13 @@ class StoredParams:
                 fn["weights_bytes_per_call"] = weights_bytes_per_call(fname, fn["params"], self.specs, gathered,
                                                                       self.transforms, is_table)
         kinds = sorted({t.quantizer for t in self.transforms.values()})
+        groups = sorted({int(t.args["group_size"]) for t in self.transforms.values() if "group_size" in t.args})
         manifest["quant"] = quant
         mode = quant_mode(quant)
         manifest["quantization"] = {
             "mode": quant,
-            "group_size": group_size if "int4_groupwise" in kinds else None,
+            # the group size of the group-wise formats (None: none, or several: see params' args)
+            "group_size": groups[0] if len(groups) == 1 else None,
             # the quantized linear layers' inputs: "int8" = per token, dynamic, symmetric (the a8 modes)
             "activations": mode.activations,
             "weight_layout": mode.weight_layout,

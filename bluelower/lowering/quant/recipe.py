@@ -147,6 +147,7 @@ class Recipe:
     kv_cache: str = "float32"
     description: str = ""
     source: str = field(default="<rules>", compare=False)
+    sha256: str | None = field(default=None, compare=False)  # of the rule file it was read from
 
     def format_for(self, name: str, role: str, use: str = "linear") -> WeightFormat:
         """The format of weight ``name`` (checkpoint name) of ModelSpec role ``role`` in
@@ -274,7 +275,10 @@ def load_recipe(path: str) -> Recipe:
             data = json.loads(raw.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BlueLowerError(f"{name}: not valid JSON: {exc}") from None
-    return recipe_from_data(data, name)
+    import dataclasses
+    import hashlib
+
+    return dataclasses.replace(recipe_from_data(data, name), sha256=hashlib.sha256(raw).hexdigest())
 
 
 def uniform_recipe(decoder: WeightFormat, table: WeightFormat | None = None, lm_head: WeightFormat | None = None,
@@ -313,11 +317,64 @@ DEFAULT_RULES = {
                   {"role": ["attention", "mlp"], "format": "int4_asym", "group_size": 32, "search": True}],
     },
 }
-DEFAULT_RULES["w4a16"] = {**DEFAULT_RULES["w4a16kv8"], "kv_cache": "float32"}
+DEFAULT_RULES["w4a16"] = {**DEFAULT_RULES["w4a16kv8"], "kv_cache": "float32",
+                          "description": DEFAULT_RULES["w4a16kv8"]["description"].removesuffix("; INT8 KV cache")}
+# the a8 modes store the same weights (linear_a8 has kernels for every format: int4, int4_asym,
+# int8, int8_group); fp32 quantizes nothing
+DEFAULT_RULES["w4a8"] = {**DEFAULT_RULES["w4a16"]}
+DEFAULT_RULES["w4a8kv8"] = {**DEFAULT_RULES["w4a16kv8"]}
+DEFAULT_RULES["w8a8"] = {**DEFAULT_RULES["w8"]}
+DEFAULT_RULES["fp32"] = {"description": "every weight fp32", "kv_cache": "float32", "rules": []}
 
 
 def default_recipe(mode: str) -> Recipe:
-    """The default recipe of a ``--quant`` mode (:data:`DEFAULT_RULES`)."""
+    """The default recipe of a ``--quant`` mode (:data:`DEFAULT_RULES`): what ``compile``
+    stores each weight as without ``--recipe``."""
     if mode not in DEFAULT_RULES:
         raise BlueLowerError(f"no default quantization recipe for '{mode}' (have: {', '.join(DEFAULT_RULES)})")
     return recipe_from_data(DEFAULT_RULES[mode], f"default recipe {mode}")
+
+
+def with_group_size(recipe: Recipe, group_size: int) -> Recipe:
+    """``recipe`` with every group-wise format at ``group_size`` (``CompileRequest.group_size``
+    on a default recipe)."""
+    import dataclasses
+
+    weight_format(FORMAT_KINDS[1], group_size, where="group size")  # checked: a positive multiple of 4
+    rules = tuple(dataclasses.replace(r, format=dataclasses.replace(r.format, group_size=group_size))
+                  if r.format.kind in GROUPED_KINDS else r for r in recipe.rules)
+    return dataclasses.replace(recipe, rules=rules)
+
+
+#: The rule :func:`calibrated_recipe` puts first: v_proj keeps round-to-nearest (with the
+#: search). GPTQ weighs every token's v_proj output error equally, but attention weighs each
+#: token's value by the attention it gets, and LLaMA-style models put most of it on the first
+#: (sink) token: on SmolLM2's layer 18 GPTQ on v_proj alone made the layer's output error 7x
+#: round-to-nearest's (benchmarks/quant_recipe.py), while it halves it for q/k/o/gate/up.
+KEEP_V_PROJ_RTN = "model.layers.*.self_attn.v_proj.weight"
+
+
+def calibrated_recipe(recipe: Recipe, roles: tuple = ("attention", "mlp"), keep_rtn: tuple = (KEEP_V_PROJ_RTN,)
+                      ) -> Recipe:
+    """``recipe`` with method ``gptq`` for the weights of ``roles`` its rules store in a
+    group-wise format (linear uses): ``compile --calibration`` without ``--recipe``.
+
+    Each such rule is preceded by a copy restricted to ``roles`` with method ``gptq`` (the rule
+    itself stays for its other roles, and is dropped when it has no other), and, for a rule
+    without ``match``, by one copy per glob of ``keep_rtn`` that keeps round-to-nearest for the
+    weights it matches. Every weight keeps the format the recipe gives it."""
+    import dataclasses
+
+    rules = []
+    for r in recipe.rules:
+        wanted = tuple(x for x in (r.roles or roles) if x in roles)
+        if wanted and r.format.kind in GROUPED_KINDS and r.format.method != "gptq" and r.use in (None, "linear"):
+            if not r.match:
+                rules.extend(dataclasses.replace(r, match=(glob,), roles=wanted) for glob in keep_rtn)
+            rules.append(dataclasses.replace(r, roles=wanted, format=dataclasses.replace(r.format, method="gptq")))
+            if r.roles and set(r.roles) <= set(roles):
+                continue  # every weight it selects is selected by the copies first
+        rules.append(r)
+    what = "GPTQ on the decoder linears" + (" (v_proj round-to-nearest)" if keep_rtn else "")
+    desc = f"{recipe.description}; {what}" if recipe.description else what
+    return dataclasses.replace(recipe, rules=tuple(rules), description=desc)

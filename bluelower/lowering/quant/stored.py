@@ -40,7 +40,8 @@ class StoredWeight:
     """The stored parts of one weight (``parts``: packed, scales[, mins] as the kernels read
     them) and how to read them back (``quantizer`` and ``args`` of ``quant/params.py``);
     ``shape`` is the unpadded ``[N, K]``. An fp32 weight has ``quantizer`` None and the
-    weight itself as its only part."""
+    weight itself as its only part. ``codes``: GPTQ's codes before packing (a compile
+    carries them into its own layout, ``quant/calibrated.py``), else None."""
 
     fmt: WeightFormat
     use: str
@@ -48,6 +49,7 @@ class StoredWeight:
     quantizer: str | None
     args: dict
     parts: tuple
+    codes: object = None  # codes an algorithm chose (gptq.GPTQCodes, unpadded N), unpacked
 
     @property
     def nbytes(self) -> int:
