@@ -199,8 +199,8 @@ def evaluate_checkpoint(checkpoint: str, text_path: str, modes, tokens: int = 51
                         greedy_tokens: int = 32, with_sensitivity: bool = False, work_dir: str | None = None,
                         group_size: int | None = None) -> dict:
     """The report of the module docstring, as a JSON-friendly dict."""
-    from .. import api
     from ..lowering.artifacts.bundle import read_manifest
+    from ..lowering.artifacts.compile import CompileRequest, compile_model
     from ..runtime_stubs.generate import CompiledModel, load_tokenizer, reference_for_build
 
     text = read_text(text_path)
@@ -217,7 +217,8 @@ def evaluate_checkpoint(checkpoint: str, text_path: str, modes, tokens: int = 51
             out = os.path.join(work, mode)
             with progress.step(f"eval-quant: compile --quant {mode}"):
                 kwargs = {} if group_size is None else {"group_size": group_size}
-                api.compile(checkpoint=checkpoint, output=out, quant=mode, soc="host", force=True, **kwargs)
+                compile_model(CompileRequest(checkpoint=checkpoint, out_dir=out, quant=mode, soc="host", force=True,
+                                             **kwargs))
             builds[mode] = out
         manifest = read_manifest(builds["fp32"])
         tok = load_tokenizer(builds["fp32"], manifest)
