@@ -38,7 +38,7 @@ ALLOWED = {
     "models": {"base"},
     "image": {"base"},
     "frontend": {"base", "models"},
-    "quant": {"base", "kernels", "models", "frontend"},
+    "quant": {"base", "kernels", "models", "frontend", "image"},  # image: the tokenizer (a leaf), for calibration text
     "passes": {"base", "kernels", "quant", "targets", "image"},
     "bundle": {"base"},
     "artifacts": {"base", "bundle", "models", "frontend", "quant", "kernels", "passes", "targets", "image"},
