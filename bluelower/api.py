@@ -328,16 +328,23 @@ def inspect_image(path: str | None = None, size: str | None = None, policy: str 
 
 def inspect_memory(build_dir: str | None = None, *, model=None, soc: str = "host", quant: str = DEFAULT_QUANT,
                    image_grid: str | None = None, kv_capacity: int | None = None, prefill_chunk: int | None = None,
-                   jobs: int | None = None) -> dict:
-    """Peak memory per phase of a build, or (``model``) of a plan without building."""
+                   jobs: int | None = None, recipe=None) -> dict:
+    """Peak memory per phase of a build, or (``model``) of a plan without building (``recipe``:
+    the weights' quantization rules, a path or a Recipe, as for :func:`compile`)."""
     from .reports import memory
 
     if (build_dir is None) == (model is None):
         raise BlueLowerError("give either a BUILD_DIR or --model NAME (not both)")
     if build_dir is not None:
+        if recipe is not None:
+            raise BlueLowerError("--recipe plans a --model; a build's manifest records its own rules")
         return memory.inspect_build(build_dir)
+    if isinstance(recipe, str):
+        from .lowering.quant.recipe import load_recipe
+
+        recipe = load_recipe(recipe)
     return memory.inspect_model(model, soc=soc, quant=quant, image_grid=image_grid, kv_capacity=kv_capacity,
-                                prefill_chunk=prefill_chunk, jobs=jobs)
+                                prefill_chunk=prefill_chunk, jobs=jobs, recipe=recipe)
 
 
 def inspect_schedule(build_dir: str, trace: str | None = None, plot: str | None = None) -> dict:

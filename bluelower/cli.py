@@ -314,16 +314,19 @@ def targets_show(name_or_path: str, as_json: bool) -> None:
 @click.option("--image-grid", default=None, metavar="MxN", help="Image grid, e.g. 2x4 = 8 local + 1 global patches.")
 @click.option("--kv-capacity", type=int, default=None, help="KV cache capacity (default: the config's).")
 @click.option("--prefill-chunk", type=int, default=None, help="Prefill chunk (default: the config's).")
+@click.option("--recipe", default=None, metavar="FILE.json|FILE.toml",
+              help="With --model: quantization rules of the plan (as compile --recipe).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (peak_bytes, phases).")
 @click.option("-j", "--jobs", type=int, default=None,
               help="With --model: above 1, each entry function is planned in its own worker process; 1 plans "
                    "in this process (default: $BLUELOWER_JOBS, else the usable CPUs; small models: 1).")
-def inspect_memory_cmd(build_dir, model, soc, quant, image_grid, kv_capacity, prefill_chunk, as_json, jobs) -> None:
+def inspect_memory_cmd(build_dir, model, soc, quant, image_grid, kv_capacity, prefill_chunk, recipe, as_json,
+                       jobs) -> None:
     """Peak memory per phase (weights + KV cache + activation arena) of a build or, with --model, of a plan."""
     from .reports import memory
 
     info = api.inspect_memory(build_dir, model=model, soc=soc, quant=quant, image_grid=image_grid,
-                              kv_capacity=kv_capacity, prefill_chunk=prefill_chunk, jobs=jobs)
+                              kv_capacity=kv_capacity, prefill_chunk=prefill_chunk, jobs=jobs, recipe=recipe)
     if as_json:
         echo_json(info)
     else:

@@ -1,7 +1,7 @@
 """`bluelower compile --hf DIR` on checkpoints transformers wrote (random-init, tiny, bf16 and
 sharded): the build's logits and greedy tokens equal transformers' (fp32 compute on the
 checkpoint's bf16 weights), every attention layer is fused, and --quant w4a16 puts every
-decoder linear in INT4."""
+decoder linear in INT4 (the default recipe: asymmetric, the logits' weight INT8)."""
 
 from __future__ import annotations
 
@@ -94,11 +94,14 @@ def test_w4a16_puts_every_decoder_linear_in_int4(text_checkpoint):
     mod, _ = run_pipeline_until(cfg, "w4a16", stop_after="QuantizeWeights")
     stats = json.loads(str(mod.attrs["bluelower.pass_stats"]))["QuantizeWeights"]
     d = cfg.decoder
-    per_entry = d.num_layers * 7 + 1  # q, k, v, o, gate, up, down per layer + the logits
-    assert stats["int4_layers"] == 2 * per_entry  # prefill and decode
-    assert stats["kept_fp32_layers"] == 0 and stats.get("int8_layers", 0) == 0
+    # the default recipe: q, k, v, o, gate, up, down INT4 asymmetric, the logits' weight (tied or
+    # not) INT8 per row, in prefill and decode
+    assert stats["int4_asym_layers"] == 2 * d.num_layers * 7
+    assert stats["int8_layers"] == 2
+    assert stats["kept_fp32_layers"] == 0 and stats.get("int4_layers", 0) == 0
     assert stats["embedding_tables_quantized"] == 1
-    assert {t[1] for t in result(mod, "quantized_params").values()} <= {"int4_groupwise", "int4_rows"}
+    assert {t[1] for t in result(mod, "quantized_params").values()} <= {"int4_asym_groupwise", "int4_asym_rows",
+                                                                        "int8_per_channel"}
 
 
 def test_unknown_architecture_is_one_line(tmp_path):

@@ -215,22 +215,25 @@ def test_build_stores_the_quantized_table_and_memory_counts_it(tiny_build):
     params = WeightSource(os.path.join(out, "params.safetensors"))
     assert EMBED not in params.names()  # no fp32 table in the bundle
     emb = {n: (params.shape(n), params.dtype(n)) for n in params.names() if n.startswith(EMBED + ".")}
-    assert emb == {EMBED + ".int4_rows_packed": ((512, 32), np.dtype("uint8")),
-                   EMBED + ".int4_rows_scales": ((512, 2), np.dtype("float16"))}
+    # the default recipe: the table's lookups INT4 asymmetric (scale + min per group of 32)
+    assert emb == {EMBED + ".int4_asym_rows_packed": ((512, 32), np.dtype("uint8")),
+                   EMBED + ".int4_asym_rows_scales": ((512, 2), np.dtype("float16")),
+                   EMBED + ".int4_asym_rows_mins": ((512, 2), np.dtype("float16"))}
     stored = sum(int(np.prod(s)) * d.itemsize for s, d in emb.values())
     cfg = load_config("tiny")
-    assert stored == weight_bytes(cfg, "w4a16kv8")[0][EMBED] == 512 * 64 // 2 + 512 * 2 * 2
+    assert stored == weight_bytes(cfg, "w4a16kv8")[0][EMBED] == 512 * 64 // 2 + 2 * 512 * 2 * 2
     # the manifest: the pass's stats, the transform table, the per-call reads (one row per id)
     stats = next(p["stats"] for p in manifest["passes"] if p["name"] == "QuantizeWeights")
-    assert stats["embedding_tables_quantized"] == 1 and stats["int4_embedding_lookups"] == 2  # embed + decode
+    assert stats["embedding_tables_quantized"] == 1 and stats["int4_asym_embedding_lookups"] == 2  # embed + decode
     assert stats["embedding_bytes_stored"] == stored and stats["embedding_bytes_fp32"] == 512 * 64 * 4
-    assert manifest["quantization"]["params"][EMBED + ".int4_rows_packed"] == [EMBED, "int4_rows", {"group_size": 32}]
+    assert manifest["quantization"]["params"][EMBED + ".int4_asym_rows_packed"] == [
+        EMBED, "int4_asym_rows", {"group_size": 32, "search": True}]
     for fn in ("embed", "decode"):
-        assert EMBED + ".int4_rows_packed" in manifest["functions"][fn]["params"]
-    lm_head = 512 * 64 // 2 + 512 * 2 * 2  # decode reads lm_head whole but only 1 embedding row
+        assert EMBED + ".int4_asym_rows_packed" in manifest["functions"][fn]["params"]
+    lm_head = 512 * 64 + 512 * 4  # INT8 per row: decode reads lm_head whole but only 1 embedding row
     dec = manifest["functions"]["decode"]["weights_bytes_per_call"]
     emb_fn = manifest["functions"]["embed"]["weights_bytes_per_call"]
-    assert emb_fn == 64 * (32 + 2 * 2)  # chunk 64 ids x (packed row + scales row)
+    assert emb_fn == 64 * (32 + 2 * 2 + 2 * 2)  # chunk 64 ids x (packed row + scales row + mins row)
     assert dec > lm_head
 
 
@@ -238,7 +241,7 @@ def test_lowered_ir_gathers_from_the_quantized_rows(tiny_build):
     _, ir = tiny_build
     last = sorted(os.listdir(ir))[-1]
     text = open(os.path.join(ir, last)).read()
-    assert "embedding_gather_int4_64x512x64_g32" in text and "embedding_gather_int4_1x512x64_g32" in text
+    assert "embedding_gather_int4_asym_64x512x64_g32" in text and "embedding_gather_int4_asym_1x512x64_g32" in text
     assert "language_model_model_embed_tokens_weight:" not in text
 
 

@@ -275,7 +275,9 @@ def test_quantized_build_has_no_fp32_linear_weights(tiny_w4_build):
     for name in linear:
         assert f"{sanitize(name)}:" not in text, name
     assert "NT_matmul" not in text
-    assert "int4_linear_1x512x64_g32" in text and "int8_linear_729x64x64" in text
+    # the default recipe: decoder linears INT4 asymmetric, the logits' weight and the ViT INT8
+    assert "int4_linear_1x160x64_g32_asym" in text and "int8_linear_1x512x64" in text
+    assert "int8_linear_729x64x64" in text
 
 
 def test_quantized_build_manifest(tiny_w4_build):
@@ -330,13 +332,22 @@ def test_quantized_build_matches_dequantized_pytorch(tiny_w4_build, tiny_image):
 # ----------------------------------------------------------------------------- 3B figure
 
 
-def test_bluelm_v_3b_decoder_weights_fit_1_6_gb():
+def test_bluelm_v_3b_decoder_weight_figures():
     from bluelower.lowering.models import load_config
+    from bluelower.lowering.quant.recipe import uniform_recipe, weight_format
 
     cfg = load_config("bluelm-v-3b")
+    # symmetric INT4 g32 everywhere in the decoder (the mode's plain format): 4.5 bits, under 1.6 GB
+    plain = weight_bytes_by_part(cfg, "w4a16kv8", recipe=uniform_recipe(weight_format("int4")))
+    assert plain["decoder_linear"] <= 1.6e9
+    assert abs(plain["decoder_linear_bits_per_weight"] - 4.5) < 1e-6
+    # the default recipe (what a compile stores): INT4 asymmetric g32 (scale + min: 5 bits) and
+    # the untied lm_head INT8 per row (+ an fp32 scale per row)
     parts = weight_bytes_by_part(cfg, "w4a16kv8")
-    assert parts["decoder_linear"] <= 1.6e9
-    assert abs(parts["decoder_linear_bits_per_weight"] - 4.5) < 1e-6
+    v, h = cfg.decoder.vocab_size, cfg.decoder.hidden_size
+    head = v * h
+    assert parts["decoder_linear"] == (parts["decoder_linear_weights"] - head) * 5 // 8 + head + 4 * v
+    assert parts["decoder_linear"] <= 1.65e9
     fp32 = weight_bytes_by_part(cfg, "fp32")
     assert fp32["decoder_linear"] == parts["decoder_linear_weights"] * 4
     w8 = weight_bytes_by_part(cfg, "w8")

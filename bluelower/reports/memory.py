@@ -75,8 +75,10 @@ def parse_grid(grid: str | None) -> int | None:
 
 def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid: str | None = None,
                   kv_capacity: int | None = None, prefill_chunk: int | None = None, disabled=(),
-                  imported=None, jobs: int | None = None) -> dict:
+                  imported=None, jobs: int | None = None, recipe=None) -> dict:
     """Plan without building: meta import, pipeline up to MemoryPlan (planning only).
+    ``recipe``: the weights' formats (a ``quant.recipe.Recipe``; default: the mode's, as a
+    compile without ``--recipe``).
 
     The entry functions are planned independently (every pass rewrites one function at a
     time and names what it adds after it), so with ``jobs`` > 1 each entry is imported and
@@ -97,7 +99,7 @@ def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid
     jobs = plan_jobs(jobs, cfg)
     cache_path = None
     if imported is None:
-        cache_path = _result_cache_path(cfg, soc, str(soc_obj.tvm_target()), quant, n_patches, disabled)
+        cache_path = _result_cache_path(cfg, soc, str(soc_obj.tvm_target()), quant, n_patches, disabled, recipe)
         cached = _read_cached(cache_path)
         if cached is not None:
             progress.log(f"memory plan from the cache ({cache_path}; BLUELOWER_CACHE=off recomputes)")
@@ -105,10 +107,10 @@ def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid
     if imported is None and jobs > 1:
         _start_workers()  # the workers' server imports torch + TVM while this process goes on
     if imported is not None or jobs == 1:
-        plans, params = plan_entries(cfg, soc, quant, None, disabled, imported=imported)
+        plans, params = plan_entries(cfg, soc, quant, None, disabled, imported=imported, recipe=recipe)
     else:
-        plans, params = _plan_in_workers(cfg, soc, quant, disabled)
-    table = phase_table(cfg, quant, params, plans, n_patches=n_patches)
+        plans, params = _plan_in_workers(cfg, soc, quant, disabled, recipe)
+    table = phase_table(cfg, quant, params, plans, n_patches=n_patches, recipe=recipe)
     table["soc"] = soc_obj.name
     _write_cached(cache_path, table)
     return with_soc_memory(table, soc_obj)
@@ -120,14 +122,16 @@ def with_soc_memory(table: dict, soc) -> dict:
             "fits": table["peak_bytes"] <= soc.memory.capacity_bytes}
 
 
-def plan_entries(cfg, soc: str, quant: str, entries=None, disabled=(), imported=None) -> tuple[dict, dict]:
+def plan_entries(cfg, soc: str, quant: str, entries=None, disabled=(), imported=None,
+                 recipe=None) -> tuple[dict, dict]:
     """Import ``entries`` (default: all) on meta tensors and run the pipeline up to
-    MemoryPlan. Returns ``(plans, params)``: the MemoryPlan results per function and each
-    entry's weight names."""
+    MemoryPlan (weights in ``recipe``'s formats, default the mode's). Returns ``(plans,
+    params)``: the MemoryPlan results per function and each entry's weight names."""
     from .. import progress
     from ..lowering.artifacts.compile import resolve_soc
     from ..lowering.frontend.importer import import_model
     from ..lowering.models import spec_for
+    from ..lowering.quant.params import format_policy
     from ..passes.ir_utils import result
     from ..passes.pipeline import BuildContext, run_pipeline
 
@@ -139,7 +143,8 @@ def plan_entries(cfg, soc: str, quant: str, entries=None, disabled=(), imported=
             mod, sigs = import_model(cfg, "torch", entries=entries)
     ctx = BuildContext(target=soc_obj.tvm_target(), quant=quant, soc=soc_obj, spec=spec_for(cfg),
                        entry_functions=tuple(sigs), image_batch=cfg.runtime.image_batch,
-                       plan_dtype_bytes=plan_dtype_bytes(quant))
+                       plan_dtype_bytes=plan_dtype_bytes(quant),
+                       weight_formats=None if recipe is None else format_policy(quant, recipe))
     mod, _stats = run_pipeline(mod, ctx, disabled=disabled, stop_after="MemoryPlan", skip=PLAN_SKIPPED_PASSES)
     return result(mod, "memory_plan"), {name: list(sig.params) for name, sig in sigs.items()}
 
@@ -194,18 +199,18 @@ def _start_workers() -> None:
         forkserver.ensure_running()
 
 
-def _worker(cfg, soc: str, quant: str, entry: str, disabled) -> tuple[dict, dict, float]:
+def _worker(cfg, soc: str, quant: str, entry: str, disabled, recipe=None) -> tuple[dict, dict, float]:
     import time
 
     from .. import progress
 
     progress.set_quiet(True)
     start = time.perf_counter()
-    plans, params = plan_entries(cfg, soc, quant, [entry], disabled)
+    plans, params = plan_entries(cfg, soc, quant, [entry], disabled, recipe=recipe)
     return plans, params, time.perf_counter() - start
 
 
-def _plan_in_workers(cfg, soc: str, quant: str, disabled) -> tuple[dict, dict]:
+def _plan_in_workers(cfg, soc: str, quant: str, disabled, recipe=None) -> tuple[dict, dict]:
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
@@ -221,7 +226,7 @@ def _plan_in_workers(cfg, soc: str, quant: str, disabled) -> tuple[dict, dict]:
     bar = progress.Progress(f"import + plan ({workers} processes)", len(order))
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as pool:
-            futures = {pool.submit(_worker, cfg, soc, quant, e, tuple(disabled)): e for e in order}
+            futures = {pool.submit(_worker, cfg, soc, quant, e, tuple(disabled), recipe): e for e in order}
             for fut in as_completed(futures):
                 p, s, seconds = fut.result()
                 plans.update(p)
@@ -261,7 +266,7 @@ def sources_digest() -> str:
     return h.hexdigest()
 
 
-def _result_cache_path(cfg, soc: str, target: str, quant: str, n_patches, disabled) -> str | None:
+def _result_cache_path(cfg, soc: str, target: str, quant: str, n_patches, disabled, recipe=None) -> str | None:
     import hashlib
 
     import torch
@@ -277,6 +282,7 @@ def _result_cache_path(cfg, soc: str, target: str, quant: str, n_patches, disabl
         soc_digest = hashlib.sha256(fh.read()).hexdigest()
     key = json.dumps({"config": cfg.to_dict(), "soc": soc_digest, "target": target, "quant": quant,
                       "patches": n_patches, "disabled": sorted(disabled), "sources": sources_digest(),
+                      "recipe": None if recipe is None else recipe.to_data(),
                       "bluelower": __version__, "tvm": tvm.__version__, "torch": torch.__version__}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:32]
     return os.path.join(d, f"{cfg.name}-{quant}-{digest}.json")

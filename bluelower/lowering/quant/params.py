@@ -178,8 +178,13 @@ def plain_recipe(quant: str, group_size: int = DEFAULT_GROUP_SIZE):
 
 
 def mode_recipe(quant: str, group_size: int = DEFAULT_GROUP_SIZE):
-    """The recipe ``compile --quant quant`` stores weights by without ``--recipe``."""
-    return plain_recipe(quant, group_size)
+    """The recipe ``compile --quant quant`` stores weights by without ``--recipe``: the mode's
+    default recipe (``recipe.DEFAULT_RULES``, measured on SmolLM2 by
+    ``benchmarks/quant_recipe.py``), its group-wise formats at ``group_size``."""
+    from .recipe import default_recipe, with_group_size
+
+    recipe = default_recipe(quant)
+    return recipe if group_size == DEFAULT_GROUP_SIZE else with_group_size(recipe, group_size)
 
 
 def format_policy(quant: str, recipe=None, *, group_size: int = DEFAULT_GROUP_SIZE, source_dtype=None):
