@@ -580,3 +580,14 @@ def test_a8_build_run_check_matches(key, a8_build):
     res = api.run(out, prompt_ids=PROMPT, max_new_tokens=6, check=True)
     assert res["match"] is True, (res["tokens"], res.get("reference_tokens"))
     assert res["tokens"] == res["reference_tokens"] and 1 <= len(res["tokens"]) <= 6
+
+
+@pytest.mark.parametrize("key", [k for k in BUILDS if BUILDS[k][0] == "w4a8kv8"][:1])
+def test_a8_build_run_check_with_an_image(key, a8_build, tiny_image):
+    """With an image: the reference follows the image encoder's int8 activations without
+    entering the KV-cache emulation (the encoder writes no cache)."""
+    from bluelower import api
+
+    out, _manifest, _secs = a8_build(key)
+    res = api.run(out, image=tiny_image, prompt_ids=PROMPT, max_new_tokens=4, check=True)
+    assert res["match"] is True, (res["tokens"], res.get("reference_tokens"))

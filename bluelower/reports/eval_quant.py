@@ -93,12 +93,13 @@ class DequantizedReference(TorchReference):
         if self.build is not None:
             self.build.model.reset_cache()
 
-    def _followed(self, run_build, run_ref):
+    def _followed(self, run_build, run_ref, writes_cache: bool = True):
         """``(build's result or None, reference's result)`` of one step: the build's same step
-        first when followed."""
+        first when followed. ``writes_cache``: the step writes the KV cache (not the image
+        encoder)."""
         built, captured = self.build.run(run_build) if self.build is not None else (None, None)
         with contextlib.ExitStack() as stack:
-            if self.kv_int8 is not None:
+            if self.kv_int8 is not None and writes_cache:
                 stack.enter_context(self.kv_int8.step(None))
             if self.act_int8 is not None:
                 stack.enter_context(self.act_int8.step(captured))
@@ -112,7 +113,7 @@ class DequantizedReference(TorchReference):
         if self.act_int8 is None:
             return super().encode_batch(patches)
         built, own = self._followed(lambda build: build.encode_batch(patches),
-                                    lambda: super(DequantizedReference, self).encode_batch(patches))
+                                    lambda: super(DequantizedReference, self).encode_batch(patches), writes_cache=False)
         if built is None:
             return own
         err = _rel(own, built)
