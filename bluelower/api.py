@@ -44,12 +44,13 @@ def compile(model="tiny", output: str = "build", *, checkpoint: str | None = Non
 
 def compile_module(module, entries, output: str = "build", *, name: str | None = None, roles=None,
                    soc: str = "host", quant: str = "fp32", group_size: int = DEFAULT_GROUP_SIZE,
-                   dump_ir: str | None = None, disable_passes=()) -> dict:
+                   dump_ir: str | None = None, disable_passes=(), recipe=None) -> dict:
     """Compile any ``torch.nn.Module`` through the same pipeline: ``entries`` maps a method of
     the module (``"forward"``, ...) to its example inputs (a tuple of tensors: the compiled
     function's static shapes and dtypes), or is the example inputs of ``forward`` itself.
     ``roles`` gives the weights' roles for ``quant`` (a dict or a function name -> role;
-    default: every linear weight a decoder linear, every lookup table a token embedding).
+    default: every linear weight a decoder linear, every lookup table a token embedding), and
+    ``recipe`` their formats (as for :func:`compile`; default: the mode's default recipe).
     Tracing is on meta tensors (tensors an entry creates must take an input's device); the
     weights are the module's own. Returns the manifest; the build runs with
     ``runtime_stubs.generate.CompiledModel(output).call(name, *inputs)``."""
@@ -60,7 +61,8 @@ def compile_module(module, entries, output: str = "build", *, name: str | None =
         entries = {"forward": tuple(entries)}
     source = module_source(module, entries, name=name, roles=roles)
     return compile_model(CompileRequest(model=source.cfg, source=source, soc=soc, out_dir=output, quant=quant,
-                                        dump_ir=dump_ir, disabled_passes=tuple(disable_passes), group_size=group_size))
+                                        dump_ir=dump_ir, disabled_passes=tuple(disable_passes), group_size=group_size,
+                                        recipe=recipe))
 
 
 def bundle(model="tiny", output: str = "dist", *, checkpoint: str | None = None, soc: str = "dimensity9300",

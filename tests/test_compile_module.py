@@ -65,7 +65,8 @@ def test_quantized_module_uses_the_int_kernels(tmp_path):
     roles = {"mlp.0.weight": "mlp", "mlp.2.weight": "mlp", "qkv.weight": "attention", "out.weight": "vision"}
     manifest = api.compile_module(block, {"forward": (x,)}, str(tmp_path / "q"), quant="w4a16", roles=roles)
     stats = next(p["stats"] for p in manifest["passes"] if p["name"] == "QuantizeWeights")
-    assert stats["int4_layers"] == 3 and stats["int8_layers"] == 1  # out.weight: a "vision" role is INT8
+    # the default recipe: INT4 asymmetric g32 for mlp / attention; out.weight: a "vision" role is INT8
+    assert stats["int4_asym_layers"] == 3 and stats["int8_layers"] == 1
     with torch.no_grad():
         want = block(x).numpy()
     got = CompiledModel(str(tmp_path / "q")).call("forward", x.numpy()).numpy()
