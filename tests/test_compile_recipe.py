@@ -408,3 +408,27 @@ def test_compile_api_takes_a_recipe_object(tmp_path):
     with pytest.raises(BlueLowerError, match="add --calibration FILE"):
         api.compile("tiny", str(tmp_path / "c"), recipe=recipe_from_data(
             [{"role": "mlp", "format": "int4", "method": "gptq"}]))
+
+
+def test_the_documented_rule_files_load_and_do_what_they_say():
+    """docs/quantization.md's JSON / TOML examples (section "Recipes")."""
+    import re
+    import tomllib
+
+    from bluelower.lowering.quant.params import mode_recipe
+    from bluelower.lowering.quant.recipe import recipe_from_data
+
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "quantization.md"), encoding="utf-8").read()
+    section = doc.split("## Recipes")[1].split("\n## ")[0]
+    js = recipe_from_data(json.loads(re.search(r"```json\n(.*?)```", section, re.S).group(1)))
+    toml = recipe_from_data(tomllib.loads(re.search(r"```toml\n(.*?)```", section, re.S).group(1)))
+    default = mode_recipe("w4a16kv8")
+    down0, down1 = "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"
+    for r in (js, toml):
+        assert r.format_for(down0, "mlp").kind == "int8"
+        assert r.format_for(down1, "mlp") == default.format_for(down1, "mlp")
+    for name, role, use in (("lm_head.weight", "lm_head", "linear"), ("model.embed_tokens.weight", "embedding", "table"),
+                            ("vision.x.weight", "vision", "linear"), ("model.layers.3.self_attn.q_proj.weight",
+                                                                      "attention", "linear")):
+        assert js.format_for(name, role, use) == default.format_for(name, role, use), name
+    assert not toml.format_for("lm_head.weight", "lm_head").quantized  # no rule: fp32, as the doc says
