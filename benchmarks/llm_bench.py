@@ -38,6 +38,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -436,7 +437,7 @@ class Server:
 
     def __init__(self, argv):
         self.p = subprocess.Popen([PY, os.path.abspath(__file__)] + argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=open(f"/tmp/llm_bench-{argv[1]}.err", "w"), text=True, env=env_threads())
+                                  stderr=open(os.path.join(tempfile.gettempdir(), f"llm_bench-{argv[1]}.err"), "w"), text=True, env=env_threads())
         line = self.p.stdout.readline()
         if not line.startswith("READY"):
             raise RuntimeError(f"worker {argv} did not start (rc {self.p.poll()})")

@@ -68,7 +68,7 @@ from tvm.script import tirx as T
 
 from .linear import PREFETCH_BYTES, check_linear_args, finish_kernel, prefetch, vpdpbusd
 from .attention import MIN_AMAX  # rows this small quantize to zero codes (127 / amax would overflow)
-from .quant import BLOCK_ROWS
+from .quant import BLOCK_ROWS, k1_to_k4_lanes, k4_to_k1_lanes
 
 __all__ = [
     "ISAS",
@@ -140,7 +140,7 @@ def int8_k1_to_k4(packed: np.ndarray) -> np.ndarray:
     nb, k, r = packed.shape
     if r != _R or k % 4:
         raise ValueError(f"expected an INT8 weight [N//32, K, 32] with K % 4 == 0, got {packed.shape}")
-    return np.ascontiguousarray(packed.reshape(nb, k // 4, 4, _R).transpose(0, 1, 3, 2).reshape(nb, k // 4, 4 * _R))
+    return k1_to_k4_lanes(packed)
 
 
 def int8_k4_to_k1(packed: np.ndarray) -> np.ndarray:
@@ -149,7 +149,7 @@ def int8_k4_to_k1(packed: np.ndarray) -> np.ndarray:
     nb, kq, lanes = packed.shape
     if lanes != 4 * _R:
         raise ValueError(f"expected an INT8 'k4' weight [N//32, K//4, 128], got {packed.shape}")
-    return np.ascontiguousarray(packed.reshape(nb, kq, _R, 4).transpose(0, 1, 3, 2).reshape(nb, kq * 4, _R))
+    return k4_to_k1_lanes(packed)
 
 
 def _codes(fmt: str, packed: np.ndarray) -> np.ndarray:

@@ -420,7 +420,7 @@ def int4_k1_to_k4(packed: np.ndarray) -> np.ndarray:
     nb, k, half = packed.shape
     if half != _HALF or k % 4 != 0:
         raise ValueError(f"expected a 'k1' INT4 weight [N//32, K, 16] with K % 4 == 0, got {packed.shape}")
-    return np.ascontiguousarray(packed.reshape(nb, k // 4, 4, _HALF).transpose(0, 1, 3, 2).reshape(nb, k // 4, 64))
+    return k1_to_k4_lanes(packed)
 
 
 def int4_k4_to_k1(packed: np.ndarray) -> np.ndarray:
@@ -429,7 +429,22 @@ def int4_k4_to_k1(packed: np.ndarray) -> np.ndarray:
     nb, kq, lanes = packed.shape
     if lanes != 4 * _HALF:
         raise ValueError(f"expected a 'k4' INT4 weight [N//32, K//4, 64], got {packed.shape}")
-    return np.ascontiguousarray(packed.reshape(nb, kq, _HALF, 4).transpose(0, 1, 3, 2).reshape(nb, kq * 4, _HALF))
+    return k4_to_k1_lanes(packed)
+
+
+def k1_to_k4_lanes(packed: np.ndarray) -> np.ndarray:
+    """``[NB, K, L]`` -> ``[NB, K//4, 4L]``: the 4 k of each 32-bit dot-product lane adjacent
+    (the ``k4`` layout of the INT4 (L = 16 bytes) and INT8 (L = 32) weights; shape checked by
+    the callers)."""
+    nb, k, lanes = packed.shape
+    return np.ascontiguousarray(packed.reshape(nb, k // 4, 4, lanes).transpose(0, 1, 3, 2).reshape(nb, k // 4, 4 * lanes))
+
+
+def k4_to_k1_lanes(packed: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`k1_to_k4_lanes`."""
+    nb, kq, lanes4 = packed.shape
+    lanes = lanes4 // 4
+    return np.ascontiguousarray(packed.reshape(nb, kq, lanes, 4).transpose(0, 1, 3, 2).reshape(nb, kq * 4, lanes))
 
 
 def int4_layout(packed: np.ndarray) -> str:
