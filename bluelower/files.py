@@ -269,11 +269,18 @@ class OutputLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                # the holder writes its pid just after taking the flock: give it a moment
                 pid = _read_pid(fd)
+                for _ in range(50):
+                    if pid is not None:
+                        break
+                    time.sleep(0.02)
+                    pid = _read_pid(fd)
                 os.close(fd)
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise LockedError(self.target, pid) from None
-                raise
+                raise LockedError(self.target, pid) from None
             try:  # the file may have been removed (and re-created) by its previous holder meanwhile
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -282,8 +289,9 @@ class OutputLock:
                 os.close(fd)
                 continue
             self.stale = _read_pid(fd) is not None  # a pid left behind: its process died holding it
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            mine = f"{os.getpid()}\n".encode()
+            os.pwrite(fd, mine, 0)  # then cut what is left of an older, longer pid: never empty
+            os.ftruncate(fd, len(mine))
             self.fd = fd
             with _lock:
                 _locks[self.path] = self
