@@ -2,6 +2,8 @@
 paths, and what SIGINT / SIGTERM do to them.
 
 * :func:`file_sha256`: the SHA-256 of a file.
+* :func:`read_user_text`: a text file a user names (``--text``, ``--calibration``): UTF-8,
+  not empty, one line otherwise.
 * :class:`OutputLock`: one lock file per output path (``.NAME.bluelower-lock`` next to it,
   an ``flock`` held while the command runs, the holder's pid inside), so a second
   bluelower writing the same path fails at once ("... is being written by another
@@ -41,6 +43,32 @@ def file_sha256(path: str) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_user_text(path: str, flag: str, empty_hint: str = "") -> tuple[bytes, str]:
+    """``(bytes, text)`` of the UTF-8 text file ``path`` given with option ``flag`` (a
+    leading byte-order mark dropped from the text). One-line :class:`BlueLowerError`
+    (``FLAG PATH: ...``) when it is missing, not a regular file, unreadable, not UTF-8 (the
+    byte offset) or only white space (``empty_hint`` appended)."""
+    from .errors import BlueLowerError
+
+    where = f"{flag} {path}"
+    if not os.path.exists(path):
+        raise BlueLowerError(f"{where}: not found")
+    if not os.path.isfile(path):
+        raise BlueLowerError(f"{where}: is not a regular file")
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise BlueLowerError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BlueLowerError(f"{where}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    if not text.strip():
+        raise BlueLowerError(f"{where}: the file is empty" + (f"; {empty_hint}" if empty_hint else ""))
+    return raw, text.removeprefix("\ufeff")
 
 
 # ---------------------------------------------------------------------- signals

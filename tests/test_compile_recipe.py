@@ -335,7 +335,7 @@ def test_calibration_errors_are_one_line_before_the_build(llama_dir, tmp_path):
     latin = tmp_path / "latin1.txt"
     latin.write_bytes("caf\u00e9 au lait".encode("latin-1"))
     _one_line(_invoke(base + ["--hf", path, "--calibration", str(latin)]), "not UTF-8 text (byte 3")
-    _one_line(_invoke(base + ["--hf", path, "--calibration", str(tmp_path / "none.txt")]), "cannot read it")
+    _one_line(_invoke(base + ["--hf", path, "--calibration", str(tmp_path / "none.txt")]), "not found")
     short = tmp_path / "short.txt"
     short.write_text("Four score and seven years ago", encoding="utf-8")
     _one_line(_invoke(base + ["--hf", path, "--kv-capacity", "64", "--calibration", str(short)]),

@@ -99,7 +99,7 @@ def test_table_and_doc_section(report, tmp_path):
     (["--text", "TEXT"], "--text goes with --gguf / --hf"),
     (["--hf", "CKPT"], "they need a --text"),
     (["--hf", "CKPT", "--text", "MISSING"], "not found"),
-    (["--hf", "CKPT", "--text", "EMPTY"], "the text is empty"),
+    (["--hf", "CKPT", "--text", "EMPTY"], "the file is empty"),
     (["--hf", "CKPT", "--gguf", "x.gguf", "--text", "TEXT"], "not both"),
     (["--sensitivity"], "go with --hf/--gguf"),
     (["--hf", "CKPT", "--text", "TEXT", "--text-tokens", "1"], "--text-tokens 1 is out of range"),
@@ -112,3 +112,21 @@ def test_bad_eval_inputs(args, fragment, checkpoint_and_text, tmp_path):
     res = CliRunner().invoke(cli, ["--quiet", "eval-quant", *[sub.get(a, a) for a in args]], catch_exceptions=False)
     err = res.stderr.strip().splitlines()
     assert res.exit_code != 0 and len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+
+
+def test_prefill_ends_in_one_pass_equals_each_prefix(checkpoint_and_text, tmp_path):
+    """prefill_ends prefills the text once; each chunk end's logits are what a prefill of
+    exactly that prefix gives (the runtime's own generate, one prefix at a time)."""
+    from bluelower.lowering.artifacts.compile import CompileRequest, compile_model
+    from bluelower.runtime_stubs.generate import CompiledModel, generate
+
+    ckpt, _text = checkpoint_and_text
+    out = str(tmp_path / "w4")
+    compile_model(CompileRequest(checkpoint=ckpt, out_dir=out, quant="w4a16kv8", soc="host", prefill_chunk=8))
+    model = CompiledModel(out)
+    ids = [int(i) for i in np.random.default_rng(0).integers(3, 200, size=21)]
+    rows, ends = eval_text.prefill_ends(model, ids)
+    assert ends == [8, 16, 21] and rows.shape[0] == 3
+    for row, end in zip(rows, ends):
+        want = generate(model, None, ids[:end], 1, keep_logits=True).logits[0]
+        np.testing.assert_allclose(row, want, rtol=0, atol=1e-5)

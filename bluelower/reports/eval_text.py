@@ -42,6 +42,7 @@ import numpy as np
 
 from .. import progress
 from ..errors import BlueLowerError
+from ..files import read_user_text
 
 # the files whose code decides the numbers of the table (formats, quantizers, kernels'
 # stored values, the passes that rewrite the graph, this harness)
@@ -69,18 +70,8 @@ def code_fingerprint() -> str:
 
 
 def read_text(path: str) -> str:
-    """The evaluation text (UTF-8, not empty); one line otherwise."""
-    if not os.path.isfile(path):
-        raise BlueLowerError(f"--text {path}: " + ("is not a file" if os.path.exists(path) else "not found"))
-    with open(path, "rb") as fh:
-        data = fh.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BlueLowerError(f"--text {path}: not UTF-8 (byte {exc.start})") from None
-    if not text.strip():
-        raise BlueLowerError(f"--text {path}: the text is empty")
-    return text
+    """The evaluation text (:func:`files.read_user_text`: UTF-8, not empty; one line otherwise)."""
+    return read_user_text(path, "--text")[1]
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -114,12 +105,28 @@ def teacher_forced(backend, ids: list) -> np.ndarray:
 
 def prefill_ends(backend, ids: list) -> tuple[np.ndarray, list]:
     """The logits at the end of each prefill chunk when ``ids`` is prefilled chunk by chunk
-    (``[chunks, V]``) and the positions they predict."""
-    from ..runtime_stubs.generate import generate
+    (``[chunks, V]``) and the positions they predict: one pass over the prompt (a causal
+    model's logits at a chunk's end do not depend on the chunks after it)."""
+    from ..runtime_stubs.generate import check_capacity
+    from ..runtime_stubs.text import check_prompt_ids
 
     c = backend.chunk
-    ends = list(range(c, len(ids), c)) + [len(ids)]
-    rows = [generate(backend, None, ids[:end], 1, keep_logits=True).logits[0] for end in ends]
+    seq = check_prompt_ids(list(ids), backend.vocab_size)
+    check_capacity(0, len(seq), 1, backend.capacity)
+    arr = np.asarray(seq, dtype=np.int64)
+    backend.reset_cache()
+    rows, ends = [], []
+    for start in range(0, arr.size, c):
+        part = arr[start : start + c]
+        valid = part.size
+        padded = np.zeros(c, np.int64)
+        padded[:valid] = part
+        embeds = np.asarray(backend.embed_chunk(padded), dtype=np.float32)
+        if valid < c:
+            embeds = np.concatenate([embeds[:valid], np.zeros((c - valid, embeds.shape[1]), np.float32)])
+        logits = backend.prefill_chunk(np.ascontiguousarray(embeds), start, valid)
+        rows.append(np.array(logits[0], copy=True))
+        ends.append(start + valid)
     return np.stack(rows), ends
 
 

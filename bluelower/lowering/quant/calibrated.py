@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 
 from ...errors import BlueLowerError
+from ...files import read_user_text
 from .gptq import DEFAULT_DAMP, GPTQCodes
 from .recipe import FP32, GROUPED_KINDS, WeightFormat
 
@@ -54,21 +55,11 @@ class CalibrationText:
 
 
 def read_calibration_text(path: str) -> CalibrationText:
-    """The UTF-8 text of ``path``; one-line :class:`BlueLowerError` for a missing / unreadable
-    file, one that is not UTF-8 (with the byte offset) or holds only white space."""
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except OSError as exc:
-        raise BlueLowerError(f"--calibration {path}: cannot read it: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BlueLowerError(f"--calibration {path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    if not text.strip():
-        raise BlueLowerError(f"--calibration {path}: the file is empty; give a text in the model's language "
-                             f"(a few thousand tokens, e.g. bluelower/reports/texts/calibration.txt)")
-    return CalibrationText(path, hashlib.sha256(raw).hexdigest(), text.removeprefix("\ufeff"))
+    """The UTF-8 text of ``path`` (:func:`files.read_user_text`: one line for a missing /
+    unreadable file, one that is not UTF-8 or holds only white space) and its sha256."""
+    raw, text = read_user_text(path, "--calibration", "give a text in the model's language (a few thousand "
+                               "tokens, e.g. bluelower/reports/texts/calibration.txt)")
+    return CalibrationText(path, hashlib.sha256(raw).hexdigest(), text)
 
 
 def check_calibration_model(cfg, tokenizer, path: str) -> None:
