@@ -198,7 +198,8 @@ def test_int8_groupwise_quantizer_error_bound():
 
 
 def _group_sq_error(w, wd, gs):
-    return ((w - wd) ** 2).reshape(w.shape[0], -1, gs).sum(axis=2)
+    d = (w - wd).astype(np.float64)  # the search's own error measure: float64 sums of float32 differences
+    return (d * d).reshape(w.shape[0], -1, gs).sum(axis=2)
 
 
 @pytest.mark.parametrize("asym", [False, True], ids=["symmetric", "asymmetric"])
@@ -212,7 +213,7 @@ def test_scale_search_never_worse_per_group_and_better_overall(asym, layout):
         plain = dequantize_int4_groupwise(*quantize_int4_groupwise(w, 32, layout), 32)
         searched = dequantize_int4_groupwise(*quantize_int4_groupwise(w, 32, layout, search=True), 32)
     e0, e1 = _group_sq_error(w, plain, 32), _group_sq_error(w, searched, 32)
-    assert (e1 <= e0).all()
+    assert (e1 <= e0 * (1 + 1e-12)).all()
     assert e1.sum() < 0.9 * e0.sum()  # ~0.82 / ~0.83 measured on these weights
 
 

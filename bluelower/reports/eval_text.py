@@ -49,7 +49,8 @@ from ..files import read_user_text
 FINGERPRINTED = (
     "lowering/quant/modes.py", "lowering/quant/params.py", "lowering/quant/recipe.py", "lowering/quant/stored.py",
     "lowering/quant/gptq.py", "lowering/quant/calibration.py", "lowering/quant/activations.py",
-    "lowering/kernels/quant.py", "lowering/kernels/linear.py", "lowering/kernels/linear_a8.py",
+    "lowering/kernels/quant.py", "lowering/kernels/search.py", "lowering/kernels/linear.py",
+    "lowering/kernels/linear_a8.py",
     "lowering/kernels/attention.py", "lowering/kernels/embedding.py", "passes/quantize_weights.py",
     "passes/quantize_kv_cache.py", "reports/eval_text.py",
 )

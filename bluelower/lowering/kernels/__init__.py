@@ -3,6 +3,7 @@
 * :mod:`.quant` -- numpy quantizers and packers that produce the packed weight layouts
   (symmetric and asymmetric group-wise INT4, per-channel and group-wise INT8, row layouts
   for embedding tables; GGUF Q4_0 / Q4_1 / Q8_0 codes repack without rounding).
+* :mod:`.search` -- the INT4 scale search as a compiled kernel (bit for bit its numpy reference).
 * :mod:`.linear` -- TIR PrimFunc builders that read those layouts (GEMV for decode,
   tiled GEMM for prefill), ready for ``R.call_tir`` in a Relax module.
 * :mod:`.linear_a8` -- int8-activation kernels (the ``w4a8`` / ``w8a8`` modes): the per-token

@@ -57,6 +57,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
+from .host import host_target  # noqa: F401 (re-exported: kernels.host_target)
 from .quant import BLOCK_ROWS
 
 __all__ = [
@@ -96,18 +97,6 @@ _PF_K4 = PREFETCH_BYTES // 64  # in k-quads (64 bytes per 4 k) for the INT4 "k4"
 def prefetch(addr):
     """``llvm.prefetch(addr, read, locality=3, data)``; lowers to PREFETCHT0 / PRFM PLDL1KEEP."""
     return T.call_llvm_intrin("void", "llvm.prefetch.p0", addr, 0, 3, 1)
-
-
-def host_target() -> tvm.target.Target:
-    """An ``llvm`` target for this machine with its CPU name (enables AVX2/AVX-512/NEON).
-
-    A bare ``"llvm"`` target compiles for the baseline ISA (SSE2 on x86_64), which makes
-    the vectorized kernels several times slower.
-    """
-    cpu = tvm.target.codegen.llvm_get_system_cpu()
-    if cpu and cpu != "generic":
-        return tvm.target.Target({"kind": "llvm", "mcpu": cpu})
-    return tvm.target.Target("llvm")
 
 
 def check_linear_args(M: int, N: int, K: int, out_dtype: str, k_multiple: int, what: str) -> None:
