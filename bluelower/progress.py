@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 
 from .files import check_interrupted
 
 _quiet = False
+_lock = threading.Lock()  # steps may report from two threads (weights convert beside the TVM build)
+_bar = [False]  # a bar is drawn on the terminal's current line
 
 
 def set_quiet(quiet: bool) -> None:
@@ -27,7 +30,15 @@ def is_quiet() -> bool:
 def log(message: str) -> None:
     """One informational line on stderr."""
     if not _quiet:
-        print(message, file=sys.stderr, flush=True)
+        with _lock:
+            _clear_bar()
+            print(message, file=sys.stderr, flush=True)
+
+
+def _clear_bar() -> None:
+    if _bar[0]:
+        sys.stderr.write("\r" + " " * 100 + "\r")
+        _bar[0] = False
 
 
 class Progress:
@@ -51,21 +62,21 @@ class Progress:
             width = 30
             filled = int(width * frac)
             bar = "#" * filled + "-" * (width - filled)
-            sys.stderr.write(f"\r{self.label} [{bar}] {self.done}/{self.total} {item[:40]:<40}")
-            sys.stderr.flush()
+            with _lock:
+                sys.stderr.write(f"\r{self.label} [{bar}] {self.done}/{self.total} {item[:40]:<40}")
+                sys.stderr.flush()
+                _bar[0] = True
         else:
             decile = int(frac * 10)
             if decile != self._last_decile:
                 self._last_decile = decile
-                print(f"{self.label}: {self.done}/{self.total}", file=sys.stderr, flush=True)
+                log(f"{self.label}: {self.done}/{self.total}")
 
     def close(self) -> None:
         if _quiet:
             return
         elapsed = time.perf_counter() - self._start
-        if self._tty:
-            sys.stderr.write("\r" + " " * 100 + "\r")
-        print(f"{self.label}: done ({self.done}/{self.total}, {elapsed:.1f} s)", file=sys.stderr, flush=True)
+        log(f"{self.label}: done ({self.done}/{self.total}, {elapsed:.1f} s)")
 
 
 @contextlib.contextmanager

@@ -11,6 +11,8 @@ import json
 import os
 import platform
 import re
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,6 +125,8 @@ def compile_model(req: CompileRequest) -> dict:
         output = OutputDir(req.out_dir, force=req.force)
         tmp = output.open()
     try:
+        t_start = time.perf_counter()
+        stages = {}
         with progress.step("import"):
             mod, sigs = import_model(cfg, req.frontend)  # weights bind at run time, not at import
         ctx = BuildContext(target=target, quant=req.quant, group_size=req.group_size, soc=soc, spec=spec,
@@ -131,45 +135,28 @@ def compile_model(req: CompileRequest) -> dict:
         imported = list(sigs)
         sigs = module_signatures(mod)  # as the passes left them: packed weights, the INT8 cache, added stages
         sigs = {**{n: sigs[n] for n in imported}, **{n: s for n, s in sigs.items() if n not in imported}}
-        with progress.step("TVM build"):
-            ex = relax.build(without_results(mod), target, relax_pipeline=None)
-            ex.export_library(os.path.join(tmp, LIBRARY), **export_kwargs)
-
         # quantized builds: packed params replace linear weights, converted tensor by tensor
         stored = StoredParams.from_build(sigs, specs, result(mod, "quantized_params", {}))
+        prebuild_search_kernels(stored, specs)  # not while the TVM build runs
+        stages["import + passes"] = time.perf_counter() - t_start
 
-        def produce(name: str) -> np.ndarray:
-            if source is not None:
-                return source.read(name).astype(np.float32)
-            return random_weight(name, specs[name][0], req.seed, cfg.runtime.init_std)
-
-        read_quantized = getattr(source, "read_quantized", None)
-        codes = calibrated = None
-        targets = {t.source for t in stored.transforms.values() if t.args.get("carry") == GPTQ_CARRY}
+        # the parameters are converted and written on a thread while TVM builds the library
+        cancelled = threading.Event()
+        writer = _Background(lambda: _write_params(req, tmp, cfg, spec, model, source, specs, stored, formats,
+                                                   recipe, calibration, cancelled), "write params", cancelled)
+        writer.start()
         try:
-            if targets:  # GPTQ for exactly the weights the pass gave the calibrated codes' carry
-                from ..quant.calibrated import CodeStore, calibrate
-
-                if calibration is None:
-                    raise BlueLowerError(f"{recipe.source}: the rules ask for method 'gptq' (for "
-                                         f"{sorted(targets)[0]}): add --calibration FILE")
-
-                codes = CodeStore(os.path.join(tmp, ".calibration"))
-                calibrated = calibrate(source, cfg, spec, formats, targets, calibration["sequences"], codes)
-                base = read_quantized
-
-                def read_quantized(name: str):
-                    return codes.read_quantized(name) if name in codes else base(name)
-
-            write_safetensors(
-                os.path.join(tmp, PARAMS),
-                stored.safetensors_specs(),
-                param_producer(stored.transforms, produce, read_quantized),
-                label="write params",
-            )
-        finally:
-            if codes is not None:
-                codes.close()
+            t = time.perf_counter()
+            with progress.step("TVM build"):
+                ex = relax.build(without_results(mod), target, relax_pipeline=None)
+                ex.export_library(os.path.join(tmp, LIBRARY), **export_kwargs)
+            stages["TVM build"] = time.perf_counter() - t
+        except BaseException:
+            cancelled.set()  # the build's error is the one reported; the writer stops at its next tensor
+            writer.join(quiet=True)
+            raise
+        calibrated = writer.join()
+        stages["params (beside the build)"] = writer.seconds
         files = [LIBRARY, PARAMS]
         manifest = _manifest(cfg, spec, req, soc, target, sigs, pass_stats, source)
         if model.tokenizer is not None:
@@ -198,9 +185,104 @@ def compile_model(req: CompileRequest) -> dict:
     finally:
         if output is not None:
             output.close()
+    stages["total"] = time.perf_counter() - t_start
+    progress.log("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()))
     if not req.staged:
         progress.log(f"wrote {os.path.abspath(req.out_dir)}")
     return manifest
+
+
+def prebuild_search_kernels(stored, specs) -> int:
+    """Build the scale-search kernels the parameters will use now, before the library's TVM
+    build starts beside the weight conversion (one TVM compiler call at a time); return how
+    many. A run of each on zeros builds it (kernels/search.py caches them per process)."""
+    from ..kernels import search
+
+    sizes = set()
+    for t in stored.transforms.values():
+        shape = specs.get(t.source, ((),))[0]
+        gs = int(t.args.get("group_size") or 0)
+        if not t.args.get("search") or "int4" not in t.quantizer or not gs or len(shape) != 2:
+            continue
+        if int(np.prod(shape)) // gs >= search.KERNEL_MIN_GROUPS:
+            sizes.add(("asym" in t.quantizer, gs))
+    for asym, gs in sorted(sizes):
+        zeros = np.zeros((search.KERNEL_MIN_GROUPS, gs), np.float32)
+        search.search_asym(zeros) if asym else search.search_sym(zeros, 7, -8)
+    return len(sizes)
+
+
+class _Background:
+    """``fn()`` on a thread; :meth:`join` returns its result or raises its exception."""
+
+    def __init__(self, fn, name: str, cancelled: threading.Event):
+        self.cancelled = cancelled
+        self.seconds = 0.0
+        self._fn, self._out, self._exc = fn, None, None
+        self._thread = threading.Thread(target=self._run, name=f"bluelower-{name}", daemon=True)
+
+    def _run(self):
+        t = time.perf_counter()
+        try:
+            self._out = self._fn()
+        except BaseException as exc:  # noqa: BLE001 (re-raised in the main thread by join)
+            self._exc = exc
+        self.seconds = time.perf_counter() - t
+
+    def start(self):
+        self._thread.start()
+
+    def join(self, quiet: bool = False):
+        """Wait for it; its result, or its exception re-raised (``quiet``: not raised)."""
+        while self._thread.is_alive():
+            self._thread.join(0.2)  # wakes up for the main thread's signal handler
+        if self._exc is not None and not quiet:
+            raise self._exc
+        return self._out
+
+
+class _Cancelled(Exception):
+    """The build failed beside the parameter writer: stop converting."""
+
+
+def _write_params(req, tmp, cfg, spec, model, source, specs, stored, formats, recipe, calibration, cancelled):
+    """Convert and write ``params.safetensors`` (GPTQ first where the rules ask for it);
+    return the calibration result (or None)."""
+    def produce(name: str) -> np.ndarray:
+        if cancelled.is_set():
+            raise _Cancelled()
+        if source is not None:
+            return source.read(name).astype(np.float32)
+        return random_weight(name, specs[name][0], req.seed, cfg.runtime.init_std)
+
+    read_quantized = getattr(source, "read_quantized", None)
+    codes = calibrated = None
+    targets = {t.source for t in stored.transforms.values() if t.args.get("carry") == GPTQ_CARRY}
+    try:
+        if targets:  # GPTQ for exactly the weights the pass gave the calibrated codes' carry
+            from ..quant.calibrated import CodeStore, calibrate
+
+            if calibration is None:
+                raise BlueLowerError(f"{recipe.source}: the rules ask for method 'gptq' (for "
+                                     f"{sorted(targets)[0]}): add --calibration FILE")
+
+            codes = CodeStore(os.path.join(tmp, ".calibration"))
+            calibrated = calibrate(source, cfg, spec, formats, targets, calibration["sequences"], codes)
+            base = read_quantized
+
+            def read_quantized(name: str):
+                return codes.read_quantized(name) if name in codes else base(name)
+
+        write_safetensors(
+            os.path.join(tmp, PARAMS),
+            stored.safetensors_specs(),
+            param_producer(stored.transforms, produce, read_quantized),
+            label="write params",
+        )
+    finally:
+        if codes is not None:
+            codes.close()
+    return calibrated
 
 
 def request_recipe(req: CompileRequest):
