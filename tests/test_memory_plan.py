@@ -283,3 +283,23 @@ def test_effective_shares_one_region_between_sequential_callees():
     assert effective(plans, "main", "arena_bytes") == 100 + (10 + 20 + 30) + 4010
     assert effective(plans, "main", "liveness_lower_bound_bytes") == 90 + 60 + (2900 + 10 + 950)
     assert effective(plans, "main", "tvm_host_alloc_bytes") == 100 + 1000 + (3000 + 1000) + 500
+
+
+@pytest.mark.parametrize("quant", ["fp32", "w4a16kv8", "w8"])
+def test_the_three_memory_reports_agree(quant, quant_build, tmp_path):
+    """`inspect memory --model` (no build), the build's manifest and `inspect memory BUILD`
+    give the same peak and phases: one plan, one table function, activations at the mode's
+    width in both."""
+    from bluelower.lowering.artifacts.compile import CompileRequest, compile_model
+
+    build = quant_build
+    if quant != "w4a16kv8":
+        build = str(tmp_path / quant)
+        compile_model(CompileRequest(model="tiny", out_dir=build, quant=quant, prefill_chunk=16))
+    planned = json.loads(invoke("inspect", "memory", "--model", "tiny", "--quant", quant, "--prefill-chunk", "16",
+                                "--json").output)
+    built = json.loads(invoke("inspect", "memory", build, "--json").output)
+    manifest = json.load(open(os.path.join(build, "manifest.json")))["memory_plan"]
+    for other in (built, manifest):
+        assert other["peak_bytes"] == planned["peak_bytes"]
+        assert [{k: v for k, v in p.items()} for p in other["phases"]] == planned["phases"]

@@ -26,7 +26,7 @@ from ..quant.modes import DEFAULT_GROUP_SIZE, DEFAULT_QUANT, quant_mode
 from ..quant.params import GPTQ_CARRY, StoredParams, format_policy, param_producer
 from ..frontend.weights import model_weight_specs, random_weight, write_safetensors
 from ...files import check_interrupted
-from .memory_table import check_fits
+from .memory_table import check_fits, plan_dtype_bytes
 from .bundle import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, LIBRARY, PARAMS, TOKENIZER, OutputDir, file_sha256,
                      write_manifest, write_marker)
 
@@ -129,8 +129,10 @@ def compile_model(req: CompileRequest) -> dict:
         stages = {}
         with progress.step("import"):
             mod, sigs = import_model(cfg, req.frontend)  # weights bind at run time, not at import
+        # the plan counts activations at the mode's width, as `inspect memory --model` does
         ctx = BuildContext(target=target, quant=req.quant, group_size=req.group_size, soc=soc, spec=spec,
-                           entry_functions=tuple(sigs), image_batch=cfg.runtime.image_batch, weight_formats=formats)
+                           entry_functions=tuple(sigs), image_batch=cfg.runtime.image_batch, weight_formats=formats,
+                           plan_dtype_bytes=plan_dtype_bytes(req.quant))
         mod, pass_stats = run_pipeline(mod, ctx, disabled=req.disabled_passes, dump_ir_dir=req.dump_ir)
         imported = list(sigs)
         sigs = module_signatures(mod)  # as the passes left them: packed weights, the INT8 cache, added stages
