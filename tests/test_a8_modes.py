@@ -591,3 +591,34 @@ def test_a8_build_run_check_with_an_image(key, a8_build, tiny_image):
     out, _manifest, _secs = a8_build(key)
     res = api.run(out, image=tiny_image, prompt_ids=PROMPT, max_new_tokens=4, check=True)
     assert res["match"] is True, (res["tokens"], res.get("reference_tokens"))
+
+
+@pytest.mark.parametrize("quant", ["w4a8kv8", "w4a16kv8"])
+def test_run_check_on_a_tied_lm_head(quant, tmp_path):
+    """A checkpoint whose lm_head is the token table (SmolLM2's layout). The default recipe
+    stores the table twice, INT4 rows for the lookups and INT8 for the logits: the reference
+    reads each use's own values (it used to read the INT8 values for the lookups too, so
+    --check failed at layer 0's first rounding); in an a8 mode the build quantizes the
+    logits' input too and the reference follows it (F.linear on the table, not an nn.Linear;
+    it used to stop at 'the build quantized 121 activations, the reference read 120' on
+    SmolLM2)."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from bluelower import api
+    from bluelower.reports.eval_quant import quantized_linear_sources
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    ckpt = str(tmp_path / "tied")
+    model.save_pretrained(ckpt)
+    out = str(tmp_path / "build")
+    manifest = api.compile(output=out, checkpoint=ckpt, quant=quant)
+    assert "model.embed_tokens.weight" in quantized_linear_sources(manifest)
+    kinds = {spec[1] for spec in manifest["quantization"]["params"].values() if spec[0] == "model.embed_tokens.weight"}
+    assert len(kinds) == 2, kinds  # lookup rows and the lm_head's linear layout
+    res = api.run(out, prompt_ids=[5, 17, 3, 40], max_new_tokens=6, check=True)
+    assert res["match"] is True, (res["tokens"], res.get("reference_tokens"))

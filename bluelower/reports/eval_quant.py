@@ -59,11 +59,16 @@ class DequantizedReference(TorchReference):
 
         manifest = read_manifest(build_dir)
         cfg = config_from_dict(manifest["model"], "manifest.json:model")
+        tied_linear: dict = {}  # a tied table whose logits read other values than its lookups
         state = {n: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-                 for n, a in dequantized_state(os.path.join(build_dir, PARAMS), manifest).items()}
+                 for n, a in dequantized_state(os.path.join(build_dir, PARAMS), manifest, tied_linear).items()}
         with torch.device("meta"):
             model = spec_for(cfg).build_module(cfg)
         model.load_state_dict(state, assign=True)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        # id(table) -> (its name, the values F.linear reads for the logits)
+        self.tied = {id(params[n]): (n, torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))
+                     for n, w in tied_linear.items() if n in params}
         self.torch = torch
         self.cfg = cfg
         self.model = model.eval()
@@ -86,7 +91,7 @@ class DequantizedReference(TorchReference):
             self.kv_int8 = Int8KVRows(spec_for(cfg).kv_cache_shape(cfg),
                                       build=None if self.build is None else self.build.model)
         if a8:
-            self.act_int8 = Int8Activations(self.model, quantized_linear_sources(manifest))
+            self.act_int8 = Int8Activations(self.model, quantized_linear_sources(manifest), self.tied)
 
     def reset_cache(self):
         super().reset_cache()
@@ -102,7 +107,9 @@ class DequantizedReference(TorchReference):
             if self.kv_int8 is not None and writes_cache:
                 stack.enter_context(self.kv_int8.step(None))
             if self.act_int8 is not None:
-                stack.enter_context(self.act_int8.step(captured))
+                stack.enter_context(self.act_int8.step(captured))  # the tied tables' logits too
+            elif self.tied:
+                stack.enter_context(tables_as_linear(self.tied))
             return built, run_ref()
 
     def encode_batch(self, patches):
@@ -125,13 +132,13 @@ class DequantizedReference(TorchReference):
         return built
 
     def prefill_chunk(self, rows, start, num_valid):
-        if self.kv_int8 is None and self.act_int8 is None:
+        if self.kv_int8 is None and self.act_int8 is None and not self.tied:
             return super().prefill_chunk(rows, start, num_valid)
         return self._followed(lambda build: build.prefill_chunk(rows, start, num_valid),
                               lambda: super(DequantizedReference, self).prefill_chunk(rows, start, num_valid))[1]
 
     def decode_step(self, token, position):
-        if self.kv_int8 is None and self.act_int8 is None:
+        if self.kv_int8 is None and self.act_int8 is None and not self.tied:
             return super().decode_step(token, position)
         return self._followed(lambda build: build.decode_step(token, position),
                               lambda: super(DequantizedReference, self).decode_step(token, position))[1]
@@ -191,12 +198,22 @@ class Int8Activations:
     own quantization of its input (:func:`follow_codes`); without them (a build not followed)
     each layer rounds its own input."""
 
-    def __init__(self, model, weight_names):
+    def __init__(self, model, weight_names, tied: dict | None = None):
+        import torch
+
         from ..lowering.quant.activations import linear_selector, tag_parameter_names
 
         tag_parameter_names(model)
         self.model = model
         self.select = linear_selector(weight_names)
+        # weights read by F.linear but not an nn.Linear's (a tied lm_head reads the token
+        # table): id -> (name, the values it reads: a tied table's linear layout, else itself)
+        linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        self.tables = {}
+        for name, module in model.named_modules():
+            w = getattr(module, "weight", None)
+            if isinstance(w, torch.nn.Parameter) and id(w) not in linear_weights and self.select(name, module):
+                self.tables[id(w)] = (tied or {}).get(id(w), (f"{name}.weight", w))
 
     @contextlib.contextmanager
     def step(self, captured: list | None):
@@ -218,7 +235,7 @@ class Int8Activations:
             seen[id(x)] = (x, out)
             return out
 
-        with int8_activations(self.model, self.select, rows):
+        with int8_activations(self.model, self.select, rows), tables_as_linear(self.tables, rows):
             yield
         if queue is not None and used[0] != len(queue):
             from ..errors import BlueLowerError
@@ -243,6 +260,32 @@ class Int8Activations:
                                  f"the reference's layer {name} reads {list(own.shape)}: they cannot be followed")
         followed = follow_codes(own, codes[:, :k], scale, f"activation of {name} ")
         return torch.from_numpy(followed).reshape(x.shape).to(x.dtype)
+
+
+@contextlib.contextmanager
+def tables_as_linear(tables: dict, rows=None):
+    """Within the block, ``F.linear(x, W)`` for a weight ``W`` of ``tables`` (``id(W) ->
+    (name, values)``; weights that are not an ``nn.Linear``'s, e.g. a tied lm_head's token
+    table) multiplies by ``values`` (a tied table's linear-layout values when its lookups read
+    others) and, with ``rows``, reads ``rows(name, x)`` (the a8 modes' int8 input, in call
+    order, like ``int8_activations`` for the ``nn.Linear`` layers, whose own ``F.linear``
+    calls are left alone)."""
+    if not tables:
+        yield
+        return
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is F.linear and len(args) >= 2 and id(args[1]) in tables:
+                name, values = tables[id(args[1])]
+                args = (args[0] if rows is None else rows(name, args[0]), values, *args[2:])
+            return func(*args, **kwargs)
+
+    with Mode():
+        yield
 
 
 def follow_codes(rows: np.ndarray, codes: np.ndarray, scale: np.ndarray, where: str) -> np.ndarray:

@@ -508,10 +508,16 @@ def param_producer(transforms: dict, read_fp32: Callable[[str], np.ndarray],
 _PART_OF_SUFFIX = {"packed": 0, "scales": 1, "mins": 2}
 
 
-def dequantized_state(params_path: str, manifest: dict) -> dict:
+def dequantized_state(params_path: str, manifest: dict, tied_linear: dict | None = None) -> dict:
     """Read a build's ``params.safetensors`` back as fp32 model weights (source names):
     quantized weights dequantized exactly as the kernels use them. For the PyTorch
-    reference of a quantized build (``run --check``) and the accuracy report."""
+    reference of a quantized build (``run --check``) and the accuracy report.
+
+    A tied token table stored twice (lookup rows and the lm_head's linear layout) gets the
+    linear layout's values, unless ``tied_linear`` is a dict and the two differ (the default
+    recipe: INT4 rows for the lookups, INT8 for the logits): then the state holds the rows'
+    values (what the lookups read) and ``tied_linear[source]`` the linear layout's (what the
+    logits read)."""
     from ..frontend.weights import WeightSource
 
     src = WeightSource(params_path)
@@ -526,11 +532,15 @@ def dequantized_state(params_path: str, manifest: dict) -> dict:
         if name in table:
             continue
         out[name] = src.read(name).astype(np.float32)
-    # the linear layout first: a tied lm_head's values (its lookup rows hold the same codes)
+    # the linear layout first: a tied lm_head's values
     for (source, quantizer), (parts, args) in sorted(by_conversion.items(), key=lambda kv: kv[0][1].endswith("_rows")):
-        if source in out:
-            continue
         arrays = [src.read(parts[i]) for i in sorted(parts)]
+        if source in out:  # the lookup rows of a tied table whose linear layout came first
+            if tied_linear is not None:
+                rows = dequantize_weight(arrays, quantizer, args, tuple(shapes[source]))
+                if not np.array_equal(rows, out[source]):
+                    tied_linear[source], out[source] = out[source], rows
+            continue
         out[source] = dequantize_weight(arrays, quantizer, args, tuple(shapes[source]))
     return out
 
