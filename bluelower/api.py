@@ -409,7 +409,8 @@ def eval_quant(models=("tiny",), modes=None, tokens: int = 64, seed: int = 0, gr
                        f"{report['checkpoint']} --text {report['text']} --text-tokens {text_tokens}"
                        f"{' --sensitivity' if sensitivity else ''} --modes {','.join(m['mode'] for m in report['modes'])}"
                        f" --write-doc {os.path.basename(write_doc)}")
-            eval_text.write_section(write_doc, report["checkpoint"], eval_text.format_text_table(report), command)
+            eval_text.write_section(write_doc, report["checkpoint"], eval_text.format_text_table(report), command,
+                                    fingerprint=report["code_fingerprint"])
         return [report]
     reports = [ev.evaluate(m, modes=tuple(modes or QUANT_MODES), tokens=tokens, seed=seed, group_size=group_size,
                            disabled_passes=tuple(disable_passes)) for m in models]

@@ -511,6 +511,9 @@ def evaluate(model: str = "tiny", modes=MODES, tokens: int = 64, seed: int = 0, 
     from ..lowering.artifacts.compile import CompileRequest, compile_model
     from ..lowering.models import load_config
 
+    from .eval_text import code_fingerprint
+
+    fingerprint = code_fingerprint()  # of the code as it was when the numbers were made
     cfg = load_config(model)
     if prompt_ids is None:
         prompt_ids = [int(v) for v in np.random.default_rng(seed).integers(3, cfg.decoder.vocab_size, 24)]
@@ -567,7 +570,8 @@ def evaluate(model: str = "tiny", modes=MODES, tokens: int = 64, seed: int = 0, 
         if own_tmp:
             shutil.rmtree(work_dir, ignore_errors=True)
     return {"model": cfg.name, "seed": seed, "group_size": group_size, "tokens": len(ref_tokens),
-            "prompt_ids": list(prompt_ids), "reference_tokens": ref_tokens, "results": rows}
+            "prompt_ids": list(prompt_ids), "reference_tokens": ref_tokens, "results": rows,
+            "code_fingerprint": fingerprint}
 
 
 # ---------------------------------------------------------------- report
@@ -598,4 +602,5 @@ def write_doc(path: str, reports: list, command: str | None = None) -> None:
         command = f"bluelower eval-quant {models} --write-doc {os.path.relpath(path)}"
     body = "\n\n".join(f"### `{r['model']}` (seed {r['seed']}, group size {r['group_size']}, {r['tokens']} tokens)\n\n"
                        + format_table(r) for r in reports)
-    write_section(path, "random-weights", body, command)
+    prints = {r.get("code_fingerprint") for r in reports}
+    write_section(path, "random-weights", body, command, fingerprint=prints.pop() if len(prints) == 1 else None)

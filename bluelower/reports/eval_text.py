@@ -52,7 +52,7 @@ FINGERPRINTED = (
     "lowering/kernels/quant.py", "lowering/kernels/search.py", "lowering/kernels/linear.py",
     "lowering/kernels/linear_a8.py",
     "lowering/kernels/attention.py", "lowering/kernels/embedding.py", "passes/quantize_weights.py",
-    "passes/quantize_kv_cache.py", "reports/eval_text.py",
+    "passes/quantize_kv_cache.py", "reports/eval_text.py", "reports/eval_quant.py",
 )
 
 
@@ -328,11 +328,15 @@ BEGIN = "<!-- BEGIN eval-quant {name}: generated, do not edit -->"
 END = "<!-- END eval-quant {name} -->"
 
 
-def write_section(path: str, name: str, body: str, command: str) -> None:
+def write_section(path: str, name: str, body: str, command: str, fingerprint: str | None = None) -> None:
     """Replace (or append) the section ``name`` of Markdown file ``path``: ``body`` between the
-    markers, with the command that regenerates it and the code fingerprint."""
+    markers, with the command that regenerates it and the code fingerprint (``fingerprint``:
+    the one recorded when the numbers were made, so code changed during the run shows as
+    stale; default: now)."""
     begin, end = BEGIN.format(name=name), END.format(name=name)
-    block = (f"{begin}\n\nRegenerate with `{command}` (code fingerprint `{code_fingerprint()}`; "
+    if fingerprint is None:
+        fingerprint = code_fingerprint()
+    block = (f"{begin}\n\nRegenerate with `{command}` (code fingerprint `{fingerprint}`; "
              f"tests/test_quant_doc.py fails when the code that makes these numbers changed since).\n\n"
              f"{body}\n\n{end}")
     text = ""
