@@ -153,6 +153,30 @@ def test_host_target_is_plain_llvm():
     assert t == {"kind": "llvm", "num-cores": 2}
 
 
+def test_native_is_host_with_this_cpu(tmp_path):
+    """`--soc native`: host.toml with the CPU LLVM detects here as mcpu; a build for it
+    records the mcpu in its manifest, uses the CPU's dot-product ISA and runs here."""
+    cpu = tvm.target.codegen.llvm_get_system_cpu()
+    if not cpu or cpu == "generic":
+        pytest.skip("LLVM does not name this machine's CPU")
+    soc = load_soc("native")
+    assert "native" in list_socs() and soc.is_host and soc.apu is None
+    assert soc.tvm_target_dict() == {"kind": "llvm", "mcpu": cpu, "num-cores": 2}
+    host = load_soc("host")
+    assert soc.memory == host.memory and [c.cores for c in soc.cpu_clusters] == [c.cores for c in host.cpu_clusters]
+    from bluelower import api
+
+    out = str(tmp_path / "native")
+    manifest = api.compile("tiny", out, soc="native", quant="w4a8")
+    assert manifest["target"]["mcpu"] == cpu
+    stats = [p["stats"] for p in manifest["passes"] if p["name"] == "QuantizeWeights"][0]
+    from bluelower.lowering.kernels import dot_isa
+
+    assert stats["dot_isa"] == dot_isa(tvm.target.Target(manifest["target"])) != "generic"
+    res = api.run(out, prompt_ids=[1, 2, 3], max_new_tokens=3, check=True)
+    assert res["match"] is True
+
+
 def test_load_by_path_equals_by_name():
     a = load_soc("dimensity9300")
     b = load_soc(os.path.join(SOC_DIR, "dimensity9300.toml"))

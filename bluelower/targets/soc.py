@@ -25,6 +25,7 @@ Conventions enforced by the loader
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -615,7 +616,6 @@ def with_host_cpu(soc: SoC) -> SoC:
     """``soc``'s APU (its partitions, precision rules and defaults) on the build machine's
     CPU (``host.toml``), so a build for ``soc`` runs here, APU numerics emulated
     (``benchmarks/apu_numerics.py``; docs/apu-partitions.md, "Numerics")."""
-    import dataclasses
 
     host = load_soc("host")
     if soc.is_host:
@@ -625,13 +625,35 @@ def with_host_cpu(soc: SoC) -> SoC:
                                source=soc.source, assumed=host.assumed)
 
 
+NATIVE = "native"
+"""The SoC name of the build machine with its own CPU (see :func:`native_soc`)."""
+
+
 def list_socs() -> list[str]:
-    """Names of the shipped SoC files."""
-    return sorted(f[:-5] for f in os.listdir(SOC_DIR) if f.endswith(".toml"))
+    """Names of the shipped SoC files, and ``native``."""
+    return sorted([f[:-5] for f in os.listdir(SOC_DIR) if f.endswith(".toml")] + [NATIVE])
+
+
+def native_soc() -> SoC:
+    """``host`` with this machine's CPU as LLVM names it (``mcpu``): the kernels use its whole
+    ISA (AVX-512, VNNI: the ``a8`` modes' integer dot products), so a build runs several times
+    faster here, but is neither reproducible on nor always runnable by another machine (the
+    shipped ``host`` is generic x86-64 for that). A one-line error when LLVM does not know
+    this CPU."""
+    import tvm
+
+    host = load_soc("host")
+    cpu = tvm.target.codegen.llvm_get_system_cpu()
+    if not cpu or cpu == "generic":
+        raise BlueLowerError("--soc native: LLVM does not know this machine's CPU; use --soc host")
+    clusters = tuple(dataclasses.replace(c, mcpu=cpu) for c in host.cpu_clusters)
+    return dataclasses.replace(host, name=NATIVE, cpu_clusters=clusters, source=f"{host.source} (mcpu {cpu})",
+                               description=f"this machine's CPU ({cpu}, as LLVM names it): its whole ISA; builds "
+                                           "are not reproducible on other machines")
 
 
 def soc_path(name_or_path: str) -> str:
-    if name_or_path in list_socs():
+    if name_or_path in list_socs() and name_or_path != NATIVE:
         return os.path.join(SOC_DIR, name_or_path + ".toml")
     if name_or_path.endswith(".toml") or os.path.sep in name_or_path:
         return name_or_path
@@ -639,7 +661,9 @@ def soc_path(name_or_path: str) -> str:
 
 
 def load_soc(name_or_path: str) -> SoC:
-    """Load a shipped SoC by name (``dimensity9300``, ``host``) or a user's ``.toml`` file."""
+    """Load a shipped SoC by name (``dimensity9300``, ``host``, ``native``) or a user's ``.toml`` file."""
+    if name_or_path == NATIVE:
+        return native_soc()
     path = soc_path(name_or_path)
     if not os.path.isfile(path):
         raise BlueLowerError(f"SoC file not found: {path}")
