@@ -178,6 +178,10 @@ def run(args) -> dict:
     with open(ids_path, "w") as fh:
         json.dump(ids, fh)
 
+    for _ in range(60):  # the compiles above raised the load average: let it settle first
+        if float(B.loadavg().split()[0]) < 0.8:
+            break
+        time.sleep(5)
     res = {"model": os.path.basename(gguf), "rounds": args.rounds, "threads": B.THREADS,
            "decode_tokens": DECODE_TOKENS, "soc": soc, "machine": B.machine_info(),
            "loadavg_start": B.loadavg(), "other_processes_start": B.busy_processes(),
