@@ -45,6 +45,18 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def read_bytes(path: str, where: str | None = None) -> bytes:
+    """The bytes of ``path``; an unreadable file is one :class:`BlueLowerError` line
+    (``WHERE: cannot read: REASON``, ``where`` defaulting to the path)."""
+    from .errors import BlueLowerError
+
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise BlueLowerError(f"{where or path}: cannot read: {exc.strerror or exc}") from None
+
+
 def read_user_text(path: str, flag: str, empty_hint: str = "") -> tuple[bytes, str]:
     """``(bytes, text)`` of the UTF-8 text file ``path`` given with option ``flag`` (a
     leading byte-order mark dropped from the text). One-line :class:`BlueLowerError`
@@ -57,11 +69,7 @@ def read_user_text(path: str, flag: str, empty_hint: str = "") -> tuple[bytes, s
         raise BlueLowerError(f"{where}: not found")
     if not os.path.isfile(path):
         raise BlueLowerError(f"{where}: is not a regular file")
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except OSError as exc:
-        raise BlueLowerError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+    raw = read_bytes(path, where)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

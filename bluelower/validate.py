@@ -21,6 +21,7 @@ import math
 import os
 
 from .errors import BlueLowerError
+from .files import read_bytes
 
 MAX_JSON_DEPTH = 64  # runtime_stubs/native/json.cc kMaxDepth
 
@@ -119,12 +120,7 @@ def read_json(path: str, what: str = "file"):
         raise BlueLowerError(f"{what} not found: {path}")
     if os.path.isdir(path):
         raise BlueLowerError(f"{path}: {what} is a directory, not a JSON file")
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        raise BlueLowerError(f"{path}: cannot read: {exc.strerror}") from None
-    return parse_json(data, path)
+    return parse_json(read_bytes(path), path)
 
 
 # ------------------------------------------------------------------------- output paths

@@ -27,7 +27,7 @@ from ... import progress
 from ...errors import BlueLowerError
 from ...validate import LIMITS, check_int, parse_json
 from ...files import (LockedError, OutputLock, check_interrupted, critical, current_umask, file_sha256,  # noqa: F401
-                      forget, temp_dir, temp_file, track)
+                      forget, read_bytes, temp_dir, temp_file, track)
 
 BUNDLE_FORMAT = "bluelower-bundle"
 BUNDLE_FORMAT_VERSION = 1
@@ -54,12 +54,7 @@ def read_manifest(build_dir: str) -> dict:
         raise BlueLowerError(f"{build_dir} is not a bluelower build (no {MANIFEST}); compile one with "
                              "`bluelower compile -o DIR`")
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        raise BlueLowerError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        manifest = parse_json(data, path)
+        manifest = parse_json(read_bytes(path), path)
     except BlueLowerError as exc:
         raise BlueLowerError(f"malformed manifest: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:

@@ -145,7 +145,7 @@ def compile_model(req: CompileRequest) -> dict:
         # the parameters are converted and written on a thread while TVM builds the library
         cancelled = threading.Event()
         writer = _Background(lambda: _write_params(req, tmp, cfg, spec, model, source, specs, stored, formats,
-                                                   recipe, calibration, cancelled), "write params", cancelled)
+                                                   recipe, calibration, cancelled), "write params")
         writer.start()
         try:
             t = time.perf_counter()
@@ -194,10 +194,10 @@ def compile_model(req: CompileRequest) -> dict:
     return manifest
 
 
-def prebuild_search_kernels(stored, specs) -> int:
+def prebuild_search_kernels(stored, specs) -> None:
     """Build the scale-search kernels the parameters will use now, before the library's TVM
-    build starts beside the weight conversion (one TVM compiler call at a time); return how
-    many. A run of each on zeros builds it (kernels/search.py caches them per process)."""
+    build starts beside the weight conversion (one TVM compiler call at a time). A run of
+    each on zeros builds it (kernels/search.py caches them per process)."""
     from ..kernels import search
 
     sizes = set()
@@ -211,14 +211,12 @@ def prebuild_search_kernels(stored, specs) -> int:
     for asym, gs in sorted(sizes):
         zeros = np.zeros((search.KERNEL_MIN_GROUPS, gs), np.float32)
         search.search_asym(zeros) if asym else search.search_sym(zeros, 7, -8)
-    return len(sizes)
 
 
 class _Background:
     """``fn()`` on a thread; :meth:`join` returns its result or raises its exception."""
 
-    def __init__(self, fn, name: str, cancelled: threading.Event):
-        self.cancelled = cancelled
+    def __init__(self, fn, name: str):
         self.seconds = 0.0
         self._fn, self._out, self._exc = fn, None, None
         self._thread = threading.Thread(target=self._run, name=f"bluelower-{name}", daemon=True)
