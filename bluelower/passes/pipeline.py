@@ -183,6 +183,12 @@ def _bound_take_indices(_ctx):
     return BoundTakeIndices()
 
 
+def _merge_sibling_linears(_ctx):
+    from .merge_sibling_linears import MergeSiblingLinears
+
+    return MergeSiblingLinears()
+
+
 def _memory_plan(ctx: BuildContext):
     from .memory_plan import MemoryPlan
 
@@ -236,6 +242,9 @@ def build_pipeline() -> list[PassSpec]:
                  _share_layer_kernels, after=("QuantizeKVCache", "PartitionForAPU")),
         PassSpec("BoundTakeIndices", "lowering", "Gathers with run-time indices clamp them into range (take mode fast -> clip).",
                  _bound_take_indices),
+        PassSpec("MergeSiblingLinears", "lowering",
+                 "Linear kernels reading one activation (q/k/v, gate/up) -> one kernel, one parallel region.",
+                 _merge_sibling_linears, after=("QuantizeWeights", "ShareLayerKernels")),
         PassSpec("LegalizeOps", "lowering", "Lower Relax operators to TIR PrimFuncs.", _with_target(lambda c: T.LegalizeOps()),
                  **vm),
         PassSpec("AnnotateTIROpPattern", "lowering", "Classify each PrimFunc (elementwise, injective, reduction, ...).",
