@@ -704,10 +704,33 @@ def main_bench(args) -> dict:
     return res
 
 
-def quiet_machine_violations(res: dict, max_load: float = 0.5) -> list[str]:
+def cpu_times() -> list[int] | None:
+    """The machine's CPU time counters (``/proc/stat``'s ``cpu`` line, in ticks: user nice
+    system idle iowait irq softirq steal ...), or None where there is no /proc."""
+    try:
+        with open("/proc/stat") as fh:
+            return [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_percent(before, after) -> float | None:
+    """Share of CPU time the hypervisor gave to other guests between two :func:`cpu_times`
+    (the ``steal`` column): a virtual machine's timings are not its own above a few percent."""
+    if not before or not after or len(before) < 8 or len(after) < 8:
+        return None
+    total = sum(after[:8]) - sum(before[:8])
+    return 100.0 * (after[7] - before[7]) / total if total > 0 else None
+
+
+def quiet_machine_violations(res: dict, max_load: float = 0.5, max_steal: float = 5.0) -> list[str]:
     """Why the run was not on a quiet machine: another process using the CPU at the start or
-    the end, or a 1-minute load average above ``max_load`` before the run started."""
+    the end, a 1-minute load average above ``max_load`` before the run started, or (when the
+    run recorded it) more than ``max_steal`` percent of CPU time stolen by the hypervisor."""
     out = []
+    steal = res.get("steal_percent")
+    if steal is not None and steal > max_steal:
+        out.append(f"{steal:.1f}% of CPU time stolen by the hypervisor (> {max_steal}%)")
     for when in ("start", "end"):
         for p in res.get(f"other_processes_{when}") or []:
             out.append(f"at the {when}: {p}")
