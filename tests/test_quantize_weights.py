@@ -275,8 +275,9 @@ def test_quantized_build_has_no_fp32_linear_weights(tiny_w4_build):
     for name in linear:
         assert f"{sanitize(name)}:" not in text, name
     assert "NT_matmul" not in text
-    # the default recipe: decoder linears INT4 asymmetric, the logits' weight and the ViT INT8
-    assert "int4_linear_1x160x64_g32_asym" in text and "int8_linear_1x512x64" in text
+    # the default recipe: decoder linears INT4 asymmetric (down_proj: not merged with a
+    # sibling), the logits' weight and the ViT INT8
+    assert "int4_linear_1x64x160_g32_asym" in text and "int8_linear_1x512x64" in text
     assert "int8_linear_729x64x64" in text
 
 
