@@ -12,7 +12,7 @@ from bluelower.lowering.kernels.merge import merge_block_parallel, merge_gated_p
 from bluelower.runtime_stubs.generate import CompiledModel
 
 
-def _run(func, args, dev):
+def _run(func, args):
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), host_target())
     lib["main"](*args)
 
@@ -53,10 +53,10 @@ def test_merged_kernel_is_bit_identical(kind):
     alone = []
     for f, args in zip(funcs, inputs):
         y = tvm.runtime.tensor(np.zeros([int(d) for d in f.params[-1].shape], "float32"), dev)
-        _run(f, [tvm.runtime.tensor(a, dev) for a in args] + [y], dev)
+        _run(f, [tvm.runtime.tensor(a, dev) for a in args] + [y])
         alone.append(y.numpy())
     outs = [tvm.runtime.tensor(np.zeros(a.shape, "float32"), dev) for a in alone]
-    _run(merged, [tvm.runtime.tensor(a, dev) for args in inputs for a in args] + outs, dev)
+    _run(merged, [tvm.runtime.tensor(a, dev) for args in inputs for a in args] + outs)
     for a, b in zip(alone, outs):
         assert np.abs(a).max() > 0 and np.array_equal(a, b.numpy())
 
@@ -91,7 +91,7 @@ def test_gated_pair_fuses_silu_bit_identically(kind):
     args_u[:n_act] = args_g[:n_act]
     shape = [int(d) for d in gate.params[-1].shape]
     outs = [tvm.runtime.tensor(np.zeros(shape, "float32"), dev) for _ in range(3)]
-    _run(fused, [tvm.runtime.tensor(a, dev) for a in args_g + args_u] + outs, dev)
+    _run(fused, [tvm.runtime.tensor(a, dev) for a in args_g + args_u] + outs)
     g, u, h = (o.numpy() for o in outs)
     assert np.abs(h).max() > 0 and np.array_equal(h, _silu_times(g, u))
 
@@ -104,6 +104,70 @@ def test_kernel_that_is_not_block_parallel_is_refused():
 
     why = merge_block_parallel([serial.with_attr("bluelower.kernel", "copy"), int4_linear(1, 32, 32, 32)], "m")
     assert why == "copy: its body does not end in one parallel loop"
+
+
+def _layer(merged: bool, silu: bool):
+    """x -> q/k/v (three INT4 GEMVs on x), y -> gate/up (+ silu(g) * u when ``silu``), and z ->
+    one GEMV that shares nothing; ``merged``: as MergeSiblingLinears should leave it."""
+    from tvm import relax
+
+    K = 64
+    qkv = [int4_linear(1, n, K, 32) for n in (64, 32, 32)]
+    gate_up = [int4_linear(1, 96, K, 32, asym=True)] * 2
+    alone = int4_linear(1, 32, K, 32)
+    act = {n: relax.Var(n, relax.TensorType((1, K), "float32")) for n in ("x", "y", "z")}
+
+    def weights(f, tag):
+        return [relax.Var(f"{tag}_{p.name}", relax.TensorType(tuple(int(d) for d in p.shape), str(p.dtype)))
+                for p in list(f.params)[1:-1]]
+
+    w = {t: weights(f, t) for t, f in zip(("q", "k", "v", "g", "u", "o"), qkv + gate_up + [alone])}
+    bb = relax.BlockBuilder()
+    with bb.function("main", list(act.values()) + [p for t in w for p in w[t]]):
+        with bb.dataflow():
+            def ty(f):
+                return relax.TensorType(tuple(int(d) for d in f.params[-1].shape), "float32")
+
+            if merged:
+                name = "int4_linear_1x64x64_g32_k1_and_2"
+                gv = bb.add_func(merge_block_parallel(qkv, name), name)
+                t = bb.emit(relax.call_tir(gv, [a for tag in "qkv" for a in [act["x"], *w[tag]]], [ty(f) for f in qkv]))
+                outs = [bb.emit(relax.TupleGetItem(t, i)) for i in range(3)]
+            else:
+                gvs = [bb.add_func(f, f"int4_linear_1x{int(f.params[-1].shape[1])}x64") for f in qkv]
+                outs = [bb.emit(relax.call_tir(g, [act["x"], *w[tag]], ty(f))) for g, tag, f in zip(gvs, "qkv", qkv)]
+            gname = "int4_linear_1x96x64_g32_k1_asym"
+            if merged and silu:
+                gv = bb.add_func(merge_gated_pair(*gate_up, gname + "_and_1_silu"), gname + "_and_1_silu")
+                t = bb.emit(relax.call_tir(gv, [a for tag in "gu" for a in [act["y"], *w[tag]]], [ty(gate_up[0])] * 3))
+                outs.append(bb.emit(relax.TupleGetItem(t, 2)))
+            elif merged:
+                gv = bb.add_func(merge_block_parallel(gate_up, gname + "_and_1"), gname + "_and_1")
+                t = bb.emit(relax.call_tir(gv, [a for tag in "gu" for a in [act["y"], *w[tag]]], [ty(gate_up[0])] * 2))
+                outs += [bb.emit(relax.TupleGetItem(t, i)) for i in range(2)]
+            else:
+                gv = bb.add_func(gate_up[0], gname)
+                g, u = (bb.emit(relax.call_tir(gv, [act["y"], *w[tag]], ty(gate_up[0]))) for tag in "gu")
+                if silu:
+                    outs.append(bb.emit(relax.op.multiply(bb.emit(relax.op.multiply(g, bb.emit(relax.op.sigmoid(g)))), u)))
+                else:
+                    outs += [g, u]
+            gv = bb.add_func(alone, "int4_linear_1x32x64")
+            outs.append(bb.emit(relax.call_tir(gv, [act["z"], *w["o"]], ty(alone))))
+            out = bb.emit_output(relax.Tuple(outs))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("silu", [False, True])
+def test_golden(silu):
+    from bluelower.passes.merge_sibling_linears import MergeSiblingLinears
+
+    after = MergeSiblingLinears()(_layer(merged=False, silu=silu))
+    expected = _layer(merged=True, silu=silu)
+    names = {gv.name_hint for gv, _f in after.functions_items()}
+    assert names == {gv.name_hint for gv, _f in expected.functions_items()}, names
+    tvm.ir.assert_structural_equal(tvm.IRModule(dict(after.functions_items())), expected)
 
 
 def _stats(manifest_dir, name):

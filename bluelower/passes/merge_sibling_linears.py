@@ -28,7 +28,7 @@ from tvm import relax, tirx
 
 from ..lowering.kernels.merge import LINEAR_KERNEL, activation_arity, merge_block_parallel, merge_gated_pair
 from .instruments import with_stats
-from .ir_utils import referenced_global_vars
+from .ir_utils import Graph, count_var_uses, referenced_global_vars
 
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
@@ -68,45 +68,32 @@ class _Merger:
             self.merged[key] = func if isinstance(func, str) else self.bb.add_func(func, name)
         return self.merged[key]
 
-    def _gated(self, block, members, uses):
+    def _gated(self, block, members, readers):
         """For two siblings ``g``, ``u``: the bindings ``s = sigmoid(g); a = g * s`` (or
         ``a = silu(g)``) and ``h = a * u`` (either operand order) when nothing else reads
         ``g``, ``u``, ``s`` or ``a``: ``(gate member, up member, [their indices], h's index)``."""
-        where = {b.var: i for i, b in enumerate(block.bindings) if isinstance(b, relax.VarBinding)}
-        values = {b.var: b.value for b in block.bindings if isinstance(b, relax.VarBinding)}
-        readers: dict = {}
-        for b in block.bindings:
-            if isinstance(b, relax.VarBinding) and isinstance(b.value, relax.Call):
-                for a in b.value.args:
-                    if isinstance(a, relax.Var):
-                        readers.setdefault(a, []).append(b.var)
+        graph, uses = self.graph, self.uses
 
-        def op(var, name):
-            v = values.get(var)
-            return v if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == name else None
-
-        def only(var, n):
-            return uses.get(var, 0) == n
+        def reader(var, op):
+            found = [r for r in readers.get(var, []) if graph.call(r, op) is not None]
+            return found[0] if found else None
 
         for gi, ui in ((0, 1), (1, 0)):
             g, u = block.bindings[members[gi]].var, block.bindings[members[ui]].var
-            act = [r for r in readers.get(g, []) if op(r, "relax.nn.silu") is not None]
-            if act and only(g, 1):
-                a, chain = act[0], [act[0]]
-            else:
-                sig = [r for r in readers.get(g, []) if op(r, "relax.sigmoid") is not None]
-                if not sig or not only(g, 2) or not only(sig[0], 1):
+            a = reader(g, "relax.nn.silu")
+            chain = [a]
+            if a is None or uses.get(g) != 1:
+                s = reader(g, "relax.sigmoid")
+                a = reader(s, "relax.multiply") if s is not None and uses.get(s) == 1 and uses.get(g) == 2 else None
+                if a is None or not _same(graph.call(a, "relax.multiply").args, (g, s)):
                     continue
-                mul = [r for r in readers.get(sig[0], []) if op(r, "relax.multiply") is not None]
-                if not mul or not _same(op(mul[0], "relax.multiply").args, (g, sig[0])):
-                    continue
-                a, chain = mul[0], [sig[0], mul[0]]
-            hs = [r for r in readers.get(a, []) if op(r, "relax.multiply") is not None]
-            if not hs or not only(a, 1) or not only(u, 1) or not _same(op(hs[0], "relax.multiply").args, (a, u)):
+                chain = [s, a]
+            h = reader(a, "relax.multiply")
+            if h is None or uses.get(a) != 1 or uses.get(u) != 1 or not _same(graph.call(h, "relax.multiply").args, (a, u)):
                 continue
-            h = hs[0]
             if [int(d) for d in h.ty.shape] != [int(d) for d in g.ty.shape] or str(h.ty.dtype) != "float32":
                 continue
+            where = {b.var: i for i, b in enumerate(block.bindings)}
             return members[gi], members[ui], [where[v] for v in chain], where[h]
         return None
 
@@ -119,70 +106,76 @@ class _Merger:
             self.merged[key] = func if isinstance(func, str) else self.bb.add_func(func, name)
         return self.merged[key]
 
-    def block(self, block, uses):
+    def _call(self, gv, calls, extra_outputs=()):
+        """``(tuple var, binding)`` of one call of ``gv`` on every call's arguments, in order."""
+        args = [a for c in calls for a in c.args[1].fields]
+        call = self.bb.normalize(relax.call_tir(gv, relax.Tuple(args), [c.ty_args[0] for c in calls] + list(extra_outputs)))
+        var = relax.DataflowVar(f"siblings{self.groups}", call.ty)
+        return var, relax.VarBinding(var, call)
+
+    def _note(self, reason: str) -> None:
+        self.not_merged[reason] = self.not_merged.get(reason, 0) + 1
+
+    def block(self, block):
         if not isinstance(block, relax.DataflowBlock):
             return block
         groups: dict = {}  # activation args -> [binding index]
+        readers: dict = {}  # var -> the variables whose (call) values read it directly
         for i, binding in enumerate(block.bindings):
             if not isinstance(binding, relax.VarBinding):
                 continue
+            if isinstance(binding.value, relax.Call):
+                for a in binding.value.args:
+                    if isinstance(a, relax.Var):
+                        readers.setdefault(a, []).append(binding.var)
             name = _kernel(self.mod, binding.value)
-            if name is None:
-                continue
-            args = binding.value.args[1].fields
-            key = (activation_arity(name) > 1,) + tuple(args[:activation_arity(name)])
-            groups.setdefault(key, []).append(i)
+            if name is not None:
+                args = binding.value.args[1].fields
+                groups.setdefault((activation_arity(name) > 1,) + tuple(args[:activation_arity(name)]), []).append(i)
         emit_at: dict = {}  # binding index -> the bindings that replace it
         for members in groups.values():
             if len(members) < 2:
                 continue
-            name = f"siblings{self.groups}"
-            gated = self._gated(block, members, uses) if len(members) == 2 else None
+            gated = self._gated(block, members, readers) if len(members) == 2 else None
             if gated is not None:
                 gi, ui, chain, hi = gated
-                gv = self._gated_kernel(block.bindings[gi].value.args[0], block.bindings[ui].value.args[0])
-                if isinstance(gv, str):
-                    self.not_merged[gv] = self.not_merged.get(gv, 0) + 1
-                    gated = None
-            if gated is not None:
                 calls = [block.bindings[gi].value, block.bindings[ui].value]
+                gv = self._gated_kernel(calls[0].args[0], calls[1].args[0])
+                if isinstance(gv, str):
+                    self._note(gv)
+                    gated = None
+            if gated is not None:  # g and u are read only by the fused SiLU: h is the one result
                 h = block.bindings[hi].var
-                call = self.bb.normalize(relax.call_tir(gv, relax.Tuple([a for c in calls for a in c.args[1].fields]),
-                                                        [c.ty_args[0] for c in calls] + [h.ty]))
-                var = relax.DataflowVar(name, call.ty)
-                emit_at[members[0]] = [relax.VarBinding(var, call), relax.VarBinding(h, relax.TupleGetItem(var, 2))]
-                for i in [m for m in members if m != members[0]] + chain + [hi]:
+                var, binding = self._call(gv, calls, [h.ty])
+                emit_at[members[0]] = [binding, relax.VarBinding(h, relax.TupleGetItem(var, 2))]
+                for i in members[1:] + chain + [hi]:
                     emit_at[i] = []
                 self.gated += 1
             else:
                 calls = [block.bindings[i].value for i in members]
                 gv = self._merged_kernel([c.args[0] for c in calls])
                 if isinstance(gv, str):
-                    self.not_merged[gv] = self.not_merged.get(gv, 0) + 1
+                    self._note(gv)
                     continue
-                args = [a for c in calls for a in c.args[1].fields]
-                call = self.bb.normalize(relax.call_tir(gv, relax.Tuple(args), [c.ty_args[0] for c in calls]))
-                var = relax.DataflowVar(name, call.ty)
-                items = [relax.VarBinding(block.bindings[i].var, relax.TupleGetItem(var, k)) for k, i in enumerate(members)]
-                emit_at[members[0]] = [relax.VarBinding(var, call)] + items
+                var, binding = self._call(gv, calls)
+                emit_at[members[0]] = [binding] + [relax.VarBinding(block.bindings[i].var, relax.TupleGetItem(var, k))
+                                                   for k, i in enumerate(members)]
                 for i in members[1:]:
                     emit_at[i] = []
             self.groups += 1
             self.calls += len(members)
         if not emit_at:
             return block
-        out = []
-        for i, binding in enumerate(block.bindings):
-            out.extend(emit_at.get(i, [binding]))
-        return relax.DataflowBlock(out)
+        return relax.DataflowBlock([b for i, binding in enumerate(block.bindings) for b in emit_at.get(i, [binding])])
 
     def function(self, func: relax.Function) -> relax.Function:
         body = func.body
-        uses = _uses(func)
-        blocks = [self.block(b, uses) for b in body.blocks]
+        self.graph, self.uses = Graph(func), count_var_uses(body)
+        blocks = [self.block(b) for b in body.blocks]
         if all(a.same_as(b) for a, b in zip(blocks, body.blocks)):
             return func
-        return relax.Function(func.params, relax.SeqExpr(blocks, body.body), func.ret_ty, func.is_pure, func.attrs)
+        seq = self.bb.normalize(relax.SeqExpr(blocks, body.body))  # its type, as the builder gives it
+        return relax.Function(func.params, seq, func.ret_ty, func.is_pure, func.attrs)
 
 
 @tvm.transform.module_pass(opt_level=0, name="MergeSiblingLinears")
@@ -225,17 +218,3 @@ def _same(args, pair) -> bool:
     return len(args) == 2 and ((args[0].same_as(pair[0]) and args[1].same_as(pair[1]))
                                or (args[0].same_as(pair[1]) and args[1].same_as(pair[0])))
 
-
-def _uses(func: relax.Function) -> dict:
-    """How many times each variable is read in ``func`` (its binding values and result)."""
-    counts: dict = {}
-
-    def visit(node):
-        if isinstance(node, relax.Var):
-            counts[node] = counts.get(node, 0) + 1
-
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            relax.analysis.post_order_visit(binding.value, visit)
-    relax.analysis.post_order_visit(func.body.body, visit)
-    return counts

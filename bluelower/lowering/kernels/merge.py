@@ -67,10 +67,9 @@ def _distinct(funcs) -> list:
     return out
 
 
-def merge_block_parallel(funcs, name: str):
-    """One PrimFunc running every kernel of ``funcs`` (each: inputs..., one output) in a
-    single parallel region (module docstring), tagged ``bluelower.kernel = name`` and
-    ``bluelower.merged`` (the kernels' names); or a one-line reason it cannot."""
+def _parts(funcs):
+    """``(funcs with distinct definitions, [(prologue, parallel loop)])``, or the one-line
+    reason the first kernel that is not block-parallel gives."""
     funcs = _distinct(funcs)
     parts = []
     for f in funcs:
@@ -79,6 +78,21 @@ def merge_block_parallel(funcs, name: str):
             kernel = f.attrs["bluelower.kernel"] if f.attrs is not None and "bluelower.kernel" in f.attrs else "a kernel"
             return f"{kernel}: {split}"
         parts.append(split)
+    return funcs, parts
+
+
+def _body(prologue: list, loop):
+    return tirx.SeqStmt(list(prologue) + [loop]) if prologue else loop
+
+
+def merge_block_parallel(funcs, name: str):
+    """One PrimFunc running every kernel of ``funcs`` (each: inputs..., one output) in a
+    single parallel region (module docstring), tagged ``bluelower.kernel = name`` and
+    ``bluelower.merged`` (the kernels' names); or a one-line reason it cannot."""
+    found = _parts(funcs)
+    if isinstance(found, str):
+        return found
+    funcs, parts = found
     dtype = str(parts[0][1].loop_var.ty)
     if any(str(loop.loop_var.ty) != dtype for _p, loop in parts):
         return "the kernels' block indices have different types"
@@ -91,9 +105,8 @@ def merge_block_parallel(funcs, name: str):
     for (_p, loop), off in reversed(list(zip(parts, offsets))):
         own = tirx.SeqStmt([tirx.stmt.Bind(loop.loop_var, b - tirx.IntImm(dtype, off) if off else b), loop.body])
         branch = own if branch is None else tirx.IfThenElse(b < tirx.IntImm(dtype, off + int(loop.extent)), own, branch)
-    prologue = [s for p, _l in parts for s in p]
     loop = tirx.For(b, tirx.IntImm(dtype, 0), tirx.IntImm(dtype, total), tirx.ForKind.PARALLEL, branch)
-    body = tirx.SeqStmt(prologue + [loop]) if prologue else loop
+    body = _body([s for p, _l in parts for s in p], loop)
     inputs = [p for f in funcs for p in list(f.params)[:-1]]
     outputs = [list(f.params)[-1] for f in funcs]
     kernels = [str(f.attrs["bluelower.kernel"]) for f in funcs]
@@ -111,14 +124,10 @@ def merge_gated_pair(gate: tirx.PrimFunc, up: tirx.PrimFunc, name: str, act: str
     same output shape; otherwise a one-line reason."""
     if act != "silu":
         return f"activation {act!r}: only silu is fused"
-    gate, up = _distinct([gate, up])
-    parts = []
-    for f in (gate, up):
-        split = _split(f)
-        if isinstance(split, str):
-            return f"{f.attrs['bluelower.kernel']}: {split}"
-        parts.append(split)
-    (pg, lg), (pu, lu) = parts
+    found = _parts([gate, up])
+    if isinstance(found, str):
+        return found
+    (gate, up), ((pg, lg), (pu, lu)) = found
     yg, yu = gate.params[-1], up.params[-1]
     shape = [int(d) for d in yg.shape]
     if [int(d) for d in yu.shape] != shape or len(shape) != 2 or str(yg.dtype) != "float32" \
@@ -137,8 +146,7 @@ def merge_gated_pair(gate: tirx.PrimFunc, up: tirx.PrimFunc, name: str, act: str
                                  tirx.BufferStore(h, (g * tirx.sigmoid(g)) * yu[m, n], [m, n])))
     iteration = tirx.SeqStmt([tirx.stmt.Bind(lg.loop_var, b), lg.body, tirx.stmt.Bind(lu.loop_var, b), lu.body, epilogue])
     loop = tirx.For(b, tirx.IntImm(dtype, 0), lg.extent, tirx.ForKind.PARALLEL, iteration)
-    prologue = list(pg) + list(pu)
-    body = tirx.SeqStmt(prologue + [loop]) if prologue else loop
+    body = _body(list(pg) + list(pu), loop)
     params = list(gate.params)[:-1] + list(up.params)[:-1] + [yg, yu, h]
     kernels = [str(gate.attrs["bluelower.kernel"]), str(up.attrs["bluelower.kernel"])]
     out = tirx.PrimFunc(params, body, gate.ret_type, gate.attrs)
