@@ -219,11 +219,12 @@ def decode_bytes(cfg, engine: str, quant: str, context: int) -> dict:
     per_layer = h * d.num_heads * d.head_dim * 2 + h * kvw * 2 + 3 * h * d.intermediate_size
     matrices = L * per_layer + d.vocab_size * h  # + lm_head
     norms = (2 * L + 1) * h
-    if engine == "llamacpp" or quant == "w4a16kv8":
+    llama = engine.startswith("llamacpp")
+    if llama or quant.startswith("w4"):
         wbytes = matrices * 18 / 32 + norms * 4 + h * 18 / 32  # Q4_0 / int4-g32 + fp16 scale: 4.5 bit
     else:
         wbytes = (matrices + norms + h) * 4
-    kv_elem = {"llamacpp": 2, "torch": 4}.get(engine, 1 if quant == "w4a16kv8" else 4)
+    kv_elem = 2 if llama else 4 if engine == "torch" else (1 if quant.endswith("kv8") else 4)
     # ideal: the ``context`` filled rows (bluelower / torch actually attend over the whole,
     # masked, cache capacity; see docs/benchmarks.md)
     kv_rows = context

@@ -10,7 +10,9 @@ import json
 import os
 
 BEGIN, END = "<!-- BEGIN GENERATED (benchmarks/llm_bench.py) -->", "<!-- END GENERATED -->"
-LABEL = {"bluelower": "bluelower (compiled)", "llamacpp": "llama.cpp Q4_0", "torch": "PyTorch eager fp32"}
+LABEL = {"bluelower": "bluelower (compiled)", "llamacpp": "llama.cpp Q4_0", "torch": "PyTorch eager fp32",
+         "llamacpp-default": "llama.cpp Q4_0, default buffers (AMX)", "llamacpp-no-extra": "llama.cpp Q4_0, no extra buffers",
+         "llamacpp-repack": "llama.cpp Q4_0, CPU_REPACK"}
 SIZES = ["tiny", "mid", "3b"]
 
 
@@ -20,6 +22,11 @@ def _f(v, nd=1):
     if isinstance(v, float):
         return f"{v:.{nd}f}" if abs(v) < 1000 else f"{v:,.0f}"
     return str(v)
+
+
+def _steal(r) -> str:
+    v = r.get("steal_percent")
+    return "" if v is None else f"; CPU time stolen by the hypervisor over the run {v:.1f}%"
 
 
 def _load(results_dir):
@@ -47,7 +54,7 @@ def generated_markdown(results_dir) -> str:
                  f"{d['num_heads']}x{d['head_dim']} q heads, {d['num_kv_heads']} KV heads, FFN {d['intermediate_size']}, "
                  f"vocab {d['vocab_size']})\n")
         L.append(f"Run {r['started']} UTC, {r['elapsed_s']:.0f} s; {m.get('Model name', '?')}, {m.get('CPU(s)', '?')} CPUs, "
-                 f"{THREADS_NOTE}; load average {r['loadavg_start']} at start, {r['loadavg_end']} at end. "
+                 f"{THREADS_NOTE}; load average {r['loadavg_start']} at start, {r['loadavg_end']} at end{_steal(r)}. "
                  f"Memory bandwidth (numpy 1 GiB copy, read+write, best of 1/2 threads): "
                  f"**{r['bandwidth_GBps']:.1f} GB/s**.\n")
         L.append(f"Command: `{r['command']}`\n")
@@ -81,8 +88,18 @@ def generated_markdown(results_dir) -> str:
                 L.append(f"* {LABEL.get(e, e)}: " + "; ".join(sk))
             for e, er in errs:
                 L.append(f"* {LABEL.get(e, e)} errors: " + " | ".join(x.replace("\n", " ")[-200:] for x in er))
-        if r.get("targets"):
-            t = r["targets"]
+        t = r.get("targets")
+        if t and r.get("llamacpp_best"):
+            pc = lambda x: _f(None if x is None else 100 * x, 1)  # noqa: E731
+            best = r["llamacpp_best"]
+            names = {"prefill128": "prefill 128", "prefill2048": "prefill 2048", "decode128": "decode @128",
+                     "decode2048": "decode @2048"}
+            L.append("\nRatios bluelower / llama.cpp at its best working configuration (medians): " + "; ".join(
+                f"{names[m]} **{_f(t.get(m + '_vs_llamacpp'), 3)}x** (vs `{best.get(m, '—')}`)" for m in names) +
+                f". Roofline: bluelower decode at {pc(t.get('bluelower_roofline_frac_128'))}% @128, "
+                f"{pc(t.get('bluelower_roofline_frac_2048'))}% @2048 (target >= 60%); llama.cpp's best @128 at "
+                f"{pc(t.get('llamacpp_roofline_frac_128'))}%.")
+        elif t:
             pc = lambda x: _f(None if x is None else 100 * x, 1)  # noqa: E731
             L.append("\nRatios bluelower / llama.cpp (medians): decode @128 "
                      f"**{_f(t['decode128_vs_llamacpp'], 3)}x** (target >= 1.2x); decode @2048 **{_f(t['decode2048_vs_llamacpp'], 3)}x**; "
@@ -164,7 +181,8 @@ def chart(results_dir, png) -> bool:
             vals = [summ[e].get(k) or 0 for k, _ in metrics]
             xs = [j + (i - (len(engines) - 1) / 2) * w for j in range(len(metrics))]
             bars = ax.bar(xs, vals, w, label=f"{LABEL.get(e, e)} ({summ[e]['precision']})",
-                          color={"bluelower": "C0", "llamacpp": "C1", "torch": "C2"}.get(e))
+                          color={"bluelower": "C0", "llamacpp": "C1", "torch": "C2", "llamacpp-default": "C1",
+                                 "llamacpp-no-extra": "C3", "llamacpp-repack": "C4"}.get(e))
             for b, v in zip(bars, vals):
                 if v:
                     ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.3g}", ha="center", va="bottom", fontsize=6)
