@@ -14,10 +14,11 @@ What one run does (all large files under ~/.cache/bluelower-bench, never in git)
 2. a Q4_0 GGUF of the same tensors (llama architecture, Q/K rows permuted for
    llama.cpp's RoPE, dummy SPM vocab); on ``tiny`` (or ``--verify``) an F32 GGUF too, and
    llama.cpp's logits are checked against the PyTorch reference;
-3. the bluelower build: ``compile_model(CompileRequest(quant="w4a16kv8"))``, falling back
+3. the bluelower build: ``compile_model(CompileRequest(quant=--quant))`` (default ``w4a8kv8``), falling back
    to the best available mode when that one is not implemented (recorded);
 4. memory bandwidth (numpy copy of 1 GiB, 1 and 2 threads);
-5. ``--repeats`` rounds of  bluelower, llama.cpp, torch  (A B C A B C), each engine in its
+5. ``--repeats`` rounds of  bluelower, llama.cpp (one engine per weight-buffer configuration,
+   ``--llamacpp-bufts``), torch  (A B C A B C), each engine in its
    own subprocess (so peak RSS is per engine and at most one big model is resident);
    per round: prefill 128 tokens, decode at context 128, prefill 2048 tokens (16 chunks),
    decode at context ~2048; medians over rounds;
