@@ -1,0 +1,74 @@
+"""benchmarks/llm_bench.py's bookkeeping: which llama.cpp configuration a ratio is taken
+against, the hypervisor steal share, when ratios are withheld, the roofline bytes.
+
+The measurements themselves need a quiet machine and live in benchmarks/; this checks only
+the arithmetic that turns rounds into the reported ratios."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import llm_bench as B  # noqa: E402
+import _llm_models as M  # noqa: E402
+
+
+def _summary(p128, d128, n=5, errors=()):
+    return {"prefill128_tok_s": p128, "prefill2048_tok_s": None, "decode128_tok_s": d128, "decode2048_tok_s": None,
+            "n": {"prefill128_tok_s": n if p128 else 0, "prefill2048_tok_s": 0, "decode128_tok_s": n if d128 else 0,
+                  "decode2048_tok_s": 0},
+            "errors": list(errors)}
+
+
+def test_best_llama_takes_the_fastest_complete_configuration():
+    summary = {
+        "bluelower": _summary(90.0, 20.0),
+        "llamacpp-default": _summary(None, 16.0),  # decode only (its batched prefill crashes)
+        "llamacpp-no-extra": _summary(50.0, 9.0),
+        "llamacpp-repack": _summary(57.0, 6.0),
+    }
+    best = B.best_llama(summary, {})
+    assert best == {"prefill128": "llamacpp-repack", "decode128": "llamacpp-default"}
+
+
+def test_best_llama_skips_a_configuration_that_crashed_or_missed_rounds():
+    summary = {
+        "bluelower": _summary(90.0, 20.0),
+        "llamacpp-default": _summary(None, 30.0, errors=["worker died (rc -11)"]),
+        "llamacpp-no-extra": _summary(80.0, 9.0, n=3),  # completed 3 of 5 rounds
+        "llamacpp-repack": _summary(57.0, 6.0),
+    }
+    assert B.best_llama(summary, {}) == {"prefill128": "llamacpp-repack", "decode128": "llamacpp-repack"}
+
+
+def test_steal_percent_and_withheld_ratios():
+    # /proc/stat columns: user nice system idle iowait irq softirq steal
+    before = [100, 0, 10, 1000, 0, 0, 0, 5]
+    after = [200, 0, 20, 1800, 0, 0, 0, 95]
+    assert B.steal_percent(before, after) == pytest.approx(100 * 90 / 1000)
+    assert B.steal_percent(None, after) is None
+    quiet = {"steal_percent": 0.2, "loadavg_start": "0.05 0.10 0.20", "other_processes_start": [],
+             "other_processes_end": []}
+    assert B.quiet_machine_violations(quiet) == []
+    stolen = dict(quiet, steal_percent=9.0)
+    assert any("stolen" in v for v in B.quiet_machine_violations(stolen))
+    busy = dict(quiet, loadavg_start="1.70 1.00 0.50")
+    assert any("load average" in v for v in B.quiet_machine_violations(busy))
+
+
+def test_decode_bytes_counts_int4_weights_and_int8_kv_for_every_w4_kv8_mode():
+    from bluelower.lowering.models import load_config
+
+    cfg = load_config(M.config_path("tiny"))
+    a8 = M.decode_bytes(cfg, "bluelower", "w4a8kv8", 128)
+    a16 = M.decode_bytes(cfg, "bluelower", "w4a16kv8", 128)
+    fp32 = M.decode_bytes(cfg, "bluelower", "fp32", 128)
+    llama = M.decode_bytes(cfg, "llamacpp-default", "Q4_0", 128)
+    assert a8 == a16
+    assert fp32["weight_bytes"] > 6 * a8["weight_bytes"]  # 32 bits vs 4.5 bits per weight
+    assert llama["weight_bytes"] == a8["weight_bytes"]
+    assert llama["kv_bytes"] == 2 * a8["kv_bytes"]  # f16 cache vs int8
