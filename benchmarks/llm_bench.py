@@ -631,7 +631,8 @@ def main_bench(args) -> dict:
     t_start = time.time()
     cfg = load_config(M.config_path(args.size))
     res = {"size": args.size, "config": cfg.decoder.__dict__, "runtime": cfg.runtime.__dict__,
-           "command": " ".join([os.path.relpath(PY) if False else PY] + sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "command": " ".join([os.path.relpath(PY, ROOT) if PY.startswith(ROOT + os.sep) else os.path.basename(PY)] +
+                               [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
            "machine": machine_info(), "loadavg_start": loadavg(), "notes": [],
            "other_processes_start": busy_processes()}
     cpu0 = cpu_times()
