@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 BEGIN, END = "<!-- BEGIN GENERATED (benchmarks/llm_bench.py) -->", "<!-- END GENERATED -->"
 LABEL = {"bluelower": "bluelower (compiled)", "llamacpp": "llama.cpp Q4_0", "torch": "PyTorch eager fp32",
@@ -22,6 +23,12 @@ def _f(v, nd=1):
     if isinstance(v, float):
         return f"{v:.{nd}f}" if abs(v) < 1000 else f"{v:,.0f}"
     return str(v)
+
+
+def _command(cmd: str) -> str:
+    """A recorded command as anyone runs it from the repository root: the interpreter of
+    the run's venv (an absolute path of that machine) as ``.venv/bin/python``."""
+    return re.sub(r"^\S*/bin/python[0-9.]*\s", ".venv/bin/python ", cmd)
 
 
 def _steal(r) -> str:
@@ -57,7 +64,7 @@ def generated_markdown(results_dir) -> str:
                  f"{THREADS_NOTE}; load average {r['loadavg_start']} at start, {r['loadavg_end']} at end{_steal(r)}. "
                  f"Memory bandwidth (numpy 1 GiB copy, read+write, best of 1/2 threads): "
                  f"**{r['bandwidth_GBps']:.1f} GB/s**.\n")
-        L.append(f"Command: `{r['command']}`\n")
+        L.append(f"Command: `{_command(r['command'])}`\n")
         for key, when in (("other_processes_start", "start"), ("other_processes_end", "end")):
             if r.get(key):
                 L.append(f"Other busy processes at {when} (not part of this benchmark): " + "; ".join(f"`{x}`" for x in r[key]) + "\n")
@@ -89,8 +96,8 @@ def generated_markdown(results_dir) -> str:
             for e, er in errs:
                 L.append(f"* {LABEL.get(e, e)} errors: " + " | ".join(x.replace("\n", " ")[-200:] for x in er))
         t = r.get("targets")
+        pc = lambda x: _f(None if x is None else 100 * x, 1)  # noqa: E731
         if t and r.get("llamacpp_best"):
-            pc = lambda x: _f(None if x is None else 100 * x, 1)  # noqa: E731
             best = r["llamacpp_best"]
             names = {"prefill128": "prefill 128", "prefill2048": "prefill 2048", "decode128": "decode @128",
                      "decode2048": "decode @2048"}
@@ -100,7 +107,6 @@ def generated_markdown(results_dir) -> str:
                 f"{pc(t.get('bluelower_roofline_frac_2048'))}% @2048 (target >= 60%); llama.cpp's best @128 at "
                 f"{pc(t.get('llamacpp_roofline_frac_128'))}%.")
         elif t:
-            pc = lambda x: _f(None if x is None else 100 * x, 1)  # noqa: E731
             L.append("\nRatios bluelower / llama.cpp (medians): decode @128 "
                      f"**{_f(t['decode128_vs_llamacpp'], 3)}x** (target >= 1.2x); decode @2048 **{_f(t['decode2048_vs_llamacpp'], 3)}x**; "
                      f"prefill 128 **{_f(t['prefill128_vs_llamacpp'], 3)}x** (target >= 1x); prefill 2048 "
@@ -140,7 +146,7 @@ def generated_markdown(results_dir) -> str:
                  f"gguf {v.get('gguf')}, numpy {v.get('numpy')}. Raw numbers: `benchmarks/results/llm-{size}.json`.\n")
     if comp:
         L.append("### `bluelower compile` time and peak RSS\n")
-        L.append(f"Command: `{comp.get('command', '')}` (each compile in its own process under `/usr/bin/time -v`).\n")
+        L.append(f"Command: `{_command(comp.get('command', ''))}` (each compile in its own process under `/usr/bin/time -v`).\n")
         L.append("| model | SoC | wall s | CPU s (user+sys) | max RSS MB | stages (s, from bluelower's progress) | result |")
         L.append("|---|---|---|---|---|---|---|")
         for x in comp["runs"]:

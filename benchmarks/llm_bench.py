@@ -107,6 +107,8 @@ class _TorchLike:
     def decode(self, tok, pos):
         return self.b.decode_step(int(tok), int(pos))
 
+    fill = prefill  # an untimed fill of the context (see _Llama.fill)
+
 
 # Matrices that go through GGML_OP_MUL_MAT (token_embd is a GET_ROWS and must stay in the
 # plain CPU buffer; norms are F32 vectors).
@@ -263,7 +265,7 @@ def worker(args) -> None:
     load_s = time.perf_counter() - t0
     # warm-up: one chunk + one decode step
     eng.reset()
-    (eng.fill if decode_only(eng) else eng.prefill)(prompt[: args.chunk])
+    eng.fill(prompt[: args.chunk])
     eng.decode(5, args.chunk)
     if not args.serve:
         return one_round(args, cfg, eng, prompt, load_s, args.skip, args.profile)
@@ -321,7 +323,7 @@ def one_round(args, cfg, eng, prompt, load_s, skip_list, profile) -> None:
         out["prefill128_tok_s"] = args.chunk / dt
         out["prefill128_s"] = dt
     else:
-        logits = (eng.fill if decode_only(eng) else eng.prefill)(prompt[: args.chunk]) if "decode128" not in skip else None
+        logits = eng.fill(prompt[: args.chunk]) if "decode128" not in skip else None
     if "decode128" not in skip:
         out["decode128_tok_s"] = decode_run(args.chunk, int(np.argmax(logits[0])))
     # prefill 2048 + decode at context ~2048
@@ -722,7 +724,7 @@ def main_bench(args) -> dict:
         s["errors"] = [x["error"][-300:] for x in rounds[e] if "error" in x]
         s["precision"] = quant
         summary[e] = s
-    best = best_llama(summary, rounds)
+    best = best_llama(summary)
     if best:
         res["llamacpp_best"] = best
     if "bluelower" in summary and best:
@@ -751,7 +753,7 @@ def main_bench(args) -> dict:
 MEASURES = ("prefill128", "prefill2048", "decode128", "decode2048")
 
 
-def best_llama(summary: dict, rounds: dict) -> dict:
+def best_llama(summary: dict) -> dict:
     """Per measurement, the llama.cpp configuration with the highest median among those that
     completed it in every round (a configuration that crashed in any round does not count)."""
     out = {}

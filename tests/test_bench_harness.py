@@ -31,7 +31,7 @@ def test_best_llama_takes_the_fastest_complete_configuration():
         "llamacpp-no-extra": _summary(50.0, 9.0),
         "llamacpp-repack": _summary(57.0, 6.0),
     }
-    best = B.best_llama(summary, {})
+    best = B.best_llama(summary)
     assert best == {"prefill128": "llamacpp-repack", "decode128": "llamacpp-default"}
 
 
@@ -42,7 +42,7 @@ def test_best_llama_skips_a_configuration_that_crashed_or_missed_rounds():
         "llamacpp-no-extra": _summary(80.0, 9.0, n=3),  # completed 3 of 5 rounds
         "llamacpp-repack": _summary(57.0, 6.0),
     }
-    assert B.best_llama(summary, {}) == {"prefill128": "llamacpp-repack", "decode128": "llamacpp-repack"}
+    assert B.best_llama(summary) == {"prefill128": "llamacpp-repack", "decode128": "llamacpp-repack"}
 
 
 def test_steal_percent_and_withheld_ratios():
