@@ -23,20 +23,25 @@ def test_params_written_beside_the_build_and_stages_reported(tmp_path, capsys, m
     from tvm import relax
 
     seen = {}
-    real_build = relax.build
+    real_build, real_write = relax.build, C._write_params
 
-    def build(*a, **k):  # the writer thread is alive while TVM builds
-        seen["writer_alive"] = any(t.name == "bluelower-write params" for t in threading.enumerate())
+    def write_params(*a):  # the writer has started (on its thread) before TVM builds
+        seen["writer"] = threading.current_thread().name
+        return real_write(*a)
+
+    def build(*a, **k):
+        seen["writer_before_build"] = "writer" in seen
         return real_build(*a, **k)
 
     monkeypatch.setattr(relax, "build", build)
+    monkeypatch.setattr(C, "_write_params", write_params)
     monkeypatch.setattr(progress, "_quiet", False)  # the suite runs quiet (conftest)
     _build(tmp_path / "a")
-    assert seen["writer_alive"]
+    assert seen["writer_before_build"] and seen["writer"] == "bluelower-write params"
     err = capsys.readouterr().err
     stages = [line for line in err.splitlines() if line.startswith("stages: ")]
     assert len(stages) == 1
-    for name in ("import + passes", "TVM build", "params (beside the build)", "total"):
+    for name in ("import + passes", "TVM build", "params (beside passes and build)", "total"):
         assert f"{name} " in stages[0], stages[0]
 
 
@@ -91,5 +96,41 @@ def test_a_failing_writer_is_the_error_and_leaves_nothing(tmp_path, monkeypatch)
     out = tmp_path / "out"
     with pytest.raises(BlueLowerError, match="simulated weight failure"):
         _build(out)
+    assert not out.exists()
+    assert [p for p in os.listdir(tmp_path) if not p.startswith(".")] == []
+
+
+def test_writer_runs_beside_the_late_passes_and_a_failing_pass_stops_it(tmp_path, monkeypatch):
+    """The writer starts once the quantization phase has decided the stored tensors, so it runs
+    beside the lowering passes too; a pass that fails then is the error, the writer stops and
+    nothing is left behind."""
+    import tvm
+    from tvm import relax
+
+    seen, started, release = {}, threading.Event(), threading.Event()
+    real = C._write_params
+
+    def write_params(*a):  # held until the late pass has seen it running
+        started.set()
+        release.wait(60)
+        return real(*a)
+
+    def failing_fuse_tir():
+        @tvm.transform.module_pass(opt_level=0, name="FuseTIR")
+        def fail(mod, _ctx):
+            seen["writer_alive"] = started.wait(60) and any(t.name == "bluelower-write params"
+                                                            for t in threading.enumerate())
+            release.set()
+            raise BlueLowerError("simulated pass failure")
+
+        return fail
+
+    monkeypatch.setattr(C, "_write_params", write_params)
+    monkeypatch.setattr(relax.transform, "FuseTIR", failing_fuse_tir)
+    out = tmp_path / "out"
+    with pytest.raises(BlueLowerError, match="simulated pass failure"):
+        _build(out)
+    assert seen["writer_alive"]
+    assert not any(t.name == "bluelower-write params" for t in threading.enumerate())
     assert not out.exists()
     assert [p for p in os.listdir(tmp_path) if not p.startswith(".")] == []

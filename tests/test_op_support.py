@@ -49,3 +49,40 @@ def test_unsupported_op_is_one_line_naming_op_and_source():
 def test_custom_converter_counts_as_known():
     ep = decompose_for_translator(export(_Erfinv(), (torch.rand(2, 3),)))
     check_torch_ops(ep, {"erfinv.default": None}, "the model")  # no refusal
+
+
+def test_one_trace_export_is_the_two_trace_program():
+    """export_decomposed (one trace, the decomposition table where torch builds the ATen
+    graph) gives the program export + run_decompositions gives, on every entry of the tiny
+    BlueLM-V and of a transformers Llama, and the same Relax import."""
+    import collections
+
+    import tvm_ffi
+
+    from bluelower.lowering.frontend import torch_export as te
+    from bluelower.lowering.frontend.entries import entry_signature, quiet_tracing
+    from bluelower.lowering.frontend.importer import build_meta_model
+    from bluelower.lowering.frontend.op_support import export_decomposed
+    from bluelower.lowering.models import spec_for
+    from bluelower.lowering.models.registry import load_config
+
+    def ops(ep):  # the two-trace program keeps one dtype assertion of its first trace
+        return collections.Counter(str(n.target) for n in ep.graph.nodes if n.op == "call_function"
+                                   and "assert_tensor_metadata" not in str(n.target))
+
+    cfg = load_config("tiny")
+    spec, model = spec_for(cfg), build_meta_model(cfg)
+    cases = [(*hf_model("llama"), "llama forward")]
+    for entry in spec.entry_names:
+        sig = entry_signature(spec, model, cfg, entry)
+        sd = dict(model.named_parameters())
+        weights = tuple(torch.empty(sd[p].shape, dtype=sd[p].dtype, device="meta") for p in sig.params)
+        cases.append((te.make_entry_wrapper(model, entry, spec.entry(entry).inputs, sig.params),
+                      tuple(spec.entry(entry).example_inputs(cfg, "meta")) + weights, entry))
+    for module, args, what in cases:
+        with quiet_tracing():
+            one = export_decomposed(module, args)
+            two = decompose_for_translator(torch.export.export(module, args))
+        assert ops(one) == ops(two), what
+        a, b = import_torch_program(one, what, decomposed=True), import_torch_program(two, what, decomposed=True)
+        assert tvm_ffi.structural_equal(a, b), what

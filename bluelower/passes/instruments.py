@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import tvm
 from tvm import relax
@@ -71,9 +72,13 @@ class PipelineInstrument:
         self.dump_dir = dump_dir
         self.on_pass = on_pass
         self.sizes: dict = {}
+        self.seconds: dict = {}  # wall seconds of each top-level pass (progress output, never the manifest)
         self.depth = 0
+        self._started = 0.0
 
     def run_before_pass(self, _mod, _info):
+        if self.depth == 0:
+            self._started = time.perf_counter()
         self.depth += 1
 
     def run_after_pass(self, mod, info):
@@ -81,6 +86,7 @@ class PipelineInstrument:
         name = info.name
         if self.depth != 0 or name not in self.index_of:
             return
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - self._started
         self.sizes[name] = count_bindings(mod)
         if self.dump_dir:
             dump_ir(mod, os.path.join(self.dump_dir, f"{self.index_of[name]:03d}-{name}.py"))

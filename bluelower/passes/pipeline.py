@@ -189,6 +189,12 @@ def _merge_sibling_linears(_ctx):
     return MergeSiblingLinears()
 
 
+def _legalize_ops(_ctx):
+    from .legalize import CachedLegalizeOps
+
+    return CachedLegalizeOps()
+
+
 def _memory_plan(ctx: BuildContext):
     from .memory_plan import MemoryPlan
 
@@ -245,8 +251,8 @@ def build_pipeline() -> list[PassSpec]:
         PassSpec("MergeSiblingLinears", "lowering",
                  "Linear kernels reading one activation (q/k/v, gate/up) -> one kernel, one parallel region.",
                  _merge_sibling_linears, after=("QuantizeWeights", "ShareLayerKernels")),
-        PassSpec("LegalizeOps", "lowering", "Lower Relax operators to TIR PrimFuncs.", _with_target(lambda c: T.LegalizeOps()),
-                 **vm),
+        PassSpec("LegalizeOps", "lowering", "Lower Relax operators to TIR PrimFuncs (each distinct call once).",
+                 _with_target(_legalize_ops), **vm),
         PassSpec("AnnotateTIROpPattern", "lowering", "Classify each PrimFunc (elementwise, injective, reduction, ...).",
                  lambda c: T.AnnotateTIROpPattern()),
         PassSpec("FoldConstant", "lowering", "Evaluate operators whose inputs are all constants.",
@@ -332,9 +338,11 @@ def resolve(ctx: BuildContext, disabled=()) -> list[tuple[PassSpec, "tvm.transfo
 
 
 def run_pipeline(mod: tvm.IRModule, ctx: BuildContext, disabled=(), dump_ir_dir: str | None = None,
-                 stop_after: str | None = None, skip=()):
+                 stop_after: str | None = None, skip=(), phase_done=None):
     """Run every enabled pass in order, up to and including ``stop_after``; return
-    ``(mod, stats)``.
+    ``(mod, stats)``. ``phase_done(phase, mod)``, if given, is called with the module as each
+    phase of the list leaves it (the compile driver starts writing the parameters once
+    "quantization" is done, beside the rest of the pipeline).
 
     ``stats`` is a list of ``{"name", "phase", "stats": {...}}`` (also for passes that do
     not run: ``{"skipped": reason}``). ``skip``: passes left out without a trace (a caller
@@ -356,13 +364,19 @@ def run_pipeline(mod: tvm.IRModule, ctx: BuildContext, disabled=(), dump_ir_dir:
     bar = progress.Progress("compile passes", len(plan))
     instrument = PipelineInstrument(index_of, dump_ir_dir)
     with tvm.transform.PassContext(opt_level=3, instruments=[instrument]), fast_prim_func_frames():
-        for spec, tvm_pass, why in plan:
+        for i, (spec, tvm_pass, why) in enumerate(plan):
             if tvm_pass is not None:
                 mod = tvm_pass(mod)
             elif dump_ir_dir:  # the unchanged IR, so the dump has a file per pass
                 dump_ir(mod, os.path.join(dump_ir_dir, f"{index_of[spec.name]:03d}-{spec.name}.py"))
             bar.update(item=spec.name)
+            if phase_done is not None and (i + 1 == len(plan) or plan[i + 1][0].phase != spec.phase):
+                phase_done(spec.phase, mod)
     bar.close()
+    slow = sorted(instrument.seconds.items(), key=lambda kv: -kv[1])[:5]
+    if sum(instrument.seconds.values()) >= 5.0:  # where a long compile spends its pass time
+        progress.log(f"passes: {sum(instrument.seconds.values()):.1f} s; slowest "
+                     + ", ".join(f"{name} {sec:.1f} s" for name, sec in slow))
     reported = pass_stats(mod)
     results = []
     for spec, tvm_pass, why in plan:

@@ -87,7 +87,6 @@ def compile_model(req: CompileRequest) -> dict:
 
     from ...passes.ir_utils import result, without_results
     from ...passes.pipeline import BuildContext, check_disabled, run_pipeline
-    from ..frontend.entries import module_signatures
     from ..frontend.importer import import_model
 
     quant_mode(req.quant)  # a one-line error for an unknown mode
@@ -133,21 +132,32 @@ def compile_model(req: CompileRequest) -> dict:
         ctx = BuildContext(target=target, quant=req.quant, group_size=req.group_size, soc=soc, spec=spec,
                            entry_functions=tuple(sigs), image_batch=cfg.runtime.image_batch, weight_formats=formats,
                            plan_dtype_bytes=plan_dtype_bytes(req.quant))
-        mod, pass_stats = run_pipeline(mod, ctx, disabled=req.disabled_passes, dump_ir_dir=req.dump_ir)
-        imported = list(sigs)
-        sigs = module_signatures(mod)  # as the passes left them: packed weights, the INT8 cache, added stages
-        sigs = {**{n: sigs[n] for n in imported}, **{n: s for n, s in sigs.items() if n not in imported}}
-        # quantized builds: packed params replace linear weights, converted tensor by tensor
-        stored = StoredParams.from_build(sigs, specs, result(mod, "quantized_params", {}))
-        prebuild_search_kernels(stored, specs)  # not while the TVM build runs
-        stages["import + passes"] = time.perf_counter() - t_start
-
-        # the parameters are converted and written on a thread while TVM builds the library
+        # the parameters are converted and written on a thread from the moment the quantization
+        # passes have decided every stored tensor, beside the rest of the pipeline and the TVM build
         cancelled = threading.Event()
-        writer = _Background(lambda: _write_params(req, tmp, cfg, spec, model, source, specs, stored, formats,
-                                                   recipe, calibration, cancelled), "write params")
-        writer.start()
+        writer = None
+        early: dict = {}
+
+        def start_writer(phase, mod_now):
+            nonlocal writer
+            if phase != "quantization" or writer is not None:
+                return
+            early["stored"], _ = stored_params(mod_now, list(sigs), specs)
+            prebuild_search_kernels(early["stored"], specs)  # on this thread: one TVM compiler call at a time
+            writer = _Background(lambda: _write_params(req, tmp, cfg, spec, model, source, specs, early["stored"],
+                                                       formats, recipe, calibration, cancelled), "write params")
+            writer.start()
+
         try:
+            mod, pass_stats = run_pipeline(mod, ctx, disabled=req.disabled_passes, dump_ir_dir=req.dump_ir,
+                                           phase_done=start_writer)
+            imported = list(sigs)
+            if writer is None:  # a pipeline without a quantization phase
+                start_writer("quantization", mod)
+            stored, sigs = stored_params(mod, imported, specs)
+            if (stored.specs, stored.transforms) != (early["stored"].specs, early["stored"].transforms):
+                raise AssertionError("a pass after the quantization phase changed the stored parameters")
+            stages["import + passes"] = time.perf_counter() - t_start
             t = time.perf_counter()
             with progress.step("TVM build"):
                 ex = relax.build(without_results(mod), target, relax_pipeline=None)
@@ -155,10 +165,11 @@ def compile_model(req: CompileRequest) -> dict:
             stages["TVM build"] = time.perf_counter() - t
         except BaseException:
             cancelled.set()  # the build's error is the one reported; the writer stops at its next tensor
-            writer.join(quiet=True)
+            if writer is not None:
+                writer.join(quiet=True)
             raise
         calibrated = writer.join()
-        stages["params (beside the build)"] = writer.seconds
+        stages["params (beside passes and build)"] = writer.seconds
         files = [LIBRARY, PARAMS]
         manifest = _manifest(cfg, spec, req, soc, target, sigs, pass_stats, source)
         if model.tokenizer is not None:
@@ -192,6 +203,18 @@ def compile_model(req: CompileRequest) -> dict:
     if not req.staged:
         progress.log(f"wrote {os.path.abspath(req.out_dir)}")
     return manifest
+
+
+def stored_params(mod, imported: list, specs: dict) -> tuple:
+    """``(stored, signatures)``: what ``params.safetensors`` holds for ``mod`` (packed weights
+    where QuantizeWeights put them) and the entry signatures as the passes left them (packed
+    weights, the INT8 cache, added stages), the imported entries first."""
+    from ...passes.ir_utils import result
+    from ..frontend.entries import module_signatures
+
+    sigs = module_signatures(mod)
+    sigs = {**{n: sigs[n] for n in imported if n in sigs}, **{n: s for n, s in sigs.items() if n not in imported}}
+    return StoredParams.from_build(sigs, specs, result(mod, "quantized_params", {})), sigs
 
 
 def prebuild_search_kernels(stored, specs) -> None:

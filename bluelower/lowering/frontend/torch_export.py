@@ -13,7 +13,7 @@ from torch import nn
 
 from ...errors import BlueLowerError
 from .entries import entry_signature, finish_function, helper_functions, quiet_tracing, sanitize
-from .op_support import check_torch_ops, decompose_for_translator
+from .op_support import check_torch_ops, decompose_for_translator, export_decomposed
 
 
 def make_entry_wrapper(model: nn.Module, entry: str, input_names, weight_names) -> nn.Module:
@@ -57,15 +57,17 @@ def make_entry_wrapper(model: nn.Module, entry: str, input_names, weight_names) 
     return Wrapper()
 
 
-def import_torch_program(ep, what: str = "the model"):
-    """Translate an ``ExportedProgram`` to a Relax IRModule (clear errors for unknown ops)."""
+def import_torch_program(ep, what: str = "the model", decomposed: bool = False):
+    """Translate an ``ExportedProgram`` to a Relax IRModule (clear errors for unknown ops).
+    ``decomposed``: ``ep`` is already what :func:`decompose_for_translator` makes of it."""
     from tvm.relax.frontend.torch import from_exported_program
 
     from .converters import torch_custom_converters
 
     custom = torch_custom_converters()
-    with quiet_tracing():
-        ep = decompose_for_translator(ep)  # what the translator converts, decomposed once
+    if not decomposed:
+        with quiet_tracing():
+            ep = decompose_for_translator(ep)  # what the translator converts, decomposed once
     check_torch_ops(ep, custom, what)
     with quiet_tracing():
         return from_exported_program(ep, custom_convert_map=custom or None, run_ep_decomposition=False)
@@ -80,8 +82,8 @@ def import_torch_entry(spec, model, cfg, entry: str) -> tuple:
     wrapper = make_entry_wrapper(model, entry, spec.entry(entry).inputs, sig.params)
     with quiet_tracing():
         try:
-            ep = torch.export.export(wrapper, inputs + weights)
+            ep = export_decomposed(wrapper, inputs + weights)  # one trace to the translator's ATen
         except Exception as exc:  # export errors are model bugs or unsupported python
             raise BlueLowerError(f"torch.export failed for entry '{entry}': {str(exc).splitlines()[0]}") from exc
-    mod = import_torch_program(ep, f"entry '{entry}'")
+    mod = import_torch_program(ep, f"entry '{entry}'", decomposed=True)
     return finish_function(mod["main"], entry, sig), sig, helper_functions(mod)
