@@ -222,6 +222,40 @@ def test_decomposed_rms_norm_is_one_rms_norm_operator(tmp_path):
     assert stats["apu_ops"] == 2 and stats["cpu_ops"] == 4  # power, mean, add, rsqrt on the CPU
 
 
+@I.ir_module
+class GatedMLP:
+    """SwiGLU as torch.export decomposes it: silu(g) = g * sigmoid(g), then * u; and a
+    look-alike, g * sigmoid(u), which is not a SiLU."""
+
+    @R.function
+    def main(x: R.Tensor((4, 8), "float32"), wg: R.Tensor((8, 8), "float32"), wu: R.Tensor((8, 8), "float32"),
+             wd: R.Tensor((8, 8), "float32")) -> R.Tensor((4, 8), "float32"):
+        R.func_attr({"num_input": 1, "bluelower.param_names": ["gate.weight", "up.weight", "down.weight"]})
+        with R.dataflow():
+            g = R.matmul(x, wg)
+            sg = R.sigmoid(g)
+            silu = R.multiply(g, sg)
+            u = R.matmul(x, wu)
+            h = R.multiply(silu, u)
+            y = R.matmul(h, wd)
+            su = R.sigmoid(u)
+            z = R.multiply(g, su)  # not silu: the sigmoid's input is u, the other operand g
+            out = R.add(y, z)
+            R.output(out)
+        return out
+
+
+def test_decomposed_silu_is_one_silu_operator(tmp_path):
+    with_silu = load_soc(write_soc(tmp_path, "silu", max_ops=20, extra_ops='silu = ["fp16"]'))
+    after, stats = run_pass(partition(with_silu), GatedMLP)
+    # one partition up to the down projection; the look-alike's sigmoid stays on the CPU
+    assert stats["partitions"] == {"main": 1} and stats["cpu_ops"] == 3, stats  # sigmoid(u), multiply, add
+    assert stats["apu_ops"] == 5, stats  # 3 matmuls, the silu, the gating multiply
+    assert sorted(after["main_apu0"].attrs["bluelower.apu_op_kinds"]) == ["matmul", "multiply", "silu"]
+    without, stats = run_pass(partition(load_soc(write_soc(tmp_path, "no-silu", max_ops=20))), GatedMLP)
+    assert stats["partitions"] == {"main": 2}, stats  # split at the sigmoid
+
+
 # --- the tiny model -------------------------------------------------------------------
 
 

@@ -89,11 +89,25 @@ TIR_KERNEL_KINDS: dict[str, tuple[tuple[str, ...], ...]] = {
 
 #: Chains of Relax operators (each consuming the previous one's result, directly or as a
 #: field of a tuple argument) that form one APU operator kind: the decomposed RMSNorm
-#: statistic x * rsqrt(mean(x^2) + eps), and QuantizeWeights' K padding concat((x, zeros)).
+#: statistic x * rsqrt(mean(x^2) + eps), QuantizeWeights' K padding concat((x, zeros)), and
+#: SiLU as torch.export decomposes it, x * sigmoid(x) (the multiply's other operand must be
+#: the sigmoid's own input: :data:`COMPOSITE_CHECKS`).
 COMPOSITE_KINDS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("relax.power", "relax.mean", "relax.add", "relax.rsqrt"), ("rms_norm",)),
     (("relax.zeros", "relax.concat"), ("pad",)),
+    (("relax.sigmoid", "relax.multiply"), ("silu",)),
 )
+
+
+def _is_silu(chain) -> bool:
+    """``multiply(x, sigmoid(x))`` in either operand order: the same ``x`` on both sides."""
+    x = chain[0].value.args[0]
+    others = [a for a in chain[1].value.args if not a.same_as(chain[0].var)]
+    return len(others) == 1 and others[0].same_as(x)
+
+
+#: kinds -> a check of the matched chain beyond "each consumes the previous".
+COMPOSITE_CHECKS = {("silu",): _is_silu}
 
 #: call_tir kernel name prefix -> the weight dtype the kernel's matmul runs in.
 TIR_KERNEL_WEIGHT_DTYPE = {"int4_linear": "int4", "int8_linear": "int8", "int4_a8_linear": "int4",
@@ -215,6 +229,8 @@ def _composites(apu, bindings) -> dict[int, tuple[int, tuple[str, ...], str]]:
             ):
                 continue
             if not all(_consumes(b.value, prev.var) for prev, b in zip(chain, chain[1:])):
+                continue
+            if kinds in COMPOSITE_CHECKS and not COMPOSITE_CHECKS[kinds](chain):
                 continue
             dtype = _kinds_dtype(apu, kinds, _tensor_dtype(chain[-1].var.ty))
             if dtype:
