@@ -149,10 +149,13 @@ def work_of_bindings(bindings, inputs, outputs) -> tuple[float, float]:
     segment's inputs (:func:`_read_bytes`, the most any one binding reads) and the bytes of
     its outputs (an in-place cache update writes only its update, counted as read)."""
     flops = sum(binding_flops(b.value, b.var.ty) for b in bindings)
+    readers: dict = {}  # var -> the bindings that read it (each binding's free vars computed once)
+    for b in bindings:
+        for u in relax.analysis.free_vars(b.value):
+            readers.setdefault(u, []).append(b)
     by = 0.0
     for v in inputs:
-        reads = [_read_bytes(b.value, v) for b in bindings if any(u.same_as(v) for u in relax.analysis.free_vars(b.value))]
-        by += max(reads, default=0.0)
+        by += max((_read_bytes(b.value, v) for b in readers.get(v, ())), default=0.0)
     in_place = _written_in_place(bindings)
     by += sum(_nbytes(v.ty) for v in outputs if v not in in_place)
     return flops, by
