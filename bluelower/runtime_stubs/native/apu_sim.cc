@@ -201,7 +201,16 @@ extern "C" void bl_partition_release(bl_partition* p) {
 #ifdef BLUELOWER_HAVE_NEURON
   if (p && p->neuron) bl_neuron_partition_release(p->neuron);
 #endif
+  bool sim = p && !p->neuron;
   delete p;
+  // The VM's pooled allocator keeps every block a call freed for the next call: a released
+  // partition (the image encoder, once the image is encoded) returns its blocks to the system.
+  if (sim) {
+    try {
+      if (auto clear = ffi::Function::GetGlobal("vm.builtin.memory_manager.clear")) (*clear)();
+    } catch (const std::exception&) {
+    }
+  }
 }
 
 static int bind(std::vector<bl_buffer>& v, std::vector<bool>& bound, int index, const bl_buffer* buf) {

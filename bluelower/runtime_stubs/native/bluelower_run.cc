@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <set>
 #include <memory>
 #include <new>
 #include <string>
@@ -65,8 +66,10 @@ struct Buffer {
   size_t bytes = 0;
   bl_buffer desc{};
   Buffer() = default;
-  Buffer(bl_dtype dt, const std::vector<int64_t>& shape) { init(dt, shape); }
-  void init(bl_dtype dt, const std::vector<int64_t>& shape) {
+  Buffer(bl_dtype dt, const std::vector<int64_t>& shape, bool zero = true) { init(dt, shape, zero); }
+  // zero = false: the caller writes every byte before reading any (the KV cache, zeroed when
+  // prefill starts), so its pages stay untouched, not resident, until then
+  void init(bl_dtype dt, const std::vector<int64_t>& shape, bool zero = true) {
     if (shape.size() > 8) throw Error("tensor of rank > 8");
     size_t item = dt == BL_F32 || dt == BL_I32 ? 4 : dt == BL_I64 ? 8 : dt == BL_F16 ? 2 : 1;
     size_t n = 1;
@@ -79,13 +82,19 @@ struct Buffer {
     if (alloc == 0) alloc = 64;
     data = std::aligned_alloc(64, alloc);
     if (!data) throw Error("out of memory allocating " + std::to_string(alloc) + " bytes");
-    std::memset(data, 0, alloc);
+    if (zero) std::memset(data, 0, alloc);
     desc.data = data;
     desc.dtype = dt;
     desc.ndim = int32_t(shape.size());
     for (size_t i = 0; i < shape.size(); ++i) desc.shape[i] = shape[i];
   }
   ~Buffer() { std::free(data); }
+  void release() {  // give the memory back now (the image stage's buffers once the image is encoded)
+    std::free(data);
+    data = nullptr;
+    bytes = 0;
+    desc.data = nullptr;
+  }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
   float* f32() { return static_cast<float*>(data); }
@@ -737,8 +746,10 @@ int run(const Args& a) {
                 " new tokens exceeds the KV cache capacity of " + std::to_string(capacity));
 
   // Weights, backend, partitions.
+  // The ViT's weights only when there is an image; they are released once it is encoded
+  // (the memory plan's phases: image encoding, then prefill and decode without the ViT).
   std::vector<const char*> fnames;
-  if (has_vision) fnames.push_back("encode_image");
+  if (has_vision && img) fnames.push_back("encode_image");
   for (const char* f : {"embed", "prefill", "decode"}) fnames.push_back(f);
   std::map<std::string, std::vector<std::string>> fparams;
   std::vector<std::string> all_params;
@@ -753,7 +764,7 @@ int run(const Args& a) {
   load_params(b.dir + "/params.safetensors", all_params, params);
   const Json& kv = b.manifest.at("kv_cache", mpath);
   Buffer kv_cache(dtype_of(kv.at("dtype", "kv_cache").as_string("kv_cache.dtype"), "kv_cache"),
-                  shape_of(kv.at("shape", "kv_cache"), mpath + ": kv_cache.shape"));  // allocated once
+                  shape_of(kv.at("shape", "kv_cache"), mpath + ": kv_cache.shape"), /*zero=*/false);  // allocated once, zeroed at prefill
 
   char err[BL_APU_ERR_LEN] = {0};
   bl_backend_config cfg{b.dir.c_str(), "model.so", &Params::lookup, &params, 0};
@@ -783,14 +794,14 @@ int run(const Args& a) {
   expect("prefill", 1, std::vector<int64_t>(kv_cache.desc.shape, kv_cache.desc.shape + kv_cache.desc.ndim));
 
   Buffer pixels, image_out;
-  if (has_vision) {
+  if (parts.count("encode_image")) {
     pixels.init(BL_F32, {image_batch, 3, S, S});
     image_out.init(BL_F32, {image_batch, tpp, hidden});
   }
   Buffer id_chunk(BL_I64, {chunk}), embed_out(BL_F32, {chunk, hidden});
   Buffer rows(BL_F32, {chunk, hidden}), start_pos(BL_I64, {1}), num_valid(BL_I64, {1});
   Buffer logits(BL_F32, {1, vocab}), token(BL_I64, {1}), position(BL_I64, {1});
-  bl_partition* enc = has_vision ? parts["encode_image"]->p : nullptr;
+  bl_partition* enc = parts.count("encode_image") ? parts["encode_image"]->p : nullptr;
   bl_partition* emb = parts["embed"]->p;
   bl_partition* pre = parts["prefill"]->p;
   bl_partition* dec = parts["decode"]->p;
@@ -825,33 +836,54 @@ int run(const Args& a) {
     std::memcpy(&image_rows[size_t(row * hidden)], image_out.data, size_t(valid * tpp * hidden) * sizeof(float));
     row += valid * tpp;
   }
-  // 2.-3. the sequence: each id segment embedded in chunks (last padded with id 0), the
-  // image's rows at the image's place
+  if (enc) {  // the ViT is done: its partition, the weights only it reads, its buffers go
+    std::set<std::string> text_params;
+    for (const char* f : fnames)
+      if (std::string(f) != "encode_image") text_params.insert(fparams[f].begin(), fparams[f].end());
+    parts.erase("encode_image");  // the sim backend also returns the VM's pooled blocks then
+    enc = nullptr;
+    for (auto it = params.tensors.begin(); it != params.tensors.end();)
+      it = text_params.count(it->first) ? std::next(it) : params.tensors.erase(it);
+    pixels.release();
+    image_out.release();
+    std::vector<float>().swap(patches);
+  }
+  // 2.-4. the sequence, one prefill chunk at a time: its prompt ids embedded in one embed call
+  // (padded with id 0), the image's rows at the image's place; only the image rows are held.
   double t1 = now();
-  std::vector<float> seq(size_t(n * hidden));
-  int64_t row = 0;
+  std::vector<int64_t> source;  // per row: a token id (>= 0) or -1 - (image row)
+  source.reserve(size_t(n));
   for (const Segment& seg : segs) {
     if (seg.image) {
-      if (n_image) std::memcpy(&seq[size_t(row * hidden)], image_rows.data(), image_rows.size() * sizeof(float));
-      row += n_image;
+      for (int64_t r = 0; r < n_image; ++r) source.push_back(-1 - r);
       continue;
     }
-    for (size_t i = 0; i < seg.ids.size(); i += size_t(chunk)) {
-      size_t valid = std::min(size_t(chunk), seg.ids.size() - i);
-      std::memset(id_chunk.data, 0, id_chunk.bytes);
-      std::memcpy(id_chunk.data, &seg.ids[i], valid * sizeof(int64_t));
-      check(g_backend->run(emb, err), err);
-      std::memcpy(&seq[size_t(row * hidden)], embed_out.data, valid * size_t(hidden) * sizeof(float));
-      row += int64_t(valid);
-    }
+    source.insert(source.end(), seg.ids.begin(), seg.ids.end());
   }
-  // 4. chunked prefill (KV cache zeroed once, here)
+  double embed_s = 0.0;
+  std::memset(kv_cache.data, 0, kv_cache.bytes);  // KV cache zeroed once, here
   double t2 = now();
-  std::memset(kv_cache.data, 0, kv_cache.bytes);
   for (int64_t start = 0; start < n; start += chunk) {
     int64_t valid = std::min(chunk, n - start);
     std::memset(rows.data, 0, rows.bytes);
-    std::memcpy(rows.data, &seq[size_t(start * hidden)], size_t(valid * hidden) * sizeof(float));
+    std::vector<int64_t> text_rows;
+    std::memset(id_chunk.data, 0, id_chunk.bytes);
+    for (int64_t r = 0; r < valid; ++r) {
+      int64_t src = source[size_t(start + r)];
+      if (src >= 0) {
+        id_chunk.i64()[text_rows.size()] = src;
+        text_rows.push_back(r);
+      } else {
+        std::memcpy(rows.f32() + r * hidden, &image_rows[size_t((-1 - src) * hidden)], size_t(hidden) * sizeof(float));
+      }
+    }
+    if (!text_rows.empty()) {
+      double te = now();
+      check(g_backend->run(emb, err), err);
+      for (size_t i = 0; i < text_rows.size(); ++i)
+        std::memcpy(rows.f32() + text_rows[i] * hidden, embed_out.f32() + int64_t(i) * hidden, size_t(hidden) * sizeof(float));
+      embed_s += now() - te;
+    }
     start_pos.i64()[0] = start;
     num_valid.i64()[0] = valid;
     check(g_backend->run(pre, err), err);
@@ -910,7 +942,8 @@ int run(const Args& a) {
     out += ", \"runtime\": \"native\", \"backend\": \"" + a.backend + "\", \"arch\": \"" + kArch + "\"";
     out += ", \"timings_s\": {\"load\": " + fmt_double(t_loaded - t_start - tokenize_s) + ", \"tokenize\": " +
            fmt_double(tokenize_s) + ", \"image_preprocess\": " + fmt_double(t0 - t_loaded) + ", \"image_encode\": " +
-           fmt_double(t1 - t0) + ", \"embed\": " + fmt_double(t2 - t1) + ", \"prefill\": " + fmt_double(t3 - t2) +
+           fmt_double(t1 - t0) + ", \"embed\": " + fmt_double(embed_s) + ", \"prefill\": " +
+           fmt_double(t3 - t2 - embed_s) +
            ", \"decode\": " + fmt_double(t4 - t3);
     if (tokens.size() > 1)
       out += ", \"decode_tokens_per_s\": " + fmt_double(double(tokens.size() - 1) / std::max(t4 - t3, 1e-9));
