@@ -52,19 +52,27 @@ def _reusable(call: relax.Call, out) -> bool:
         a.same_as(b) for a, b in zip(args.fields, call.args))
 
 
+def _same(a, b) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and tvm_ffi.structural_equal(a, b))
+
+
 def _cached(legalize, stats: dict):
     seen: dict = {}
 
     def run(bb, call):
         key = _key(call)
-        if key is not None and key in seen:
-            gv, call_attrs, ty_args = seen[key]
+        hit = seen.get(key) if key is not None else None
+        # the key holds hashes: a hit is checked against the call it was made for
+        if hit is not None and _same(hit["attrs"], call.attrs) and len(hit["ty_args"]) == len(call.ty_args) and all(
+                _same(a, b) for a, b in zip(hit["ty_args"], call.ty_args)):
             stats["reused"] += 1
-            return relax.Call(_CALL_TIR, [gv, relax.Tuple(list(call.args))], call_attrs, ty_args)
+            return relax.Call(_CALL_TIR, [hit["gv"], relax.Tuple(list(call.args))], hit["out_attrs"],
+                              hit["out_ty_args"])
         out = legalize(bb, call)
         stats["legalized"] += 1
-        if key is not None and _reusable(call, out):
-            seen[key] = (out.args[0], out.attrs, list(out.ty_args))
+        if key is not None and key not in seen and _reusable(call, out):
+            seen[key] = {"gv": out.args[0], "out_attrs": out.attrs, "out_ty_args": list(out.ty_args),
+                         "attrs": call.attrs, "ty_args": list(call.ty_args)}
         return out
 
     return run
