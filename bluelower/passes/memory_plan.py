@@ -290,7 +290,7 @@ class MemoryPlan:
 
     def __init__(self, entries, apply: bool = False, dtype_bytes: dict | None = None, compare_tvm: bool = True):
         self.entries = list(entries)
-        self.apply = apply and not dtype_bytes
+        self.apply = apply  # with dtype_bytes: the figures at those sizes, the arena run at the real ones
         self.dtype_bytes = dtype_bytes
         self.compare_tvm = compare_tvm
 
@@ -309,8 +309,11 @@ class MemoryPlan:
         for name in names:
             gv = mod.get_global_var(name)
             if self.apply:
-                func, plan = apply_plan(mod[gv])
+                original = mod[gv]
+                func, executed = apply_plan(original)
                 mod[gv] = func
+                plan = plan_function(original, self.dtype_bytes) if self.dtype_bytes else executed
+                plan["executed_arena_bytes"] = executed["arena_bytes"]  # what the VM allocates per call
             else:
                 plan = plan_function(mod[gv], self.dtype_bytes)
             plan["callees"] = callees[name]

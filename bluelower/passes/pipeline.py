@@ -52,6 +52,7 @@ class BuildContext:
     weight_formats: object = None  # QuantizeWeights: the per-weight format decision (quant.params.format_policy;
     # None: the mode's default recipe)
     image_grid: tuple | None = None  # ScheduleOperators: the image of the predicted request (default 2:4)
+    execute_memory_plan: bool = False  # MemoryPlan allocates from its arena (AcceptBufferOffsets makes kernels take it)
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,15 @@ def _legalize_ops(_ctx):
 def _memory_plan(ctx: BuildContext):
     from .memory_plan import MemoryPlan
 
-    return MemoryPlan(ctx.entry_functions, dtype_bytes=ctx.plan_dtype_bytes)
+    return MemoryPlan(ctx.entry_functions, dtype_bytes=ctx.plan_dtype_bytes, apply=ctx.execute_memory_plan)
+
+
+def _accept_offsets(ctx: BuildContext):
+    if not ctx.execute_memory_plan:
+        return None
+    from .accept_offsets import AcceptBufferOffsets
+
+    return AcceptBufferOffsets()
 
 
 def _quantizes(ctx: BuildContext) -> bool:
@@ -260,6 +269,8 @@ def build_pipeline() -> list[PassSpec]:
         PassSpec("FuseOps", "lowering", "Group producer/consumer operators into fused functions.",
                  lambda c: T.FuseOps()),
         PassSpec("FuseTIR", "lowering", "Merge each fused group into one PrimFunc.", lambda c: T.FuseTIR()),
+        PassSpec("AcceptBufferOffsets", "lowering",
+                 "Kernels take tensors at an offset into a buffer (to run the planned arena).", _accept_offsets),
         # VM lowering
         PassSpec("RewriteDataflowReshape", "vm-lowering", "Turn reshapes into VM builtin views.",
                  lambda c: T.RewriteDataflowReshape()),

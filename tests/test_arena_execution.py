@@ -1,0 +1,84 @@
+"""MemoryPlan's arena executed (``BuildContext(execute_memory_plan=True)``: MemoryPlan rewrites
+every intermediate to ``alloc_tensor(arena, offset)`` and AcceptBufferOffsets makes the kernels
+take tensors at an offset): every entry of tiny computes bit for bit what the default build
+computes, and the Relax VM requests exactly the executed arena plus the outputs per call."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from bluelower.lowering.frontend.entries import module_signatures
+from bluelower.lowering.frontend.importer import import_model
+from bluelower.lowering.models import load_config, spec_for
+from bluelower.passes.ir_utils import result, without_results
+from bluelower.passes.pipeline import BuildContext, run_pipeline
+from bluelower.targets.soc import load_soc
+
+SIZE = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
+
+
+def _build(quant: str, execute: bool):
+    cfg, soc = load_config("tiny"), load_soc("host")
+    mod, sigs = import_model(cfg, "torch")
+    ctx = BuildContext(target=soc.tvm_target(), quant=quant, soc=soc, spec=spec_for(cfg), entry_functions=tuple(sigs),
+                       image_batch=cfg.runtime.image_batch, execute_memory_plan=execute)
+    mod, stats = run_pipeline(mod, ctx)
+    ex = relax.build(without_results(mod), soc.tvm_target(), relax_pipeline=None)
+    return mod, stats, relax.VirtualMachine(ex, tvm.cpu())
+
+
+def _inputs(sig, rng):
+    """Deterministic arguments: small floats, in-range ids and positions, a zero cache."""
+    out = []
+    for spec in list(sig.inputs) + [{"name": n, "shape": s, "dtype": d} for n, (s, d) in sig.param_shapes.items()]:
+        shape, dtype, name = tuple(spec["shape"]), spec["dtype"], spec["name"]
+        if "kv_cache" in name:
+            a = np.zeros(shape, dtype)
+        elif dtype.startswith("float"):
+            a = (rng.standard_normal(shape) * 0.05).astype(dtype)
+        elif dtype == "int64":
+            a = np.full(shape, 3, dtype)  # token ids, start positions, valid rows
+        else:
+            a = rng.integers(0, 16, shape).astype(dtype)
+        out.append(tvm.runtime.tensor(a))
+    return out
+
+
+@pytest.mark.parametrize("quant", ["fp32", "w4a16kv8"])
+def test_executed_arena_is_bit_identical_and_is_what_the_vm_allocates(quant):
+    base_mod, _s, base_vm = _build(quant, False)
+    mod, stats, vm = _build(quant, True)
+    names = [s["name"] for s in stats]
+    assert "AcceptBufferOffsets" in names
+    accept = next(s for s in stats if s["name"] == "AcceptBufferOffsets")["stats"]
+    assert accept["functions"] > 0 and accept["tensor_params"] > 0, accept
+    plans = result(mod, "memory_plan")
+    assert plans == {k: {**v, "executed_arena_bytes": plans[k]["executed_arena_bytes"]}
+                     for k, v in result(base_mod, "memory_plan").items()}  # the reported plan is unchanged
+    sigs = module_signatures(base_mod)
+    requested: list = []
+
+    def instrument(_func, name, before, _ret, *args):
+        if before and name == "vm.builtin.alloc_storage":
+            requested.append(int(args[1][0]))
+        return 0
+
+    vm.set_instrument(instrument)
+    for name in ("embed", "prefill", "decode", "encode_image"):
+        args = _inputs(sigs[name], np.random.default_rng(0))
+        want = base_vm[name](*args)
+        args = _inputs(sigs[name], np.random.default_rng(0))
+        requested.clear()
+        got = vm[name](*args)
+        want = [want] if hasattr(want, "numpy") else list(want)
+        got = [got] if hasattr(got, "numpy") else list(got)
+        for w, g in zip(want, got):
+            np.testing.assert_array_equal(w.numpy(), g.numpy(), err_msg=name)
+        p = plans[name]
+        outputs = sum(int(np.prod(shape)) * SIZE[dt] for _n, _b, shape, dt in p["outputs"])
+        assert sum(requested) == p["executed_arena_bytes"] + outputs, (name, requested, p["executed_arena_bytes"])
+        # one allocation for the arena, one per output: nothing else
+        assert len(requested) == (p["executed_arena_bytes"] > 0) + len(p["outputs"]), (name, requested)
