@@ -24,7 +24,8 @@ POLICIES = ("relaxed", "anyres", "internvl", "none")
 def compile(model="tiny", output: str = "build", *, checkpoint: str | None = None, soc: str = "host",  # noqa: A001
             quant: str = DEFAULT_QUANT, weights: str | None = None, frontend: str = "torch", dump_ir: str | None = None,
             disable_passes=(), seed: int = 0, group_size: int = DEFAULT_GROUP_SIZE, prefill_chunk: int | None = None,
-            kv_capacity: int | None = None, force: bool = False, recipe=None, calibration: str | None = None) -> dict:
+            kv_capacity: int | None = None, force: bool = False, recipe=None, calibration: str | None = None,
+            execute_memory_plan: bool = False) -> dict:
     """Compile ``model`` (a shipped config name, a JSON path or a config object; or
     ``checkpoint``: a Hugging Face directory or a GGUF file) for ``soc`` into ``output``;
     return the manifest. An existing ``output`` that is not a bluelower build is refused
@@ -32,14 +33,16 @@ def compile(model="tiny", output: str = "build", *, checkpoint: str | None = Non
     ``recipe``: quantization rules (a JSON/TOML path or a ``quant.recipe.Recipe``; default:
     the mode's default recipe); ``calibration``: a UTF-8 text, GPTQ for the weights whose rule
     says method gptq (without ``recipe``: the default recipe with GPTQ on the decoder
-    linears); docs/quantization.md."""
+    linears); docs/quantization.md. ``execute_memory_plan``: intermediates are allocated from
+    MemoryPlan's one arena per call (docs/memory.md), not TVM's storage tokens."""
     from .lowering.artifacts.compile import CompileRequest, compile_model
 
     return compile_model(CompileRequest(model=model, weights=weights, checkpoint=checkpoint, frontend=frontend, soc=soc,
                                         out_dir=output, quant=quant, dump_ir=dump_ir,
                                         disabled_passes=tuple(disable_passes), seed=seed, group_size=group_size,
                                         prefill_chunk=prefill_chunk, kv_capacity=kv_capacity, force=force,
-                                        recipe=recipe, calibration=calibration))
+                                        recipe=recipe, calibration=calibration,
+                                        execute_memory_plan=execute_memory_plan))
 
 
 def compile_module(module, entries, output: str = "build", *, name: str | None = None, roles=None,
@@ -69,7 +72,8 @@ def bundle(model="tiny", output: str = "dist", *, checkpoint: str | None = None,
            quant: str = DEFAULT_QUANT, weights: str | None = None, seed: int = 0, tarball: str | None = None,
            ndk: str | None = None, android_api: int | None = None, tvm_runtime_dir: str | None = None,
            tvm_source: str | None = None, kv_capacity: int | None = None, prefill_chunk: int | None = None,
-           force: bool = False, recipe=None, calibration: str | None = None) -> dict:
+           force: bool = False, recipe=None, calibration: str | None = None,
+           execute_memory_plan: bool = False) -> dict:
     """A device bundle in ``output`` and its reproducible tarball; return a summary (paths,
     tarball SHA-256, architecture, files). ``force``, ``recipe``, ``calibration``: as for
     :func:`compile` (``force`` for the directory and the tarball)."""
@@ -78,7 +82,7 @@ def bundle(model="tiny", output: str = "dist", *, checkpoint: str | None = None,
     return build_bundle(model=model, soc=soc, out_dir=output, quant=quant, weights=weights, seed=seed, tarball=tarball,
                         ndk=ndk, android_api=android_api, tvm_runtime_dir=tvm_runtime_dir, tvm_source=tvm_source,
                         checkpoint=checkpoint, kv_capacity=kv_capacity, prefill_chunk=prefill_chunk, force=force,
-                        recipe=recipe, calibration=calibration)
+                        recipe=recipe, calibration=calibration, execute_memory_plan=execute_memory_plan)
 
 
 def image_patches(manifest: dict, image, policy: str = "relaxed", max_patches: int | None = None, fits=None):

@@ -90,6 +90,8 @@ def echo_json(obj) -> None:
 _MODEL_HELP = "A shipped config (tiny, bluelm-v-3b) or a path to a .json config."
 _FORCE_HELP = ("Write even if the output path exists and is not a bluelower build: the existing directory or file is "
                "moved aside to PATH.old (never deleted).")
+_ARENA_HELP = ("Allocate each call's intermediates from the memory plan's one arena at its offsets (kernels take "
+               "offsets; manifest memory_plan executed_arena_bytes) instead of TVM's storage tokens. See docs/memory.md.")
 _RECIPE_HELP = ("Quantization rules (JSON, or TOML with [[rules]]): which format each weight is stored in, first "
                 "matching rule wins [default: the --quant mode's recipe]. See docs/quantization.md.")
 _CALIBRATION_HELP = ("A UTF-8 calibration text: GPTQ chooses the codes of the weights whose rule says method gptq "
@@ -119,16 +121,18 @@ _CALIBRATION_HELP = ("A UTF-8 calibration text: GPTQ chooses the codes of the we
               help="KV-cache capacity in tokens (default: the config's; a checkpoint: 2048 or its context length).")
 @click.option("--recipe", default=None, metavar="FILE.json|FILE.toml", help=_RECIPE_HELP)
 @click.option("--calibration", default=None, metavar="FILE.txt", help=_CALIBRATION_HELP)
+@click.option("--execute-memory-plan", is_flag=True, help=_ARENA_HELP)
 @click.option("--force", is_flag=True, help=_FORCE_HELP)
 def compile_cmd(model, hf, gguf, weights, frontend, soc, quant, out_dir, dump_ir, disabled, seed, prefill_chunk,
-                kv_capacity, recipe, calibration, force) -> None:
+                kv_capacity, recipe, calibration, execute_memory_plan, force) -> None:
     """Compile a model for a SoC into an output directory (library, params, manifest)."""
     sources = [x for x in (model, hf, gguf) if x is not None]
     if len(sources) > 1:
         raise BlueLowerError("give one of --model, --hf, --gguf")
     api.compile(model or "tiny", out_dir, checkpoint=hf or gguf, soc=soc, quant=quant, weights=weights,
                 frontend=frontend, dump_ir=dump_ir, disable_passes=disabled, seed=seed, prefill_chunk=prefill_chunk,
-                kv_capacity=kv_capacity, force=force, recipe=recipe, calibration=calibration)
+                kv_capacity=kv_capacity, force=force, recipe=recipe, calibration=calibration,
+                execute_memory_plan=execute_memory_plan)
 
 
 @cli.command("run")
@@ -212,16 +216,17 @@ def run_cmd(build_dir, image, prompt, system, prompt_ids, max_new_tokens, temper
 @click.option("--recipe", default=None, metavar="FILE.json|FILE.toml", help=_RECIPE_HELP)
 @click.option("--calibration", default=None, metavar="FILE.txt", help=_CALIBRATION_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (paths, tarball SHA-256) as JSON.")
+@click.option("--execute-memory-plan", is_flag=True, help=_ARENA_HELP)
 @click.option("--force", is_flag=True, help=_FORCE_HELP)
 def build_cmd(model, hf, gguf, kv_capacity, prefill_chunk, soc, quant, weights, seed, out_dir, tarball, ndk, android_api,
-              tvm_runtime_dir, tvm_source, recipe, calibration, as_json, force) -> None:
+              tvm_runtime_dir, tvm_source, recipe, calibration, as_json, execute_memory_plan, force) -> None:
     """Build a device bundle: model library, weights, native runtime + TVM runtime libs, tarball."""
     if len([x for x in (model, hf, gguf) if x is not None]) > 1:
         raise BlueLowerError("give one of --model, --hf, --gguf")
     info = api.bundle(model or "tiny", out_dir, checkpoint=hf or gguf, soc=soc, quant=quant, weights=weights, seed=seed,
                       tarball=tarball, ndk=ndk, android_api=android_api, tvm_runtime_dir=tvm_runtime_dir,
                       tvm_source=tvm_source, kv_capacity=kv_capacity, prefill_chunk=prefill_chunk, force=force,
-                      recipe=recipe, calibration=calibration)
+                      recipe=recipe, calibration=calibration, execute_memory_plan=execute_memory_plan)
     if as_json:
         echo_json({k: v for k, v in info.items()})
     else:

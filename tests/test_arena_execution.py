@@ -82,3 +82,27 @@ def test_executed_arena_is_bit_identical_and_is_what_the_vm_allocates(quant):
         assert sum(requested) == p["executed_arena_bytes"] + outputs, (name, requested, p["executed_arena_bytes"])
         # one allocation for the arena, one per output: nothing else
         assert len(requested) == (p["executed_arena_bytes"] > 0) + len(p["outputs"]), (name, requested)
+
+
+def test_compile_option_executes_the_plan(tmp_path):
+    """``compile --execute-memory-plan``: the manifest records the executed arena per function
+    and the passes that made it; a default build runs neither."""
+    import json
+
+    from click.testing import CliRunner
+
+    from bluelower.cli import cli
+
+    for flag, out in (("--execute-memory-plan", tmp_path / "arena"), (None, tmp_path / "tokens")):
+        args = ["--quiet", "compile", "--model", "tiny", "-o", str(out)] + ([flag] if flag else [])
+        result = CliRunner().invoke(cli, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((out / "manifest.json").read_text())
+        funcs = manifest["memory_plan"]["functions"]
+        passes = {p["name"]: p["stats"] for p in manifest["passes"]}
+        if flag:
+            assert funcs["prefill"]["executed_arena_bytes"] >= funcs["prefill"]["arena_bytes"] > 0
+            assert passes["AcceptBufferOffsets"]["functions"] > 0
+        else:
+            assert "executed_arena_bytes" not in funcs["prefill"]
+            assert "skipped" in passes["AcceptBufferOffsets"]

@@ -52,6 +52,7 @@ class CompileRequest:
     staged: bool = False  # out_dir is an empty directory the caller owns and publishes (device bundles)
     recipe: object = None  # quantization rules: a JSON/TOML path or a Recipe (None: the mode's default recipe)
     calibration: str | None = None  # a UTF-8 text: GPTQ for the weights whose rule says method gptq
+    execute_memory_plan: bool = False  # intermediates from MemoryPlan's one arena (AcceptBufferOffsets), not TVM's tokens
 
 
 def resolve_soc(name_or_path: str):
@@ -131,7 +132,7 @@ def compile_model(req: CompileRequest) -> dict:
         # the plan counts activations at the mode's width, as `inspect memory --model` does
         ctx = BuildContext(target=target, quant=req.quant, group_size=req.group_size, soc=soc, spec=spec,
                            entry_functions=tuple(sigs), image_batch=cfg.runtime.image_batch, weight_formats=formats,
-                           plan_dtype_bytes=plan_dtype_bytes(req.quant))
+                           plan_dtype_bytes=plan_dtype_bytes(req.quant), execute_memory_plan=req.execute_memory_plan)
         # the parameters are converted and written on a thread from the moment the quantization
         # passes have decided every stored tensor, beside the rest of the pipeline and the TVM build
         cancelled = threading.Event()

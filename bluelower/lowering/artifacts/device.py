@@ -96,7 +96,7 @@ def build_bundle(model="tiny", soc: str = "host", out_dir: str = "dist", quant: 
                  kv_capacity: int | None = None, prefill_chunk: int | None = None,
                  tarball: str | None = None, ndk: str | None = None, android_api: int | None = None,
                  tvm_runtime_dir: str | None = None, tvm_source: str | None = None, force: bool = False,
-                 recipe=None, calibration: str | None = None) -> dict:
+                 recipe=None, calibration: str | None = None, execute_memory_plan: bool = False) -> dict:
     """Compile + native runtime + libraries -> bundle directory ``out_dir`` and a
     reproducible tarball (default ``out_dir + '.tar.gz'``). Returns a summary dict.
     Both outputs follow docs/cli.md's "Output safety" (``force``: see :class:`OutputDir`).
@@ -150,7 +150,8 @@ def build_bundle(model="tiny", soc: str = "host", out_dir: str = "dist", quant: 
         manifest = compile_model(CompileRequest(model=model, weights=weights, frontend=frontend, soc=soc_desc,
                                                 out_dir=stage, quant=quant, seed=seed, checkpoint=checkpoint,
                                                 kv_capacity=kv_capacity, prefill_chunk=prefill_chunk, staged=True,
-                                                recipe=recipe, calibration=calibration))
+                                                recipe=recipe, calibration=calibration,
+                                                execute_memory_plan=execute_memory_plan))
         libs = dict(libs)
         libs[BACKEND_LIB] = backend
         if the_ndk is not None:  # libc++_shared.so when the binary, model.so or TVM's libs need it
