@@ -106,3 +106,32 @@ def test_compile_option_executes_the_plan(tmp_path):
         else:
             assert "executed_arena_bytes" not in funcs["prefill"]
             assert "skipped" in passes["AcceptBufferOffsets"]
+
+
+def test_aarch64_bundle_runs_the_arena_under_qemu(tmp_path):
+    """The Dimensity 9300 bundle (aarch64 kernels taking offsets, APU partitions each with
+    its own arena) built with ``--execute-memory-plan`` generates the PyTorch reference's
+    tokens under qemu, as the default bundle does (test_native_runtime.py)."""
+    import json
+    import subprocess
+    import sys
+
+    from bluelower.lowering.artifacts import device
+    from test_native_runtime import MAX_NEW, PROMPT, _have_aarch64, _reference_tokens
+
+    if _have_aarch64():
+        pytest.skip(_have_aarch64())
+    image = str(tmp_path / "img.npy")
+    np.save(image, np.random.default_rng(7).integers(0, 256, size=(50, 41, 3), dtype=np.uint8))
+    out = str(tmp_path / "bundle")
+    proc = subprocess.run([sys.executable, "-m", "bluelower.cli", "-q", "build", "--model", "tiny", "--quant", "fp32",
+                           "--soc", "dimensity9300", "--execute-memory-plan", "-o", out, "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads(open(f"{out}/manifest.json").read())
+    assert manifest["memory_plan"]["functions"]["decode"]["executed_arena_bytes"] > 0
+    cmd, env = device.native_command(out, [out, "--image", image, "--prompt-ids", PROMPT, "--max-new-tokens",
+                                           str(MAX_NEW), "--json"])
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1])["tokens"] == _reference_tokens(out, image, PROMPT, MAX_NEW)
