@@ -20,6 +20,32 @@ from bluelower.targets.soc import load_soc
 SIZE = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
 
 
+def test_accept_offsets_golden():
+    """Every tensor parameter gets its own symbolic elem_offset, offset_factor = 64 bytes / its
+    element size (16 for float32, 64 for int8); a scalar parameter and the body stay as they were."""
+    from tvm.script import tirx as T
+
+    from bluelower.passes.accept_offsets import accept_offsets
+
+    @T.prim_func
+    def before(A: T.Buffer((8, 16), "float32"), idx: T.Buffer((8,), "int8"), n: T.int64,
+               B: T.Buffer((8, 16), "float32")):
+        for i, j in T.grid(8, 16):
+            B[i, j] = A[i, j] * T.Cast("float32", idx[i]) + T.Cast("float32", n)
+
+    @T.prim_func
+    def expected(A: T.Buffer((8, 16), "float32", elem_offset=T.int64(), offset_factor=16),
+                 idx: T.Buffer((8,), "int8", elem_offset=T.int64(), offset_factor=64), n: T.int64,
+                 B: T.Buffer((8, 16), "float32", elem_offset=T.int64(), offset_factor=16)):
+        for i, j in T.grid(8, 16):
+            B[i, j] = A[i, j] * T.Cast("float32", idx[i]) + T.Cast("float32", n)
+
+    got, changed = accept_offsets(before)
+    assert changed == 3
+    tvm.ir.assert_structural_equal(got.without_attr("global_symbol"), expected.without_attr("global_symbol"))
+    assert accept_offsets(got) == (got, 0)  # already offset-taking: unchanged
+
+
 def _build(quant: str, execute: bool):
     cfg, soc = load_config("tiny"), load_soc("host")
     mod, sigs = import_model(cfg, "torch")
@@ -135,3 +161,18 @@ def test_aarch64_bundle_runs_the_arena_under_qemu(tmp_path):
     run = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout.strip().splitlines()[-1])["tokens"] == _reference_tokens(out, image, PROMPT, MAX_NEW)
+
+
+@pytest.mark.parametrize("disabled", ["MemoryPlan", "AcceptBufferOffsets"])
+def test_execute_memory_plan_without_its_passes_is_one_error_line(tmp_path, disabled):
+    from click.testing import CliRunner
+
+    from bluelower.cli import cli
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["--quiet", "compile", "--model", "tiny", "--execute-memory-plan",
+                                      "--disable-pass", disabled, "-o", str(out)])
+    assert result.exit_code != 0, result.output
+    lines = [line for line in result.output.strip().splitlines() if line]
+    assert len(lines) == 1 and f"--disable-pass {disabled}" in lines[0] and "--execute-memory-plan" in lines[0], lines
+    assert not out.exists()

@@ -12,7 +12,7 @@ This pass gives every tensor parameter of every PrimFunc a symbolic ``elem_offse
 and still knows the data is 64-byte aligned (the packed function checks
 ``elem_offset % offset_factor == 0``; MemoryPlan's offsets are multiples of 64 bytes, a
 tensor allocated on its own has offset 0). The computation is unchanged (bit-identical
-results, tests/test_memory_plan.py). Requires: the final PrimFuncs (after FuseTIR).
+results, tests/test_arena_execution.py). Requires: the final PrimFuncs (after FuseTIR).
 """
 
 from __future__ import annotations
@@ -31,20 +31,19 @@ def _is_tensor_param(p) -> bool:
 
 def accept_offsets(func: tvm.tirx.PrimFunc) -> tuple[tvm.tirx.PrimFunc, int]:
     """``func`` with every tensor parameter taking an element offset; and how many it changed."""
-    repl = {}
+    repl = {}  # parameter handle -> the same buffer taking an element offset
     for p in func.params:
         if not _is_tensor_param(p) or int(p.elem_offset) != 0:
             continue
         dtype = str(p.dtype)
         factor = max(1, ALIGN // DTYPE_BYTES.get(dtype, ALIGN))
-        new = tvm.tirx.decl_buffer(p.shape, dtype, p.name, data=p.data, strides=p.strides,
-                                   elem_offset=tvm.tirx.Var(f"{p.name}_elem_offset", "int64"),
-                                   scope=p.scope(), data_alignment=p.data_alignment, offset_factor=factor)
-        repl[p] = new
+        repl[p.__chandle__()] = tvm.tirx.decl_buffer(
+            p.shape, dtype, p.name, data=p.data, strides=p.strides,
+            elem_offset=tvm.tirx.Var(f"{p.name}_elem_offset", "int64"), scope=p.scope(),
+            data_alignment=p.data_alignment, offset_factor=factor)
     if not repl:
         return func, 0
-    by_handle = {k.__chandle__(): v for k, v in repl.items()}
-    out = tvm_ffi.structural_map(func, [(type(func.params[0]), lambda x: by_handle.get(x.__chandle__(), x))])
+    out = tvm_ffi.structural_map(func, [(type(func.params[0]), lambda x: repl.get(x.__chandle__(), x))])
     return out, len(repl)
 
 

@@ -176,7 +176,11 @@ def liveness_lower_bound(tensors: list) -> int:
 def plan_function(func: relax.Function, dtype_bytes: dict | None = None) -> dict:
     """The plan of one function as a JSON-ready dict (tensors: [name, offset, bytes, start, end])."""
     inner, outputs, _alloc, _all = analyze(func, dtype_bytes)
-    arena = greedy_by_size(inner)
+    return _plan_dict(inner, outputs, greedy_by_size(inner))
+
+
+def _plan_dict(inner, outputs, arena: int) -> dict:
+    """The JSON-ready plan of placed tensors ``inner`` (offsets set) and the function's ``outputs``."""
     return {
         "arena_bytes": arena,
         "liveness_lower_bound_bytes": liveness_lower_bound(inner),
@@ -209,7 +213,7 @@ def tvm_static_plan_bytes(mod: tvm.IRModule, names) -> dict:
 
 def apply_plan(func: relax.Function) -> tuple[relax.Function, dict]:
     """Rewrite ``func`` to allocate its intermediates from one arena; return it and the plan."""
-    inner, _outputs, alloc_of, tensors = analyze(func)
+    inner, outputs, alloc_of, tensors = analyze(func)
     arena_bytes = greedy_by_size(inner)
     plan_ids = {id(t) for t in inner}
     if not inner:
@@ -232,16 +236,7 @@ def apply_plan(func: relax.Function) -> tuple[relax.Function, dict]:
         blocks.append(relax.BindingBlock(new))
     body = relax.SeqExpr(blocks, func.body.body)
     out = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
-    plan = {
-        "arena_bytes": arena_bytes,
-        "liveness_lower_bound_bytes": liveness_lower_bound(inner),
-        "sum_of_sizes_bytes": sum(t.nbytes for t in inner),
-        "outputs_bytes": sum(t.nbytes for t in _outputs),
-        "num_tensors": len(inner),
-        "tensors": [[t.name, t.offset, t.nbytes, t.start, t.end] for t in sorted(inner, key=lambda t: t.start)],
-        "outputs": [[t.name, t.nbytes, list(t.shape), t.dtype] for t in _outputs],
-    }
-    return out, plan
+    return out, _plan_dict(inner, outputs, arena_bytes)
 
 
 def _relax_callees(mod: tvm.IRModule, func: relax.Function) -> list:
@@ -255,7 +250,6 @@ def _relax_callees(mod: tvm.IRModule, func: relax.Function) -> list:
 
     relax.analysis.post_order_visit(func.body, visit)
     return out
-
 
 
 def _is_public(func: relax.Function) -> bool:

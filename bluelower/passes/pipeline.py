@@ -307,8 +307,13 @@ def check_order(specs: list[PassSpec]) -> None:
         seen.add(spec.name)
 
 
-def check_disabled(disabled) -> None:
-    """Names in ``--disable-pass`` exist and none is a pass the build cannot do without."""
+#: the passes --execute-memory-plan runs: the arena's offsets and kernels that take them
+ARENA_PASSES = ("MemoryPlan", "AcceptBufferOffsets")
+
+
+def check_disabled(disabled, execute_memory_plan: bool = False) -> None:
+    """Names in ``--disable-pass`` exist and none is a pass the build cannot do without
+    (with ``execute_memory_plan``, neither of :data:`ARENA_PASSES`)."""
     specs = {p.name: p for p in build_pipeline()}
     for name in disabled:
         if name not in specs:
@@ -316,13 +321,16 @@ def check_disabled(disabled) -> None:
         if specs[name].required:
             raise BlueLowerError(f"--disable-pass {name}: the build cannot do without it (it lowers the model to "
                                  "the VM); disable an optimization pass instead")
+        if execute_memory_plan and name in ARENA_PASSES:
+            raise BlueLowerError(f"--disable-pass {name}: --execute-memory-plan needs it ({' and '.join(ARENA_PASSES)} "
+                                 "run the planned arena); drop one of the two options")
 
 
 def resolve(ctx: BuildContext, disabled=()) -> list[tuple[PassSpec, "tvm.transform.Pass | None", str | None]]:
     """``(spec, pass or None, why skipped or None)`` for every pass, in order: disabled by
     the user, disabled because a pass it requires is, or not applying to this build. A
     dependant the build asked for (``essential``) whose requirement is disabled is an error."""
-    check_disabled(disabled)
+    check_disabled(disabled, ctx.execute_memory_plan)
     specs = build_pipeline()
     check_order(specs)
     off: dict = {name: "disabled by --disable-pass" for name in disabled}
@@ -384,10 +392,10 @@ def run_pipeline(mod: tvm.IRModule, ctx: BuildContext, disabled=(), dump_ir_dir:
             if phase_done is not None and (i + 1 == len(plan) or plan[i + 1][0].phase != spec.phase):
                 phase_done(spec.phase, mod)
     bar.close()
-    slow = sorted(instrument.seconds.items(), key=lambda kv: -kv[1])[:5]
-    if sum(instrument.seconds.values()) >= 5.0:  # where a long compile spends its pass time
-        progress.log(f"passes: {sum(instrument.seconds.values()):.1f} s; slowest "
-                     + ", ".join(f"{name} {sec:.1f} s" for name, sec in slow))
+    total = sum(instrument.seconds.values())
+    if total >= 5.0:  # where a long compile spends its pass time
+        slow = sorted(instrument.seconds.items(), key=lambda kv: -kv[1])[:5]
+        progress.log(f"passes: {total:.1f} s; slowest " + ", ".join(f"{name} {sec:.1f} s" for name, sec in slow))
     reported = pass_stats(mod)
     results = []
     for spec, tvm_pass, why in plan:

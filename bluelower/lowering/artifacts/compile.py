@@ -91,7 +91,7 @@ def compile_model(req: CompileRequest) -> dict:
     from ..frontend.importer import import_model
 
     quant_mode(req.quant)  # a one-line error for an unknown mode
-    check_disabled(req.disabled_passes)
+    check_disabled(req.disabled_passes, req.execute_memory_plan)
     recipe = request_recipe(req)  # a bad rule file: one line before the model is read
     model = model_source(req)
     cfg = with_runtime(model.cfg, kv_capacity=req.kv_capacity, prefill_chunk=req.prefill_chunk)
@@ -136,17 +136,16 @@ def compile_model(req: CompileRequest) -> dict:
         # the parameters are converted and written on a thread from the moment the quantization
         # passes have decided every stored tensor, beside the rest of the pipeline and the TVM build
         cancelled = threading.Event()
-        writer = None
-        early: dict = {}
+        writer = early = None  # early: the stored tensors as the quantization phase left them
 
         def start_writer(phase, mod_now):
-            nonlocal writer
+            nonlocal writer, early
             if phase != "quantization" or writer is not None:
                 return
-            early["stored"], _ = stored_params(mod_now, list(sigs), specs)
-            prebuild_search_kernels(early["stored"], specs)  # on this thread: one TVM compiler call at a time
-            writer = _Background(lambda: _write_params(req, tmp, cfg, spec, model, source, specs, early["stored"],
-                                                       formats, recipe, calibration, cancelled), "write params")
+            early, _ = stored_params(mod_now, list(sigs), specs)
+            prebuild_search_kernels(early, specs)  # on this thread: one TVM compiler call at a time
+            writer = _Background(lambda: _write_params(req, tmp, cfg, spec, model, source, specs, early, formats,
+                                                       recipe, calibration, cancelled), "write params")
             writer.start()
 
         try:
@@ -156,7 +155,7 @@ def compile_model(req: CompileRequest) -> dict:
             if writer is None:  # a pipeline without a quantization phase
                 start_writer("quantization", mod)
             stored, sigs = stored_params(mod, imported, specs)
-            if (stored.specs, stored.transforms) != (early["stored"].specs, early["stored"].transforms):
+            if (stored.specs, stored.transforms) != (early.specs, early.transforms):
                 raise AssertionError("a pass after the quantization phase changed the stored parameters")
             stages["import + passes"] = time.perf_counter() - t_start
             t = time.perf_counter()
