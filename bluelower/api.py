@@ -25,7 +25,7 @@ def compile(model="tiny", output: str = "build", *, checkpoint: str | None = Non
             quant: str = DEFAULT_QUANT, weights: str | None = None, frontend: str = "torch", dump_ir: str | None = None,
             disable_passes=(), seed: int = 0, group_size: int = DEFAULT_GROUP_SIZE, prefill_chunk: int | None = None,
             kv_capacity: int | None = None, force: bool = False, recipe=None, calibration: str | None = None,
-            execute_memory_plan: bool = False) -> dict:
+            execute_memory_plan: bool | None = None) -> dict:
     """Compile ``model`` (a shipped config name, a JSON path or a config object; or
     ``checkpoint``: a Hugging Face directory or a GGUF file) for ``soc`` into ``output``;
     return the manifest. An existing ``output`` that is not a bluelower build is refused
@@ -34,7 +34,8 @@ def compile(model="tiny", output: str = "build", *, checkpoint: str | None = Non
     the mode's default recipe); ``calibration``: a UTF-8 text, GPTQ for the weights whose rule
     says method gptq (without ``recipe``: the default recipe with GPTQ on the decoder
     linears); docs/quantization.md. ``execute_memory_plan``: intermediates are allocated from
-    MemoryPlan's one arena per call (docs/memory.md), not TVM's storage tokens."""
+    MemoryPlan's one arena per call (docs/memory.md), not TVM's storage tokens; None (the
+    default): yes unless ``disable_passes`` leaves out MemoryPlan or AcceptBufferOffsets."""
     from .lowering.artifacts.compile import CompileRequest, compile_model
 
     return compile_model(CompileRequest(model=model, weights=weights, checkpoint=checkpoint, frontend=frontend, soc=soc,
@@ -73,7 +74,7 @@ def bundle(model="tiny", output: str = "dist", *, checkpoint: str | None = None,
            ndk: str | None = None, android_api: int | None = None, tvm_runtime_dir: str | None = None,
            tvm_source: str | None = None, kv_capacity: int | None = None, prefill_chunk: int | None = None,
            force: bool = False, recipe=None, calibration: str | None = None,
-           execute_memory_plan: bool = False) -> dict:
+           execute_memory_plan: bool | None = None) -> dict:
     """A device bundle in ``output`` and its reproducible tarball; return a summary (paths,
     tarball SHA-256, architecture, files). ``force``, ``recipe``, ``calibration``: as for
     :func:`compile` (``force`` for the directory and the tarball)."""

@@ -91,7 +91,9 @@ _MODEL_HELP = "A shipped config (tiny, bluelm-v-3b) or a path to a .json config.
 _FORCE_HELP = ("Write even if the output path exists and is not a bluelower build: the existing directory or file is "
                "moved aside to PATH.old (never deleted).")
 _ARENA_HELP = ("Allocate each call's intermediates from the memory plan's one arena at its offsets (kernels take "
-               "offsets; manifest memory_plan executed_arena_bytes) instead of TVM's storage tokens. See docs/memory.md.")
+               "offsets; manifest memory_plan executed_arena_bytes), or with --no-execute-memory-plan from TVM's "
+               "storage tokens [default: the arena, unless --disable-pass MemoryPlan/AcceptBufferOffsets]. "
+               "See docs/memory.md.")
 _RECIPE_HELP = ("Quantization rules (JSON, or TOML with [[rules]]): which format each weight is stored in, first "
                 "matching rule wins [default: the --quant mode's recipe]. See docs/quantization.md.")
 _CALIBRATION_HELP = ("A UTF-8 calibration text: GPTQ chooses the codes of the weights whose rule says method gptq "
@@ -121,7 +123,7 @@ _CALIBRATION_HELP = ("A UTF-8 calibration text: GPTQ chooses the codes of the we
               help="KV-cache capacity in tokens (default: the config's; a checkpoint: 2048 or its context length).")
 @click.option("--recipe", default=None, metavar="FILE.json|FILE.toml", help=_RECIPE_HELP)
 @click.option("--calibration", default=None, metavar="FILE.txt", help=_CALIBRATION_HELP)
-@click.option("--execute-memory-plan", is_flag=True, help=_ARENA_HELP)
+@click.option("--execute-memory-plan/--no-execute-memory-plan", default=None, help=_ARENA_HELP)
 @click.option("--force", is_flag=True, help=_FORCE_HELP)
 def compile_cmd(model, hf, gguf, weights, frontend, soc, quant, out_dir, dump_ir, disabled, seed, prefill_chunk,
                 kv_capacity, recipe, calibration, execute_memory_plan, force) -> None:
@@ -216,7 +218,7 @@ def run_cmd(build_dir, image, prompt, system, prompt_ids, max_new_tokens, temper
 @click.option("--recipe", default=None, metavar="FILE.json|FILE.toml", help=_RECIPE_HELP)
 @click.option("--calibration", default=None, metavar="FILE.txt", help=_CALIBRATION_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (paths, tarball SHA-256) as JSON.")
-@click.option("--execute-memory-plan", is_flag=True, help=_ARENA_HELP)
+@click.option("--execute-memory-plan/--no-execute-memory-plan", default=None, help=_ARENA_HELP)
 @click.option("--force", is_flag=True, help=_FORCE_HELP)
 def build_cmd(model, hf, gguf, kv_capacity, prefill_chunk, soc, quant, weights, seed, out_dir, tarball, ndk, android_api,
               tvm_runtime_dir, tvm_source, recipe, calibration, as_json, execute_memory_plan, force) -> None:

@@ -62,9 +62,11 @@ def tiny_weights(tmp_path_factory) -> str:
     return path
 
 
-def run_pipeline_until(cfg, quant: str, stop_after: str = "QuantizeKVCache", soc=None, frontend: str = "torch"):
+def run_pipeline_until(cfg, quant: str, stop_after: str = "QuantizeKVCache", soc=None, frontend: str = "torch",
+                       execute_memory_plan: bool | None = None):
     """``cfg`` imported and run through the compile pipeline up to ``stop_after`` (default:
-    the end of the quantization phase, what PartitionForAPU sees)."""
+    the end of the quantization phase, what PartitionForAPU sees); ``execute_memory_plan``:
+    BuildContext's (False: MemoryPlan only plans, the module stays what it saw)."""
     import tvm
 
     from bluelower.lowering.frontend.importer import import_model
@@ -74,7 +76,7 @@ def run_pipeline_until(cfg, quant: str, stop_after: str = "QuantizeKVCache", soc
     mod, sigs = import_model(cfg, frontend)
     target = soc.tvm_target() if soc is not None else tvm.target.Target("llvm")
     ctx = BuildContext(target=target, quant=quant, soc=soc, spec=spec_for(cfg), entry_functions=tuple(sigs),
-                       image_batch=cfg.runtime.image_batch)
+                       image_batch=cfg.runtime.image_batch, execute_memory_plan=execute_memory_plan)
     mod, _stats = run_pipeline(mod, ctx, stop_after=stop_after)
     return mod, sigs
 

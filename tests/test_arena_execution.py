@@ -82,8 +82,11 @@ def test_executed_arena_is_bit_identical_and_is_what_the_vm_allocates(quant):
     accept = next(s for s in stats if s["name"] == "AcceptBufferOffsets")["stats"]
     assert accept["functions"] > 0 and accept["tensor_params"] > 0, accept
     plans = result(mod, "memory_plan")
-    assert plans == {k: {**v, "executed_arena_bytes": plans[k]["executed_arena_bytes"]}
-                     for k, v in result(base_mod, "memory_plan").items()}  # the reported plan is unchanged
+    executed = ("executed_arena_bytes", "vm_alloc_bytes")  # what each build's VM requests: its own
+    base_plans = result(base_mod, "memory_plan")
+    assert {k: {f: x for f, x in v.items() if f not in executed} for k, v in plans.items()} == {
+        k: {f: x for f, x in v.items() if f not in executed} for k, v in base_plans.items()}  # the reported plan
+    assert all(v["vm_alloc_bytes"] == v["tvm_host_alloc_bytes"] for v in base_plans.values())
     sigs = module_signatures(base_mod)
     requested: list = []
 
@@ -110,34 +113,46 @@ def test_executed_arena_is_bit_identical_and_is_what_the_vm_allocates(quant):
         assert len(requested) == (p["executed_arena_bytes"] > 0) + len(p["outputs"]), (name, requested)
 
 
-def test_compile_option_executes_the_plan(tmp_path):
-    """``compile --execute-memory-plan``: the manifest records the executed arena per function
-    and the passes that made it; a default build runs neither."""
+def test_compile_executes_the_plan_by_default(tmp_path):
+    """``compile`` runs the arena by default: the manifest records the executed arena per
+    function and the passes that made it; ``--no-execute-memory-plan`` and a build that
+    disables MemoryPlan run TVM's storage tokens (the latter without an error: it only asked
+    for a pass to be left out; ``--execute-memory-plan`` with it is an error, tested below)."""
     import json
 
     from click.testing import CliRunner
 
     from bluelower.cli import cli
 
-    for flag, out in (("--execute-memory-plan", tmp_path / "arena"), (None, tmp_path / "tokens")):
-        args = ["--quiet", "compile", "--model", "tiny", "-o", str(out)] + ([flag] if flag else [])
+    cases = ((), True), (("--no-execute-memory-plan",), False), (("--disable-pass", "MemoryPlan"), False)
+    for i, (flags, arena) in enumerate(cases):
+        out = tmp_path / f"b{i}"
+        args = ["--quiet", "compile", "--model", "tiny", "-o", str(out), *flags]
         result = CliRunner().invoke(cli, args, catch_exceptions=False)
         assert result.exit_code == 0, result.output
         manifest = json.loads((out / "manifest.json").read_text())
-        funcs = manifest["memory_plan"]["functions"]
         passes = {p["name"]: p["stats"] for p in manifest["passes"]}
-        if flag:
+        if "MemoryPlan" in flags:  # no plan at all: TVM's tokens, kernels without offsets
+            assert "memory_plan" not in manifest and "skipped" in passes["AcceptBufferOffsets"]
+            continue
+        funcs = manifest["memory_plan"]["functions"]
+        if arena:
             assert funcs["prefill"]["executed_arena_bytes"] >= funcs["prefill"]["arena_bytes"] > 0
             assert passes["AcceptBufferOffsets"]["functions"] > 0
         else:
             assert "executed_arena_bytes" not in funcs["prefill"]
             assert "skipped" in passes["AcceptBufferOffsets"]
+        outputs = sum(int(np.prod(shape)) * SIZE[dt] for _n, _b, shape, dt in funcs["prefill"]["outputs"])
+        # what the VM requests per call: the arena + the outputs, or TVM's tokens
+        assert funcs["prefill"]["vm_alloc_bytes"] == (funcs["prefill"]["executed_arena_bytes"] + outputs if arena
+                                                      else funcs["prefill"]["tvm_host_alloc_bytes"])
 
 
-def test_aarch64_bundle_runs_the_arena_under_qemu(tmp_path):
-    """The Dimensity 9300 bundle (aarch64 kernels taking offsets, APU partitions each with
-    its own arena) built with ``--execute-memory-plan`` generates the PyTorch reference's
-    tokens under qemu, as the default bundle does (test_native_runtime.py)."""
+def test_aarch64_bundle_runs_tvm_tokens_under_qemu(tmp_path):
+    """The default Dimensity 9300 bundle executes the arena (aarch64 kernels taking offsets,
+    APU partitions each with its own arena) and generates the PyTorch reference's tokens under
+    qemu (test_native_runtime.py); a ``--no-execute-memory-plan`` bundle (TVM's storage tokens,
+    kernels without offsets) generates the same tokens."""
     import json
     import subprocess
     import sys
@@ -151,11 +166,11 @@ def test_aarch64_bundle_runs_the_arena_under_qemu(tmp_path):
     np.save(image, np.random.default_rng(7).integers(0, 256, size=(50, 41, 3), dtype=np.uint8))
     out = str(tmp_path / "bundle")
     proc = subprocess.run([sys.executable, "-m", "bluelower.cli", "-q", "build", "--model", "tiny", "--quant", "fp32",
-                           "--soc", "dimensity9300", "--execute-memory-plan", "-o", out, "--json"],
+                           "--soc", "dimensity9300", "--no-execute-memory-plan", "-o", out, "--json"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads(open(f"{out}/manifest.json").read())
-    assert manifest["memory_plan"]["functions"]["decode"]["executed_arena_bytes"] > 0
+    assert "executed_arena_bytes" not in manifest["memory_plan"]["functions"]["decode"]
     cmd, env = device.native_command(out, [out, "--image", image, "--prompt-ids", PROMPT, "--max-new-tokens",
                                            str(MAX_NEW), "--json"])
     run = subprocess.run(cmd, env=env, capture_output=True, text=True)

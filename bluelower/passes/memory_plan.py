@@ -256,18 +256,24 @@ def _is_public(func: relax.Function) -> bool:
     return func.attrs is not None and "global_symbol" in func.attrs
 
 
+#: per-call figures that are bytes requested from the VM's allocator (summed over callees)
+REQUEST_KEYS = ("tvm_host_alloc_bytes", "vm_alloc_bytes")
+
+
 def effective(plans: dict, name: str, key: str) -> int:
     """``key`` (arena / lower bound / host bytes) of ``name`` including the Relax functions it
     calls (e.g. PartitionForAPU's partitions).
 
-    ``tvm_host_alloc_bytes`` is what the VM *requests* per call: callees' requests add up.
+    ``tvm_host_alloc_bytes`` (TVM's storage tokens) and ``vm_alloc_bytes`` (what this build's
+    VM requests: the executed arena + outputs, or TVM's tokens) are *requests* per call:
+    callees' requests add up.
     For the arena and the lower bound, callees run one after another, so their arenas share
     one region (the largest is what must exist); every callee's outputs are counted on top
     for the whole call (conservative: an output may die before the next call)."""
     p = plans[name]
     own = p.get(key, 0)
     callees = [c for c in p.get("callees", []) if c in plans and c != name]
-    if key == "tvm_host_alloc_bytes":
+    if key in REQUEST_KEYS:
         return own + sum(effective(plans, c, key) for c in callees)
     return (own + sum(plans[c]["outputs_bytes"] for c in callees)
             + max((effective(plans, c, key) for c in callees), default=0))
@@ -307,14 +313,18 @@ class MemoryPlan:
                 func, executed = apply_plan(original)
                 mod[gv] = func
                 plan = plan_function(original, self.dtype_bytes) if self.dtype_bytes else executed
-                plan["executed_arena_bytes"] = executed["arena_bytes"]  # what the VM allocates per call
+                plan["executed_arena_bytes"] = executed["arena_bytes"]  # the one arena the VM allocates per call
+                # what the VM requests per call: the arena + each output, at the real element sizes
+                plan["vm_alloc_bytes"] = executed["arena_bytes"] + executed["outputs_bytes"]
             else:
                 plan = plan_function(mod[gv], self.dtype_bytes)
             plan["callees"] = callees[name]
             if name in tvm_bytes:
                 plan["tvm_static_plan_bytes"], plan["tvm_host_alloc_bytes"] = tvm_bytes[name]
+                if not self.apply:  # the VM runs TVM's storage tokens
+                    plan["vm_alloc_bytes"] = plan["tvm_host_alloc_bytes"]
             plans[name] = plan
             stats[name] = {k: plan[k] for k in ("arena_bytes", "liveness_lower_bound_bytes", "sum_of_sizes_bytes",
                                                 "outputs_bytes", "num_tensors", "tvm_static_plan_bytes",
-                                                "tvm_host_alloc_bytes") if k in plan}
+                                                "tvm_host_alloc_bytes", "vm_alloc_bytes") if k in plan}
         return with_stats(with_result(mod, "memory_plan", plans), "MemoryPlan", functions=stats)

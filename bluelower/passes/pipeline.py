@@ -24,7 +24,7 @@ statistics per pass, in pipeline order, for ``manifest.json``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import tvm
@@ -52,7 +52,9 @@ class BuildContext:
     weight_formats: object = None  # QuantizeWeights: the per-weight format decision (quant.params.format_policy;
     # None: the mode's default recipe)
     image_grid: tuple | None = None  # ScheduleOperators: the image of the predicted request (default 2:4)
-    execute_memory_plan: bool = False  # MemoryPlan allocates from its arena (AcceptBufferOffsets makes kernels take it)
+    # MemoryPlan allocates from its arena (AcceptBufferOffsets makes kernels take it); None: the
+    # default, which is the arena unless --disable-pass leaves out one of ARENA_PASSES
+    execute_memory_plan: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -307,13 +309,22 @@ def check_order(specs: list[PassSpec]) -> None:
         seen.add(spec.name)
 
 
-#: the passes --execute-memory-plan runs: the arena's offsets and kernels that take them
+#: the passes that execute the memory plan: the arena's offsets and kernels that take them
 ARENA_PASSES = ("MemoryPlan", "AcceptBufferOffsets")
 
 
-def check_disabled(disabled, execute_memory_plan: bool = False) -> None:
+def executes_memory_plan(requested: bool | None, disabled=()) -> bool:
+    """Whether the build runs the planned arena: ``requested`` if given (True or False, as
+    ``--execute-memory-plan`` / ``--no-execute-memory-plan`` say), else the default: yes,
+    unless ``disabled`` leaves out one of :data:`ARENA_PASSES` (then TVM's storage tokens)."""
+    if requested is not None:
+        return bool(requested)
+    return not any(name in ARENA_PASSES for name in disabled)
+
+
+def check_disabled(disabled, execute_memory_plan: bool | None = None) -> None:
     """Names in ``--disable-pass`` exist and none is a pass the build cannot do without
-    (with ``execute_memory_plan``, neither of :data:`ARENA_PASSES`)."""
+    (with ``execute_memory_plan`` asked for explicitly, neither of :data:`ARENA_PASSES`)."""
     specs = {p.name: p for p in build_pipeline()}
     for name in disabled:
         if name not in specs:
@@ -321,7 +332,7 @@ def check_disabled(disabled, execute_memory_plan: bool = False) -> None:
         if specs[name].required:
             raise BlueLowerError(f"--disable-pass {name}: the build cannot do without it (it lowers the model to "
                                  "the VM); disable an optimization pass instead")
-        if execute_memory_plan and name in ARENA_PASSES:
+        if execute_memory_plan is True and name in ARENA_PASSES:
             raise BlueLowerError(f"--disable-pass {name}: --execute-memory-plan needs it ({' and '.join(ARENA_PASSES)} "
                                  "run the planned arena); drop one of the two options")
 
@@ -331,6 +342,7 @@ def resolve(ctx: BuildContext, disabled=()) -> list[tuple[PassSpec, "tvm.transfo
     the user, disabled because a pass it requires is, or not applying to this build. A
     dependant the build asked for (``essential``) whose requirement is disabled is an error."""
     check_disabled(disabled, ctx.execute_memory_plan)
+    ctx = replace(ctx, execute_memory_plan=executes_memory_plan(ctx.execute_memory_plan, disabled))
     specs = build_pipeline()
     check_order(specs)
     off: dict = {name: "disabled by --disable-pass" for name in disabled}

@@ -52,7 +52,9 @@ class CompileRequest:
     staged: bool = False  # out_dir is an empty directory the caller owns and publishes (device bundles)
     recipe: object = None  # quantization rules: a JSON/TOML path or a Recipe (None: the mode's default recipe)
     calibration: str | None = None  # a UTF-8 text: GPTQ for the weights whose rule says method gptq
-    execute_memory_plan: bool = False  # intermediates from MemoryPlan's one arena (AcceptBufferOffsets), not TVM's tokens
+    # intermediates from MemoryPlan's one arena (AcceptBufferOffsets), not TVM's storage tokens;
+    # None: the default (the arena unless --disable-pass leaves out MemoryPlan/AcceptBufferOffsets)
+    execute_memory_plan: bool | None = None
 
 
 def resolve_soc(name_or_path: str):

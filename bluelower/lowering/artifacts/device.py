@@ -96,7 +96,7 @@ def build_bundle(model="tiny", soc: str = "host", out_dir: str = "dist", quant: 
                  kv_capacity: int | None = None, prefill_chunk: int | None = None,
                  tarball: str | None = None, ndk: str | None = None, android_api: int | None = None,
                  tvm_runtime_dir: str | None = None, tvm_source: str | None = None, force: bool = False,
-                 recipe=None, calibration: str | None = None, execute_memory_plan: bool = False) -> dict:
+                 recipe=None, calibration: str | None = None, execute_memory_plan: bool | None = None) -> dict:
     """Compile + native runtime + libraries -> bundle directory ``out_dir`` and a
     reproducible tarball (default ``out_dir + '.tar.gz'``). Returns a summary dict.
     Both outputs follow docs/cli.md's "Output safety" (``force``: see :class:`OutputDir`).

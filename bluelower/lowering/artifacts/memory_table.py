@@ -182,7 +182,7 @@ def phase_table(cfg, quant: str, sigs_params: dict, plans: dict, n_patches: int 
         fns = [f for f in fns if f in plans]
         if not fns:  # a phase the model has no function for (text-only: no image encoding)
             return
-        arena = lb = out_b = copy_b = tvm_b = host_b = 0
+        arena = lb = out_b = copy_b = tvm_b = host_b = vm_b = 0
         prev_out = prev_out_host = 0
         for f in fns:
             other, copy = outputs(f)
@@ -197,12 +197,15 @@ def phase_table(cfg, quant: str, sigs_params: dict, plans: dict, n_patches: int 
             # sequence (the per-call storages are requested anew each call)
             h = effective(plans, f, "tvm_host_alloc_bytes")
             host_b = host_b + h if sequence else max(host_b, h)
+            v = effective(plans, f, "vm_alloc_bytes")  # this build's VM: the executed arena or TVM's tokens
+            vm_b = vm_b + v if sequence else max(vm_b, v)
             prev_out = other
             prev_out_host = sum(nbytes_host(o) for o in plans[f].get("outputs", []))
         phases.append({
             "name": name, "weights_bytes": weights, "kv_cache_bytes": kv_b, "arena_bytes": arena,
             "liveness_lower_bound_bytes": lb, "outputs_bytes": out_b, "kv_copy_bytes": copy_b,
             "held_bytes": held, "tvm_static_plan_bytes": tvm_b, "tvm_host_alloc_bytes": host_b,
+            "vm_alloc_bytes": vm_b,
             "total_bytes": weights + kv_b + arena + out_b + copy_b + held, "functions": list(fns),
             "calls": "sequence" if sequence else "one of", "note": note,
         })
