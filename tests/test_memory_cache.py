@@ -80,3 +80,17 @@ def test_fast_frame_capture_parses_the_same_pipeline():
     from tvm.tirx.script.parser import entry
     import inspect
     assert entry.inspect is inspect  # restored
+
+
+def test_native_soc_is_cached_under_its_cpu(tmp_path, monkeypatch):
+    """``--soc native`` (host.toml + this CPU's mcpu) plans and caches like a shipped SoC (it
+    failed with "unknown SoC 'native': use one of ..., native"); its key is not host's."""
+    import bluelower.lowering.frontend.importer as importer
+
+    monkeypatch.setenv("BLUELOWER_CACHE", str(tmp_path))
+    native = memory.inspect_model("tiny", soc="native", quant="fp32")
+    host = memory.inspect_model("tiny", soc="host", quant="fp32")
+    assert native["peak_bytes"] == host["peak_bytes"] > 0  # same plan: only the CPU's ISA differs
+    assert len(list((tmp_path / "inspect-memory").iterdir())) == 2
+    monkeypatch.setattr(importer, "import_model", _no_import)
+    assert memory.inspect_model("tiny", soc="native", quant="fp32") == json.loads(json.dumps(native))

@@ -273,12 +273,13 @@ def _result_cache_path(cfg, soc: str, target: str, quant: str, n_patches, disabl
     import tvm
 
     from .. import __version__
-    from ..targets.soc import soc_path
+    from ..targets.soc import NATIVE, soc_path
 
     d = result_dir("inspect-memory")
     if d is None:
         return None
-    with open(soc_path(soc), "rb") as fh:
+    # native: host.toml with this CPU's mcpu, which the target string in the key carries
+    with open(soc_path("host" if soc == NATIVE else soc), "rb") as fh:
         soc_digest = hashlib.sha256(fh.read()).hexdigest()
     key = json.dumps({"config": cfg.to_dict(), "soc": soc_digest, "target": target, "quant": quant,
                       "patches": n_patches, "disabled": sorted(disabled), "sources": sources_digest(),
