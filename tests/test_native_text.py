@@ -357,6 +357,18 @@ def test_prompt_errors_are_one_line(llama_bundle, image_npy, tmp_path):
     regex = _edited_copy(llama_bundle, str(tmp_path / "regex"), split_regex)
     _one_error_line(_native(regex, "--prompt", "hi"), "cannot be encoded natively")
 
+    def huge_id(m, d):  # the dense id table must not be sized by the file (libFuzzer's 1.6 GB malloc)
+        path = os.path.join(d, "tokenizer.json")
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        data["model"]["vocab"]["zz-huge"] = 50_000_000
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(data, fh)
+        m["files"]["tokenizer.json"] = file_sha256(path)
+
+    _one_error_line(_native(_edited_copy(llama_bundle, str(tmp_path / "huge"), huge_id), "--prompt", "hi"),
+                    "token id 50000000 out of range [0, 4194303]")
+
     def unsplit(m, d):
         m["tokenizer"]["chat_prompt"] = None
         m["tokenizer"]["user_text"] = None

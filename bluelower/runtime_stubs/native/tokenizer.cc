@@ -207,8 +207,13 @@ Tokenizer Tokenizer::from_json_text(const std::string& text, const std::string& 
   Json root = parse_json(text.data(), text.size(), what);
   if (root.kind != Json::Object) throw Error(what + ": not a tokenizer.json (not a JSON object)");
   Tokenizer t;
+  // ids index a dense table: bound them so a malformed file cannot ask for gigabytes (the
+  // largest real vocabularies have ~262k entries; 4,194,304 empty slots take ~134 MB)
+  constexpr int64_t kMaxTokenId = (int64_t(1) << 22) - 1;
   auto set = [&](int64_t id, const std::string& tok, const std::string& where) {
-    if (id < 0 || id > (int64_t(1) << 31)) throw Error(where + ": token id " + std::to_string(id) + " out of range");
+    if (id < 0 || id > kMaxTokenId)
+      throw Error(where + ": token id " + std::to_string(id) + " out of range [0, " + std::to_string(kMaxTokenId) +
+                  "]");
     if (id >= int64_t(t.tokens_.size())) {
       t.tokens_.resize(size_t(id) + 1);
       t.has_.resize(size_t(id) + 1, false);
