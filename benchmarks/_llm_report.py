@@ -12,8 +12,18 @@ import re
 
 BEGIN, END = "<!-- BEGIN GENERATED (benchmarks/llm_bench.py) -->", "<!-- END GENERATED -->"
 LABEL = {"bluelower": "bluelower (compiled)", "llamacpp": "llama.cpp Q4_0", "torch": "PyTorch eager fp32",
-         "llamacpp-default": "llama.cpp Q4_0, default buffers (AMX)", "llamacpp-no-extra": "llama.cpp Q4_0, no extra buffers",
+         "llamacpp-default": "llama.cpp Q4_0, default buffers", "llamacpp-no-extra": "llama.cpp Q4_0, no extra buffers",
          "llamacpp-repack": "llama.cpp Q4_0, CPU_REPACK"}
+
+
+def _label(e: str, r: dict) -> str:
+    """An engine's name in a run's tables; llama.cpp's default buffers name the extra buffer
+    types its CPU backend offered in that run (results before they were recorded: AMX, the
+    Xeon of those runs)."""
+    if e != "llamacpp-default":
+        return LABEL.get(e, e)
+    extra = r.get("llamacpp_extra_bufts")
+    return f"{LABEL[e]} ({'/'.join(extra) if extra else 'none'})" if extra is not None else f"{LABEL[e]} (AMX)"
 SIZES = ["tiny", "mid", "3b"]
 
 
@@ -76,7 +86,7 @@ def generated_markdown(results_dir) -> str:
         for e, s in r["summary"].items():
             n = s["n"]
             pct = lambda x: "—" if x is None else (f"{100 * x:.0f}%" if x >= 0.01 else f"{100 * x:.2g}%")  # noqa: E731
-            L.append(f"| {LABEL.get(e, e)} | {s['precision']} | {_f(s['prefill128_tok_s'])} | {_f(s['prefill2048_tok_s'])} | "
+            L.append(f"| {_label(e, r)} | {s['precision']} | {_f(s['prefill128_tok_s'])} | {_f(s['prefill2048_tok_s'])} | "
                      f"{_f(s['decode128_tok_s'], 2)} | {_f(s['decode2048_tok_s'], 2)} | {_f(s['roofline_tok_s_128'], 1)} | "
                      f"{pct(s['roofline_frac_128'])} | {pct(s['roofline_frac_2048'])} | {_f(s['peak_rss_mb'], 0)} | "
                      f"{n['prefill128_tok_s']}/{n['prefill2048_tok_s']}/{n['decode128_tok_s']}/{n['decode2048_tok_s']} |")
@@ -85,16 +95,16 @@ def generated_markdown(results_dir) -> str:
                  "bandwidth / bytes):\n")
         for e, s in r["summary"].items():
             b1, b2 = s["bytes_per_token_128"], s["bytes_per_token_2048"]
-            L.append(f"* {LABEL.get(e, e)}: weights {b1['weight_bytes'] / 1e6:,.1f} MB; KV {b1['kv_bytes'] / 1e6:,.2f} MB @128, "
+            L.append(f"* {_label(e, r)}: weights {b1['weight_bytes'] / 1e6:,.1f} MB; KV {b1['kv_bytes'] / 1e6:,.2f} MB @128, "
                      f"{b2['kv_bytes'] / 1e6:,.1f} MB @2048")
         skipped = [(e, s["skipped"]) for e, s in r["summary"].items() if s["skipped"]]
         errs = [(e, s["errors"]) for e, s in r["summary"].items() if s["errors"]]
         if skipped or errs:
             L.append("\nNot measured / shortened (per-measurement budget `--max-seconds`):\n")
             for e, sk in skipped:
-                L.append(f"* {LABEL.get(e, e)}: " + "; ".join(sk))
+                L.append(f"* {_label(e, r)}: " + "; ".join(sk))
             for e, er in errs:
-                L.append(f"* {LABEL.get(e, e)} errors: " + " | ".join(x.replace("\n", " ")[-200:] for x in er))
+                L.append(f"* {_label(e, r)} errors: " + " | ".join(x.replace("\n", " ")[-200:] for x in er))
         t = r.get("targets")
         pc = lambda x: _f(None if x is None else 100 * x, 1)  # noqa: E731
         if t and r.get("llamacpp_best"):
@@ -186,7 +196,7 @@ def chart(results_dir, png) -> bool:
         for i, e in enumerate(engines):
             vals = [summ[e].get(k) or 0 for k, _ in metrics]
             xs = [j + (i - (len(engines) - 1) / 2) * w for j in range(len(metrics))]
-            bars = ax.bar(xs, vals, w, label=f"{LABEL.get(e, e)} ({summ[e]['precision']})",
+            bars = ax.bar(xs, vals, w, label=f"{_label(e, res[size])} ({summ[e]['precision']})",
                           color={"bluelower": "C0", "llamacpp": "C1", "torch": "C2", "llamacpp-default": "C1",
                                  "llamacpp-no-extra": "C3", "llamacpp-repack": "C4"}.get(e))
             for b, v in zip(bars, vals):

