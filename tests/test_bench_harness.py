@@ -72,3 +72,34 @@ def test_decode_bytes_counts_int4_weights_and_int8_kv_for_every_w4_kv8_mode():
     assert fp32["weight_bytes"] > 6 * a8["weight_bytes"]  # 32 bits vs 4.5 bits per weight
     assert llama["weight_bytes"] == a8["weight_bytes"]
     assert llama["kv_bytes"] == 2 * a8["kv_bytes"]  # f16 cache vs int8
+
+
+def test_default_buffers_are_probed_not_assumed(monkeypatch):
+    """llama.cpp's default weight buffers are measured in full unless a probe process's
+    batched prefill dies (the 2026-12-02 Xeon's AMX kernels); the result names why."""
+    import types
+
+    seen = []
+
+    def fake_run(rc):
+        def run(cmd, **kw):
+            seen.append((cmd, kw))
+            return types.SimpleNamespace(returncode=rc)
+        return run
+
+    monkeypatch.setattr(B.subprocess, "run", fake_run(0))
+    assert B.probe_default_prefill("m.gguf") is None
+    cmd, kw = seen[-1]
+    assert cmd[-1] == "m.gguf" and "bufts='default'" in cmd[2] and "range(1, 129)" in cmd[2]
+    monkeypatch.setattr(B.subprocess, "run", fake_run(-4))
+    assert B.probe_default_prefill("m.gguf", n=32) == "its 32-token batched prefill died (exit code -4)"
+
+
+def test_default_buffers_label_names_what_the_run_offered():
+    import _llm_report as R
+
+    assert R._label("llamacpp-default", {}) == "llama.cpp Q4_0, default buffers (AMX)"  # runs before the record
+    assert R._label("llamacpp-default", {"llamacpp_extra_bufts": ["CPU_REPACK"]}) == \
+        "llama.cpp Q4_0, default buffers (CPU_REPACK)"
+    assert R._label("llamacpp-default", {"llamacpp_extra_bufts": []}) == "llama.cpp Q4_0, default buffers (none)"
+    assert R._label("bluelower", {}) == "bluelower (compiled)"
