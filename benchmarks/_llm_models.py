@@ -210,9 +210,12 @@ def gguf_path(size: str, qtype: str = "Q4_0", seed: int = 0, log=print) -> str:
 # ------------------------------------------------------------------- roofline
 
 
-def decode_bytes(cfg, engine: str, quant: str, context: int) -> dict:
+def decode_bytes(cfg, engine: str, quant: str, context: int, stored_weight_bytes: int | None = None) -> dict:
     """Bytes one decode token must read: every decoder weight once at its stored
-    precision (embedding: one row) + the KV cache it attends over."""
+    precision (embedding: one row) + the KV cache it attends over. ``stored_weight_bytes``:
+    the build's own figure (its manifest's ``functions.decode.weights_bytes_per_call``: the
+    recipe's formats, e.g. INT4 asymmetric at 5 bits per weight and an INT8 lm_head); without
+    it, 4.5 bits per matrix weight (Q4_0, or symmetric INT4 group 32 + an fp16 scale)."""
     d = cfg.decoder
     h, L = d.hidden_size, d.num_layers
     kvw = d.num_kv_heads * d.head_dim
@@ -220,7 +223,9 @@ def decode_bytes(cfg, engine: str, quant: str, context: int) -> dict:
     matrices = L * per_layer + d.vocab_size * h  # + lm_head
     norms = (2 * L + 1) * h
     llama = engine.startswith("llamacpp")
-    if llama or quant.startswith("w4"):
+    if stored_weight_bytes is not None:
+        wbytes = stored_weight_bytes
+    elif llama or quant.startswith("w4"):
         wbytes = matrices * 18 / 32 + norms * 4 + h * 18 / 32  # Q4_0 / int4-g32 + fp16 scale: 4.5 bit
     else:
         wbytes = (matrices + norms + h) * 4

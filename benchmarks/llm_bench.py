@@ -647,6 +647,16 @@ def machine_info() -> dict:
     return info
 
 
+def stored_decode_bytes(build_dir: str) -> int | None:
+    """The weight bytes one decode call of the build reads, as its manifest states them (the
+    recipe's stored formats; the token table counts one row); None for a build without it."""
+    try:
+        with open(os.path.join(build_dir, "manifest.json"), encoding="utf-8") as fh:
+            return int(json.load(fh)["functions"]["decode"]["weights_bytes_per_call"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
 def med(vals):
     vals = [v for v in vals if v is not None]
     return statistics.median(vals) if vals else None
@@ -739,9 +749,28 @@ def main_bench(args) -> dict:
     bw = max(res["bandwidth_start"]["best_GBps"], res["bandwidth_end"]["best_GBps"])
     res["bandwidth_GBps"] = bw
     res["rounds"] = rounds
+    summarize(res, cfg, engines)
+    prof = [x.get("profile") for x in rounds.get("bluelower", []) if x.get("profile")]
+    if prof:
+        res["bluelower_profile"] = prof[0]
+    res["loadavg_end"] = loadavg()
+    res["steal_percent"] = steal_percent(cpu0, cpu_times())
+    res["elapsed_s"] = round(time.time() - t_start, 1)
+    busy = quiet_machine_violations(res)
+    if busy and "targets" in res and not args.allow_busy:
+        # ratios of a run that shared the CPU with another process say nothing about the engines
+        res["targets_withheld"] = res.pop("targets")
+        res["notes"].append("ratios withheld: the machine was not quiet (" + "; ".join(busy) + "); rerun on a quiet "
+                            "machine, or --allow-busy to report them anyway")
+    return res
+
+
+def summarize(res: dict, cfg, engines) -> None:
+    """Medians, roofline fractions and ratios of ``res["rounds"]`` into ``res`` (``summary``,
+    ``llamacpp_best``, ``targets``); also what ``--resummarize`` recomputes for a results file."""
     summary = {}
     for e in engines:
-        rs = [x for x in rounds[e] if "error" not in x]
+        rs = [x for x in res["rounds"][e] if "error" not in x]
         s = {k: med([x.get(k) for x in rs]) for k in
              ("prefill128_tok_s", "prefill2048_tok_s", "decode128_tok_s", "decode2048_tok_s", "load_s")}
         s["n"] = {k: sum(1 for x in rs if x.get(k) is not None) for k in
@@ -749,14 +778,17 @@ def main_bench(args) -> dict:
         s["peak_rss_mb"] = max([x.get("peak_rss_mb", 0) for x in rs], default=None)
         quant = res.get("bluelower_build", {}).get("quant_used", "fp32") if e == "bluelower" else (
             "Q4_0" if e.startswith("llamacpp") else "fp32")
+        stored = stored_decode_bytes(res["bluelower_build"]["build_dir"]) if e == "bluelower" else None
+        if stored is not None:
+            s["decode_weight_bytes_from"] = "the build's manifest (functions.decode.weights_bytes_per_call)"
         for ctx in (128, 2048):
-            b = M.decode_bytes(cfg, e, quant, ctx)
+            b = M.decode_bytes(cfg, e, quant, ctx, stored)
             s[f"bytes_per_token_{ctx}"] = b
-            s[f"roofline_tok_s_{ctx}"] = bw * 1e9 / b["total_bytes"]
+            s[f"roofline_tok_s_{ctx}"] = res["bandwidth_GBps"] * 1e9 / b["total_bytes"]
             got = s.get(f"decode{ctx}_tok_s")
             s[f"roofline_frac_{ctx}"] = got / s[f"roofline_tok_s_{ctx}"] if got else None
         s["skipped"] = sorted({f"{k}: {v}" for x in rs for k, v in x.get("skipped", {}).items()})
-        s["errors"] = [x["error"][-300:] for x in rounds[e] if "error" in x]
+        s["errors"] = [x["error"][-300:] for x in res["rounds"][e] if "error" in x]
         s["precision"] = quant
         summary[e] = s
     best = best_llama(summary)
@@ -769,20 +801,7 @@ def main_bench(args) -> dict:
         res["targets"]["llamacpp_roofline_frac_128"] = summary[best["decode128"]]["roofline_frac_128"] if "decode128" in best else None
         res["targets"]["bluelower_roofline_frac_128"] = b["roofline_frac_128"]
         res["targets"]["bluelower_roofline_frac_2048"] = b["roofline_frac_2048"]
-    prof = [x.get("profile") for x in rounds.get("bluelower", []) if x.get("profile")]
-    if prof:
-        res["bluelower_profile"] = prof[0]
     res["summary"] = summary
-    res["loadavg_end"] = loadavg()
-    res["steal_percent"] = steal_percent(cpu0, cpu_times())
-    res["elapsed_s"] = round(time.time() - t_start, 1)
-    busy = quiet_machine_violations(res)
-    if busy and "targets" in res and not args.allow_busy:
-        # ratios of a run that shared the CPU with another process say nothing about the engines
-        res["targets_withheld"] = res.pop("targets")
-        res["notes"].append("ratios withheld: the machine was not quiet (" + "; ".join(busy) + "); rerun on a quiet "
-                            "machine, or --allow-busy to report them anyway")
-    return res
 
 
 MEASURES = ("prefill128", "prefill2048", "decode128", "decode2048")
@@ -882,6 +901,9 @@ def main() -> None:
                     help="1: keep each engine loaded in one process across rounds (default for tiny/mid); "
                          "0: a fresh process per engine per round (default for 3b: at most one big model resident)")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--resummarize", action="store_true",
+                    help="recompute results/llm-SIZE.json's medians, rooflines and ratios from its recorded rounds "
+                         "(the bookkeeping of this code; no engine runs), then regenerate the docs")
     # worker-only
     ap.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     ap.add_argument("--verify-worker", action="store_true", help=argparse.SUPPRESS)
@@ -900,7 +922,19 @@ def main() -> None:
     if args.verify_worker:
         return verify(args)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    if args.compile_bench:
+    if args.resummarize:
+        from bluelower.lowering.models import load_config
+
+        path = os.path.join(HERE, "results", f"llm-{args.size}.json")
+        with open(path, encoding="utf-8") as fh:
+            res = json.load(fh)
+        withheld = "targets_withheld" in res
+        summarize(res, load_config(M.config_path(args.size)), list(res["rounds"]))
+        if withheld and "targets" in res:  # a run that was not quiet stays withheld
+            res["targets_withheld"] = res.pop("targets")
+        res.setdefault("notes", []).append(f"summary recomputed from the recorded rounds ({time.strftime('%Y-%m-%d')}, "
+                                           "--resummarize)")
+    elif args.compile_bench:
         res = compile_bench(args)
         res["command"] = " ".join([PY] + sys.argv)
         path = os.path.join(HERE, "results", "compile.json")

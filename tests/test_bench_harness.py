@@ -103,3 +103,20 @@ def test_default_buffers_label_names_what_the_run_offered():
         "llama.cpp Q4_0, default buffers (CPU_REPACK)"
     assert R._label("llamacpp-default", {"llamacpp_extra_bufts": []}) == "llama.cpp Q4_0, default buffers (none)"
     assert R._label("bluelower", {}) == "bluelower (compiled)"
+
+
+def test_bluelower_roofline_counts_the_bytes_its_build_stores(tmp_path):
+    """A build's decode reads its recipe's formats (INT4 asymmetric: 5 bits a weight, INT8
+    lm_head), not the 4.5 bits of Q4_0: the roofline takes its manifest's figure."""
+    import json
+
+    from bluelower.lowering.models import load_config
+
+    cfg = load_config(M.config_path("tiny"))
+    (tmp_path / "manifest.json").write_text(json.dumps({"functions": {"decode": {"weights_bytes_per_call": 123456}}}))
+    stored = B.stored_decode_bytes(str(tmp_path))
+    assert stored == 123456
+    b = M.decode_bytes(cfg, "bluelower", "w4a8kv8", 128, stored)
+    assert b["weight_bytes"] == 123456
+    assert b["kv_bytes"] == M.decode_bytes(cfg, "bluelower", "w4a8kv8", 128)["kv_bytes"]
+    assert B.stored_decode_bytes(str(tmp_path / "missing")) is None
