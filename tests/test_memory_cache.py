@@ -94,3 +94,21 @@ def test_native_soc_is_cached_under_its_cpu(tmp_path, monkeypatch):
     assert len(list((tmp_path / "inspect-memory").iterdir())) == 2
     monkeypatch.setattr(importer, "import_model", _no_import)
     assert memory.inspect_model("tiny", soc="native", quant="fp32") == json.loads(json.dumps(native))
+
+
+def test_a_changed_soc_field_is_another_key(tmp_path, monkeypatch):
+    """The key digests the SoC as loaded: the same file content is a hit, a changed field a miss."""
+    from bluelower.targets.soc import soc_path
+
+    monkeypatch.setenv("BLUELOWER_CACHE", str(tmp_path / "cache"))
+    text = open(soc_path("host"), encoding="utf-8").read()
+    changed = text.replace('per_call_overhead = "20 us"', 'per_call_overhead = "30 us"')
+    assert changed != text
+    soc = tmp_path / "my-soc.toml"  # one path: only the content changes
+    soc.write_text(text)
+    memory.inspect_model("tiny", soc=str(soc), quant="fp32")
+    memory.inspect_model("tiny", soc=str(soc), quant="fp32")
+    assert len(list((tmp_path / "cache" / "inspect-memory").iterdir())) == 1
+    soc.write_text(changed)
+    memory.inspect_model("tiny", soc=str(soc), quant="fp32")
+    assert len(list((tmp_path / "cache" / "inspect-memory").iterdir())) == 2

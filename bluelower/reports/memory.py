@@ -99,7 +99,7 @@ def inspect_model(model: str, soc: str = "host", quant: str = "fp32", image_grid
     jobs = plan_jobs(jobs, cfg)
     cache_path = None
     if imported is None:
-        cache_path = _result_cache_path(cfg, soc, str(soc_obj.tvm_target()), quant, n_patches, disabled, recipe)
+        cache_path = _result_cache_path(cfg, soc_obj, quant, n_patches, disabled, recipe)
         cached = _read_cached(cache_path)
         if cached is not None:
             progress.log(f"memory plan from the cache ({cache_path}; BLUELOWER_CACHE=off recomputes)")
@@ -266,21 +266,21 @@ def sources_digest() -> str:
     return h.hexdigest()
 
 
-def _result_cache_path(cfg, soc: str, target: str, quant: str, n_patches, disabled, recipe=None) -> str | None:
+def _result_cache_path(cfg, soc, quant: str, n_patches, disabled, recipe=None) -> str | None:
+    """``soc``: the loaded description (a shipped name, a user's file, or ``native``: its
+    fields, this CPU's ``mcpu`` included, are what the key digests)."""
     import hashlib
 
     import torch
     import tvm
 
     from .. import __version__
-    from ..targets.soc import NATIVE, soc_path
 
     d = result_dir("inspect-memory")
     if d is None:
         return None
-    # native: host.toml with this CPU's mcpu, which the target string in the key carries
-    with open(soc_path("host" if soc == NATIVE else soc), "rb") as fh:
-        soc_digest = hashlib.sha256(fh.read()).hexdigest()
+    soc_digest = hashlib.sha256(repr(soc).encode()).hexdigest()
+    target = str(soc.tvm_target())
     key = json.dumps({"config": cfg.to_dict(), "soc": soc_digest, "target": target, "quant": quant,
                       "patches": n_patches, "disabled": sorted(disabled), "sources": sources_digest(),
                       "recipe": None if recipe is None else recipe.to_data(),
