@@ -24,6 +24,8 @@ def _label(e: str, r: dict) -> str:
         return LABEL.get(e, e)
     extra = r.get("llamacpp_extra_bufts")
     return f"{LABEL[e]} ({'/'.join(extra) if extra else 'none'})" if extra is not None else f"{LABEL[e]} (AMX)"
+
+
 SIZES = ["tiny", "mid", "3b"]
 
 

@@ -756,13 +756,20 @@ def main_bench(args) -> dict:
     res["loadavg_end"] = loadavg()
     res["steal_percent"] = steal_percent(cpu0, cpu_times())
     res["elapsed_s"] = round(time.time() - t_start, 1)
-    busy = quiet_machine_violations(res)
-    if busy and "targets" in res and not args.allow_busy:
-        # ratios of a run that shared the CPU with another process say nothing about the engines
-        res["targets_withheld"] = res.pop("targets")
-        res["notes"].append("ratios withheld: the machine was not quiet (" + "; ".join(busy) + "); rerun on a quiet "
-                            "machine, or --allow-busy to report them anyway")
+    withhold_if_busy(res, args.allow_busy)
     return res
+
+
+def withhold_if_busy(res: dict, allow_busy: bool) -> None:
+    """Ratios of a run that shared the CPU with another process say nothing about the engines:
+    ``targets`` becomes ``targets_withheld`` (unless ``allow_busy``), with a note saying why."""
+    busy = quiet_machine_violations(res)
+    if busy and "targets" in res and not allow_busy:
+        res["targets_withheld"] = res.pop("targets")
+        note = ("ratios withheld: the machine was not quiet (" + "; ".join(busy) + "); rerun on a quiet "
+                "machine, or --allow-busy to report them anyway")
+        if note not in res["notes"]:
+            res["notes"].append(note)
 
 
 def summarize(res: dict, cfg, engines) -> None:
@@ -928,11 +935,10 @@ def main() -> None:
         path = os.path.join(HERE, "results", f"llm-{args.size}.json")
         with open(path, encoding="utf-8") as fh:
             res = json.load(fh)
-        withheld = "targets_withheld" in res
         summarize(res, load_config(M.config_path(args.size)), list(res["rounds"]))
-        if withheld and "targets" in res:  # a run that was not quiet stays withheld
-            res["targets_withheld"] = res.pop("targets")
-        res.setdefault("notes", []).append(f"summary recomputed from the recorded rounds ({time.strftime('%Y-%m-%d')}, "
+        withhold_if_busy(res, args.allow_busy)  # the run's own load record decides, as when it ran
+        res["notes"] = [n for n in res.get("notes", []) if not n.startswith("summary recomputed")]
+        res["notes"].append(f"summary recomputed from the recorded rounds ({time.strftime('%Y-%m-%d')}, "
                                            "--resummarize)")
     elif args.compile_bench:
         res = compile_bench(args)
